@@ -1,0 +1,415 @@
+"""The ``batchuq`` command line: a thin Click layer over ``score_directory`` and friends.
+
+Exit codes (also in the README):
+
+* 0: success; every image scored, or the share of unreadable images is at most
+  ``--max-error-rate``.
+* 1: the output was written, but more images than ``--max-error-rate`` allows could not be read
+  (their rows have ``status`` = ``error: ...``).
+* 2: usage error: bad option, missing or empty images folder, unusable model, class names that
+  do not match the model. Nothing is written.
+* 3: fatal error during the run. No output is written (a previous output is left untouched).
+* 130 / 143: interrupted by SIGINT / SIGTERM. No output is written.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+import click
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before TensorFlow is imported
+
+EXIT_OK = 0
+EXIT_IMAGE_ERRORS = 1
+EXIT_USAGE = 2
+EXIT_FATAL = 3
+EXIT_SIGINT = 130
+EXIT_SIGTERM = 143
+
+logger = logging.getLogger("batchuq")
+
+
+class _Terminated(BaseException):
+    """Raised from the SIGTERM handler so that cleanup code runs."""
+
+
+def _setup_logging() -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("batchuq: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
+def _usage_error(message: str) -> None:
+    click.echo(f"Error: {message}", err=True)
+    sys.exit(EXIT_USAGE)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.version_option(package_name="batchuq")
+def cli() -> None:
+    """Per-image uncertainty for image classifiers, in batch.
+
+    batchuq runs a Keras classifier over a folder of images with Monte Carlo dropout and
+    test-time augmentation, and writes one Parquet row per image with the mean, median and
+    std of every class probability, uncertainty scores, a prediction and a decision.
+
+    Example:
+
+        batchuq score sample_data/digits/test out.parquet
+    """
+
+
+@cli.command()
+@click.argument("images", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("output", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--model",
+    "-m",
+    envvar="BATCHUQ_MODEL",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Keras 3 .keras model (env BATCHUQ_MODEL). Default: the bundled digits demo model.",
+)
+@click.option(
+    "--passes",
+    "-T",
+    type=click.IntRange(min=1),
+    default=100,
+    show_default=True,
+    help="MC dropout forward passes per (augmented) image. 1 = deterministic softmax.",
+)
+@click.option(
+    "--tta",
+    "-K",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Test-time augmentation copies per image. 1 = no augmentation.",
+)
+@click.option(
+    "--tta-rotation",
+    type=click.FloatRange(min=0),
+    default=15.0,
+    show_default=True,
+    help="TTA: maximum rotation in degrees.",
+)
+@click.option(
+    "--tta-zoom",
+    type=click.FloatRange(0, 1, max_open=True),
+    default=0.1,
+    show_default=True,
+    help="TTA: maximum relative zoom in or out.",
+)
+@click.option(
+    "--tta-shift",
+    type=click.FloatRange(min=0),
+    default=0.1,
+    show_default=True,
+    help="TTA: maximum translation, as a fraction of width and height.",
+)
+@click.option(
+    "--tta-contrast",
+    type=click.FloatRange(0, 1, max_open=True),
+    default=0.1,
+    show_default=True,
+    help="TTA: maximum relative contrast change.",
+)
+@click.option(
+    "--tta-flip/--no-tta-flip",
+    default=False,
+    show_default=True,
+    help="TTA: flip half the copies horizontally (off: flips turn some classes into others).",
+)
+@click.option(
+    "--seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Seed for augmentation and dropout masks; same seed, same output.",
+)
+@click.option(
+    "--batch-size",
+    "-b",
+    type=click.IntRange(min=1),
+    default=32,
+    show_default=True,
+    help="Images per batch. Results do not depend on it.",
+)
+@click.option(
+    "--rule",
+    type=click.Choice(["median", "confidence", "none"]),
+    default="median",
+    show_default=True,
+    help="Decision rule: median = top median beats all others and >= --min-median; "
+    "confidence = mean probability of the prediction >= --min-confidence; none.",
+)
+@click.option(
+    "--min-median",
+    type=click.FloatRange(0, 1),
+    default=0.5,
+    show_default=True,
+    help="Median rule: smallest median probability that is accepted.",
+)
+@click.option(
+    "--min-confidence",
+    type=click.FloatRange(0, 1),
+    default=0.5,
+    show_default=True,
+    help="Confidence rule: smallest mean probability that is accepted.",
+)
+@click.option(
+    "--class-names",
+    type=str,
+    default=None,
+    help="Comma-separated names of the model outputs, if the model has no sidecar.",
+)
+@click.option(
+    "--labels",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="monkey_labels.txt-style file mapping folder ids (n0...) to readable names.",
+)
+@click.option(
+    "--rescale",
+    type=float,
+    default=None,
+    help="Multiply pixel values 0..255 by this. Default: the value the model was "
+    "trained with (sidecar), else 1/255.",
+)
+@click.option(
+    "--sample-layers",
+    type=str,
+    default=None,
+    help="Comma-separated name patterns (e.g. 'dropout*') of the dropout layers to "
+    "sample. Default: all Dropout, SpatialDropout, GaussianDropout, AlphaDropout.",
+)
+@click.option(
+    "--memory-budget",
+    type=click.FloatRange(min=1),
+    default=512,
+    show_default=True,
+    help="MB of activations for one chunk of tiled passes (bounds peak memory).",
+)
+@click.option(
+    "--max-pixels",
+    type=click.IntRange(min=1),
+    default=89_478_485,
+    show_default=True,
+    help="Refuse images with more pixels than this (decompression bombs).",
+)
+@click.option(
+    "--max-error-rate",
+    type=click.FloatRange(0, 1),
+    default=0.0,
+    show_default=True,
+    help="Share of unreadable images tolerated before the exit code is 1.",
+)
+@click.option(
+    "--progress/--no-progress",
+    default=True,
+    show_default=True,
+    help="Show a progress bar on stderr.",
+)
+def score(
+    images: Path,
+    output: Path,
+    model: Path | None,
+    passes: int,
+    tta: int,
+    tta_rotation: float,
+    tta_zoom: float,
+    tta_shift: float,
+    tta_contrast: float,
+    tta_flip: bool,
+    seed: int,
+    batch_size: int,
+    rule: str,
+    min_median: float,
+    min_confidence: float,
+    class_names: str | None,
+    labels: Path | None,
+    rescale: float | None,
+    sample_layers: str | None,
+    memory_budget: float,
+    max_pixels: int,
+    max_error_rate: float,
+    progress: bool,
+) -> None:
+    """Score every image in IMAGES and write one Parquet row per image to OUTPUT.
+
+    IMAGES is a folder with one subfolder per class (n0, n1, ... : rows get a label) or a flat
+    folder of images (unlabelled). Each image is augmented --tta times and each copy is run
+    --passes times with only the dropout layers switched on; the per-class mean, median and
+    std over those samples, the uncertainty scores and a decision go into OUTPUT. OUTPUT is
+    written to a temporary file and renamed into place only when the run completes.
+
+    Example:
+
+        batchuq score sample_data/digits/test out.parquet --passes 100 --tta 4
+    """
+    _setup_logging()
+    from batchuq.augment import TTAConfig
+    from batchuq.decide import DecisionRule
+    from batchuq.discover import NoImagesFoundError
+    from batchuq.models import ModelError
+    from batchuq.score import score_directory
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        raise _Terminated()
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        report = score_directory(
+            images,
+            output,
+            model=model,
+            passes=passes,
+            tta=TTAConfig(tta, tta_rotation, tta_zoom, tta_shift, tta_contrast, tta_flip),
+            seed=seed,
+            batch_size=batch_size,
+            rule=DecisionRule(rule, min_median=min_median, min_confidence=min_confidence),
+            class_names=_split(class_names),
+            labels=labels,
+            rescale=rescale,
+            sample_layers=_split(sample_layers),
+            memory_budget_mb=memory_budget,
+            max_pixels=max_pixels,
+            progress=progress,
+        )
+    except (NoImagesFoundError, NotADirectoryError, ModelError, ValueError) as exc:
+        _usage_error(str(exc))
+    except KeyboardInterrupt:
+        click.echo("Interrupted (SIGINT): no output written.", err=True)
+        sys.exit(EXIT_SIGINT)
+    except _Terminated:
+        click.echo("Terminated (SIGTERM): no output written.", err=True)
+        sys.exit(EXIT_SIGTERM)
+    except Exception as exc:  # noqa: BLE001 - any other failure is fatal, reported plainly
+        logger.exception("fatal error, no output written: %s", exc)
+        sys.exit(EXIT_FATAL)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    click.echo(report.summary_line(), err=True)
+    if report.errors and report.error_rate > max_error_rate:
+        click.echo(
+            f"{report.errors} of {report.images} images could not be read "
+            f"({report.error_rate:.1%} > --max-error-rate {max_error_rate:.1%}); "
+            "see rows whose status starts with 'error'.",
+            err=True,
+        )
+        sys.exit(EXIT_IMAGE_ERRORS)
+
+
+@cli.command()
+@click.argument("images", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--epochs", type=click.IntRange(min=1), default=30, show_default=True, help="Training epochs."
+)
+@click.option(
+    "--image-size",
+    type=click.IntRange(min=46),
+    default=128,
+    show_default=True,
+    help="Height and width of the model input (at least 46 for the reference CNN).",
+)
+@click.option(
+    "--channels",
+    type=click.Choice(["1", "3"]),
+    default="3",
+    show_default=True,
+    help="Model input channels: 1 = grayscale, 3 = RGB.",
+)
+@click.option(
+    "--val-split",
+    type=click.FloatRange(0, 1, max_open=True),
+    default=0.1,
+    show_default=True,
+    help="Stratified fraction held out to report val accuracy.",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=32,
+    show_default=True,
+    help="Training batch size.",
+)
+@click.option(
+    "--augment/--no-augment",
+    default=True,
+    show_default=True,
+    help="Random rotation, zoom and translation of training images.",
+)
+@click.option(
+    "--seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Seed for the split, initial weights and shuffling.",
+)
+def train(
+    images: Path,
+    model: Path,
+    epochs: int,
+    image_size: int,
+    channels: str,
+    val_split: float,
+    batch_size: int,
+    augment: bool,
+    seed: int,
+) -> None:
+    """Train the reference CNN on the class folders in IMAGES and save it to MODEL.
+
+    The network is the 10-monkey-species post's CNN (Conv32-Pool-Conv32-Pool-Dropout0.5-
+    Conv64-Pool-Conv64-Pool-Dropout0.5-Flatten-Dense512-Dropout0.3-Dense-softmax, Adam).
+    A sidecar MODEL-stem.classes.json with the class names is written beside MODEL, so that
+    `batchuq score --model MODEL` names its columns.
+
+    Example:
+
+        batchuq train sample_data/digits/train digits.keras --image-size 64 --channels 1
+    """
+    _setup_logging()
+    from batchuq.discover import NoImagesFoundError
+    from batchuq.train import train_directory
+
+    try:
+        report = train_directory(
+            images,
+            model,
+            epochs=epochs,
+            image_size=(image_size, image_size),
+            channels=int(channels),
+            val_split=val_split,
+            batch_size=batch_size,
+            augment=augment,
+            seed=seed,
+        )
+    except (NoImagesFoundError, ValueError) as exc:
+        _usage_error(str(exc))
+    accuracy = "n/a" if report.val_accuracy is None else f"{report.val_accuracy:.4f}"
+    click.echo(
+        f"trained on {report.train_images} images ({len(report.class_names)} classes), "
+        f"validation accuracy {accuracy} -> {report.model_path}",
+        err=True,
+    )
+
+
+def _split(value: str | None) -> list[str] | None:
+    if not value:
+        return None
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="batchuq")

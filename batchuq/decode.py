@@ -1,0 +1,179 @@
+"""Step 2 of the data flow: read, decode, convert and resize images in a ``tf.data`` pipeline.
+
+Decoding goes through Pillow inside ``tf.numpy_function``: Pillow reads every format we accept
+(JPEG incl. CMYK, PNG incl. 16-bit and palette, BMP, first frame of GIF), checks the pixel count
+from the header before decoding, and its errors name the problem. A file that cannot be read
+never raises inside the pipeline: it yields a blank image and a status ``error: <reason>``, so
+the batch job writes an error row and carries on.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import tensorflow as tf
+from PIL import Image, UnidentifiedImageError
+
+from batchuq.augment import TTAConfig, augment_copies
+
+OK = "ok"
+DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb limit (about 0.25 GiB RGBA)
+
+_MODE_FOR_CHANNELS = {1: "L", 3: "RGB", 4: "RGBA"}
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """What the model expects: ``(height, width, channels)``."""
+
+    height: int
+    width: int
+    channels: int
+
+    def __post_init__(self) -> None:
+        if self.channels not in _MODE_FOR_CHANNELS:
+            raise ValueError(
+                f"The model input must have 1, 3 or 4 channels. Received: channels={self.channels}"
+            )
+
+
+def describe_error(exc: BaseException) -> str:
+    """Turn a decoding exception into a short, specific reason."""
+    if isinstance(exc, PermissionError):
+        return "permission denied"
+    if isinstance(exc, FileNotFoundError):
+        return "file not found"
+    if isinstance(exc, IsADirectoryError):
+        return "is a directory"
+    if isinstance(exc, UnidentifiedImageError):
+        return "not a recognised image format"
+    if isinstance(exc, Image.DecompressionBombError):
+        return f"too many pixels ({exc})"
+    message = str(exc) or type(exc).__name__
+    if "truncated" in message:
+        return f"truncated image ({message})"
+    return f"{type(exc).__name__}: {message}"
+
+
+def _to_mode(image: Image.Image, channels: int) -> Image.Image:
+    """Convert any Pillow image to the mode the model needs (``L``, ``RGB`` or ``RGBA``)."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        array = np.asarray(image, dtype=np.float64)
+        if array.max(initial=0) > 255:
+            array = array / 257.0
+        image = Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8), mode="L")
+    elif image.mode == "F":
+        array = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8), mode="L")
+    elif image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    target = _MODE_FOR_CHANNELS[channels]
+    return image if image.mode == target else image.convert(target)
+
+
+def load_image(path: str, spec: ImageSpec, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Read one image file into a ``uint8`` array of shape ``(height, width, channels)``.
+
+    Args:
+        path: Image file.
+        spec: Target size and channels.
+        max_pixels: Refuse images with more pixels than this, checked on the header before the
+            image is decoded.
+
+    Returns:
+        The resized image.
+
+    Raises:
+        OSError, ValueError: If the file cannot be read or decoded (see ``describe_error``).
+    """
+    if os.path.getsize(path) == 0:
+        raise ValueError("empty file (0 bytes)")
+    with Image.open(path) as image:
+        if image.width * image.height > max_pixels:
+            raise ValueError(
+                f"image has {image.width}x{image.height} pixels, above the limit of "
+                f"{max_pixels} (--max-pixels)"
+            )
+        if getattr(image, "n_frames", 1) > 1:
+            image.seek(0)
+        image.load()
+        image = _to_mode(image, spec.channels)
+        if image.size != (spec.width, spec.height):
+            image = image.resize((spec.width, spec.height), Image.Resampling.BILINEAR)
+        array = np.asarray(image, dtype=np.uint8)
+    return array.reshape(spec.height, spec.width, spec.channels)
+
+
+def _safe_load(path: bytes, spec: ImageSpec, max_pixels: int) -> tuple[np.ndarray, bytes]:
+    """``load_image`` that never raises: returns a blank image and a status string instead."""
+    name = path.decode("utf-8", "surrogateescape")
+    try:
+        return load_image(name, spec, max_pixels), OK.encode()
+    except Exception as exc:  # noqa: BLE001 - every failure becomes an error row
+        blank = np.zeros((spec.height, spec.width, spec.channels), np.uint8)
+        return blank, f"error: {describe_error(exc)}".encode()
+
+
+def make_dataset(
+    paths: list[str],
+    keys: np.ndarray,
+    spec: ImageSpec,
+    tta: TTAConfig,
+    batch_size: int,
+    rescale: float = 1.0 / 255.0,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> tf.data.Dataset:
+    """Build the streaming input pipeline.
+
+    Args:
+        paths: Image files, in output order.
+        keys: ``uint32`` image keys, shape ``(n,)`` (see ``seeds.image_keys``).
+        spec: Model input size and channels.
+        tta: Test-time augmentation settings (K = ``tta.copies``).
+        batch_size: Images per batch.
+        rescale: Factor applied to pixel values in ``[0, 255]`` after augmentation.
+        max_pixels: Decompression-bomb limit per image.
+
+    Returns:
+        A dataset of dicts with ``index`` ``(B,)`` int64, ``images`` ``(B, K, H, W, C)`` float32,
+        ``keys`` ``(B,)`` uint32 and ``status`` ``(B,)`` string, in the order of ``paths``.
+    """
+    if len(paths) != len(keys):
+        raise ValueError(f"paths and keys differ in length. Received: {len(paths)}, {len(keys)}")
+    shape = (spec.height, spec.width, spec.channels)
+
+    def decode(index: tf.Tensor, path: tf.Tensor, key: tf.Tensor) -> dict[str, tf.Tensor]:
+        image, status = tf.numpy_function(
+            lambda p: _safe_load(p, spec, max_pixels),
+            [path],
+            [tf.uint8, tf.string],
+            stateful=False,
+        )
+        image = tf.ensure_shape(image, shape)
+        status = tf.ensure_shape(status, ())
+        return {"index": index, "image": image, "key": key, "status": status}
+
+    def augment(item: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        copies = augment_copies(tf.cast(item["image"], tf.float32), item["key"], tta)
+        return {
+            "index": item["index"],
+            "images": copies * tf.constant(rescale, tf.float32),
+            "keys": item["key"],
+            "status": item["status"],
+        }
+
+    dataset = tf.data.Dataset.from_tensor_slices(
+        (
+            tf.range(len(paths), dtype=tf.int64),
+            tf.constant(paths, dtype=tf.string),
+            tf.constant(np.asarray(keys, np.uint32), dtype=tf.uint32),
+        )
+    )
+    options = tf.data.Options()
+    options.deterministic = True
+    dataset = dataset.with_options(options)
+    dataset = dataset.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    dataset = dataset.map(augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)

@@ -1,0 +1,385 @@
+"""Step 3 of the data flow: Monte Carlo dropout sampling.
+
+Only dropout layers are stochastic. Every other layer (BatchNormalization, in-model augmentation
+layers, ...) runs in inference mode, so scoring never changes the model and never depends on
+which images share a batch. Dropout layers are made stochastic by swapping their ``call`` for a
+sampling one while the compiled function is traced; that also covers a
+``Dropout(...)(x, training=True)`` written into a functional model, which Keras 3's
+``model.predict`` silently turns off.
+
+Speed: for functional models the graph is split. Layers whose output cannot depend on a dropout
+mask (the *prefix*) run once per image; only the *tail* runs on the batch tiled over passes,
+in chunks whose size is set by a memory budget. Subclassed models fall back to tiling the whole
+model. Both paths draw the same masks, so they give the same samples.
+
+Masks come from per-row keys (see ``seeds.py``): pass ``t`` of row ``i`` uses
+``mix(key_i, t)``, so every image's samples are independent of batch size and order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import math
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from batchuq.seeds import mix, uniform_from_keys
+
+DROPOUT_TYPES: tuple[type, ...] = (
+    keras.layers.Dropout,  # includes SpatialDropout1D/2D/3D
+    keras.layers.GaussianDropout,
+    keras.layers.AlphaDropout,
+)
+DEFAULT_MEMORY_BUDGET_MB = 512
+PRECISIONS = ("float32", "bfloat16")
+
+_STATE = threading.local()
+
+
+class NoDropoutError(ValueError):
+    """Raised when MC sampling is asked of a model without a dropout layer to sample."""
+
+
+def find_dropout_layers(
+    model: keras.Model, patterns: tuple[str, ...] | list[str] | None = None
+) -> list[keras.layers.Layer]:
+    """Return the dropout layers of ``model`` (nested ones included) that will be sampled.
+
+    Args:
+        model: A Keras model.
+        patterns: Optional shell-style patterns (``fnmatch``) on layer names; when given, only
+            matching dropout layers are sampled, e.g. to leave stochastic-depth layers alone.
+
+    Returns:
+        The layers, in the model's layer order.
+    """
+    layers = [
+        layer
+        for layer in model._flatten_layers(include_self=False, recursive=True)
+        if isinstance(layer, DROPOUT_TYPES)
+    ]
+    if patterns:
+        layers = [
+            layer for layer in layers if any(fnmatch.fnmatchcase(layer.name, p) for p in patterns)
+        ]
+    return layers
+
+
+def _noise_shape(layer: keras.layers.Layer, inputs: tf.Tensor) -> tf.Tensor:
+    """The mask shape of ``layer`` for ``inputs``, always one mask row per input row."""
+    shape = tf.shape(inputs)
+    if hasattr(layer, "_get_noise_shape"):  # SpatialDropout*
+        noise = [shape[i] if d is None else d for i, d in enumerate(layer._get_noise_shape(inputs))]
+    elif getattr(layer, "noise_shape", None) is not None:
+        noise = [shape[i] if d is None else d for i, d in enumerate(layer.noise_shape)]
+    else:
+        return shape
+    noise[0] = shape[0]  # masks are per row; a shared mask would couple images in a batch
+    return tf.stack([tf.cast(d, tf.int32) for d in noise])
+
+
+def sample_dropout(layer: keras.layers.Layer, inputs: tf.Tensor, row_keys: tf.Tensor) -> tf.Tensor:
+    """Apply one stochastic dropout draw with per-row keys.
+
+    Args:
+        layer: A Dropout (or subclass), GaussianDropout or AlphaDropout layer.
+        inputs: Tensor of shape ``(rows, ...)``.
+        row_keys: ``uint32`` keys, shape ``(rows,)``, already specific to this layer.
+
+    Returns:
+        A tensor like ``inputs``, with the same expectation as ``inputs``.
+    """
+    rate = float(layer.rate)
+    if rate <= 0.0:
+        return inputs
+    dtype = inputs.dtype
+    if isinstance(layer, keras.layers.GaussianDropout):
+        u1 = uniform_from_keys(mix(row_keys, 1), tf.shape(inputs))
+        u2 = uniform_from_keys(mix(row_keys, 2), tf.shape(inputs))
+        normal = tf.sqrt(-2.0 * tf.math.log(1.0 - u1)) * tf.cos(2.0 * math.pi * u2)
+        noise = 1.0 + math.sqrt(rate / (1.0 - rate)) * normal
+        return inputs * tf.cast(noise, dtype)
+    if rate >= 1.0:
+        return tf.zeros_like(inputs)
+    keep = tf.cast(uniform_from_keys(row_keys, _noise_shape(layer, inputs)) >= rate, dtype)
+    if isinstance(layer, keras.layers.AlphaDropout):
+        alpha_p = -1.6732632423543772848170429916717 * 1.0507009873554804934193349852946
+        a = ((1 - rate) * (1 + rate * alpha_p**2)) ** -0.5
+        b = -a * alpha_p * rate
+        return tf.cast(a, dtype) * (inputs * keep + alpha_p * (1 - keep)) + tf.cast(b, dtype)
+    return inputs * keep * tf.cast(1.0 / (1.0 - rate), dtype)
+
+
+@contextlib.contextmanager
+def dropout_sampling(layers: list[keras.layers.Layer]) -> Iterator[None]:
+    """Make ``layers`` draw per-row dropout masks while the context is open.
+
+    Inside, each layer's ``call`` ignores ``training`` and uses the row keys set by
+    ``_row_keys``; on exit the original ``call`` methods are restored.
+    """
+    for layer_id, layer in enumerate(layers):
+
+        def call(inputs, *args, _layer=layer, _id=layer_id, **kwargs):
+            keys = getattr(_STATE, "row_keys", None)
+            if keys is None:
+                raise RuntimeError("Dropout sampling needs row keys; call through MCSampler.")
+            return sample_dropout(_layer, inputs, mix(keys, 0x1000 + _id))
+
+        object.__setattr__(layer, "call", call)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            if "call" in layer.__dict__:
+                object.__delattr__(layer, "call")
+
+
+@contextlib.contextmanager
+def _row_keys(keys: tf.Tensor) -> Iterator[None]:
+    previous = getattr(_STATE, "row_keys", None)
+    _STATE.row_keys = keys
+    try:
+        yield
+    finally:
+        _STATE.row_keys = previous
+
+
+@contextlib.contextmanager
+def _dtype_policy(layers: list[keras.layers.Layer], policy: str | None) -> Iterator[None]:
+    """Temporarily give ``layers`` another dtype policy (e.g. ``mixed_bfloat16``)."""
+    if policy is None:
+        yield
+        return
+    previous = [layer.dtype_policy for layer in layers]
+    for layer in layers:
+        layer.dtype_policy = policy
+    try:
+        yield
+    finally:
+        for layer, old in zip(layers, previous, strict=True):
+            layer.dtype_policy = old
+
+
+def _contains(operation: object, targets: set[int]) -> bool:
+    if id(operation) in targets:
+        return True
+    if isinstance(operation, keras.layers.Layer):
+        return any(id(inner) in targets for inner in operation._flatten_layers(include_self=False))
+    return False
+
+
+@dataclass
+class GraphSplit:
+    """A functional model split into a mask-independent prefix and a stochastic tail.
+
+    Attributes:
+        prefix: Nodes that run once per row, in execution order.
+        tail: Nodes that run on rows tiled over passes, in execution order.
+        frontier: Ids of prefix tensors the tail (or the output) reads.
+        tail_bytes_per_row: Estimated float32 bytes of tail activations per row.
+    """
+
+    graph: keras.Model
+    prefix: list = field(default_factory=list)
+    tail: list = field(default_factory=list)
+    frontier: list[int] = field(default_factory=list)
+    tail_bytes_per_row: int = 0
+
+
+def _functional_graph(model: keras.Model) -> keras.Model | None:
+    if isinstance(model, keras.Sequential):
+        model = getattr(model, "_functional", None)
+    if model is None or not hasattr(model, "_nodes_by_depth"):
+        return None
+    if len(model.inputs) != 1 or len(model.outputs) != 1:
+        return None
+    return model
+
+
+def split_graph(model: keras.Model, sampled: list[keras.layers.Layer]) -> GraphSplit | None:
+    """Split a functional model at the first tensors that depend on a dropout mask.
+
+    Args:
+        model: The model (functional or Sequential).
+        sampled: The dropout layers that will be sampled.
+
+    Returns:
+        The split, or ``None`` for models whose graph cannot be walked (subclassed models).
+    """
+    graph = _functional_graph(model)
+    if graph is None:
+        return None
+    targets = {id(layer) for layer in sampled}
+    stochastic: set[int] = set()
+    split = GraphSplit(graph=graph)
+    for depth in sorted(graph._nodes_by_depth, reverse=True):
+        for node in graph._nodes_by_depth[depth]:
+            if not node.operation or node.is_input:
+                continue
+            inputs = [id(t) for t in node.input_tensors]
+            if _contains(node.operation, targets) or any(i in stochastic for i in inputs):
+                split.tail.append(node)
+                stochastic.update(id(t) for t in node.outputs)
+                for tensor in node.input_tensors:
+                    if id(tensor) not in stochastic and id(tensor) not in split.frontier:
+                        split.frontier.append(id(tensor))
+                for tensor in node.outputs:
+                    split.tail_bytes_per_row += 4 * math.prod(d or 1 for d in tensor.shape[1:])
+            else:
+                split.prefix.append(node)
+    output = graph.outputs[0]
+    if id(output) not in stochastic and id(output) not in split.frontier:
+        split.frontier.append(id(output))
+    return split
+
+
+def _run_nodes(nodes: list, tensors: dict[int, tf.Tensor]) -> None:
+    """Run functional-graph nodes in inference mode, writing outputs into ``tensors``."""
+    for node in nodes:
+        args, kwargs = node.arguments.fill_in(tensors)
+        operation = node.operation
+        if "training" in getattr(operation, "_call_context_args", ()):
+            kwargs = {**kwargs, "training": False}
+        outputs = operation(*args, **kwargs)
+        for symbolic, value in zip(node.outputs, tf.nest.flatten(outputs), strict=True):
+            tensors[id(symbolic)] = value
+
+
+class MCSampler:
+    """Draws Monte Carlo dropout samples of a Keras model's class probabilities.
+
+    Args:
+        model: A Keras model mapping images ``(batch, H, W, C)`` to probabilities
+            ``(batch, classes)``.
+        passes: Stochastic forward passes T per input row.
+        sample_layers: Optional name patterns restricting which dropout layers are sampled.
+        memory_budget_mb: Upper bound for the activations of one chunk of tiled passes.
+        split: Whether to compute the mask-independent prefix once (functional models only).
+        precision: ``float32``, or ``bfloat16`` to run the sampled tail (all but the output
+            layer) under Keras's ``mixed_bfloat16`` policy; probabilities and statistics stay
+            float32.
+
+    Raises:
+        NoDropoutError: If ``passes > 1`` and the model has no dropout layer to sample.
+    """
+
+    def __init__(
+        self,
+        model: keras.Model,
+        passes: int,
+        sample_layers: tuple[str, ...] | list[str] | None = None,
+        memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
+        split: bool = True,
+        precision: str = "float32",
+    ) -> None:
+        if precision not in PRECISIONS:
+            raise ValueError(
+                f"`precision` must be one of {PRECISIONS}. Received: precision={precision!r}"
+            )
+        if passes < 1:
+            raise ValueError(f"`passes` must be at least 1. Received: passes={passes}")
+        if memory_budget_mb <= 0:
+            raise ValueError(
+                "`memory_budget_mb` must be positive. "
+                f"Received: memory_budget_mb={memory_budget_mb}"
+            )
+        self.model = model
+        self.passes = passes
+        self.precision = precision
+        self.dropout_layers = find_dropout_layers(model, sample_layers) if passes > 1 else []
+        if passes > 1 and not self.dropout_layers:
+            which = f" matching {list(sample_layers)}" if sample_layers else ""
+            raise NoDropoutError(
+                f"The model has no dropout layer{which} to sample, so {passes} passes would all "
+                "be identical. Use passes=1 (--passes 1) for the plain softmax, or a model with "
+                f"Dropout layers. Received: passes={passes}"
+            )
+        self.split = split_graph(model, self.dropout_layers) if split else None
+        input_shape = tuple(model.inputs[0].shape) if getattr(model, "inputs", None) else None
+        per_row = self.split.tail_bytes_per_row if self.split else 0
+        if not per_row:
+            per_row = 4 * 16 * math.prod(d or 1 for d in (input_shape or (None, 64))[1:])
+        if precision == "bfloat16":
+            per_row //= 2
+        self.max_rows = max(1, int(memory_budget_mb * 2**20 // per_row))
+        self._low_precision_layers = self._tail_layers() if precision == "bfloat16" else []
+        self._function = tf.function(self._sample, reduce_retracing=True)
+
+    @property
+    def uses_split(self) -> bool:
+        """Whether the prefix is computed once (``False``: whole model tiled)."""
+        return self.split is not None
+
+    def _tail_layers(self) -> list[keras.layers.Layer]:
+        """Layers that run on tiled rows, except the one producing the output."""
+        if self.split is None:
+            layers = self.model._flatten_layers(include_self=False, recursive=True)
+            return [layer for layer in layers if layer is not self.model.layers[-1]]
+        output_id = id(self.split.graph.outputs[0])
+        skip = {id(n.operation) for n in self.split.tail if output_id in map(id, n.outputs)}
+        found: dict[int, keras.layers.Layer] = {}
+        for node in self.split.tail:
+            operation = node.operation
+            if id(operation) in skip or not isinstance(operation, keras.layers.Layer):
+                continue
+            for layer in operation._flatten_layers(include_self=True, recursive=True):
+                found.setdefault(id(layer), layer)
+        return list(found.values())
+
+    def _forward_tail(self, frontier: list[tf.Tensor], keys: tf.Tensor) -> tf.Tensor:
+        with _row_keys(keys):
+            if self.split is None:
+                return self.model(frontier[0], training=False)
+            tensors = dict(zip(self.split.frontier, frontier, strict=True))
+            _run_nodes(self.split.tail, tensors)
+            return tensors[id(self.split.graph.outputs[0])]
+
+    def _sample(self, images: tf.Tensor, keys: tf.Tensor) -> tf.Tensor:
+        rows = tf.shape(images)[0]
+        if self.split is None:
+            frontier = [images]
+        else:
+            tensors = {id(self.split.graph.inputs[0]): images}
+            _run_nodes(self.split.prefix, tensors)
+            frontier = [tensors[i] for i in self.split.frontier]
+        per_chunk = tf.maximum(1, self.max_rows // tf.maximum(rows, 1))
+        per_chunk = tf.minimum(per_chunk, self.passes)
+        chunks = (self.passes + per_chunk - 1) // per_chunk
+        results = tf.TensorArray(tf.float32, size=chunks, infer_shape=False)
+        for chunk in tf.range(chunks):
+            start = chunk * per_chunk
+            count = tf.minimum(per_chunk, self.passes - start)
+            tiled = [
+                tf.tile(t, tf.concat([[count], tf.ones([tf.rank(t) - 1], tf.int32)], 0))
+                for t in frontier
+            ]
+            pass_index = tf.cast(tf.range(start, start + count), tf.uint32)
+            pass_keys = tf.reshape(mix(keys[None, :], pass_index[:, None]), [-1])
+            probs = tf.cast(self._forward_tail(tiled, pass_keys), tf.float32)
+            results = results.write(chunk, tf.reshape(probs, [count, rows, -1]))
+        return results.concat()
+
+    def sample(self, images: np.ndarray | tf.Tensor, keys: np.ndarray | tf.Tensor) -> np.ndarray:
+        """Draw the samples for a batch of rows.
+
+        Args:
+            images: ``float32`` images, shape ``(rows, H, W, C)``.
+            keys: ``uint32`` keys, shape ``(rows,)``, one per row (image or TTA copy).
+
+        Returns:
+            ``float32`` probabilities of shape ``(passes, rows, classes)``.
+        """
+        images = tf.convert_to_tensor(images, tf.float32)
+        keys = tf.convert_to_tensor(keys, tf.uint32)
+        policy = "mixed_bfloat16" if self.precision == "bfloat16" else None
+        with (
+            dropout_sampling(self.dropout_layers),
+            _dtype_policy(self._low_precision_layers, policy),
+        ):
+            return self._function(images, keys).numpy()

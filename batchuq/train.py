@@ -1,0 +1,194 @@
+"""``batchuq train``: fit the reference CNN of the 10-monkey-species post on class folders.
+
+Architecture (Keras defaults: 3x3 kernels, valid padding, 2x2 pooling)::
+
+    Conv32-Pool-Conv32-Pool-Dropout0.5-Conv64-Pool-Conv64-Pool-Dropout0.5-
+    Flatten-Dense512-Dropout0.3-Dense(classes, softmax)
+
+trained with Adam on categorical cross-entropy. The class-name sidecar written beside the model
+lets ``batchuq score`` name the output columns.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from batchuq.decode import ImageSpec, describe_error, load_image
+from batchuq.discover import discover_images
+from batchuq.models import write_sidecar
+
+logger = logging.getLogger("batchuq")
+
+
+def reference_cnn(spec: ImageSpec, num_classes: int) -> keras.Model:
+    """Build the reference CNN (uncompiled).
+
+    Args:
+        spec: Input height, width and channels.
+        num_classes: Size of the softmax output.
+
+    Returns:
+        A functional Keras model mapping ``(batch, H, W, C)`` to ``(batch, num_classes)``.
+    """
+    layers = keras.layers
+    inputs = keras.Input((spec.height, spec.width, spec.channels), name="image")
+    x = layers.Conv2D(32, 3, activation="relu", name="conv1")(inputs)
+    x = layers.MaxPooling2D(name="pool1")(x)
+    x = layers.Conv2D(32, 3, activation="relu", name="conv2")(x)
+    x = layers.MaxPooling2D(name="pool2")(x)
+    x = layers.Dropout(0.5, name="dropout1")(x)
+    x = layers.Conv2D(64, 3, activation="relu", name="conv3")(x)
+    x = layers.MaxPooling2D(name="pool3")(x)
+    x = layers.Conv2D(64, 3, activation="relu", name="conv4")(x)
+    x = layers.MaxPooling2D(name="pool4")(x)
+    x = layers.Dropout(0.5, name="dropout2")(x)
+    x = layers.Flatten(name="flatten")(x)
+    x = layers.Dense(512, activation="relu", name="dense")(x)
+    x = layers.Dropout(0.3, name="dropout3")(x)
+    outputs = layers.Dense(num_classes, activation="softmax", name="probs")(x)
+    return keras.Model(inputs, outputs, name="reference_cnn")
+
+
+@dataclass(frozen=True)
+class TrainReport:
+    """What ``train_directory`` did."""
+
+    model_path: Path
+    class_names: list[str]
+    train_images: int
+    val_images: int
+    val_accuracy: float | None
+
+
+def _load_arrays(files: list, spec: ImageSpec, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    images, labels = [], []
+    for f in files:
+        try:
+            images.append(load_image(f.path, spec))
+        except Exception as exc:  # noqa: BLE001 - skip unreadable training images
+            logger.warning("skipping %s: %s", f.relative_path, describe_error(exc))
+            continue
+        labels.append(classes.index(f.folder_label))
+    return np.stack(images), np.asarray(labels, np.int64)
+
+
+def train_directory(
+    images: str | os.PathLike[str],
+    model_path: str | os.PathLike[str],
+    *,
+    epochs: int = 30,
+    image_size: tuple[int, int] = (128, 128),
+    channels: int = 3,
+    val_split: float = 0.1,
+    batch_size: int = 32,
+    learning_rate: float = 1e-3,
+    augment: bool = True,
+    rescale: float = 1.0 / 255.0,
+    seed: int = 0,
+    verbose: int = 2,
+) -> TrainReport:
+    """Train the reference CNN on a class-folder tree and save it with its sidecar.
+
+    Args:
+        images: Folder with one subfolder per class.
+        model_path: Where to write the ``.keras`` model.
+        epochs: Training epochs.
+        image_size: ``(height, width)`` of the model input.
+        channels: 1 (grayscale) or 3 (RGB).
+        val_split: Fraction of images held out (stratified) to report validation accuracy.
+        batch_size: Training batch size.
+        learning_rate: Adam learning rate.
+        augment: Random rotation/zoom/translation of training images.
+        rescale: Factor applied to pixel values ``0..255``; stored in the sidecar.
+        seed: Seed for the split, initial weights, shuffling and augmentation.
+        verbose: Keras ``fit`` verbosity.
+
+    Returns:
+        A ``TrainReport``.
+
+    Raises:
+        ValueError: If the folder has fewer than two classes or the arguments are invalid.
+    """
+    if not 0.0 <= val_split < 1.0:
+        raise ValueError(f"`val_split` must be in [0, 1). Received: val_split={val_split}")
+    if epochs < 1:
+        raise ValueError(f"`epochs` must be at least 1. Received: epochs={epochs}")
+    if not str(model_path).endswith(".keras"):
+        raise ValueError(f"The model path must end in .keras. Received: model={str(model_path)!r}")
+    discovery = discover_images(images)
+    classes = discovery.class_folders
+    if len(classes) < 2:
+        raise ValueError(
+            "Training needs a folder with at least two class subfolders. "
+            f"Received: images={str(images)!r} with classes={classes}"
+        )
+    spec = ImageSpec(image_size[0], image_size[1], channels)
+    labelled = [f for f in discovery.files if f.folder_label is not None]
+    x, y = _load_arrays(labelled, spec, classes)
+    keras.utils.set_random_seed(seed)
+    rng = np.random.default_rng(seed)
+    val_mask = np.zeros(len(y), bool)
+    for c in range(len(classes)):
+        members = rng.permutation(np.flatnonzero(y == c))
+        val_mask[members[: int(round(len(members) * val_split))]] = True
+    x_train, y_train = x[~val_mask], y[~val_mask]
+    x_val, y_val = x[val_mask], y[val_mask]
+
+    augmenter = keras.Sequential(
+        [
+            keras.layers.RandomRotation(15 / 360, fill_mode="reflect", seed=seed),
+            keras.layers.RandomZoom(0.1, fill_mode="reflect", seed=seed + 1),
+            keras.layers.RandomTranslation(0.1, 0.1, fill_mode="reflect", seed=seed + 2),
+        ]
+    )
+
+    def prepare(image: tf.Tensor, label: tf.Tensor, training: bool) -> tuple:
+        image = tf.cast(image, tf.float32)
+        if training and augment:
+            image = augmenter(image, training=True)
+        return image * rescale, tf.one_hot(label, len(classes))
+
+    train_ds = (
+        tf.data.Dataset.from_tensor_slices((x_train, y_train))
+        .shuffle(len(y_train), seed=seed, reshuffle_each_iteration=True)
+        .batch(batch_size)
+        .map(lambda a, b: prepare(a, b, True), num_parallel_calls=tf.data.AUTOTUNE)
+        .prefetch(tf.data.AUTOTUNE)
+    )
+    val_ds = None
+    if len(y_val):
+        val_ds = (
+            tf.data.Dataset.from_tensor_slices((x_val, y_val))
+            .batch(batch_size)
+            .map(lambda a, b: prepare(a, b, False))
+        )
+    model = reference_cnn(spec, len(classes))
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate),
+        loss="categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    history = model.fit(train_ds, validation_data=val_ds, epochs=epochs, verbose=verbose)
+    val_accuracy = history.history.get("val_accuracy", [None])[-1]
+
+    # Save an uncompiled copy: no optimizer state, a smaller file, nothing to trust but weights.
+    export = reference_cnn(spec, len(classes))
+    export.set_weights(model.get_weights())
+    export.save(model_path)
+    write_sidecar(
+        model_path,
+        classes,
+        rescale=rescale,
+        image_size=[spec.height, spec.width],
+        channels=spec.channels,
+        trained_on=str(images),
+        val_accuracy=val_accuracy,
+    )
+    return TrainReport(Path(model_path), classes, int(len(y_train)), int(len(y_val)), val_accuracy)
