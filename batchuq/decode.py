@@ -24,6 +24,10 @@ DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb limit (about 
 _MODE_FOR_CHANNELS = {1: "L", 3: "RGB", 4: "RGBA"}
 
 
+class UnreadableImageError(ValueError):
+    """Raised by batchuq's own checks; the message is the reason shown in the row."""
+
+
 @dataclass(frozen=True)
 class ImageSpec:
     """What the model expects: ``(height, width, channels)``."""
@@ -41,6 +45,8 @@ class ImageSpec:
 
 def describe_error(exc: BaseException) -> str:
     """Turn a decoding exception into a short, specific reason."""
+    if isinstance(exc, UnreadableImageError):
+        return str(exc)
     if isinstance(exc, PermissionError):
         return "permission denied"
     if isinstance(exc, FileNotFoundError):
@@ -89,10 +95,10 @@ def load_image(path: str, spec: ImageSpec, max_pixels: int = DEFAULT_MAX_PIXELS)
         OSError, ValueError: If the file cannot be read or decoded (see ``describe_error``).
     """
     if os.path.getsize(path) == 0:
-        raise ValueError("empty file (0 bytes)")
+        raise UnreadableImageError("empty file (0 bytes)")
     with Image.open(path) as image:
         if image.width * image.height > max_pixels:
-            raise ValueError(
+            raise UnreadableImageError(
                 f"image has {image.width}x{image.height} pixels, above the limit of "
                 f"{max_pixels} (--max-pixels)"
             )

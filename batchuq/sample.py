@@ -309,7 +309,14 @@ class MCSampler:
             per_row //= 2
         self.max_rows = max(1, int(memory_budget_mb * 2**20 // per_row))
         self._low_precision_layers = self._tail_layers() if precision == "bfloat16" else []
-        self._function = tf.function(self._sample, reduce_retracing=True)
+        if input_shape is not None:
+            signature = [
+                tf.TensorSpec((None, *input_shape[1:]), tf.float32),
+                tf.TensorSpec((None,), tf.uint32),
+            ]
+            self._function = tf.function(self._sample, input_signature=signature)
+        else:
+            self._function = tf.function(self._sample, reduce_retracing=True)
 
     @property
     def uses_split(self) -> bool:

@@ -135,6 +135,7 @@ def score_directory(
     sample_layers: list[str] | None = None,
     memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    precision: str = "float32",
     progress: bool = False,
 ) -> ScoreReport:
     """Score every image in a folder and write one Parquet row per image.
@@ -156,6 +157,7 @@ def score_directory(
         sample_layers: Name patterns of the dropout layers to sample (default: all).
         memory_budget_mb: Memory budget for one chunk of tiled passes.
         max_pixels: Images with more pixels are refused (error row) before decoding.
+        precision: ``float32``, or ``bfloat16`` for the sampled part of the network.
         progress: Show a tqdm progress bar on stderr.
 
     Returns:
@@ -185,7 +187,7 @@ def score_directory(
         sidecar_rescale = read_sidecar(loaded.path).get("rescale")
         rescale = float(sidecar_rescale) if sidecar_rescale is not None else DEFAULT_RESCALE
 
-    sampler = MCSampler(loaded.model, passes, sample_layers, memory_budget_mb)
+    sampler = MCSampler(loaded.model, passes, sample_layers, memory_budget_mb, precision=precision)
     relative_paths = [f.relative_path for f in discovery.files]
     keys = image_keys(seed, relative_paths)
     dataset = make_dataset(
@@ -212,6 +214,7 @@ def score_directory(
         "augmentation": tta_config.as_metadata(),
         "seed": seed,
         "rescale": rescale,
+        "precision": precision,
         "sampled_layers": [layer.name for layer in sampler.dropout_layers],
         "decision_rule": rule.as_metadata(),
         "samples_per_image": passes * tta_config.copies,

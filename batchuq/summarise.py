@@ -61,9 +61,13 @@ def summarise(samples: np.ndarray) -> Summary:
             f"class. Received: samples.shape={samples.shape}"
         )
     p = samples.astype(np.float64)
-    mean = p.mean(axis=1)
+    # Shifted-data moments: identical samples give exactly their value and exactly std 0.
+    shift = p[:, :1, :]
+    offset = (p - shift).mean(axis=1)
+    mean = shift[:, 0, :] + offset
+    variance = ((p - shift) ** 2).mean(axis=1) - offset**2
+    std = np.sqrt(np.maximum(variance, 0.0))
     median = np.median(p, axis=1)
-    std = p.std(axis=1)
     pred = mean.argmax(axis=1)
     top2 = np.sort(mean, axis=1)[:, -2:] if mean.shape[1] > 1 else np.pad(mean, ((0, 0), (1, 0)))
     h_mean = entropy(mean)

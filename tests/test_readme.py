@@ -1,0 +1,44 @@
+"""The README documents every command and every option, and its set-up commands match CI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from batchuq.cli import cli
+
+README = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+CI = (Path(__file__).resolve().parents[1] / ".ci" / "run").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("name", sorted(cli.commands))
+def test_every_command_is_documented(name: str) -> None:
+    assert f"batchuq {name}" in README
+
+
+@pytest.mark.parametrize(
+    ("command", "option"),
+    [
+        (name, opt)
+        for name, cmd in sorted(cli.commands.items())
+        for p in cmd.params
+        for opt in p.opts
+        if opt.startswith("--")
+    ],
+)
+def test_every_option_is_documented(command: str, option: str) -> None:
+    assert option in README, f"{command} {option} is not in the README"
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    command = CI.strip().splitlines()[-1]
+    assert f"```bash\n{command}\n```" in README
+
+
+@pytest.mark.parametrize("name", sorted(cli.commands))
+def test_help_ends_with_an_example(name: str) -> None:
+    assert "Example:" in (cli.commands[name].help or "")
+    for param in cli.commands[name].params:
+        if param.param_type_name == "option" and "--help" not in param.opts:
+            assert param.help, f"{name} {param.opts} has no help"

@@ -1,0 +1,214 @@
+"""MC dropout sampler: only dropout is stochastic, nothing in the model changes, and the
+prefix-cached path draws the same samples as tiling the whole model."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+from conftest import bn_dropout_model
+
+from batchuq.sample import MCSampler, NoDropoutError, find_dropout_layers, sample_dropout
+from batchuq.seeds import mix
+from batchuq.summarise import summarise
+
+
+def _images(n: int = 6, size: int = 16, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).random((n, size, size, 3), dtype=np.float32)
+
+
+def _keys(n: int) -> np.ndarray:
+    return np.arange(100, 100 + n, dtype=np.uint32)
+
+
+def _zero_rate_copy(model: keras.Model) -> keras.Model:
+    def clone(layer: keras.layers.Layer) -> keras.layers.Layer:
+        config = layer.get_config()
+        if "rate" in config:
+            config["rate"] = 0.0
+        return layer.__class__.from_config(config)
+
+    copy = keras.models.clone_model(model, clone_function=clone)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+def test_passes_differ_and_bn_statistics_are_untouched(bn_model: keras.Model) -> None:
+    bn = bn_model.get_layer("bn")
+    before = [w.numpy().copy() for w in bn.weights]
+    samples = MCSampler(bn_model, passes=30).sample(_images(), _keys(6))
+    assert samples.shape == (30, 6, 3)
+    assert (samples.std(axis=0).max(axis=1) > 1e-4).all()  # every image varies across passes
+    after = [w.numpy() for w in bn.weights]
+    for old, new in zip(before, after, strict=True):
+        np.testing.assert_array_equal(old, new)
+
+
+def test_bn_runs_in_inference_mode(bn_model: keras.Model) -> None:
+    """With dropout off, sampling equals predict: BN used its moving statistics, not the batch's."""
+    copy = _zero_rate_copy(bn_model)
+    images = _images(5)
+    samples = MCSampler(copy, passes=4).sample(images, _keys(5))
+    expected = copy.predict(images, verbose=0)
+    np.testing.assert_allclose(samples, np.broadcast_to(expected, samples.shape), atol=1e-6)
+    assert samples.std(axis=0).max() == 0.0
+    batch_stats = copy(images, training=True).numpy()  # what training=True would have given
+    assert np.abs(batch_stats - expected).max() > 1e-3
+
+
+def test_zero_rate_copy_equals_predict_exactly_for_bundled_model() -> None:
+    from batchuq.models import load_model
+
+    model = load_model().model
+    copy = _zero_rate_copy(model)
+    images = np.random.default_rng(3).random((8, 64, 64, 1), dtype=np.float32)
+    samples = MCSampler(copy, passes=5).sample(images, _keys(8))
+    expected = copy.predict(images, batch_size=8, verbose=0)
+    summary = summarise(samples.transpose(1, 0, 2))
+    np.testing.assert_array_equal(summary.mean, expected)
+    np.testing.assert_array_equal(summary.median, expected)
+    assert summary.std.max() == 0.0
+
+
+def test_baked_in_training_true_dropout_is_still_sampled() -> None:
+    inputs = keras.Input((8,))
+    x = keras.layers.Dense(16, activation="relu")(inputs)
+    x = keras.layers.Dropout(0.5)(x, training=True)  # the Keras 3 pitfall
+    model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(x))
+    data = np.random.default_rng(0).random((4, 8), dtype=np.float32)
+    predict_passes = np.stack([model.predict(data, verbose=0) for _ in range(3)])
+    assert (predict_passes == predict_passes[0]).all()  # predict silently switches it off
+    samples = MCSampler(model, passes=20).sample(data, _keys(4))
+    assert samples.std(axis=0).min() > 0.0
+
+
+def test_mean_is_close_to_deterministic_reference() -> None:
+    from batchuq.models import load_model
+
+    model = load_model().model
+    images = np.random.default_rng(4).random((4, 64, 64, 1), dtype=np.float32) * 0.2
+    samples = MCSampler(model, passes=400).sample(images, _keys(4))
+    # Weight scaling (the deterministic pass) approximates the MC mean (Gal & Ghahramani).
+    assert np.abs(samples.mean(axis=0) - model.predict(images, verbose=0)).max() < 0.1
+
+
+def test_prefix_cache_equals_whole_model_tiling(bn_model: keras.Model) -> None:
+    split = MCSampler(bn_model, passes=25)
+    whole = MCSampler(bn_model, passes=25, split=False)
+    assert split.uses_split and not whole.uses_split
+    assert [n.operation.name for n in split.split.prefix] == ["conv_a", "bn"]
+    images = _images(4)
+    np.testing.assert_allclose(
+        split.sample(images, _keys(4)), whole.sample(images, _keys(4)), atol=1e-6
+    )
+
+
+def test_prefix_cache_is_statistically_consistent_on_residual_branch(bn_model) -> None:
+    """Different keys give independent draws; the means agree within a few standard errors."""
+    images = _images(3)
+    a = MCSampler(bn_model, passes=400).sample(images, _keys(3))
+    b = MCSampler(bn_model, passes=400, split=False).sample(images, _keys(3) + 7777)
+    stderr = np.sqrt(a.var(axis=0) / 400 + b.var(axis=0) / 400) + 1e-9
+    assert (np.abs(a.mean(axis=0) - b.mean(axis=0)) / stderr).max() < 5
+    assert not np.allclose(a, b)  # genuinely different masks
+
+
+def test_samples_do_not_depend_on_batch_composition(bn_model: keras.Model) -> None:
+    sampler = MCSampler(bn_model, passes=10, memory_budget_mb=1)
+    images, keys = _images(7), _keys(7)
+    full = sampler.sample(images, keys)
+    part = sampler.sample(images[2:5], keys[2:5])
+    np.testing.assert_allclose(full[:, 2:5], part, atol=1e-6)
+
+
+def test_memory_budget_chunks_do_not_change_results(bn_model: keras.Model) -> None:
+    images, keys = _images(5), _keys(5)
+    big = MCSampler(bn_model, passes=12, memory_budget_mb=512)
+    small = MCSampler(bn_model, passes=12, memory_budget_mb=0.01)
+    assert small.max_rows < 5 * 12 <= big.max_rows
+    np.testing.assert_allclose(big.sample(images, keys), small.sample(images, keys), atol=1e-6)
+
+
+class _Subclassed(keras.Model):
+    def __init__(self) -> None:
+        super().__init__()
+        self.dense = keras.layers.Dense(16, activation="relu")
+        self.dropout = keras.layers.Dropout(0.5)
+        self.out = keras.layers.Dense(3, activation="softmax")
+
+    def call(self, inputs, training=False):
+        return self.out(self.dropout(self.dense(inputs), training=training))
+
+
+def test_subclassed_model_falls_back_to_whole_model_tiling() -> None:
+    model = _Subclassed()
+    data = np.random.default_rng(0).random((4, 8), dtype=np.float32)
+    model(data)
+    sampler = MCSampler(model, passes=20)
+    assert not sampler.uses_split
+    assert sampler.sample(data, _keys(4)).std(axis=0).min() > 0
+
+
+def test_model_without_dropout_is_refused_for_many_passes() -> None:
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(inputs))
+    with pytest.raises(NoDropoutError, match="no dropout layer"):
+        MCSampler(model, passes=10)
+    assert MCSampler(model, passes=1).sample(np.ones((2, 4), np.float32), _keys(2)).shape == (
+        1,
+        2,
+        2,
+    )
+
+
+def test_sample_layers_selects_by_name(bn_model: keras.Model) -> None:
+    assert [layer.name for layer in find_dropout_layers(bn_model, ["head_*"])] == ["head_dropout"]
+    sampler = MCSampler(bn_model, passes=5, sample_layers=["head_*"])
+    assert [n.operation.name for n in sampler.split.prefix][:4] == [
+        "conv_a",
+        "bn",
+        "branch_dropout",
+        "conv_b",
+    ]
+
+
+@pytest.mark.parametrize(
+    "layer",
+    [
+        keras.layers.Dropout(0.4),
+        keras.layers.SpatialDropout2D(0.4),
+        keras.layers.GaussianDropout(0.4),
+        keras.layers.AlphaDropout(0.4),
+    ],
+    ids=["Dropout", "SpatialDropout2D", "GaussianDropout", "AlphaDropout"],
+)
+def test_dropout_kinds_keep_the_expectation(layer: keras.layers.Layer) -> None:
+    import tensorflow as tf
+
+    x = tf.ones((4000, 2, 2, 3))
+    keys = mix(tf.cast(tf.range(4000), tf.uint32), 9)
+    y = sample_dropout(layer, x, keys).numpy()
+    expected = 1.0 if not isinstance(layer, keras.layers.AlphaDropout) else None
+    if expected is not None:
+        assert abs(y.mean() - expected) < 0.03
+    assert y.std() > 0.1
+    if isinstance(layer, keras.layers.SpatialDropout2D):
+        assert (y.reshape(4000, 4, 3).std(axis=1) == 0).all()  # one mask per channel map
+
+
+def test_bfloat16_tail_agrees_with_float32(bn_model: keras.Model) -> None:
+    images, keys = _images(4), _keys(4)
+    fp32 = MCSampler(bn_model, passes=50).sample(images, keys)
+    bf16 = MCSampler(bn_model, passes=50, precision="bfloat16").sample(images, keys)
+    assert bf16.dtype == np.float32
+    stderr = fp32.std(axis=0) / np.sqrt(50) + 1e-3
+    assert (np.abs(bf16.mean(axis=0) - fp32.mean(axis=0)) < stderr * 3).all()
+    # and the model's own dtype policy is restored afterwards
+    assert all(layer.dtype_policy.name == "float32" for layer in bn_model.layers)
+
+
+def test_bundled_dropout_model_is_rebuilt_with_fresh_keys(bn_model: keras.Model) -> None:
+    model = bn_dropout_model(seed=2)
+    a = MCSampler(model, passes=5).sample(_images(2), _keys(2))
+    b = MCSampler(model, passes=5).sample(_images(2), _keys(2) + 1)
+    assert not np.allclose(a, b)

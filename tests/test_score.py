@@ -1,0 +1,195 @@
+"""End to end: folder in, Parquet out, through the library API and the CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+from conftest import bn_dropout_model, write_image
+
+from batchuq import score_directory
+from batchuq.cli import EXIT_IMAGE_ERRORS, EXIT_OK, EXIT_USAGE, cli
+from batchuq.write import read_metadata
+
+BASE_COLUMNS = [
+    "path",
+    "label",
+    "label_index",
+    "pred",
+    "pred_index",
+    "decision",
+    "confidence",
+    "margin",
+    "entropy",
+    "mutual_info",
+    "variation_ratio",
+    "status",
+]
+
+
+def _run(*args: str) -> object:
+    return CliRunner().invoke(cli, [*args, "--no-progress"], catch_exceptions=False)
+
+
+def test_scores_labelled_folder_with_all_columns(digits_subset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out.parquet"
+    report = score_directory(digits_subset, out, passes=20, tta=2, seed=1)
+    frame = pd.read_parquet(out)
+    classes = [f"n{i}" for i in range(10)]
+    expected = BASE_COLUMNS + [f"{s}_{c}" for s in ("mean", "median", "std") for c in classes]
+    assert list(frame.columns) == expected
+    assert len(frame) == 30 == report.images
+    assert (frame.status == "ok").all() and report.errors == 0
+    assert frame.label.tolist() == [f"n{i}" for i in range(10) for _ in range(3)]
+    assert frame.label_index.tolist() == [i for i in range(10) for _ in range(3)]
+    assert (frame.filter(like="std_").max(axis=1) > 0).mean() > 0.9
+    np.testing.assert_allclose(frame.filter(like="mean_").sum(axis=1), 1.0, atol=1e-4)
+    assert (frame.pred == frame.label).mean() >= 0.8
+    assert set(frame.decision) <= set(classes) | {"unclassified"}
+    assert report.unclassified == int((frame.decision == "unclassified").sum())
+    meta = read_metadata(out)
+    assert meta["passes"] == 20 and meta["tta"] == 2 and meta["seed"] == 1
+    assert meta["class_names"] == classes and len(meta["model_sha256"]) == 64
+    assert meta["decision_rule"] == {"rule": "median", "min_median": 0.5}
+    assert meta["augmentation"]["copies"] == 2
+
+
+def _contents(path: Path) -> tuple[pd.DataFrame, dict]:
+    meta = read_metadata(path)
+    meta.pop("created")
+    return pd.read_parquet(path), meta
+
+
+def test_same_seed_gives_identical_output(digits_subset: Path, tmp_path: Path) -> None:
+    a, b, c = tmp_path / "a.parquet", tmp_path / "b.parquet", tmp_path / "c.parquet"
+    score_directory(digits_subset, a, passes=10, tta=3, seed=7, batch_size=8)
+    score_directory(digits_subset, b, passes=10, tta=3, seed=7, batch_size=5)
+    score_directory(digits_subset, c, passes=10, tta=3, seed=8, batch_size=8)
+    frame_a, meta_a = _contents(a)
+    frame_b, meta_b = _contents(b)
+    pd.testing.assert_frame_equal(frame_a, frame_b, check_exact=False, atol=1e-6, rtol=0)
+    assert meta_a == meta_b
+    frame_c, _ = _contents(c)
+    assert not np.allclose(frame_a.filter(like="mean_"), frame_c.filter(like="mean_"))
+
+
+def test_corrupt_image_becomes_error_row_and_others_are_written(
+    digits_subset: Path, tmp_path: Path
+) -> None:
+    (digits_subset / "n3" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
+    png = (digits_subset / "n4").iterdir().__next__().read_bytes()
+    (digits_subset / "n4" / "truncated.png").write_bytes(png[: len(png) // 2])
+    out = tmp_path / "out.parquet"
+    clean = tmp_path / "clean.parquet"
+    report = score_directory(digits_subset, out, passes=5)
+    frame = pd.read_parquet(out)
+    assert len(frame) == 32 and report.errors == 2
+    errors = frame[frame.status != "ok"].set_index("path")
+    assert set(errors.index) == {"n3/broken.png", "n4/truncated.png"}
+    assert errors.status.str.startswith("error: ").all()
+    assert errors.filter(like="mean_").isna().all().all() and errors.decision.isna().all()
+    assert errors.label.tolist() == ["n3", "n4"]
+    for bad in ("n3/broken.png", "n4/truncated.png"):
+        (digits_subset / bad).unlink()
+    score_directory(digits_subset, clean, passes=5)
+    good = frame[frame.status == "ok"].reset_index(drop=True)
+    pd.testing.assert_frame_equal(
+        good, pd.read_parquet(clean), check_exact=False, atol=1e-6, check_dtype=False
+    )
+
+
+def test_flat_folder_and_bn_model_leave_labels_empty_and_model_unchanged(tmp_path: Path) -> None:
+    model = bn_dropout_model(classes=3)
+    moving = [w.numpy().copy() for w in model.get_layer("bn").weights]
+    for i in range(5):
+        write_image(tmp_path / "flat" / f"img{i}.jpg", size=24, seed=i)
+    out = tmp_path / "out.parquet"
+    score_directory(tmp_path / "flat", out, model=model, passes=8, class_names=["a", "b", "c"])
+    frame = pd.read_parquet(out)
+    assert frame.label.isna().all() and frame.label_index.isna().all()
+    assert {"mean_a", "median_b", "std_c"} <= set(frame.columns)
+    for old, new in zip(moving, model.get_layer("bn").weights, strict=True):
+        np.testing.assert_array_equal(old, new.numpy())
+
+
+def test_cli_writes_output_and_summary(digits_subset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out.parquet"
+    result = _run("score", str(digits_subset), str(out), "--passes", "5", "--tta", "2")
+    assert result.exit_code == EXIT_OK, result.output
+    assert "30 images" in result.output and "images/s" in result.output
+    assert pq.read_metadata(out).num_rows == 30
+    assert "bundled demo" in result.output  # one-line notice about the default model
+
+
+def test_cli_exit_codes_for_image_errors(digits_subset: Path, tmp_path: Path) -> None:
+    (digits_subset / "n0" / "bad.jpg").write_text("not an image")
+    out = tmp_path / "out.parquet"
+    result = _run("score", str(digits_subset), str(out), "--passes", "2")
+    assert result.exit_code == EXIT_IMAGE_ERRORS
+    assert pq.read_metadata(out).num_rows == 31  # the output is still complete
+    result = _run("score", str(digits_subset), str(out), "--passes", "2", "--max-error-rate", "0.1")
+    assert result.exit_code == EXIT_OK
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--class-names", "a,b"], "10 outputs but 2 class names"),
+        (["--model", "missing.keras"], "does not exist"),
+        (["--rule", "mode"], "Invalid value for '--rule'"),
+    ],
+)
+def test_cli_usage_errors_exit_2(digits_subset: Path, tmp_path: Path, args, message) -> None:
+    shutil.copy(Path(__file__).parents[1] / "batchuq/data/digits_cnn.keras", tmp_path / "m.keras")
+    if args[0] == "--class-names":
+        args = ["--model", str(tmp_path / "m.keras"), *args]  # no sidecar beside this copy
+    out = tmp_path / "out.parquet"
+    result = _run("score", str(digits_subset), str(out), "--passes", "2", *args)
+    assert result.exit_code == EXIT_USAGE
+    assert message in result.output
+    assert not out.exists()
+
+
+def test_cli_no_images_exit_2(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    result = _run("score", str(tmp_path / "empty"), str(tmp_path / "out.parquet"))
+    assert result.exit_code == EXIT_USAGE
+    assert "No images found" in result.output and ".png" in result.output
+
+
+def test_output_problems_are_reported_before_work(digits_subset: Path, tmp_path: Path) -> None:
+    result = _run("score", str(digits_subset), str(tmp_path / "nowhere" / "out.parquet"))
+    assert result.exit_code == EXIT_USAGE and "does not exist" in result.output
+    result = _run("score", str(digits_subset), str(tmp_path))
+    assert result.exit_code == EXIT_USAGE
+
+
+def test_failed_run_keeps_previous_output_and_leaves_no_temp_file(
+    digits_subset: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out.parquet"
+    out.write_bytes(b"previous")
+    model = bn_dropout_model(classes=3)  # 16x16 RGB model, 10 folder classes: names mismatch
+    with pytest.raises(ValueError):
+        score_directory(digits_subset, out, model=model, passes=3, class_names=["a", "b"])
+    assert out.read_bytes() == b"previous"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_labels_file_maps_folder_ids(digits_subset: Path, tmp_path: Path) -> None:
+    labels = tmp_path / "labels.txt"
+    rows = "\n".join(f"n{i}, latin_{i}, digit_{i}, 1, 1" for i in range(10))
+    labels.write_text("Label, Latin Name, Common Name, Train Images, Validation Images\n" + rows)
+    out = tmp_path / "out.parquet"
+    result = _run("score", str(digits_subset), str(out), "--passes", "2", "--labels", str(labels))
+    assert result.exit_code == EXIT_OK, result.output
+    frame = pd.read_parquet(out)
+    assert frame.label.iloc[0] == "digit_0" and "mean_digit_9" in frame.columns
+    assert frame.label_index.iloc[-1] == 9
+    assert json.loads(pq.read_schema(out).metadata[b"batchuq"])["class_names"][0] == "digit_0"

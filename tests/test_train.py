@@ -1,0 +1,63 @@
+"""`batchuq train`: the reference CNN, a saved model with its sidecar, usable by `score`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from batchuq.cli import cli
+from batchuq.decode import ImageSpec
+from batchuq.models import load_model, read_sidecar
+from batchuq.train import reference_cnn
+
+
+def test_reference_cnn_architecture() -> None:
+    model = reference_cnn(ImageSpec(128, 128, 3), 10)
+    kinds = [type(layer).__name__ for layer in model.layers[1:]]
+    assert kinds == [
+        "Conv2D", "MaxPooling2D", "Conv2D", "MaxPooling2D", "Dropout",
+        "Conv2D", "MaxPooling2D", "Conv2D", "MaxPooling2D", "Dropout",
+        "Flatten", "Dense", "Dropout", "Dense",
+    ]  # fmt: skip
+    assert [layer.rate for layer in model.layers if hasattr(layer, "rate")] == [0.5, 0.5, 0.3]
+    assert model.layers[-1].units == 10 and model.layers[-3].units == 512
+
+
+def test_train_writes_model_and_sidecar_that_score_uses(
+    digits_subset: Path, tmp_path: Path
+) -> None:
+    model_path = tmp_path / "tiny.keras"
+    result = CliRunner().invoke(
+        cli,
+        ["train", str(digits_subset), str(model_path), "--epochs", "1", "--image-size", "46",
+         "--channels", "1", "--val-split", "0.2"],
+        catch_exceptions=False,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "validation accuracy" in result.output
+    assert read_sidecar(model_path)["class_names"] == [f"n{i}" for i in range(10)]
+    assert load_model(model_path).image_spec == ImageSpec(46, 46, 1)
+    out = tmp_path / "out.parquet"
+    result = CliRunner().invoke(
+        cli, ["score", str(digits_subset), str(out), "-m", str(model_path), "-T", "3",
+              "--no-progress"], catch_exceptions=False
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "mean_n9" in pd.read_parquet(out).columns
+
+
+def test_train_needs_two_classes(tmp_path: Path) -> None:
+    from conftest import write_image
+
+    write_image(tmp_path / "only" / "a.png")
+    result = CliRunner().invoke(cli, ["train", str(tmp_path), str(tmp_path / "m.keras")])
+    assert result.exit_code == 2 and "at least two class" in result.output
+
+
+@pytest.mark.parametrize("name", ["model.h5", "model"])
+def test_train_refuses_non_keras_path(digits_subset: Path, tmp_path: Path, name: str) -> None:
+    result = CliRunner().invoke(cli, ["train", str(digits_subset), str(tmp_path / name)])
+    assert result.exit_code == 2 and ".keras" in result.output
