@@ -14,6 +14,7 @@ Exit codes (also in the README):
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -38,14 +39,32 @@ class _Terminated(BaseException):
     """Raised from the SIGTERM handler so that cleanup code runs."""
 
 
-def _setup_logging() -> None:
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ``event``, ``level``, ``time``, ``message`` and event fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        payload = {
+            "event": getattr(record, "event", "log"),
+            "level": record.levelname.lower(),
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
+            "message": record.getMessage(),
+            **getattr(record, "data", {}),
+        }
+        return json.dumps(payload, default=str)
+
+
+def _setup_logging(log_format: str = "text") -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
         handler.setFormatter(logging.Formatter("batchuq: %(message)s"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-        logger.propagate = False
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
 
 
 def _usage_error(message: str) -> None:
@@ -146,11 +165,24 @@ def cli() -> None:
 )
 @click.option(
     "--rule",
-    type=click.Choice(["median", "confidence", "none"]),
+    type=click.Choice(["median", "threshold", "confidence", "none"]),
     default="median",
     show_default=True,
     help="Decision rule: median = top median beats all others and >= --min-median; "
     "confidence = mean probability of the prediction >= --min-confidence; none.",
+)
+@click.option(
+    "--calibration",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="calibration.json from `batchuq calibrate` for this model: thresholds for "
+    "--rule threshold, the temperature, and a conformal pred_set column.",
+)
+@click.option(
+    "--temperature/--no-temperature",
+    default=False,
+    show_default=True,
+    help="Rescale the MC mean with the calibration's fitted temperature.",
 )
 @click.option(
     "--min-median",
@@ -222,6 +254,42 @@ def cli() -> None:
     help="Share of unreadable images tolerated before the exit code is 1.",
 )
 @click.option(
+    "--logits",
+    is_flag=True,
+    default=False,
+    show_default=True,
+    help="The model outputs logits: apply a softmax to every pass.",
+)
+@click.option(
+    "--resume",
+    is_flag=True,
+    default=False,
+    show_default=True,
+    help="Keep finished rows in OUTPUT.checkpoint/ and, after an interrupted run with the "
+    "same settings, score only the images not done yet.",
+)
+@click.option(
+    "--checkpoint-rows",
+    type=click.IntRange(min=1),
+    default=1024,
+    show_default=True,
+    help="With --resume: rows per checkpoint part (work lost on a kill is at most this).",
+)
+@click.option(
+    "--follow-symlinks",
+    is_flag=True,
+    default=False,
+    show_default=True,
+    help="Follow symlinks that leave IMAGES (by default they become error rows).",
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="json: one JSON object per event (start, image_error, summary) on stderr.",
+)
+@click.option(
     "--progress/--no-progress",
     default=True,
     show_default=True,
@@ -241,6 +309,8 @@ def score(
     seed: int,
     batch_size: int,
     rule: str,
+    calibration: Path | None,
+    temperature: bool,
     min_median: float,
     min_confidence: float,
     class_names: str | None,
@@ -251,6 +321,11 @@ def score(
     precision: str,
     max_pixels: int,
     max_error_rate: float,
+    logits: bool,
+    resume: bool,
+    checkpoint_rows: int,
+    follow_symlinks: bool,
+    log_format: str,
     progress: bool,
 ) -> None:
     """Score every image in IMAGES and write one Parquet row per image to OUTPUT.
@@ -265,9 +340,8 @@ def score(
 
         batchuq score sample_data/digits/test out.parquet --passes 100 --tta 4
     """
-    _setup_logging()
+    _setup_logging(log_format)
     from batchuq.augment import TTAConfig
-    from batchuq.decide import DecisionRule
     from batchuq.discover import NoImagesFoundError
     from batchuq.models import ModelError
     from batchuq.score import score_directory
@@ -285,7 +359,9 @@ def score(
             tta=TTAConfig(tta, tta_rotation, tta_zoom, tta_shift, tta_contrast, tta_flip),
             seed=seed,
             batch_size=batch_size,
-            rule=DecisionRule(rule, min_median=min_median, min_confidence=min_confidence),
+            rule=_decision_rule(rule, min_median, min_confidence, calibration),
+            calibration=calibration,
+            temperature=temperature,
             class_names=_split(class_names),
             labels=labels,
             rescale=rescale,
@@ -293,7 +369,11 @@ def score(
             memory_budget_mb=memory_budget,
             max_pixels=max_pixels,
             precision=precision,
-            progress=progress,
+            logits=logits,
+            resume=resume,
+            checkpoint_rows=checkpoint_rows,
+            follow_symlinks=follow_symlinks,
+            progress=progress and log_format == "text",
         )
     except (NoImagesFoundError, NotADirectoryError, ModelError, ValueError) as exc:
         _usage_error(str(exc))
@@ -308,7 +388,6 @@ def score(
         sys.exit(EXIT_FATAL)
     finally:
         signal.signal(signal.SIGTERM, previous)
-    click.echo(report.summary_line(), err=True)
     if report.errors and report.error_rate > max_error_rate:
         click.echo(
             f"{report.errors} of {report.images} images could not be read "
@@ -412,6 +491,31 @@ def train(
         f"validation accuracy {accuracy} -> {report.model_path}",
         err=True,
     )
+
+
+def _register_extra_commands() -> None:
+    from batchuq.calibrate import calibrate_command
+    from batchuq.evaluate import evaluate_command
+
+    cli.add_command(calibrate_command)
+    cli.add_command(evaluate_command)
+
+
+_register_extra_commands()
+
+
+def _decision_rule(
+    rule: str, min_median: float, min_confidence: float, calibration: Path | None
+) -> object:
+    import numpy as np
+
+    from batchuq.calibrate import Calibration
+    from batchuq.decide import DecisionRule
+
+    thresholds = None
+    if rule == "threshold" and calibration is not None:
+        thresholds = np.asarray(Calibration.from_json(calibration).thresholds, float)
+    return DecisionRule(rule, min_median, min_confidence, thresholds=thresholds)
 
 
 def _split(value: str | None) -> list[str] | None:

@@ -5,6 +5,8 @@ Rules:
 * ``median`` (default, METHODS.md "MC median rule"): recommend the class whose median probability
   over the samples is strictly higher than every other class's median and at least
   ``min_median``; otherwise ``unclassified``.
+* ``threshold`` (METHODS.md "validation thresholds"): recommend ``pred`` unless its MC-mean
+  probability is below the class's threshold from ``batchuq calibrate`` (needs a calibration).
 * ``confidence``: recommend ``pred`` when the mean probability of ``pred`` is at least
   ``min_confidence``.
 * ``none``: always recommend ``pred``.
@@ -19,7 +21,7 @@ import numpy as np
 from batchuq.summarise import Summary
 
 UNCLASSIFIED = -1
-RULES = ("median", "confidence", "none")
+RULES = ("median", "threshold", "confidence", "none")
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,7 @@ class DecisionRule:
     name: str = "median"
     min_median: float = 0.5
     min_confidence: float = 0.5
+    thresholds: np.ndarray | None = None
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -44,11 +47,20 @@ class DecisionRule:
             value = getattr(self, attr)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"`{attr}` must be in [0, 1]. Received: {attr}={value}")
+        if self.name == "threshold" and self.thresholds is None:
+            raise ValueError(
+                "The threshold rule needs per-class thresholds: pass --calibration "
+                "calibration.json (made by `batchuq calibrate`). Received: calibration=None"
+            )
 
     def as_metadata(self) -> dict:
         """The rule and the parameters it uses, for the Parquet metadata."""
+        thresholds = None
+        if self.thresholds is not None:
+            thresholds = [None if np.isnan(t) else float(t) for t in self.thresholds]
         params = {
             "median": {"min_median": self.min_median},
+            "threshold": {"thresholds": thresholds},
             "confidence": {"min_confidence": self.min_confidence},
             "none": {},
         }[self.name]
@@ -86,6 +98,10 @@ def decide(summary: Summary, rule: DecisionRule) -> np.ndarray:
     """
     if rule.name == "median":
         return median_rule(summary.median, rule.min_median)
+    if rule.name == "threshold":
+        from batchuq.calibrate import threshold_decisions
+
+        return threshold_decisions(summary.pred, summary.confidence, rule.thresholds)
     if rule.name == "confidence":
         keep = summary.confidence >= rule.min_confidence
         return np.where(keep, summary.pred, UNCLASSIFIED).astype(np.int64)

@@ -23,6 +23,9 @@ DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb limit (about 
 
 _MODE_FOR_CHANNELS = {1: "L", 3: "RGB", 4: "RGBA"}
 
+# batchuq checks the pixel count itself (``--max-pixels``) from the header, before decoding.
+Image.MAX_IMAGE_PIXELS = None
+
 
 class UnreadableImageError(ValueError):
     """Raised by batchuq's own checks; the message is the reason shown in the row."""
@@ -58,7 +61,7 @@ def describe_error(exc: BaseException) -> str:
     if isinstance(exc, Image.DecompressionBombError):
         return f"too many pixels ({exc})"
     message = str(exc) or type(exc).__name__
-    if "truncated" in message:
+    if "truncated" in message.lower():
         return f"truncated image ({message})"
     return f"{type(exc).__name__}: {message}"
 
@@ -112,9 +115,14 @@ def load_image(path: str, spec: ImageSpec, max_pixels: int = DEFAULT_MAX_PIXELS)
     return array.reshape(spec.height, spec.width, spec.channels)
 
 
-def _safe_load(path: bytes, spec: ImageSpec, max_pixels: int) -> tuple[np.ndarray, bytes]:
+def _safe_load(
+    path: bytes, problem: bytes, spec: ImageSpec, max_pixels: int
+) -> tuple[np.ndarray, bytes]:
     """``load_image`` that never raises: returns a blank image and a status string instead."""
     name = path.decode("utf-8", "surrogateescape")
+    if problem:
+        blank = np.zeros((spec.height, spec.width, spec.channels), np.uint8)
+        return blank, b"error: " + problem
     try:
         return load_image(name, spec, max_pixels), OK.encode()
     except Exception as exc:  # noqa: BLE001 - every failure becomes an error row
@@ -130,6 +138,7 @@ def make_dataset(
     batch_size: int,
     rescale: float = 1.0 / 255.0,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    problems: list[str | None] | None = None,
 ) -> tf.data.Dataset:
     """Build the streaming input pipeline.
 
@@ -141,6 +150,7 @@ def make_dataset(
         batch_size: Images per batch.
         rescale: Factor applied to pixel values in ``[0, 255]`` after augmentation.
         max_pixels: Decompression-bomb limit per image.
+        problems: Per file, a reason not to read it (becomes its error status), or ``None``.
 
     Returns:
         A dataset of dicts with ``index`` ``(B,)`` int64, ``images`` ``(B, K, H, W, C)`` float32,
@@ -150,10 +160,12 @@ def make_dataset(
         raise ValueError(f"paths and keys differ in length. Received: {len(paths)}, {len(keys)}")
     shape = (spec.height, spec.width, spec.channels)
 
-    def decode(index: tf.Tensor, path: tf.Tensor, key: tf.Tensor) -> dict[str, tf.Tensor]:
+    def decode(
+        index: tf.Tensor, path: tf.Tensor, problem: tf.Tensor, key: tf.Tensor
+    ) -> dict[str, tf.Tensor]:
         image, status = tf.numpy_function(
-            lambda p: _safe_load(p, spec, max_pixels),
-            [path],
+            lambda p, q: _safe_load(p, q, spec, max_pixels),
+            [path, problem],
             [tf.uint8, tf.string],
             stateful=False,
         )
@@ -174,6 +186,7 @@ def make_dataset(
         (
             tf.range(len(paths), dtype=tf.int64),
             tf.constant(paths, dtype=tf.string),
+            tf.constant([p or "" for p in (problems or [None] * len(paths))], dtype=tf.string),
             tf.constant(np.asarray(keys, np.uint32), dtype=tf.uint32),
         )
     )

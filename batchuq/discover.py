@@ -38,11 +38,13 @@ class ImageFile:
         path: Absolute path of the file.
         relative_path: Path relative to the scored folder, ``/``-separated (the Parquet ``path``).
         folder_label: Name of the class folder it sits under, or ``None`` when unlabelled.
+        problem: Why the file must not be read (e.g. a symlink leaving the folder), or ``None``.
     """
 
     path: str
     relative_path: str
     folder_label: str | None
+    problem: str | None = None
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,7 @@ def discover_images(
         )
     files: list[ImageFile] = []
     class_folders: list[str] = []
+    real_root = root_path.resolve()
     for path in _walk_sorted(root_path, follow_symlinks):
         if not _is_image_name(path.name, extensions):
             continue
@@ -125,7 +128,12 @@ def discover_images(
         label = parts[0] if len(parts) > 1 else None
         if label is not None and label not in class_folders:
             class_folders.append(label)
-        files.append(ImageFile(str(path), "/".join(parts), label))
+        problem = None
+        if path.is_symlink() and not follow_symlinks:
+            target = path.resolve()
+            if not target.is_relative_to(real_root):
+                problem = "symlink to a file outside the images folder (not followed)"
+        files.append(ImageFile(str(path), "/".join(parts), label, problem))
     if not files:
         raise NoImagesFoundError(
             f"No images found in {str(root)!r} (looked for files ending in "

@@ -264,6 +264,7 @@ class MCSampler:
         precision: ``float32``, or ``bfloat16`` to run the sampled tail (all but the output
             layer) under Keras's ``mixed_bfloat16`` policy; probabilities and statistics stay
             float32.
+        logits: The model outputs logits: a float32 softmax is applied to every pass.
 
     Raises:
         NoDropoutError: If ``passes > 1`` and the model has no dropout layer to sample.
@@ -277,6 +278,7 @@ class MCSampler:
         memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
         split: bool = True,
         precision: str = "float32",
+        logits: bool = False,
     ) -> None:
         if precision not in PRECISIONS:
             raise ValueError(
@@ -292,6 +294,7 @@ class MCSampler:
         self.model = model
         self.passes = passes
         self.precision = precision
+        self.logits = logits
         self.dropout_layers = find_dropout_layers(model, sample_layers) if passes > 1 else []
         if passes > 1 and not self.dropout_layers:
             which = f" matching {list(sample_layers)}" if sample_layers else ""
@@ -369,6 +372,8 @@ class MCSampler:
             pass_index = tf.cast(tf.range(start, start + count), tf.uint32)
             pass_keys = tf.reshape(mix(keys[None, :], pass_index[:, None]), [-1])
             probs = tf.cast(self._forward_tail(tiled, pass_keys), tf.float32)
+            if self.logits:
+                probs = tf.nn.softmax(probs, axis=-1)
             results = results.write(chunk, tf.reshape(probs, [count, rows, -1]))
         return results.concat()
 

@@ -5,29 +5,46 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+import hashlib
 import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import keras
 import numpy as np
+import pyarrow.parquet as pq
 import tensorflow as tf
 from tqdm.auto import tqdm
 
 from batchuq import __version__
 from batchuq.augment import TTAConfig
+from batchuq.calibrate import Calibration, apply_temperature, prediction_sets
 from batchuq.decide import UNCLASSIFIED, DecisionRule, decide
 from batchuq.decode import DEFAULT_MAX_PIXELS, OK, make_dataset
 from batchuq.discover import discover_images, read_labels_file
-from batchuq.models import LoadedModel, load_model, read_sidecar, resolve_class_names
+from batchuq.models import (
+    LoadedModel,
+    ModelError,
+    load_model,
+    read_sidecar,
+    resolve_class_names,
+)
 from batchuq.sample import DEFAULT_MEMORY_BUDGET_MB, MCSampler
 from batchuq.seeds import image_keys, mix
-from batchuq.summarise import Summary, summarise
-from batchuq.write import SCORE_COLUMNS, AtomicParquetWriter, check_output_path, output_schema
+from batchuq.summarise import Summary, entropy, summarise
+from batchuq.write import (
+    SCORE_COLUMNS,
+    AtomicParquetWriter,
+    CheckpointedParquetWriter,
+    check_output_path,
+    output_schema,
+)
 
 logger = logging.getLogger("batchuq")
 
@@ -136,6 +153,13 @@ def score_directory(
     memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     precision: str = "float32",
+    logits: bool = False,
+    resume: bool = False,
+    checkpoint_rows: int = 1024,
+    follow_symlinks: bool = False,
+    on_samples: Callable[[list[int], np.ndarray], None] | None = None,
+    calibration: str | os.PathLike[str] | Calibration | None = None,
+    temperature: bool = False,
     progress: bool = False,
 ) -> ScoreReport:
     """Score every image in a folder and write one Parquet row per image.
@@ -158,6 +182,21 @@ def score_directory(
         memory_budget_mb: Memory budget for one chunk of tiled passes.
         max_pixels: Images with more pixels are refused (error row) before decoding.
         precision: ``float32``, or ``bfloat16`` for the sampled part of the network.
+        logits: The model outputs logits; apply a softmax to each pass.
+        resume: Keep finished rows in ``OUTPUT.checkpoint/`` and, when it exists from an
+            interrupted run with the same settings, skip the images already scored there.
+        checkpoint_rows: With ``resume``, rows per checkpoint part.
+        follow_symlinks: Follow symlinked folders and files that point outside ``images``
+            (by default such files become error rows).
+        on_samples: Called once per batch with the positions of its images (indices into
+            the discovered, natural-sorted file list) and their raw samples, shape
+            ``(batch, passes * tta, classes)``, ordered copy-major (all passes of copy 0, then
+            copy 1, ...). Used by ``calibrate`` and ``--save-samples``.
+        calibration: A ``batchuq calibrate`` JSON (or ``Calibration``) made for this model:
+            gives the ``threshold`` rule its thresholds and adds the conformal ``pred_set``.
+        temperature: Rescale the MC mean with the calibration's temperature (``mean_*``,
+            ``pred``, ``confidence``, ``margin``, ``entropy``); median, std, mutual information
+            and variation ratio always describe the raw samples.
         progress: Show a tqdm progress bar on stderr.
 
     Returns:
@@ -173,8 +212,16 @@ def score_directory(
         raise ValueError(f"`batch_size` must be at least 1. Received: batch_size={batch_size}")
     tta_config = tta if isinstance(tta, TTAConfig) else TTAConfig(copies=int(tta))
     rule = rule or DecisionRule()
-    discovery = discover_images(images)
+    discovery = discover_images(images, follow_symlinks=follow_symlinks)
     loaded = _as_loaded(model)
+    if calibration is not None and not isinstance(calibration, Calibration):
+        calibration = Calibration.from_json(calibration)
+    if calibration is not None:
+        calibration.check_model(loaded.sha256)
+    if temperature and calibration is None:
+        raise ValueError("--temperature needs --calibration. Received: calibration=None")
+    if rule.name == "threshold" and rule.thresholds is None and calibration is not None:
+        rule = dataclasses.replace(rule, thresholds=np.asarray(calibration.thresholds, float))
     names, names_source = resolve_class_names(loaded, class_names, discovery.class_folders)
     label_map = read_labels_file(labels) if isinstance(labels, (str, os.PathLike)) else labels
     label_map = label_map or {}
@@ -187,18 +234,15 @@ def score_directory(
         sidecar_rescale = read_sidecar(loaded.path).get("rescale")
         rescale = float(sidecar_rescale) if sidecar_rescale is not None else DEFAULT_RESCALE
 
-    sampler = MCSampler(loaded.model, passes, sample_layers, memory_budget_mb, precision=precision)
-    relative_paths = [f.relative_path for f in discovery.files]
-    keys = image_keys(seed, relative_paths)
-    dataset = make_dataset(
-        [f.path for f in discovery.files],
-        keys,
-        loaded.image_spec,
-        tta_config,
-        batch_size,
-        rescale=rescale,
-        max_pixels=max_pixels,
+    sampler = MCSampler(
+        loaded.model,
+        passes,
+        sample_layers,
+        memory_budget_mb,
+        precision=precision,
+        logits=logits,
     )
+    relative_paths = [f.relative_path for f in discovery.files]
     metadata = {
         "batchuq_version": __version__,
         "tensorflow_version": tf.__version__,
@@ -218,36 +262,174 @@ def score_directory(
         "sampled_layers": [layer.name for layer in sampler.dropout_layers],
         "decision_rule": rule.as_metadata(),
         "samples_per_image": passes * tta_config.copies,
+        "logits": logits,
+        "calibration": None
+        if calibration is None
+        else {
+            "temperature": calibration.temperature if temperature else None,
+            "fitted_temperature": calibration.temperature,
+            "conformal_alpha": calibration.settings.get("alpha"),
+            "created": calibration.created,
+        },
     }
     report = ScoreReport(output=out_path, images=len(discovery.files))
+    schema = output_schema(display, metadata, pred_set=calibration is not None)
+    if resume:
+        fingerprint = {k: v for k, v in metadata.items() if k != "created"}
+        fingerprint["files"] = hashlib.sha256("\0".join(relative_paths).encode()).hexdigest()
+        writer = CheckpointedParquetWriter(out_path, schema, fingerprint, checkpoint_rows)
+    else:
+        writer = AtomicParquetWriter(out_path, schema)
+    logger.info(
+        "scoring %d images from %s",
+        len(discovery.files),
+        images,
+        extra={
+            "event": "start",
+            "data": {
+                "images": len(discovery.files),
+                "output": str(output),
+                "model": str(loaded.path),
+                "passes": passes,
+                "tta": tta_config.copies,
+                "seed": seed,
+            },
+        },
+    )
     copies = tta_config.copies
     copy_index = tf.cast(tf.range(copies), tf.uint32)
-    bar = tqdm(
-        total=len(discovery.files), unit="img", disable=not progress, desc="scoring", leave=False
+    with writer:
+        done = getattr(writer, "done_paths", set())
+        todo = [i for i, path in enumerate(relative_paths) if path not in done]
+        if done:
+            logger.info("resuming: %d of %d images already scored", len(done), report.images)
+        dataset = make_dataset(
+            [discovery.files[i].path for i in todo],
+            image_keys(seed, [relative_paths[i] for i in todo]),
+            loaded.image_spec,
+            tta_config,
+            batch_size,
+            rescale=rescale,
+            max_pixels=max_pixels,
+            problems=[discovery.files[i].problem for i in todo],
+        )
+        bar = tqdm(
+            total=report.images,
+            initial=report.images - len(todo),
+            unit="img",
+            disable=not progress,
+            desc="scoring",
+            leave=False,
+        )
+        with bar:
+            for batch in dataset:
+                stack = batch["images"]  # (B, K, H, W, C)
+                b = int(tf.shape(stack)[0])
+                rows_keys = tf.reshape(mix(batch["keys"][:, None], copy_index[None, :]), [-1])
+                flat = tf.reshape(stack, tf.concat([[b * copies], tf.shape(stack)[2:]], 0))
+                samples = sampler.sample(flat, rows_keys)  # (T, B*K, C)
+                samples = samples.reshape(passes, b, copies, -1).transpose(1, 2, 0, 3)
+                samples = samples.reshape(b, copies * passes, -1)
+                status = batch["status"].numpy()
+                check_probabilities(samples[status == OK.encode()], loaded.path)
+                summary = summarise(samples)
+                if temperature:
+                    summary = _with_temperature(summary, calibration.temperature)
+                decisions = decide(summary, rule)
+                positions = [todo[int(i)] for i in batch["index"].numpy()]
+                if on_samples is not None:
+                    on_samples(positions, samples)
+                host = {"index": positions, "status": status}
+                rows = _rows(
+                    host, summary, decisions, relative_paths, labels_out, label_indices, display
+                )
+                if calibration is not None:
+                    _add_prediction_sets(rows, summary, calibration, temperature, display)
+                for row in rows:
+                    if row["status"] != OK:
+                        _count_error(report, row)
+                writer.write_rows(rows)
+                bar.update(b)
+    final = pq.read_table(out_path, columns=["status", "decision"])
+    report.errors = sum(1 for s in final.column("status").to_pylist() if s != OK)
+    report.unclassified = sum(
+        1 for d in final.column("decision").to_pylist() if d == "unclassified"
     )
-    with bar, AtomicParquetWriter(out_path, output_schema(display, metadata)) as writer:
-        for batch in dataset:
-            stack = batch["images"]  # (B, K, H, W, C)
-            b = int(tf.shape(stack)[0])
-            rows_keys = tf.reshape(mix(batch["keys"][:, None], copy_index[None, :]), [-1])
-            flat = tf.reshape(stack, tf.concat([[b * copies], tf.shape(stack)[2:]], 0))
-            samples = sampler.sample(flat, rows_keys)  # (T, B*K, C)
-            samples = samples.reshape(passes, b, copies, -1).transpose(1, 2, 0, 3)
-            summary = summarise(samples.reshape(b, copies * passes, -1))
-            decisions = decide(summary, rule)
-            host = {"index": batch["index"].numpy(), "status": batch["status"].numpy()}
-            rows = _rows(
-                host, summary, decisions, relative_paths, labels_out, label_indices, display
-            )
-            for row in rows:
-                if row["status"] != OK:
-                    report.errors += 1
-                    if len(report.error_paths) < 1000:
-                        report.error_paths.append(row["path"])
-                    logger.warning("%s: %s", row["path"], row["status"])
-                elif row["decision"] == "unclassified":
-                    report.unclassified += 1
-            writer.write_rows(rows)
-            bar.update(b)
     report.seconds = time.perf_counter() - started
+    logger.info(
+        report.summary_line(),
+        extra={
+            "event": "summary",
+            "data": {
+                "images": report.images,
+                "errors": report.errors,
+                "unclassified": report.unclassified,
+                "seconds": round(report.seconds, 3),
+                "images_per_second": round(report.images_per_second, 3),
+                "output": str(out_path),
+            },
+        },
+    )
     return report
+
+
+def _with_temperature(summary: Summary, temperature: float) -> Summary:
+    """The summary with its mean-based fields recomputed from the temperature-scaled mean."""
+    mean = apply_temperature(summary.mean.astype(np.float64), temperature)
+    top2 = np.sort(mean, axis=1)[:, -2:]
+    return dataclasses.replace(
+        summary,
+        mean=mean.astype(np.float32),
+        pred=mean.argmax(axis=1),
+        confidence=top2[:, 1].astype(np.float32),
+        margin=(top2[:, 1] - top2[:, 0]).astype(np.float32),
+        entropy=entropy(mean).astype(np.float32),
+    )
+
+
+def _add_prediction_sets(
+    rows: list[dict],
+    summary: Summary,
+    calibration: Calibration,
+    tempered: bool,
+    class_names: list[str],
+) -> None:
+    """Add the conformal set (quantiles were fitted on temperature-scaled MC means)."""
+    mean = summary.mean if tempered else apply_temperature(summary.mean, calibration.temperature)
+    members = prediction_sets(mean, np.asarray(calibration.conformal_quantiles, float))
+    for i, row in enumerate(rows):
+        if row["status"] == OK:
+            row["pred_set"] = [class_names[c] for c in np.flatnonzero(members[i])]
+
+
+def _count_error(report: ScoreReport, row: dict) -> None:
+    if len(report.error_paths) < 1000:
+        report.error_paths.append(row["path"])
+    logger.warning(
+        "%s: %s",
+        row["path"],
+        row["status"],
+        extra={"event": "image_error", "data": {"path": row["path"], "status": row["status"]}},
+    )
+
+
+def check_probabilities(samples: np.ndarray, model_path: Path) -> None:
+    """Refuse model outputs that are not probability vectors.
+
+    Args:
+        samples: ``(batch, samples, classes)`` model outputs of readable images.
+        model_path: For the message.
+
+    Raises:
+        ModelError: If values leave ``[0, 1]`` or do not sum to 1.
+    """
+    if samples.size == 0:
+        return
+    sums = samples.sum(axis=-1)
+    if samples.min() < -1e-4 or samples.max() > 1 + 1e-4 or np.abs(sums - 1).max() > 1e-3:
+        raise ModelError(
+            "The model's outputs are not probabilities (values outside [0, 1] or rows not "
+            "summing to 1); if it ends in logits, pass --logits to apply a softmax. "
+            f"Received: model={str(model_path)!r}, output range=[{samples.min():.3g}, "
+            f"{samples.max():.3g}]"
+        )

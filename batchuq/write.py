@@ -19,12 +19,15 @@ METADATA_KEY = b"batchuq"
 SCORE_COLUMNS = ("confidence", "margin", "entropy", "mutual_info", "variation_ratio")
 
 
-def output_schema(class_names: list[str], metadata: dict | None = None) -> pa.Schema:
+def output_schema(
+    class_names: list[str], metadata: dict | None = None, pred_set: bool = False
+) -> pa.Schema:
     """The Parquet schema for ``class_names`` (class order = model output order).
 
     Args:
         class_names: The model's class names.
         metadata: JSON-serialisable run metadata, stored under the ``batchuq`` key.
+        pred_set: Add the ``pred_set`` column (conformal prediction set, list of class names).
 
     Returns:
         The Arrow schema.
@@ -39,6 +42,8 @@ def output_schema(class_names: list[str], metadata: dict | None = None) -> pa.Sc
         *[pa.field(name, pa.float32()) for name in SCORE_COLUMNS],
         pa.field("status", pa.string(), nullable=False),
     ]
+    if pred_set:
+        fields.append(pa.field("pred_set", pa.list_(pa.string())))
     for stat in ("mean", "median", "std"):
         fields.extend(pa.field(f"{stat}_{name}", pa.float32()) for name in class_names)
     encoded = {METADATA_KEY: json.dumps(metadata or {}, sort_keys=True).encode()}
@@ -140,3 +145,91 @@ def read_metadata(path: str | os.PathLike[str]) -> dict:
     if raw is None:
         raise ValueError(f"The file has no batchuq metadata. Received: path={str(path)!r}")
     return json.loads(raw)
+
+
+class CheckpointedParquetWriter(AtomicParquetWriter):
+    """An ``AtomicParquetWriter`` that keeps finished rows in a checkpoint folder for ``--resume``.
+
+    Rows are written every ``checkpoint_rows`` rows as complete Parquet part files in
+    ``OUTPUT.checkpoint/`` (each part renamed into place, so a kill never leaves half a part).
+    A later run with the same fingerprint skips the images already there; on success the parts
+    are merged into ``OUTPUT`` and the checkpoint folder is removed.
+
+    Args:
+        path: Final output file.
+        schema: Arrow schema of the rows.
+        fingerprint: JSON-serialisable description of the run (settings and file list); a
+            checkpoint made by a different run is refused.
+        checkpoint_rows: Rows per part file.
+
+    Raises:
+        ValueError: On entering, if the checkpoint belongs to a different run.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        schema: pa.Schema,
+        fingerprint: dict,
+        checkpoint_rows: int = 1024,
+    ):
+        super().__init__(path, schema, row_group_size=checkpoint_rows)
+        self.fingerprint = json.loads(json.dumps(fingerprint, sort_keys=True))
+        self.checkpoint = self.path.with_name(self.path.name + ".checkpoint")
+        self.done_paths: set[str] = set()
+        self._parts = 0
+
+    def __enter__(self) -> CheckpointedParquetWriter:
+        run_file = self.checkpoint / "run.json"
+        if self.checkpoint.is_dir() and run_file.is_file():
+            if json.loads(run_file.read_text()) != self.fingerprint:
+                raise ValueError(
+                    f"The checkpoint {str(self.checkpoint)!r} was made by a run with other "
+                    "settings or other files; delete it or run without --resume."
+                )
+            for part in sorted(self.checkpoint.glob("part-*.parquet")):
+                self.done_paths.update(pq.read_table(part, columns=["path"]).column(0).to_pylist())
+                self._parts += 1
+        else:
+            self.checkpoint.mkdir(exist_ok=True)
+            run_file.write_text(json.dumps(self.fingerprint, sort_keys=True))
+        for stray in self.checkpoint.glob(".part-*"):
+            stray.unlink()
+        return self
+
+    def _flush(self) -> None:
+        if not self._buffer:
+            return
+        table = pa.Table.from_pylist(self._buffer, schema=self.schema)
+        name = f"part-{self._parts:06d}.parquet"
+        temp = self.checkpoint / f".{name}.tmp-{os.getpid()}"
+        pq.write_table(table, temp, compression="zstd")
+        os.replace(temp, self.checkpoint / name)
+        self._parts += 1
+        self.rows_written += len(self._buffer)
+        self._buffer = []
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if exc_type is not None:
+            try:
+                self._flush()  # finished rows are kept, whatever stopped the run
+            finally:
+                self.temp_path.unlink(missing_ok=True)
+            return
+        self._flush()
+        try:
+            with pq.ParquetWriter(self.temp_path, self.schema, compression="zstd") as writer:
+                for part in sorted(self.checkpoint.glob("part-*.parquet")):
+                    writer.write_table(pq.read_table(part, schema=self.schema))
+            os.replace(self.temp_path, self.path)
+        except BaseException:
+            self.temp_path.unlink(missing_ok=True)
+            raise
+        for item in self.checkpoint.iterdir():
+            item.unlink()
+        self.checkpoint.rmdir()

@@ -1,0 +1,286 @@
+"""Tests of batchuq.evaluate and batchuq.report on small hand-made Parquet files."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from batchuq.evaluate import evaluate_command, evaluate_frame, evaluate_parquet, format_table
+from batchuq.report import write_report
+from batchuq.write import output_schema
+
+CLASSES = ["cat", "dog", "fox"]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _row(path, label, label_index, mean, decision, scores, std, pred_set=None, status="ok"):
+    """One row in the `batchuq score` layout; scores = (entropy, mutual_info, variation_ratio)."""
+    row = {"path": path, "label": label, "label_index": label_index, "status": status}
+    if status != "ok":
+        return row | {"pred_set": pred_set}
+    pred = int(np.argmax(mean))
+    ordered = sorted(mean)
+    entropy, mutual_info, variation_ratio = scores
+    row |= {
+        "pred": CLASSES[pred],
+        "pred_index": pred,
+        "decision": decision,
+        "confidence": max(mean),
+        "margin": ordered[-1] - ordered[-2],
+        "entropy": entropy,
+        "mutual_info": mutual_info,
+        "variation_ratio": variation_ratio,
+        "pred_set": pred_set,
+    }
+    for c, name in enumerate(CLASSES):
+        row[f"mean_{name}"] = mean[c]
+        row[f"median_{name}"] = mean[c]
+        row[f"std_{name}"] = std[c]
+    return row
+
+
+# Labelled ok rows are a, b, c, d (N = 4); e is unlabelled, g's label is not a class, f failed.
+# The scores are set by hand (evaluate reads them as stored).
+IN_ROWS = [
+    _row("n0/a.png", "cat", 0, [0.8, 0.1, 0.1], "cat", (0.6, 0.1, 0.0), [0.3, 0.0, 0.0], ["cat"]),
+    _row(
+        "n1/b.png",
+        "dog",
+        1,
+        [0.1, 0.82, 0.08],
+        "dog",
+        (0.3, 0.2, 0.0),
+        [0.15, 0.0, 0.0],
+        ["dog", "fox"],
+    ),
+    _row(
+        "n2/c.png",
+        "fox",
+        2,
+        [0.5, 0.1, 0.4],
+        "unclassified",
+        (1.0, 0.2, 0.0),
+        [0.3, 0.3, 0.3],
+        ["cat"],
+    ),
+    _row(
+        "n0/d.png",
+        "cat",
+        0,
+        [0.3, 0.3, 0.4],
+        "fox",
+        (0.5, 0.05, 0.4),
+        [0.0, 0.3, 0.3],
+        ["cat", "fox"],
+    ),
+    _row("e.png", None, None, [0.2, 0.7, 0.1], "dog", (0.4, 0.1, 0.1), [0.1, 0.1, 0.1], ["dog"]),
+    _row("n9/f.png", "cat", 0, None, None, None, None, status="error: cannot decode image"),
+    _row("wolf/g.png", "wolf", None, [0.6, 0.3, 0.1], "cat", (0.7, 0.1, 0.2), [0.1] * 3, ["cat"]),
+]
+OOD_ROWS = [
+    _row("o1.jpg", None, None, [0.35, 0.3, 0.35], "unclassified", (1.05, 0.3, 0.5), [0.2] * 3),
+    _row("o2.jpg", None, None, [0.55, 0.25, 0.2], "cat", (0.45, 0.1, 0.2), [0.1] * 3),
+    _row("o3.jpg", None, None, None, None, None, None, status="error: truncated file"),
+]
+
+
+def write_parquet(path: Path, rows: list[dict], images: str, pred_set: bool = True) -> Path:
+    metadata = {
+        "class_names": CLASSES,
+        "passes": 20,
+        "tta": 2,
+        "decision_rule": {"rule": "median", "min_median": 0.5},
+        "images": images,
+    }
+    schema = output_schema(CLASSES, metadata)
+    if pred_set:
+        schema = schema.append(pa.field("pred_set", pa.list_(pa.string())))
+    else:
+        rows = [{k: v for k, v in row.items() if k != "pred_set"} for row in rows]
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
+    return path
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> dict[str, Path]:
+    images = tmp_path / "images"
+    # Only a.png and c.png exist: the other thumbnails must become placeholders.
+    for rel, colour in (("n0/a.png", (200, 30, 30)), ("n2/c.png", (30, 30, 200))):
+        (images / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (40, 30), colour).save(images / rel)
+    return {
+        "out": write_parquet(tmp_path / "out.parquet", IN_ROWS, str(images)),
+        "ood": write_parquet(tmp_path / "ood.parquet", OOD_ROWS, str(tmp_path / "ood"), False),
+        "images": images,
+    }
+
+
+def check_hand_computed(results: dict) -> None:
+    assert results["rows"] == {
+        "total": 7,
+        "ok": 6,
+        "errors": 1,
+        "labelled": 4,
+        "unlabelled": 1,
+        "unknown_label": 1,
+    }
+    assert results["n"] == 4
+    assert results["accuracy"] == 0.5  # a, b right; c (cat for fox), d (fox for cat) wrong
+    assert results["accepted"] == 3
+    assert results["coverage"] == 0.75  # c is unclassified
+    assert results["selective_accuracy"] == pytest.approx(2 / 3)  # d's decision fox is wrong
+    tol = {"abs": 1e-6}  # float32 storage
+    nll = -(math.log(0.8) + math.log(0.82) + math.log(0.4) + math.log(0.3)) / 4
+    assert results["nll"] == pytest.approx(nll, **tol)
+    # Brier per row: 0.06, 0.0488, 0.62, 0.74
+    assert results["brier"] == pytest.approx((0.06 + 0.0488 + 0.62 + 0.74) / 4, **tol)
+    # ECE: bin 12 holds 0.8 and 0.82 (right); 0.5 and 0.4 (wrong) are alone in their bins.
+    assert results["ece"] == pytest.approx(0.5 * 0.19 + 0.25 * 0.5 + 0.25 * 0.4, **tol)
+    # AURC: by confidence 0.82 (right), 0.8 (right), 0.5, 0.4: risks 0, 0, 1/3, 1/2.
+    assert results["aurc"] == pytest.approx(0.25 * (0 + 1 / 6 + 5 / 12), **tol)
+    assert results["auroc_error"] == {
+        "1 - confidence": 1.0,  # wrong 0.5, 0.6 > right 0.2, 0.18
+        "entropy": 0.75,  # wrong 1.0, 0.5 vs right 0.6, 0.3: 3 of 4 pairs
+        "mutual_info": 0.375,  # wrong 0.2, 0.05 vs right 0.1, 0.2: 1 + one tie = 1.5 of 4
+        "mean_std": 1.0,  # wrong 0.3, 0.2 vs right 0.1, 0.05 (the max std would tie at 0.3)
+        "variation_ratio": 0.75,  # wrong 0.0, 0.4 vs right 0.0, 0.0: 2 + two ties = 3 of 4
+    }
+
+
+def test_evaluate_parquet_hand_computed(files):
+    results = evaluate_parquet(files["out"], files["ood"])
+    check_hand_computed(results)
+    assert results["class_names"] == CLASSES
+    assert results["passes"] == 20
+    assert results["decision_rule"] == {"rule": "median", "min_median": 0.5}
+    # OOD: 2 ok OOD rows vs the 6 ok in-distribution rows (labelled or not).
+    ood = results["ood"]
+    assert (ood["n_ood"], ood["n_in"]) == (2, 6)
+    # entropy: in 0.6, 0.3, 1.0, 0.5, 0.4, 0.7; OOD 1.05 beats all 6, 0.45 beats 2.
+    assert ood["auroc"]["entropy"] == pytest.approx(8 / 12)
+    # 1 - confidence: in 0.2, 0.18, 0.5, 0.6, 0.3, 0.4; OOD 0.65 beats 6, 0.45 beats 4.
+    assert ood["auroc"]["1 - confidence"] == pytest.approx(10 / 12)
+    # pred_set: a (cat in [cat]), b (dog in [dog, fox]), d (cat in [cat, fox]) cover; c not.
+    assert results["conformal"] == {"n": 4, "coverage": 0.75, "mean_set_size": 1.5}
+    json.dumps(results, allow_nan=False)
+
+
+def test_evaluate_without_ood_or_pred_set(tmp_path):
+    path = write_parquet(tmp_path / "plain.parquet", IN_ROWS, "nowhere", pred_set=False)
+    results = evaluate_parquet(path)
+    check_hand_computed(results)
+    assert results["ood"] is None
+    assert results["conformal"] is None
+
+
+def test_evaluate_frame_undefined_values_are_none():
+    unlabelled = [row | {"label": None, "label_index": None} for row in IN_ROWS]
+    table = pa.Table.from_pylist(unlabelled, schema=_schema_with_pred_set())
+    results = evaluate_frame(table.to_pandas(), CLASSES)
+    assert results["n"] == 0
+    assert results["accuracy"] is None and results["ece"] is None
+    assert set(results["auroc_error"].values()) == {None}
+    assert results["conformal"] == {"n": 0, "coverage": None, "mean_set_size": None}
+    json.dumps(results, allow_nan=False)
+    assert "n/a" in format_table(results)
+
+    # Only right predictions: the AUROC wrong vs right is undefined.
+    right = pa.Table.from_pylist(IN_ROWS[:2], schema=_schema_with_pred_set())
+    results = evaluate_frame(right.to_pandas(), CLASSES)
+    assert results["accuracy"] == 1.0
+    assert set(results["auroc_error"].values()) == {None}
+
+
+def _schema_with_pred_set() -> pa.Schema:
+    schema = output_schema(CLASSES, {"class_names": CLASSES})
+    return schema.append(pa.field("pred_set", pa.list_(pa.string())))
+
+
+def test_evaluate_rejects_mismatched_ood(tmp_path, files):
+    other = tmp_path / "other.parquet"
+    schema = output_schema(["a", "b", "c"], {"class_names": ["a", "b", "c"]})
+    pq.write_table(pa.Table.from_pylist([], schema=schema), other)
+    with pytest.raises(ValueError, match="other class names.*Received: ood_class_names="):
+        evaluate_parquet(files["out"], other)
+    with pytest.raises(ValueError, match="class_names"):
+        evaluate_frame(pq.read_table(files["out"]).to_pandas(), [])
+
+
+def check_report(index: Path) -> list[str]:
+    assert index.name == "index.html" and index.is_file()
+    text = index.read_text(encoding="utf-8")
+    sources = re.findall(r'<img\s[^>]*src="([^"]+)"', text)
+    assert sources
+    for src in sources:
+        assert not Path(src).is_absolute() and "/" not in src
+        png = index.parent / src
+        assert png.is_file(), src
+        assert png.read_bytes()[:8] == PNG_SIGNATURE, src
+        with Image.open(png) as image:
+            image.verify()
+    return sources
+
+
+def test_write_report(files, tmp_path):
+    # A raw-samples sidecar (rows, samples, classes) is drawn when present.
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "out.parquet.samples.npy", rng.dirichlet([1, 1, 1], size=(7, 5)))
+    index = write_report(files["out"], tmp_path / "report", ood_path=files["ood"])
+    sources = check_report(index)
+    expected = {"reliability.png", "risk_coverage.png", "score_histograms.png", "confusion.png"}
+    assert expected <= set(sources)
+    assert sorted(s for s in sources if s.startswith("uncertain_")) == [
+        f"uncertain_{i:02d}.png"
+        for i in range(1, 7)  # the 6 readable rows
+    ]
+    text = index.read_text(encoding="utf-8")
+    assert "Reliability diagram" in text and "Conformal prediction sets" in text
+
+
+def test_write_report_images_root_and_no_labels(tmp_path, files):
+    rows = [row | {"label": None, "label_index": None} for row in IN_ROWS]
+    path = write_parquet(tmp_path / "unlabelled.parquet", rows, "does/not/exist")
+    index = write_report(path, tmp_path / "r2", images_root=files["images"])
+    check_report(index)
+
+
+def test_cli_json_and_report(files, tmp_path):
+    report_dir = tmp_path / "cli-report"
+    result = CliRunner().invoke(
+        evaluate_command,
+        [str(files["out"]), "--ood", str(files["ood"]), "--report", str(report_dir), "--json"],
+    )
+    assert result.exit_code == 0, result.output
+    results = json.loads(result.stdout)
+    check_hand_computed(results)
+    assert results["ood"]["auroc"]["entropy"] == pytest.approx(8 / 12)
+    assert results["report"] == str(report_dir / "index.html")
+    check_report(report_dir / "index.html")
+
+
+def test_cli_table_help_and_errors(files, tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(evaluate_command, [str(files["out"])])
+    assert result.exit_code == 0, result.output
+    assert "accuracy (pred)" in result.stdout and "0.5000" in result.stdout
+    assert "ECE (15 bins)" in result.stdout
+
+    result = runner.invoke(evaluate_command, ["--help"])
+    assert result.exit_code == 0
+    assert "Example:" in result.stdout and "--ood" in result.stdout and "--json" in result.stdout
+    assert "batchuq evaluate out.parquet --ood ood.parquet --report report/" in result.stdout
+
+    not_batchuq = tmp_path / "plain.parquet"
+    pq.write_table(pa.table({"x": [1, 2]}), not_batchuq)
+    result = runner.invoke(evaluate_command, [str(not_batchuq)])
+    assert result.exit_code == 2
+    assert "no batchuq metadata" in result.stderr
