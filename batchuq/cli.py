@@ -342,6 +342,7 @@ def score(
     """
     _setup_logging(log_format)
     from batchuq.augment import TTAConfig
+    from batchuq.decide import DecisionRule
     from batchuq.discover import NoImagesFoundError
     from batchuq.models import ModelError
     from batchuq.score import score_directory
@@ -359,7 +360,7 @@ def score(
             tta=TTAConfig(tta, tta_rotation, tta_zoom, tta_shift, tta_contrast, tta_flip),
             seed=seed,
             batch_size=batch_size,
-            rule=_decision_rule(rule, min_median, min_confidence, calibration),
+            rule=DecisionRule(rule, min_median, min_confidence),
             calibration=calibration,
             temperature=temperature,
             class_names=_split(class_names),
@@ -502,20 +503,6 @@ def _register_extra_commands() -> None:
 
 
 _register_extra_commands()
-
-
-def _decision_rule(
-    rule: str, min_median: float, min_confidence: float, calibration: Path | None
-) -> object:
-    import numpy as np
-
-    from batchuq.calibrate import Calibration
-    from batchuq.decide import DecisionRule
-
-    thresholds = None
-    if rule == "threshold" and calibration is not None:
-        thresholds = np.asarray(Calibration.from_json(calibration).thresholds, float)
-    return DecisionRule(rule, min_median, min_confidence, thresholds=thresholds)
 
 
 def _split(value: str | None) -> list[str] | None:

@@ -14,6 +14,7 @@ Rules:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -47,11 +48,28 @@ class DecisionRule:
             value = getattr(self, attr)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"`{attr}` must be in [0, 1]. Received: {attr}={value}")
-        if self.name == "threshold" and self.thresholds is None:
+
+    def with_thresholds(self, thresholds: np.ndarray | None) -> DecisionRule:
+        """This rule with calibration thresholds filled in where it has none of its own.
+
+        Args:
+            thresholds: Per-class thresholds ``(classes,)`` from a calibration, or ``None``.
+
+        Returns:
+            The rule, ready to ``decide``.
+
+        Raises:
+            ValueError: If the threshold rule ends up without thresholds.
+        """
+        rule = self
+        if self.thresholds is None and thresholds is not None and self.name == "threshold":
+            rule = dataclasses.replace(self, thresholds=np.asarray(thresholds, float))
+        if rule.name == "threshold" and rule.thresholds is None:
             raise ValueError(
                 "The threshold rule needs per-class thresholds: pass --calibration "
                 "calibration.json (made by `batchuq calibrate`). Received: calibration=None"
             )
+        return rule
 
     def as_metadata(self) -> dict:
         """The rule and the parameters it uses, for the Parquet metadata."""

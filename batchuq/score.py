@@ -220,8 +220,7 @@ def score_directory(
         calibration.check_model(loaded.sha256)
     if temperature and calibration is None:
         raise ValueError("--temperature needs --calibration. Received: calibration=None")
-    if rule.name == "threshold" and rule.thresholds is None and calibration is not None:
-        rule = dataclasses.replace(rule, thresholds=np.asarray(calibration.thresholds, float))
+    rule = rule.with_thresholds(None if calibration is None else calibration.thresholds)
     names, names_source = resolve_class_names(loaded, class_names, discovery.class_folders)
     label_map = read_labels_file(labels) if isinstance(labels, (str, os.PathLike)) else labels
     label_map = label_map or {}

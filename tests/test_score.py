@@ -143,6 +143,7 @@ def test_cli_exit_codes_for_image_errors(digits_subset: Path, tmp_path: Path) ->
         (["--class-names", "a,b"], "10 outputs but 2 class names"),
         (["--model", "missing.keras"], "does not exist"),
         (["--rule", "mode"], "Invalid value for '--rule'"),
+        (["--rule", "threshold"], "threshold rule needs per-class thresholds"),
     ],
 )
 def test_cli_usage_errors_exit_2(digits_subset: Path, tmp_path: Path, args, message) -> None:
