@@ -44,6 +44,8 @@ import click
 import numpy as np
 
 from batchuq import __version__
+from batchuq.decide import UNCLASSIFIED
+from batchuq.metrics import nll
 
 if TYPE_CHECKING:
     import keras
@@ -65,7 +67,6 @@ __all__ = [
 ]
 
 CALIBRATION_FORMAT = "batchuq-calibration/1"
-UNCLASSIFIED = -1  # same value as batchuq.decide.UNCLASSIFIED
 TEMPERATURE_BOUNDS = (0.05, 20.0)
 _EPS = 1e-12
 _GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0  # 0.618...
@@ -235,23 +236,6 @@ def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
     logits -= logits.max(axis=-1, keepdims=True)
     weights = np.exp(logits)
     return weights / weights.sum(axis=-1, keepdims=True)
-
-
-def nll(probs: np.ndarray, labels: np.ndarray) -> float:
-    """Negative log-likelihood ``-(1/N) Σ ln p_{i, y_i}`` with ``p`` clipped at ``1e-12``.
-
-    Args:
-        probs: ``(n, C)`` probabilities, ``n >= 1``.
-        labels: ``(n,)`` true class indices.
-
-    Returns:
-        The mean NLL in nats.
-    """
-    probs = _probabilities(probs, "probs", ndim=2)
-    labels = _labels(labels, len(probs), probs.shape[1])
-    if len(probs) == 0:
-        raise ValueError("`probs` must hold at least one row. Received: probs.shape=(0, ...)")
-    return float(-np.mean(np.log(np.clip(probs[np.arange(len(probs)), labels], _EPS, None))))
 
 
 def _golden_section(f: Any, low: float, high: float, tol: float = 1e-7) -> float:
@@ -531,18 +515,6 @@ class Calibration:
 # Running the model over a validation folder.
 
 
-def _as_loaded(model: str | os.PathLike[str] | keras.Model | LoadedModel | None) -> LoadedModel:
-    import keras
-
-    from batchuq.models import LoadedModel, load_model
-
-    if isinstance(model, LoadedModel):
-        return model
-    if isinstance(model, keras.Model):
-        return LoadedModel(model, Path("<in-memory>"), "", False)
-    return load_model(model)
-
-
 def calibrate_directory(
     val_images: str | os.PathLike[str],
     output_json: str | os.PathLike[str] | None,
@@ -601,6 +573,7 @@ def calibrate_directory(
 
     from batchuq.augment import TTAConfig
     from batchuq.decide import DecisionRule
+    from batchuq.models import as_loaded_model
     from batchuq.score import score_directory
     from batchuq.write import check_output_path, read_metadata
 
@@ -615,7 +588,7 @@ def calibrate_directory(
     if output_json is not None:
         check_output_path(output_json)
     tta_config = TTAConfig(int(tta), tta_rotation, tta_zoom, tta_shift, tta_contrast, tta_flip)
-    loaded = _as_loaded(model)
+    loaded = as_loaded_model(model)
     copies, passes = int(tta), int(passes)
 
     positions: list[int] = []

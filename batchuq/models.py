@@ -120,6 +120,20 @@ def load_model(path: str | os.PathLike[str] | None = None) -> LoadedModel:
     return LoadedModel(model, path, file_sha256(path), bundled)
 
 
+def as_loaded_model(
+    model: str | os.PathLike[str] | keras.Model | LoadedModel | None,
+) -> LoadedModel:
+    """Accept a ``.keras`` path, ``None`` (env or bundled), a Keras model or a ``LoadedModel``.
+
+    An in-memory Keras model gets the path ``<in-memory>`` and an empty sha256.
+    """
+    if isinstance(model, LoadedModel):
+        return model
+    if isinstance(model, keras.Model):
+        return LoadedModel(model, Path("<in-memory>"), "", False)
+    return load_model(model)
+
+
 def read_sidecar(model_path: str | os.PathLike[str]) -> dict:
     """The sidecar beside the model as a dict (empty when there is none).
 

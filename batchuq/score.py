@@ -31,7 +31,7 @@ from batchuq.discover import discover_images, read_labels_file
 from batchuq.models import (
     LoadedModel,
     ModelError,
-    load_model,
+    as_loaded_model,
     read_sidecar,
     resolve_class_names,
 )
@@ -92,11 +92,7 @@ class ScoreReport:
 
 
 def _as_loaded(model: str | os.PathLike[str] | keras.Model | LoadedModel | None) -> LoadedModel:
-    if isinstance(model, LoadedModel):
-        return model
-    if isinstance(model, keras.Model):
-        return LoadedModel(model, Path("<in-memory>"), "", False)
-    loaded = load_model(model)
+    loaded = as_loaded_model(model)
     if loaded.bundled:
         logger.warning("No --model given: using the bundled demo digits model (%s).", loaded.path)
     return loaded
