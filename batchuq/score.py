@@ -37,7 +37,7 @@ from batchuq.models import (
 )
 from batchuq.sample import DEFAULT_MEMORY_BUDGET_MB, MCSampler
 from batchuq.seeds import image_keys, mix
-from batchuq.summarise import Summary, entropy, summarise
+from batchuq.summarise import Summary, mean_statistics, summarise
 from batchuq.write import (
     SCORE_COLUMNS,
     AtomicParquetWriter,
@@ -371,15 +371,7 @@ def score_directory(
 def _with_temperature(summary: Summary, temperature: float) -> Summary:
     """The summary with its mean-based fields recomputed from the temperature-scaled mean."""
     mean = apply_temperature(summary.mean.astype(np.float64), temperature)
-    top2 = np.sort(mean, axis=1)[:, -2:]
-    return dataclasses.replace(
-        summary,
-        mean=mean.astype(np.float32),
-        pred=mean.argmax(axis=1),
-        confidence=top2[:, 1].astype(np.float32),
-        margin=(top2[:, 1] - top2[:, 0]).astype(np.float32),
-        entropy=entropy(mean).astype(np.float32),
-    )
+    return dataclasses.replace(summary, mean=mean.astype(np.float32), **mean_statistics(mean))
 
 
 def _add_prediction_sets(

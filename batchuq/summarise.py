@@ -42,6 +42,25 @@ def entropy(probs: np.ndarray, axis: int = -1) -> np.ndarray:
     return -np.sum(probs * logs, axis=axis)
 
 
+def mean_statistics(mean: np.ndarray) -> dict[str, np.ndarray]:
+    """The statistics that depend only on the mean probabilities.
+
+    Args:
+        mean: Mean probabilities, shape ``(batch, classes)``.
+
+    Returns:
+        ``pred`` (int64), ``confidence``, ``margin`` and ``entropy`` (float32), each ``(batch,)``.
+    """
+    mean = np.asarray(mean, dtype=np.float64)
+    top2 = np.sort(mean, axis=1)[:, -2:] if mean.shape[1] > 1 else np.pad(mean, ((0, 0), (1, 0)))
+    return {
+        "pred": mean.argmax(axis=1).astype(np.int64),
+        "confidence": top2[:, 1].astype(np.float32),
+        "margin": (top2[:, 1] - top2[:, 0]).astype(np.float32),
+        "entropy": entropy(mean).astype(np.float32),
+    }
+
+
 def summarise(samples: np.ndarray) -> Summary:
     """Summarise Monte Carlo samples.
 
@@ -68,20 +87,16 @@ def summarise(samples: np.ndarray) -> Summary:
     variance = ((p - shift) ** 2).mean(axis=1) - offset**2
     std = np.sqrt(np.maximum(variance, 0.0))
     median = np.median(p, axis=1)
-    pred = mean.argmax(axis=1)
-    top2 = np.sort(mean, axis=1)[:, -2:] if mean.shape[1] > 1 else np.pad(mean, ((0, 0), (1, 0)))
-    h_mean = entropy(mean)
-    mutual_info = np.maximum(h_mean - entropy(p).mean(axis=1), 0.0)
-    agree = (p.argmax(axis=2) == pred[:, None]).mean(axis=1)
+    from_mean = mean_statistics(mean)
+    # Mutual information uses the float64 entropy of the mean, not the rounded column.
+    mutual_info = np.maximum(entropy(mean) - entropy(p).mean(axis=1), 0.0)
+    agree = (p.argmax(axis=2) == from_mean["pred"][:, None]).mean(axis=1)
     f32 = np.float32
     return Summary(
         mean=mean.astype(f32),
         median=median.astype(f32),
         std=std.astype(f32),
-        pred=pred.astype(np.int64),
-        confidence=top2[:, 1].astype(f32),
-        margin=(top2[:, 1] - top2[:, 0]).astype(f32),
-        entropy=h_mean.astype(f32),
         mutual_info=mutual_info.astype(f32),
         variation_ratio=(1.0 - agree).astype(f32),
+        **from_mean,
     )
