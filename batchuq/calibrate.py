@@ -46,6 +46,15 @@ import numpy as np
 from batchuq import __version__
 from batchuq.decide import UNCLASSIFIED
 from batchuq.metrics import nll
+from batchuq.options import (
+    augmentation_options,
+    batch_size_option,
+    class_names_options,
+    model_option,
+    progress_option,
+    seed_option,
+    split_csv,
+)
 
 if TYPE_CHECKING:
     import keras
@@ -765,15 +774,7 @@ def format_summary(calibration: Calibration) -> str:
     type=click.Path(dir_okay=False, path_type=Path),
     help="Calibration JSON file to write.",
 )
-@click.option(
-    "--model",
-    "-m",
-    envvar="BATCHUQ_MODEL",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    show_default=True,
-    help="Keras 3 .keras model (env BATCHUQ_MODEL). Default: the bundled digits demo model.",
-)
+@model_option
 @click.option(
     "--tta",
     "-K",
@@ -804,75 +805,11 @@ def format_summary(calibration: Calibration) -> str:
     show_default=True,
     help="Conformal miscoverage: sets hold the true class with probability >= 1 - alpha.",
 )
-@click.option(
-    "--tta-rotation",
-    type=click.FloatRange(min=0),
-    default=15.0,
-    show_default=True,
-    help="TTA: maximum rotation in degrees.",
-)
-@click.option(
-    "--tta-zoom",
-    type=click.FloatRange(0, 1, max_open=True),
-    default=0.1,
-    show_default=True,
-    help="TTA: maximum relative zoom in or out.",
-)
-@click.option(
-    "--tta-shift",
-    type=click.FloatRange(min=0),
-    default=0.1,
-    show_default=True,
-    help="TTA: maximum translation, as a fraction of width and height.",
-)
-@click.option(
-    "--tta-contrast",
-    type=click.FloatRange(0, 1, max_open=True),
-    default=0.1,
-    show_default=True,
-    help="TTA: maximum relative contrast change.",
-)
-@click.option(
-    "--tta-flip/--no-tta-flip",
-    default=False,
-    show_default=True,
-    help="TTA: flip half the copies horizontally.",
-)
-@click.option(
-    "--class-names",
-    type=str,
-    default=None,
-    show_default=True,
-    help="Comma-separated names of the model outputs, if the model has no sidecar.",
-)
-@click.option(
-    "--labels",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    default=None,
-    show_default=True,
-    help="monkey_labels.txt-style file mapping folder ids (n0...) to readable names.",
-)
-@click.option(
-    "--seed",
-    type=int,
-    default=0,
-    show_default=True,
-    help="Seed for augmentation and dropout masks; same seed, same output.",
-)
-@click.option(
-    "--batch-size",
-    "-b",
-    type=click.IntRange(min=1),
-    default=32,
-    show_default=True,
-    help="Images per batch. Results do not depend on it.",
-)
-@click.option(
-    "--progress/--no-progress",
-    default=True,
-    show_default=True,
-    help="Show a progress bar on stderr.",
-)
+@augmentation_options
+@class_names_options
+@seed_option
+@batch_size_option
+@progress_option
 def calibrate_command(
     val_images: Path,
     output: Path,
@@ -905,14 +842,10 @@ def calibrate_command(
 
         batchuq calibrate sample_data/digits/val -o calibration.json
     """
-    try:
-        from batchuq.cli import EXIT_USAGE
-    except ImportError:  # pragma: no cover - cli always exists in the package
-        EXIT_USAGE = 2
+    from batchuq.cli import EXIT_USAGE
     from batchuq.discover import NoImagesFoundError
     from batchuq.models import ModelError
 
-    names = [n.strip() for n in class_names.split(",") if n.strip()] if class_names else None
     try:
         calibration = calibrate_directory(
             val_images,
@@ -930,7 +863,7 @@ def calibrate_command(
             tta_shift=tta_shift,
             tta_contrast=tta_contrast,
             tta_flip=tta_flip,
-            class_names=names,
+            class_names=split_csv(class_names),
             labels=labels,
         )
     except (NoImagesFoundError, NotADirectoryError, ModelError, ValueError) as exc:

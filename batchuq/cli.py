@@ -23,6 +23,16 @@ from pathlib import Path
 
 import click
 
+from batchuq.options import (
+    augmentation_options,
+    batch_size_option,
+    class_names_options,
+    model_option,
+    progress_option,
+    seed_option,
+    split_csv,
+)
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before TensorFlow is imported
 
 EXIT_OK = 0
@@ -90,14 +100,7 @@ def cli() -> None:
 @cli.command()
 @click.argument("images", type=click.Path(file_okay=False, path_type=Path))
 @click.argument("output", type=click.Path(dir_okay=False, path_type=Path))
-@click.option(
-    "--model",
-    "-m",
-    envvar="BATCHUQ_MODEL",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="Keras 3 .keras model (env BATCHUQ_MODEL). Default: the bundled digits demo model.",
-)
+@model_option
 @click.option(
     "--passes",
     "-T",
@@ -114,61 +117,16 @@ def cli() -> None:
     show_default=True,
     help="Test-time augmentation copies per image. 1 = no augmentation.",
 )
-@click.option(
-    "--tta-rotation",
-    type=click.FloatRange(min=0),
-    default=15.0,
-    show_default=True,
-    help="TTA: maximum rotation in degrees.",
-)
-@click.option(
-    "--tta-zoom",
-    type=click.FloatRange(0, 1, max_open=True),
-    default=0.1,
-    show_default=True,
-    help="TTA: maximum relative zoom in or out.",
-)
-@click.option(
-    "--tta-shift",
-    type=click.FloatRange(min=0),
-    default=0.1,
-    show_default=True,
-    help="TTA: maximum translation, as a fraction of width and height.",
-)
-@click.option(
-    "--tta-contrast",
-    type=click.FloatRange(0, 1, max_open=True),
-    default=0.1,
-    show_default=True,
-    help="TTA: maximum relative contrast change.",
-)
-@click.option(
-    "--tta-flip/--no-tta-flip",
-    default=False,
-    show_default=True,
-    help="TTA: flip half the copies horizontally (off: flips turn some classes into others).",
-)
-@click.option(
-    "--seed",
-    type=int,
-    default=0,
-    show_default=True,
-    help="Seed for augmentation and dropout masks; same seed, same output.",
-)
-@click.option(
-    "--batch-size",
-    "-b",
-    type=click.IntRange(min=1),
-    default=32,
-    show_default=True,
-    help="Images per batch. Results do not depend on it.",
-)
+@augmentation_options
+@seed_option
+@batch_size_option
 @click.option(
     "--rule",
     type=click.Choice(["median", "threshold", "confidence", "none"]),
     default="median",
     show_default=True,
     help="Decision rule: median = top median beats all others and >= --min-median; "
+    "threshold = pred unless below its class's threshold from --calibration; "
     "confidence = mean probability of the prediction >= --min-confidence; none.",
 )
 @click.option(
@@ -198,18 +156,7 @@ def cli() -> None:
     show_default=True,
     help="Confidence rule: smallest mean probability that is accepted.",
 )
-@click.option(
-    "--class-names",
-    type=str,
-    default=None,
-    help="Comma-separated names of the model outputs, if the model has no sidecar.",
-)
-@click.option(
-    "--labels",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    default=None,
-    help="monkey_labels.txt-style file mapping folder ids (n0...) to readable names.",
-)
+@class_names_options
 @click.option(
     "--rescale",
     type=float,
@@ -289,12 +236,7 @@ def cli() -> None:
     show_default=True,
     help="json: one JSON object per event (start, image_error, summary) on stderr.",
 )
-@click.option(
-    "--progress/--no-progress",
-    default=True,
-    show_default=True,
-    help="Show a progress bar on stderr.",
-)
+@progress_option
 def score(
     images: Path,
     output: Path,
@@ -363,10 +305,10 @@ def score(
             rule=DecisionRule(rule, min_median, min_confidence),
             calibration=calibration,
             temperature=temperature,
-            class_names=_split(class_names),
+            class_names=split_csv(class_names),
             labels=labels,
             rescale=rescale,
-            sample_layers=_split(sample_layers),
+            sample_layers=split_csv(sample_layers),
             memory_budget_mb=memory_budget,
             max_pixels=max_pixels,
             precision=precision,
@@ -503,12 +445,6 @@ def _register_extra_commands() -> None:
 
 
 _register_extra_commands()
-
-
-def _split(value: str | None) -> list[str] | None:
-    if not value:
-        return None
-    return [part.strip() for part in value.split(",") if part.strip()]
 
 
 def main() -> None:

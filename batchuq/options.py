@@ -1,0 +1,119 @@
+"""Click options shared by ``batchuq score`` and ``batchuq calibrate``.
+
+Both commands load a model, augment images and run batches the same way, so their options must
+read and behave the same; they are defined once here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
+
+
+def _compose(*decorators: Decorator) -> Decorator:
+    """Apply ``decorators`` so that they appear in ``--help`` in the order given."""
+
+    def apply(function: Callable[..., Any]) -> Callable[..., Any]:
+        for decorator in reversed(decorators):
+            function = decorator(function)
+        return function
+
+    return apply
+
+
+model_option = click.option(
+    "--model",
+    "-m",
+    envvar="BATCHUQ_MODEL",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Keras 3 .keras model (env BATCHUQ_MODEL). Default: the bundled digits demo model.",
+)
+
+augmentation_options = _compose(
+    click.option(
+        "--tta-rotation",
+        type=click.FloatRange(min=0),
+        default=15.0,
+        show_default=True,
+        help="TTA: maximum rotation in degrees.",
+    ),
+    click.option(
+        "--tta-zoom",
+        type=click.FloatRange(0, 1, max_open=True),
+        default=0.1,
+        show_default=True,
+        help="TTA: maximum relative zoom in or out.",
+    ),
+    click.option(
+        "--tta-shift",
+        type=click.FloatRange(min=0),
+        default=0.1,
+        show_default=True,
+        help="TTA: maximum translation, as a fraction of width and height.",
+    ),
+    click.option(
+        "--tta-contrast",
+        type=click.FloatRange(0, 1, max_open=True),
+        default=0.1,
+        show_default=True,
+        help="TTA: maximum relative contrast change.",
+    ),
+    click.option(
+        "--tta-flip/--no-tta-flip",
+        default=False,
+        show_default=True,
+        help="TTA: flip half the copies horizontally (off: flips turn some classes into others).",
+    ),
+)
+
+seed_option = click.option(
+    "--seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Seed for augmentation and dropout masks; same seed, same output.",
+)
+
+batch_size_option = click.option(
+    "--batch-size",
+    "-b",
+    type=click.IntRange(min=1),
+    default=32,
+    show_default=True,
+    help="Images per batch. Results do not depend on it.",
+)
+
+class_names_options = _compose(
+    click.option(
+        "--class-names",
+        type=str,
+        default=None,
+        help="Comma-separated names of the model outputs, if the model has no sidecar.",
+    ),
+    click.option(
+        "--labels",
+        type=click.Path(exists=True, dir_okay=False, path_type=Path),
+        default=None,
+        help="monkey_labels.txt-style file mapping folder ids (n0...) to readable names.",
+    ),
+)
+
+progress_option = click.option(
+    "--progress/--no-progress",
+    default=True,
+    show_default=True,
+    help="Show a progress bar on stderr.",
+)
+
+
+def split_csv(value: str | None) -> list[str] | None:
+    """``"a, b,,c"`` -> ``["a", "b", "c"]``; empty or ``None`` -> ``None``."""
+    if not value:
+        return None
+    return [part.strip() for part in value.split(",") if part.strip()]
