@@ -99,7 +99,8 @@ def _as_loaded(model: str | os.PathLike[str] | keras.Model | LoadedModel | None)
 
 
 def _rows(
-    batch: dict[str, np.ndarray],
+    positions: list[int],
+    status: np.ndarray,
     summary: Summary,
     decisions: np.ndarray,
     relative_paths: list[str],
@@ -108,15 +109,14 @@ def _rows(
     class_names: list[str],
 ) -> list[dict]:
     rows = []
-    for i, index in enumerate(batch["index"]):
-        status = batch["status"][i].decode()
+    for i, index in enumerate(positions):
         row: dict = {
             "path": relative_paths[index],
             "label": labels[index],
             "label_index": label_indices[index],
-            "status": status,
+            "status": status[i].decode(),
         }
-        if status == OK:
+        if row["status"] == OK:
             pred = int(summary.pred[i])
             row["pred"] = class_names[pred]
             row["pred_index"] = pred
@@ -334,9 +334,15 @@ def score_directory(
                 positions = [todo[int(i)] for i in batch["index"].numpy()]
                 if on_samples is not None:
                     on_samples(positions, samples)
-                host = {"index": positions, "status": status}
                 rows = _rows(
-                    host, summary, decisions, relative_paths, labels_out, label_indices, display
+                    positions,
+                    status,
+                    summary,
+                    decisions,
+                    relative_paths,
+                    labels_out,
+                    label_indices,
+                    display,
                 )
                 if calibration is not None:
                     _add_prediction_sets(rows, summary, calibration, temperature, display)
