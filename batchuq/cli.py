@@ -289,7 +289,12 @@ def score(
     from batchuq.models import ModelError
     from batchuq.score import score_directory
 
+    received: list[int] = []
+
     def on_sigterm(signum: int, frame: object) -> None:
+        if received:  # a second SIGTERM while cleaning up: cleanup is already under way
+            return
+        received.append(signum)
         raise _Terminated()
 
     previous = signal.signal(signal.SIGTERM, on_sigterm)
@@ -318,17 +323,22 @@ def score(
             follow_symlinks=follow_symlinks,
             progress=progress and log_format == "text",
         )
-    except (NoImagesFoundError, NotADirectoryError, ModelError, ValueError) as exc:
-        _usage_error(str(exc))
-    except KeyboardInterrupt:
-        click.echo("Interrupted (SIGINT): no output written.", err=True)
-        sys.exit(EXIT_SIGINT)
-    except _Terminated:
-        click.echo("Terminated (SIGTERM): no output written.", err=True)
-        sys.exit(EXIT_SIGTERM)
-    except Exception as exc:  # noqa: BLE001 - any other failure is fatal, reported plainly
-        logger.exception("fatal error, no output written: %s", exc)
-        sys.exit(EXIT_FATAL)
+    except BaseException as exc:
+        # A signal raised inside TensorFlow's C++ code can come back wrapped in another
+        # exception type (a RuntimeError naming _Terminated), so the signal we received,
+        # not the exception's type, decides that the run was interrupted.
+        if received or isinstance(exc, _Terminated):
+            click.echo("Terminated (SIGTERM): no output written.", err=True)
+            sys.exit(EXIT_SIGTERM)
+        if isinstance(exc, KeyboardInterrupt):
+            click.echo("Interrupted (SIGINT): no output written.", err=True)
+            sys.exit(EXIT_SIGINT)
+        if isinstance(exc, (NoImagesFoundError, NotADirectoryError, ModelError, ValueError)):
+            _usage_error(str(exc))
+        if isinstance(exc, Exception):
+            logger.exception("fatal error, no output written: %s", exc)
+            sys.exit(EXIT_FATAL)
+        raise
     finally:
         signal.signal(signal.SIGTERM, previous)
     if report.errors and report.error_rate > max_error_rate:
