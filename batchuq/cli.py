@@ -77,6 +77,15 @@ def _setup_logging(log_format: str = "text") -> None:
     logger.propagate = False
 
 
+def _file_identity(path: Path) -> tuple[int, int] | None:
+    """``(inode, mtime_ns)`` of ``path``, or None if it does not exist: was it replaced?"""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns
+
+
 def _usage_error(message: str) -> None:
     click.echo(f"Error: {message}", err=True)
     sys.exit(EXIT_USAGE)
@@ -291,13 +300,14 @@ def score(
 
     received: list[int] = []
 
-    def on_sigterm(signum: int, frame: object) -> None:
-        if received:  # a second SIGTERM while cleaning up: cleanup is already under way
+    def on_signal(signum: int, frame: object) -> None:
+        if received:  # a second signal while cleaning up: cleanup is already under way
             return
         received.append(signum)
-        raise _Terminated()
+        raise KeyboardInterrupt() if signum == signal.SIGINT else _Terminated()
 
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    output_before = _file_identity(output)
     try:
         report = score_directory(
             images,
@@ -325,14 +335,18 @@ def score(
         )
     except BaseException as exc:
         # A signal raised inside TensorFlow's C++ code can come back wrapped in another
-        # exception type (a RuntimeError naming _Terminated), so the signal we received,
+        # exception type (a RuntimeError naming _Terminated), so the signal received,
         # not the exception's type, decides that the run was interrupted.
-        if received or isinstance(exc, _Terminated):
-            click.echo("Terminated (SIGTERM): no output written.", err=True)
-            sys.exit(EXIT_SIGTERM)
-        if isinstance(exc, KeyboardInterrupt):
-            click.echo("Interrupted (SIGINT): no output written.", err=True)
-            sys.exit(EXIT_SIGINT)
+        if received or isinstance(exc, (KeyboardInterrupt, _Terminated)):
+            sigint = received == [signal.SIGINT] or (
+                not received and isinstance(exc, KeyboardInterrupt)
+            )
+            what = "Interrupted (SIGINT)" if sigint else "Terminated (SIGTERM)"
+            if _file_identity(output) != output_before:  # the signal came after the rename
+                click.echo(f"{what} after {output} was complete; no summary.", err=True)
+            else:
+                click.echo(f"{what}: no output written.", err=True)
+            sys.exit(EXIT_SIGINT if sigint else EXIT_SIGTERM)
         if isinstance(exc, (NoImagesFoundError, NotADirectoryError, ModelError, ValueError)):
             _usage_error(str(exc))
         if isinstance(exc, Exception):
@@ -340,7 +354,8 @@ def score(
             sys.exit(EXIT_FATAL)
         raise
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if report.errors and report.error_rate > max_error_rate:
         click.echo(
             f"{report.errors} of {report.images} images could not be read "

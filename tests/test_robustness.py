@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from batchuq import score_directory
-from batchuq.cli import EXIT_SIGTERM, EXIT_USAGE, cli
+from batchuq.cli import EXIT_SIGINT, EXIT_SIGTERM, EXIT_USAGE, cli
 from batchuq.models import ModelError, load_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -240,19 +240,29 @@ def _wait_for_start(process: subprocess.Popen) -> None:
             return
 
 
-@pytest.mark.parametrize("delay", [0.0, 0.4, 0.9])
-def test_sigterm_leaves_no_partial_output(many_digits: Path, tmp_path: Path, delay: float) -> None:
+@pytest.mark.parametrize(
+    ("sent", "expected", "delay"),
+    [
+        (signal.SIGTERM, EXIT_SIGTERM, 0.0),
+        (signal.SIGTERM, EXIT_SIGTERM, 0.4),  # usually while the sampler is being traced
+        (signal.SIGTERM, EXIT_SIGTERM, 0.9),
+        (signal.SIGINT, EXIT_SIGINT, 0.4),
+    ],
+)
+def test_signal_leaves_no_partial_output(
+    many_digits: Path, tmp_path: Path, sent: int, expected: int, delay: float
+) -> None:
     out = tmp_path / "out.parquet"
     out.write_bytes(b"previous run")
     process = _score_process(many_digits, out)
     _wait_for_start(process)
     time.sleep(delay)
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(sent)
     output, _ = process.communicate(timeout=120)
     if "images/s" in output:  # the run completed before the signal: a complete file
         assert pd.read_parquet(out).shape[0] == 120
     else:
-        assert process.returncode == EXIT_SIGTERM, output
+        assert process.returncode == expected, output
         assert out.read_bytes() == b"previous run"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["many", "out.parquet"]
 
