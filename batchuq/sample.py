@@ -107,13 +107,37 @@ def sample_dropout(layer: keras.layers.Layer, inputs: tf.Tensor, row_keys: tf.Te
         return inputs * tf.cast(noise, dtype)
     if rate >= 1.0:
         return tf.zeros_like(inputs)
-    keep = tf.cast(uniform_from_keys(row_keys, _noise_shape(layer, inputs)) >= rate, dtype)
     if isinstance(layer, keras.layers.AlphaDropout):
+        keep = tf.cast(uniform_from_keys(row_keys, _noise_shape(layer, inputs)) >= rate, dtype)
         alpha_p = -1.6732632423543772848170429916717 * 1.0507009873554804934193349852946
         a = ((1 - rate) * (1 + rate * alpha_p**2)) ** -0.5
         b = -a * alpha_p * rate
         return tf.cast(a, dtype) * (inputs * keep + alpha_p * (1 - keep)) + tf.cast(b, dtype)
-    return inputs * keep * tf.cast(1.0 / (1.0 - rate), dtype)
+    return _inverted_dropout(inputs, row_keys, _noise_shape(layer, inputs), rate)
+
+
+@tf.function(jit_compile=True)
+def _inverted_dropout(
+    inputs: tf.Tensor, row_keys: tf.Tensor, mask_shape: tf.Tensor, rate: float
+) -> tf.Tensor:
+    """``inputs * keep / (1 - rate)`` with ``keep`` hashed from the row keys, in one fused kernel.
+
+    XLA fuses the ~15 integer and float operations per element of the hashed mask into one
+    pass over memory; run op by op they cost more than the convolutions they feed. The draws are
+    exactly those of ``uniform_from_keys`` (integer arithmetic, no rounding to differ).
+
+    Args:
+        inputs: Tensor of shape ``(rows, ...)``.
+        row_keys: ``uint32`` keys, shape ``(rows,)``.
+        mask_shape: Shape of the mask, ``inputs``' shape or broadcastable to it.
+        rate: Drop probability in ``(0, 1)``; a Python float (one compilation per rate).
+
+    Returns:
+        A tensor like ``inputs``.
+    """
+    keep = uniform_from_keys(row_keys, mask_shape) >= rate
+    scaled = inputs * tf.cast(1.0 / (1.0 - rate), inputs.dtype)
+    return tf.where(keep, scaled, tf.zeros_like(scaled))
 
 
 @contextlib.contextmanager

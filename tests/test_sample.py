@@ -196,6 +196,26 @@ def test_dropout_kinds_keep_the_expectation(layer: keras.layers.Layer) -> None:
         assert (y.reshape(4000, 4, 3).std(axis=1) == 0).all()  # one mask per channel map
 
 
+@pytest.mark.parametrize("spatial", [False, True], ids=["elementwise", "per-channel"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_fused_dropout_kernel_equals_the_op_by_op_formula(spatial: bool, dtype: str) -> None:
+    import tensorflow as tf
+
+    from batchuq.sample import _inverted_dropout
+    from batchuq.seeds import uniform_from_keys
+
+    x = tf.cast(tf.random.stateless_normal((37, 9, 11, 6), seed=(1, 2)), dtype)
+    keys = mix(tf.cast(tf.range(37), tf.uint32), 3)
+    shape = tf.constant([37, 1, 1, 6]) if spatial else tf.shape(x)
+    for rate in (0.1, 0.3, 0.5):
+        keep = tf.cast(uniform_from_keys(keys, shape) >= rate, dtype)
+        expected = (x * keep * tf.cast(1 / (1 - rate), dtype)).numpy()
+        fused = _inverted_dropout(x, keys, shape, rate).numpy()
+        assert fused.dtype == expected.dtype
+        np.testing.assert_array_equal(fused, expected)
+        assert abs((fused == 0).mean() - rate) < 0.1
+
+
 def test_bfloat16_tail_agrees_with_float32(bn_model: keras.Model) -> None:
     images, keys = _images(4), _keys(4)
     fp32 = MCSampler(bn_model, passes=50).sample(images, keys)
