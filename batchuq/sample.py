@@ -336,6 +336,7 @@ class MCSampler:
             per_row //= 2
         self.max_rows = max(1, int(memory_budget_mb * 2**20 // per_row))
         self._low_precision_layers = self._tail_layers() if precision == "bfloat16" else []
+        self._cast_before_tiling = self._frontier_read_only_in_low_precision()
         if input_shape is not None:
             signature = [
                 tf.TensorSpec((None, *input_shape[1:]), tf.float32),
@@ -366,6 +367,25 @@ class MCSampler:
                 found.setdefault(id(layer), layer)
         return list(found.values())
 
+    def _frontier_read_only_in_low_precision(self) -> list[bool]:
+        """Per frontier tensor: is it read only by bf16 layers (so it can be tiled as bf16)?
+
+        Those layers cast their float32 inputs to bfloat16 anyway; casting before tiling gives
+        the same values and moves half the bytes.
+        """
+        if self.split is None or not self._low_precision_layers:
+            return [False] * (len(self.split.frontier) if self.split else 1)
+        low = {id(layer) for layer in self._low_precision_layers}
+        readers: dict[int, list] = {i: [] for i in self.split.frontier}
+        for node in self.split.tail:
+            for tensor in node.input_tensors:
+                if id(tensor) in readers:
+                    readers[id(tensor)].append(node.operation)
+        return [
+            bool(readers[i]) and all(id(op) in low for op in readers[i])
+            for i in self.split.frontier
+        ]
+
     def _forward_tail(self, frontier: list[tf.Tensor], keys: tf.Tensor) -> tf.Tensor:
         with _row_keys(keys):
             if self.split is None:
@@ -381,10 +401,14 @@ class MCSampler:
         else:
             tensors = {id(self.split.graph.inputs[0]): images}
             _run_nodes(self.split.prefix, tensors)
-            frontier = [tensors[i] for i in self.split.frontier]
-        per_chunk = tf.maximum(1, self.max_rows // tf.maximum(rows, 1))
-        per_chunk = tf.minimum(per_chunk, self.passes)
-        chunks = (self.passes + per_chunk - 1) // per_chunk
+            frontier = [
+                tf.cast(tensors[i], tf.bfloat16) if cast else tensors[i]
+                for i, cast in zip(self.split.frontier, self._cast_before_tiling, strict=True)
+            ]
+        largest = tf.minimum(tf.maximum(1, self.max_rows // tf.maximum(rows, 1)), self.passes)
+        chunks = (self.passes + largest - 1) // largest
+        # Balanced chunks (e.g. 34+33+33, not 38+38+24): fewer distinct shapes to compile.
+        per_chunk = (self.passes + chunks - 1) // chunks
         results = tf.TensorArray(tf.float32, size=chunks, infer_shape=False)
         for chunk in tf.range(chunks):
             start = chunk * per_chunk

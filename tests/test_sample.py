@@ -227,6 +227,21 @@ def test_bfloat16_tail_agrees_with_float32(bn_model: keras.Model) -> None:
     assert all(layer.dtype_policy.name == "float32" for layer in bn_model.layers)
 
 
+def test_bfloat16_frontier_cast_before_tiling_changes_nothing() -> None:
+    from batchuq.decode import ImageSpec
+    from batchuq.train import reference_cnn
+
+    keras.utils.set_random_seed(3)
+    model = reference_cnn(ImageSpec(48, 48, 3), 4)
+    images = np.random.default_rng(3).random((3, 48, 48, 3), dtype=np.float32)
+    sampler = MCSampler(model, passes=8, precision="bfloat16")
+    assert sampler._cast_before_tiling == [True]  # pool2's output is read only by dropout1
+    uncast = MCSampler(model, passes=8, precision="bfloat16")
+    uncast._cast_before_tiling = [False]  # before the first call, which traces
+    np.testing.assert_array_equal(sampler.sample(images, _keys(3)), uncast.sample(images, _keys(3)))
+    assert MCSampler(model, passes=8)._cast_before_tiling == [False]  # float32: nothing to cast
+
+
 def test_bundled_dropout_model_is_rebuilt_with_fresh_keys(bn_model: keras.Model) -> None:
     model = bn_dropout_model(seed=2)
     a = MCSampler(model, passes=5).sample(_images(2), _keys(2))
