@@ -190,9 +190,15 @@ def make_dataset(
             tf.constant(np.asarray(keys, np.uint32), dtype=tf.uint32),
         )
     )
+    # Autotuning is off: in about half the runs its background work stalled the end of the
+    # iterator for 2-4 s (benchmarks/bench_mc.py, 256 images). Decoding costs little next to
+    # T x K forward passes, so one call per core and one batch in flight keep the sampler fed,
+    # and the prefetched memory stays at one batch whatever --tta is.
     options = tf.data.Options()
     options.deterministic = True
+    options.autotune.enabled = False
+    workers = os.cpu_count() or 2
     dataset = dataset.with_options(options)
-    dataset = dataset.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    dataset = dataset.map(augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    dataset = dataset.map(decode, num_parallel_calls=workers, deterministic=True)
+    dataset = dataset.map(augment, num_parallel_calls=workers, deterministic=True)
+    return dataset.batch(batch_size).prefetch(1)
