@@ -2,11 +2,12 @@
 
 One run measures images/s of
 
-  (a)  the classic ``predict_with_uncertainty`` loop, images preloaded in memory: T Python-level
-       calls of ``model(x, training=True)`` (wrapped in one ``tf.function``), one call per pass
-       and per batch of ``--batch-size`` images, passes in the outer loop (like T calls of
-       ``model.predict(x)`` with dropout on). The reference CNN has no BatchNormalization, so
-       ``training=True`` only switches dropout on.
+  (a)  the classic ``predict_with_uncertainty`` loop as tutorials write it, images preloaded in
+       memory: ``model.predict(x)`` called T times on a copy of the model whose Dropout layers
+       ignore ``training`` (Keras 3's ``predict`` would switch them off);
+  (a2) the same loop at its best: ``model(x, training=True)`` in one ``tf.function``, called
+       once per pass and per batch (the reference CNN has no BatchNormalization, so
+       ``training=True`` only switches dropout on);
   (b)  ``MCSampler(model, T, split=False)``: the whole model tiled over passes, preloaded arrays;
   (b2) ``MCSampler(model, T)``: the mask-independent prefix computed once, only the tail tiled;
   (c)  ``batchuq.score_directory`` end to end, JPEG files -> Parquet, fp32 and bf16;
@@ -32,9 +33,9 @@ Model: the reference CNN (``batchuq.train.reference_cnn``), 128x128x3 input, 5 c
 
 Usage::
 
-    /work/venv/bin/python benchmarks/bench_mc.py                 # full run (~2.5 min, 2 idle cores)
-    /work/venv/bin/python benchmarks/bench_mc.py --quick         # smoke check
-    /work/venv/bin/python benchmarks/bench_mc.py --json bench.json
+    python benchmarks/bench_mc.py                 # full run (~4 min on 2 idle cores)
+    python benchmarks/bench_mc.py --quick         # smoke check
+    python benchmarks/bench_mc.py --json bench.json
 """
 
 from __future__ import annotations
@@ -133,8 +134,47 @@ def batches(n: int, size: int) -> list[slice]:
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
+def forced_dropout_copy(model):
+    """A copy of ``model`` (same weights) whose Dropout layers are on whatever ``training`` says.
+
+    This is how the classic recipe forces dropout on under ``model.predict`` (Keras 2 did it with
+    ``K.learning_phase()``); in Keras 3, ``predict`` calls layers with ``training=False``.
+    """
+    import keras
+
+    class AlwaysOnDropout(keras.layers.Dropout):
+        def call(self, inputs, training=None):
+            return super().call(inputs, training=True)
+
+    def clone(layer):
+        cls = AlwaysOnDropout if type(layer) is keras.layers.Dropout else type(layer)
+        return cls.from_config(layer.get_config())
+
+    copy = keras.models.clone_model(model, clone_function=clone)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+def bench_predict_loop(model, images: np.ndarray, passes: int, batch_size: int) -> dict:
+    """(a) The classic loop as tutorials write it: ``model.predict`` T times, dropout forced on."""
+    forced = forced_dropout_copy(model)
+    forced.predict(images, batch_size=batch_size, verbose=0)  # warm-up: trace predict_function
+    started = time.perf_counter()
+    results = np.stack(
+        [forced.predict(images, batch_size=batch_size, verbose=0) for _ in range(passes)]
+    )  # (T, N, C)
+    seconds = time.perf_counter() - started
+    return {
+        "images": len(images),
+        "seconds": seconds,
+        "images_per_second": len(images) / seconds,
+        "mean_std_over_passes": float(results.std(axis=0).mean()),
+        "min_std_over_passes": float(results.std(axis=0).max(axis=1).min()),
+    }
+
+
 def bench_classic(model, images: np.ndarray, passes: int, batch_size: int) -> dict:
-    """(a) The classic predict_with_uncertainty loop (see the module docstring)."""
+    """(a2) The classic loop at its best: ``model(x, training=True)`` compiled, called T times."""
     import tensorflow as tf
 
     @tf.function(reduce_retracing=True)
@@ -403,7 +443,14 @@ def fmt(value, spec=".1f") -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=int, default=96, help="N benchmark images (default 96)")
+    parser.add_argument("--images", type=int, default=256, help="N benchmark images (default 256)")
+    parser.add_argument(
+        "--baseline-images",
+        type=int,
+        default=64,
+        help="images for the slow baselines (a), (a2), (b); their images/s do not depend on N "
+        "(preloaded arrays, warmed up) (default 64)",
+    )
     parser.add_argument("--passes", type=int, default=100, help="MC passes T (default 100)")
     parser.add_argument("--batch-size", type=int, default=32, help="batch size B (default 32)")
     parser.add_argument(
@@ -435,6 +482,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.quick:
         args.images, args.passes, args.batch_size, args.repeats = 8, 4, 4, 1
+        args.baseline_images = 8
     n, passes, bs = args.images, args.passes, args.batch_size
     rss_passes = args.rss_passes or passes
     command = shlex.join([sys.executable, *(sys.argv if argv is None else [__file__, *argv])])
@@ -459,6 +507,7 @@ def main(argv: list[str] | None = None) -> int:
             "images": n,
             "passes": passes,
             "batch_size": bs,
+            "baseline_images": min(n, args.baseline_images),
             "rss_passes": rss_passes,
             "repeats": args.repeats,
             "image_size": [HEIGHT, WIDTH, CHANNELS],
@@ -528,10 +577,13 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
 
-        step("(a) classic loop")
-        measured("a_classic", bench_classic, model, images, passes, bs)
-        step("(b) MCSampler split=False")
-        measured("b_tiled", bench_sampler, model, images, keys, passes, bs, split=False)
+        few = min(n, args.baseline_images)
+        step(f"(a) classic loop, model.predict x T ({few} images)")
+        measured("a_predict_loop", bench_predict_loop, model, images[:few], passes, bs)
+        step(f"(a2) classic loop, compiled model(x, training=True) x T ({few} images)")
+        measured("a2_classic_compiled", bench_classic, model, images[:few], passes, bs)
+        step(f"(b) MCSampler split=False ({few} images)")
+        measured("b_tiled", bench_sampler, model, images[:few], keys[:few], passes, bs, split=False)
         step("(b2) MCSampler split=True (fp32)")
         measured("b2_split_fp32", bench_sampler, model, images, keys, passes, bs)
         if bf16:
@@ -610,31 +662,39 @@ def report(r: dict, bf16: bool) -> None:
     cfg, g = r["config"], r["gflop_per_image"]
     n, passes, bs = cfg["images"], cfg["passes"], cfg["batch_size"]
     full, split = g["full_model_x_T"], g["prefix_once_tail_x_T"]
-    a = r["a_classic"]["images_per_second"]
+    a = r["a_predict_loop"]["images_per_second"]
+    a2 = r["a2_classic_compiled"]["images_per_second"]
     c32 = r["c_end_to_end_fp32"]["images_per_second"]
     c16 = r.get("c_end_to_end_bf16", {}).get("images_per_second")
+    c32_steady = r["c_end_to_end_fp32"]["images_per_second_minus_fixed"]
+    c16_steady = r.get("c_end_to_end_bf16", {}).get("images_per_second_minus_fixed")
     d32 = r["d_bound_fp32"]["images_per_second"]
     d16 = r["d_bound_bf16"]["images_per_second"]
     b2_16 = r.get("b2_split_bf16", {}).get("images_per_second")
+    b2_32 = r["b2_split_fp32"]["images_per_second"]
     rows = [
-        ("(a) classic loop, model(x, training=True) x T", a, full),
+        ("(a) classic loop, model.predict x T", a, full),
+        ("(a2) classic loop, compiled model(x, training=True) x T", a2, full),
         ("(b) MCSampler, whole model tiled (split=False)", r["b_tiled"]["images_per_second"], full),
-        ("(b2) MCSampler, prefix cached, fp32", r["b2_split_fp32"]["images_per_second"], split),
+        ("(b2) MCSampler, prefix cached, fp32", b2_32, split),
         ("(b2) MCSampler, prefix cached, bf16", b2_16, split),
-        ("(c) score_directory JPEG->Parquet, fp32, warm", c32, split),
-        ("(c) score_directory JPEG->Parquet, bf16, warm", c16, split),
+        ("(c) score_directory JPEG->Parquet, fp32", c32, split),
+        ("(c) score_directory JPEG->Parquet, bf16", c16, split),
         ("(d) compute bound, no masks, fp32", d32, split),
         ("(d) compute bound, no masks, bf16 tail", d16, split),
     ]
+
+    def ratio_of(x, y):
+        return x / y if x and y else None
+
     ratio = {
-        "c/a fp32": c32 / a,
-        "c/a bf16": c16 / a if c16 else None,
-        "c/d fp32": c32 / d32,
-        "c/d bf16 (vs bf16 bound)": c16 / d16 if c16 else None,
-        "bf16/fp32 end to end (c)": c16 / c32 if c16 else None,
-        "bf16/fp32 sampler (b2)": b2_16 / r["b2_split_fp32"]["images_per_second"]
-        if b2_16
-        else None,
+        "c/a fp32 (vs model.predict loop)": ratio_of(c32, a),
+        "c/a2 fp32 (vs compiled loop)": ratio_of(c32, a2),
+        "c/d fp32": ratio_of(c32, d32),
+        "c/d bf16 (vs bf16 bound)": ratio_of(c16, d16),
+        "bf16/fp32 end to end (c)": ratio_of(c16, c32),
+        "bf16/fp32 end to end minus fixed cost": ratio_of(c16_steady, c32_steady),
+        "bf16/fp32 sampler (b2)": ratio_of(b2_16, b2_32),
         "bf16/fp32 compute bound (d)": d16 / d32,
     }
     r["ratios"] = ratio
@@ -653,11 +713,12 @@ def report(r: dict, bf16: bool) -> None:
     print()
     for name, value in ratio.items():
         print(f"{name:<30} {fmt(value, '.3f')}")
-    sa = r["a_classic"]
-    print(
-        f"\nclassic loop check: mean std over passes {sa['mean_std_over_passes']:.4f}, "
-        f"smallest per-image max-class std {sa['min_std_over_passes']:.4f} (> 0: dropout was on)"
-    )
+    for key in ("a_predict_loop", "a2_classic_compiled"):
+        sa = r[key]
+        print(
+            f"{key} check: mean std over passes {sa['mean_std_over_passes']:.4f}, smallest "
+            f"per-image max-class std {sa['min_std_over_passes']:.4f} (> 0: dropout was on)"
+        )
     for key in ("c_end_to_end_fp32", "c_end_to_end_bf16"):
         if key in r:
             c = r[key]
@@ -705,8 +766,9 @@ def report(r: dict, bf16: bool) -> None:
     print(
         f"Reference CNN (128x128x3, 5 classes, random weights), N = {n} JPEGs, T = {passes} "
         f"passes, batch {bs}, {r['env']['cpu_count']} CPU cores, TensorFlow "
-        f"{r['env']['tensorflow']}, Keras {r['env']['keras']}. Timings exclude tracing except "
-        "(c), which includes the per-call model load and tracing.\n"
+        f"{r['env']['tensorflow']}, Keras {r['env']['keras']}. (a), (a2), (b) on the first "
+        f"{cfg['baseline_images']} images. Timings exclude tracing except (c), which includes "
+        "the per-call model load, tracing and compilation.\n"
     )
     print("| method | images/s | GFLOP/image | GFLOP/s | vs (a) |")
     print("|---|---:|---:|---:|---:|")
