@@ -175,7 +175,10 @@ def train_directory(
         loss="categorical_crossentropy",
         metrics=["accuracy"],
     )
-    history = model.fit(train_ds, validation_data=val_ds, epochs=epochs, verbose=verbose)
+    # shuffle=False: train_ds shuffles itself (Keras ignores, and warns about, shuffle=True here).
+    history = model.fit(
+        train_ds, validation_data=val_ds, epochs=epochs, verbose=verbose, shuffle=False
+    )
     val_accuracy = history.history.get("val_accuracy", [None])[-1]
 
     # Save an uncompiled copy: no optimizer state, a smaller file, nothing to trust but weights.
