@@ -217,6 +217,14 @@ def cli() -> None:
     help="The model outputs logits: apply a softmax to every pass.",
 )
 @click.option(
+    "--save-samples",
+    is_flag=True,
+    default=False,
+    show_default=True,
+    help="Add a `samples` column with every image's raw T x K samples per class (for "
+    "`evaluate --report` distribution plots); about 4*T*K*classes bytes per image.",
+)
+@click.option(
     "--resume",
     is_flag=True,
     default=False,
@@ -273,6 +281,7 @@ def score(
     max_pixels: int,
     max_error_rate: float,
     logits: bool,
+    save_samples: bool,
     resume: bool,
     checkpoint_rows: int,
     follow_symlinks: bool,
@@ -328,6 +337,7 @@ def score(
             max_pixels=max_pixels,
             precision=precision,
             logits=logits,
+            save_samples=save_samples,
             resume=resume,
             checkpoint_rows=checkpoint_rows,
             follow_symlinks=follow_symlinks,

@@ -9,10 +9,9 @@ per-class mean probability with std error bars and median markers. The page is s
 Plots are drawn with Matplotlib's object-oriented API on the Agg canvas
 (``matplotlib.figure.Figure``), which needs no display and leaves the global backend alone.
 
-If a raw-samples sidecar is found beside the Parquet file (``<out>.samples.npy`` or
-``<out-stem>.samples.npy``, an array of shape ``(rows, samples, classes)`` in row order), the
-per-image charts also show the individual samples; otherwise they use the stored mean, median
-and std.
+If the file has a ``samples`` column (``batchuq score --save-samples``), the per-image charts are
+box plots of each class's raw samples, which show whether the model is "flipping a coin";
+otherwise they are bars of the stored mean ± std with the median.
 """
 
 from __future__ import annotations
@@ -47,7 +46,7 @@ WRONG_COLOR = "#c92a2a"
 OOD_COLOR = "#1c7ed6"
 IN_COLOR = "#495057"
 
-__all__ = ["find_samples_sidecar", "write_report"]
+__all__ = ["write_report"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -74,41 +73,12 @@ def _fmt(value: float | int | None, digits: int = 4) -> str:
     return str(value)
 
 
-def find_samples_sidecar(out_path: str | os.PathLike[str]) -> Path | None:
-    """The raw-samples sidecar of a scored Parquet file, if there is one.
-
-    Args:
-        out_path: The Parquet file written by ``batchuq score``.
-
-    Returns:
-        ``<out>.samples.npy`` or ``<out-stem>.samples.npy`` if either exists, else ``None``.
-    """
-    out = Path(out_path)
-    for candidate in (out.with_name(out.name + ".samples.npy"), out.with_suffix(".samples.npy")):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def _load_samples(out_path: Path, rows: int, classes: int) -> np.ndarray | None:
-    path = find_samples_sidecar(out_path)
-    if path is None:
+def _samples_of(row: pd.Series) -> np.ndarray | None:
+    """The raw samples of one row, shape ``(samples, classes)``, or None without the column."""
+    value = row.get("samples")
+    if value is None or (np.ndim(value) == 0 and pd.isna(value)):
         return None
-    try:
-        samples = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        logger.warning("ignoring samples sidecar %s: %s", path, exc)
-        return None
-    if samples.ndim != 3 or samples.shape[0] != rows or samples.shape[2] != classes:
-        logger.warning(
-            "ignoring samples sidecar %s: shape %s is not (%d, samples, %d)",
-            path,
-            samples.shape,
-            rows,
-            classes,
-        )
-        return None
-    return samples
+    return np.stack([np.asarray(sample, dtype=np.float64) for sample in value])
 
 
 def _resolve_images_root(
@@ -332,11 +302,9 @@ def _plot_confusion(folder: Path, labels: np.ndarray, preds: np.ndarray, names: 
 def _plot_uncertain_image(
     folder: Path,
     rank: int,
-    position: int,
     row: pd.Series,
     names: list[str],
     images_root: Path | None,
-    samples: np.ndarray | None,
 ) -> str:
     fig = Figure(figsize=(11, 3.6))
     left, right = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1, 2.6]})
@@ -374,30 +342,34 @@ def _plot_uncertain_image(
     label = row.get("label")
     label = None if label is None or pd.isna(label) else str(label)
     colors = [WRONG_COLOR if names[c] == row["pred"] else "#74c0fc" for c in order]
-    right.bar(
-        x,
-        mean[order],
-        yerr=std[order],
-        color=colors,
-        edgecolor="#1864ab",
-        capsize=3,
-        error_kw={"elinewidth": 1, "ecolor": "#343a40"},
-        label="mean ± std",
-    )
-    right.scatter(x, median[order], marker="D", color="#f08c00", zorder=4, s=28, label="median")
-    if samples is not None:
-        draws = np.asarray(samples[position], dtype=np.float64)[:, order]
-        rng = np.random.default_rng(rank)
-        jitter = rng.uniform(-0.25, 0.25, size=draws.shape)
-        right.scatter(
-            (x[None, :] + jitter).ravel(),
-            draws.ravel(),
-            s=3,
-            alpha=0.25,
-            color="#343a40",
-            zorder=3,
-            label="samples",
+    samples = _samples_of(row)
+    if samples is None:
+        right.bar(
+            x,
+            mean[order],
+            yerr=std[order],
+            color=colors,
+            edgecolor="#1864ab",
+            capsize=3,
+            error_kw={"elinewidth": 1, "ecolor": "#343a40"},
+            label="mean ± std",
         )
+        right.scatter(x, median[order], marker="D", color="#f08c00", zorder=4, s=28, label="median")
+    else:
+        boxes = right.boxplot(
+            samples[:, order],
+            positions=x,
+            widths=0.6,
+            patch_artist=True,
+            medianprops={"color": "#f08c00", "linewidth": 2},
+            flierprops={"markersize": 2, "alpha": 0.4},
+        )
+        boxes["medians"][0].set_label("median")
+        for box, color in zip(boxes["boxes"], colors, strict=True):
+            box.set_facecolor(color)
+            box.set_edgecolor("#1864ab")
+        right.scatter(x, mean[order], marker="_", color="#212529", zorder=4, s=120, label="mean")
+        note += f"; box plots of the {len(samples)} samples"
     right.set_xticks(x)
     tick_labels = [names[c] + (" ✓" if label == names[c] else "") for c in order]
     right.set_xticklabels(
@@ -572,11 +544,13 @@ def _page(results: dict, metadata: dict, plots: dict[str, str], uncertain: list[
             "cells show which classes are mistaken for which.",
         ),
         f"<h2>Most uncertain images (top {TOP_UNCERTAIN} by entropy)</h2>",
-        '<p class="note">Each image is shown beside its per-class mean probability over the '
-        "Monte Carlo samples (bars, the predicted class in red), ± one standard deviation "
-        "(error bars) and the median (orange diamonds); the true class is ticked. Wide error "
-        "bars or medians far from the means mean the samples disagree. Missing images are "
-        "drawn as grey placeholders.</p>",
+        '<p class="note">Each image is shown beside the distribution of its per-class '
+        "probabilities over the Monte Carlo samples (the predicted class in red; the true class "
+        "is ticked). With <code>score --save-samples</code> these are box plots of the raw "
+        "samples (orange line: median, black dash: mean); otherwise bars of the mean with ± one "
+        "standard deviation and the median as an orange diamond. Boxes that overlap, or wide "
+        "error bars, mean the samples disagree: the model is close to flipping a coin. Missing "
+        "images are drawn as grey placeholders.</p>",
     ]
     if not uncertain:
         parts.append("<p>No readable images.</p>")
@@ -651,14 +625,13 @@ def write_report(
     }
 
     root = _resolve_images_root(out_path, metadata, images_root)
-    samples = _load_samples(out_path, len(df), len(names))
     entropy = pd.to_numeric(df["entropy"]).to_numpy(dtype=np.float64, na_value=np.nan)
     candidates = np.flatnonzero(ok & np.isfinite(entropy))
     top = candidates[np.argsort(-entropy[candidates], kind="stable")[:TOP_UNCERTAIN]]
     for stale in folder.glob("uncertain_*.png"):
         stale.unlink()
     uncertain = [
-        _plot_uncertain_image(folder, rank, int(i), df.iloc[int(i)], names, root, samples)
+        _plot_uncertain_image(folder, rank, df.iloc[int(i)], names, root)
         for rank, i in enumerate(top, start=1)
     ]
 

@@ -107,6 +107,7 @@ def _rows(
     labels: list[str | None],
     label_indices: list[int | None],
     class_names: list[str],
+    samples: np.ndarray | None = None,
 ) -> list[dict]:
     rows = []
     for i, index in enumerate(positions):
@@ -128,6 +129,8 @@ def _rows(
                 values = getattr(summary, stat)[i]
                 for c, name in enumerate(class_names):
                     row[f"{stat}_{name}"] = float(values[c])
+            if samples is not None:
+                row["samples"] = samples[i].tolist()
         rows.append(row)
     return rows
 
@@ -154,6 +157,7 @@ def score_directory(
     checkpoint_rows: int = 1024,
     follow_symlinks: bool = False,
     on_samples: Callable[[list[int], np.ndarray], None] | None = None,
+    save_samples: bool = False,
     calibration: str | os.PathLike[str] | Calibration | None = None,
     temperature: bool = False,
     progress: bool = False,
@@ -187,7 +191,11 @@ def score_directory(
         on_samples: Called once per batch with the positions of its images (indices into
             the discovered, natural-sorted file list) and their raw samples, shape
             ``(batch, passes * tta, classes)``, ordered copy-major (all passes of copy 0, then
-            copy 1, ...). Used by ``calibrate`` and ``--save-samples``.
+            copy 1, ...). Used by ``calibrate``.
+        save_samples: Add a ``samples`` column with each image's raw samples, shape
+            ``(passes * tta, classes)`` in the same copy-major order (null for error rows);
+            ``batchuq evaluate --report`` then draws their distribution per class. About
+            ``4 * passes * tta * classes`` bytes per image before compression.
         calibration: A ``batchuq calibrate`` JSON (or ``Calibration``) made for this model:
             gives the ``threshold`` rule its thresholds and adds the conformal ``pred_set``.
         temperature: Rescale the MC mean with the calibration's temperature (``mean_*``,
@@ -258,6 +266,7 @@ def score_directory(
         "decision_rule": rule.as_metadata(),
         "samples_per_image": passes * tta_config.copies,
         "logits": logits,
+        "samples_saved": save_samples,
         "calibration": None
         if calibration is None
         else {
@@ -268,7 +277,12 @@ def score_directory(
         },
     }
     report = ScoreReport(output=out_path, images=len(discovery.files))
-    schema = output_schema(display, metadata, pred_set=calibration is not None)
+    schema = output_schema(
+        display,
+        metadata,
+        pred_set=calibration is not None,
+        samples_per_image=passes * tta_config.copies if save_samples else None,
+    )
     if resume:
         fingerprint = {k: v for k, v in metadata.items() if k != "created"}
         fingerprint["files"] = hashlib.sha256("\0".join(relative_paths).encode()).hexdigest()
@@ -343,6 +357,7 @@ def score_directory(
                     labels_out,
                     label_indices,
                     display,
+                    samples if save_samples else None,
                 )
                 if calibration is not None:
                     _add_prediction_sets(rows, summary, calibration, temperature, display)

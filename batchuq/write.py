@@ -20,7 +20,10 @@ SCORE_COLUMNS = ("confidence", "margin", "entropy", "mutual_info", "variation_ra
 
 
 def output_schema(
-    class_names: list[str], metadata: dict | None = None, pred_set: bool = False
+    class_names: list[str],
+    metadata: dict | None = None,
+    pred_set: bool = False,
+    samples_per_image: int | None = None,
 ) -> pa.Schema:
     """The Parquet schema for ``class_names`` (class order = model output order).
 
@@ -28,6 +31,8 @@ def output_schema(
         class_names: The model's class names.
         metadata: JSON-serialisable run metadata, stored under the ``batchuq`` key.
         pred_set: Add the ``pred_set`` column (conformal prediction set, list of class names).
+        samples_per_image: Add the ``samples`` column holding every image's raw samples,
+            shape ``(samples_per_image, classes)``, as a fixed-size list of fixed-size lists.
 
     Returns:
         The Arrow schema.
@@ -46,6 +51,9 @@ def output_schema(
         fields.append(pa.field("pred_set", pa.list_(pa.string())))
     for stat in ("mean", "median", "std"):
         fields.extend(pa.field(f"{stat}_{name}", pa.float32()) for name in class_names)
+    if samples_per_image:
+        per_sample = pa.list_(pa.float32(), len(class_names))
+        fields.append(pa.field("samples", pa.list_(per_sample, samples_per_image)))
     encoded = {METADATA_KEY: json.dumps(metadata or {}, sort_keys=True).encode()}
     return pa.schema(fields, metadata=encoded)
 

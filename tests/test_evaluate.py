@@ -231,9 +231,6 @@ def check_report(index: Path) -> list[str]:
 
 
 def test_write_report(files, tmp_path):
-    # A raw-samples sidecar (rows, samples, classes) is drawn when present.
-    rng = np.random.default_rng(0)
-    np.save(tmp_path / "out.parquet.samples.npy", rng.dirichlet([1, 1, 1], size=(7, 5)))
     index = write_report(files["out"], tmp_path / "report", ood_path=files["ood"])
     sources = check_report(index)
     expected = {"reliability.png", "risk_coverage.png", "score_histograms.png", "confusion.png"}
@@ -284,3 +281,19 @@ def test_cli_table_help_and_errors(files, tmp_path):
     result = runner.invoke(evaluate_command, [str(not_batchuq)])
     assert result.exit_code == 2
     assert "no batchuq metadata" in result.stderr
+
+
+def test_report_draws_saved_samples_as_box_plots(digits_subset, tmp_path):
+    from batchuq import score_directory
+
+    with_samples, without = tmp_path / "samples.parquet", tmp_path / "plain.parquet"
+    score_directory(digits_subset, with_samples, passes=8, save_samples=True)
+    score_directory(digits_subset, without, passes=8)
+    boxes = write_report(with_samples, tmp_path / "boxes")
+    bars = write_report(without, tmp_path / "bars")
+    assert check_report(boxes) == check_report(bars)  # same plots, same names
+    # The most uncertain image is the same in both; its chart is drawn from the raw samples in
+    # one report and from mean/median/std in the other.
+    first = "uncertain_01.png"
+    assert (boxes.parent / first).read_bytes() != (bars.parent / first).read_bytes()
+    assert "score --save-samples" in boxes.read_text(encoding="utf-8")

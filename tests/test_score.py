@@ -194,3 +194,29 @@ def test_labels_file_maps_folder_ids(digits_subset: Path, tmp_path: Path) -> Non
     assert frame.label.iloc[0] == "digit_0" and "mean_digit_9" in frame.columns
     assert frame.label_index.iloc[-1] == 9
     assert json.loads(pq.read_schema(out).metadata[b"batchuq"])["class_names"][0] == "digit_0"
+
+
+def test_save_samples_column_holds_the_samples_the_statistics_come_from(
+    digits_subset: Path, tmp_path: Path
+) -> None:
+    (digits_subset / "n3" / "broken.png").write_bytes(b"not an image")
+    out, plain = tmp_path / "out.parquet", tmp_path / "plain.parquet"
+    result = _run("score", str(digits_subset), str(out), "-T", "6", "--tta", "2", "--save-samples")
+    assert result.exit_code == EXIT_IMAGE_ERRORS, result.output  # the broken file
+    frame = pd.read_parquet(out)
+    names = read_metadata(out)["class_names"]
+    assert read_metadata(out)["samples_saved"] is True
+    ok = frame[frame.status == "ok"]
+    assert frame.loc[frame.status != "ok", "samples"].isna().all()
+    for _, row in ok.iterrows():
+        samples = np.stack(row["samples"])  # (passes * tta, classes)
+        assert samples.shape == (12, len(names))
+        np.testing.assert_allclose(samples.sum(axis=1), 1.0, atol=1e-5)
+        for c, name in enumerate(names):
+            assert row[f"mean_{name}"] == pytest.approx(samples[:, c].mean(), abs=1e-6)
+            assert row[f"median_{name}"] == pytest.approx(np.median(samples[:, c]), abs=1e-6)
+            assert row[f"std_{name}"] == pytest.approx(samples[:, c].std(), abs=1e-6)
+    assert (np.stack(ok["samples"].map(np.stack)).std(axis=1) > 0).any()  # passes differ
+    # Everything else is what a run without the column writes.
+    _run("score", str(digits_subset), str(plain), "-T", "6", "--tta", "2")
+    pd.testing.assert_frame_equal(frame.drop(columns="samples"), pd.read_parquet(plain))
