@@ -842,8 +842,10 @@ def calibrate_command(
 
         batchuq calibrate sample_data/digits/val -o calibration.json
     """
-    from batchuq.cli import EXIT_USAGE
+    from batchuq.cli import EXIT_USAGE, import_tensorflow_quietly
     from batchuq.discover import NoImagesFoundError
+
+    import_tensorflow_quietly()
     from batchuq.models import ModelError
 
     try:

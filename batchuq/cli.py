@@ -19,6 +19,7 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 from pathlib import Path
 
 import click
@@ -63,8 +64,43 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(payload, default=str)
 
 
-def _setup_logging(log_format: str = "text") -> None:
+# TensorFlow's C++ start-up notices, printed on import whatever TF_CPP_MIN_LOG_LEVEL says. They
+# are not errors, and they would break "one JSON object per line" on stderr.
+_TENSORFLOW_NOTICES = (
+    "All log messages before absl::InitializeLog() is called",
+    "oneDNN custom operations are on",
+    "This TensorFlow binary is optimized to use available CPU instructions",
+    "rebuild TensorFlow with the appropriate compiler flags",
+)
+
+
+def import_tensorflow_quietly() -> None:
+    """Import TensorFlow with its start-up notices kept off stderr.
+
+    File descriptor 2 points at a temporary file during the import; afterwards every captured
+    line except the known notices is written to stderr, so real import errors still show.
+    """
+    if "tensorflow" in sys.modules:
+        return
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            import tensorflow  # noqa: F401
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            for line in captured.read().decode(errors="replace").splitlines(keepends=True):
+                if not any(notice in line for notice in _TENSORFLOW_NOTICES):
+                    sys.stderr.write(line)
+            sys.stderr.flush()
+
+
+def _setup_logging(log_format: str = "text") -> None:
+    import_tensorflow_quietly()
     for handler in list(logger.handlers):
         logger.removeHandler(handler)
     handler = logging.StreamHandler(sys.stderr)
