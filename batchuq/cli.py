@@ -122,6 +122,17 @@ def _file_identity(path: Path) -> tuple[int, int] | None:
     return stat.st_ino, stat.st_mtime_ns
 
 
+def is_usage_error(exc: BaseException) -> bool:
+    """Whether ``exc`` reports a bad argument (exit 2) rather than a failure during the run.
+
+    batchuq raises ``ValueError`` for bad arguments; text encoding errors and Arrow errors are
+    ``ValueError`` subclasses too, but they are run-time failures (exit 3, with a traceback).
+    """
+    import pyarrow as pa
+
+    return isinstance(exc, ValueError) and not isinstance(exc, (UnicodeError, pa.ArrowException))
+
+
 def _usage_error(message: str) -> None:
     click.echo(f"Error: {message}", err=True)
     sys.exit(EXIT_USAGE)
@@ -393,7 +404,9 @@ def score(
             else:
                 click.echo(f"{what}: no output written.", err=True)
             sys.exit(EXIT_SIGINT if sigint else EXIT_SIGTERM)
-        if isinstance(exc, (NoImagesFoundError, NotADirectoryError, ModelError, ValueError)):
+        if isinstance(exc, (NoImagesFoundError, NotADirectoryError, ModelError)) or (
+            is_usage_error(exc)
+        ):
             _usage_error(str(exc))
         if isinstance(exc, Exception):
             logger.exception("fatal error, no output written: %s", exc)

@@ -185,7 +185,7 @@ def make_dataset(
     dataset = tf.data.Dataset.from_tensor_slices(
         (
             tf.range(len(paths), dtype=tf.int64),
-            tf.constant(paths, dtype=tf.string),
+            tf.constant([os.fsencode(p) for p in paths], dtype=tf.string),  # any file name
             tf.constant([p or "" for p in (problems or [None] * len(paths))], dtype=tf.string),
             tf.constant(np.asarray(keys, np.uint32), dtype=tf.uint32),
         )

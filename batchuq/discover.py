@@ -30,14 +30,25 @@ def natural_key(text: str) -> list[int | str]:
     return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", text)]
 
 
+def printable(name: str) -> str:
+    """``name`` as valid UTF-8 text: bytes that are not UTF-8 are written as ``\\xNN``.
+
+    Linux file names are bytes; Python keeps undecodable ones as lone surrogates, which
+    Parquet, Arrow and JSON cannot store. Valid names are returned unchanged.
+    """
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 @dataclass(frozen=True)
 class ImageFile:
     """One image found on disk.
 
     Attributes:
         path: Absolute path of the file.
-        relative_path: Path relative to the scored folder, ``/``-separated (the Parquet ``path``).
-        folder_label: Name of the class folder it sits under, or ``None`` when unlabelled.
+        relative_path: Path relative to the scored folder, ``/``-separated (the Parquet ``path``),
+            made ``printable``.
+        folder_label: Name of the class folder it sits under (``printable``), or ``None`` when
+            unlabelled.
         problem: Why the file must not be read (e.g. a symlink leaving the folder), or ``None``.
     """
 
@@ -124,7 +135,7 @@ def discover_images(
         if not _is_image_name(path.name, extensions):
             continue
         relative = path.relative_to(root_path)
-        parts = relative.parts
+        parts = [printable(part) for part in relative.parts]
         label = parts[0] if len(parts) > 1 else None
         if label is not None and label not in class_folders:
             class_folders.append(label)

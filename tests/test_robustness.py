@@ -303,3 +303,20 @@ def test_resume_refuses_a_checkpoint_from_other_settings(
     (checkpoint / "run.json").write_text(json.dumps({"seed": 999}))
     with pytest.raises(ValueError, match="other settings"):
         score_directory(digits_subset, out, passes=2, resume=True)
+
+
+def test_file_and_folder_names_that_are_not_utf8_are_scored(tmp_path: Path) -> None:
+    source = next((REPO / "sample_data/digits/test/n3").iterdir())
+    root = tmp_path / "images"
+    latin1 = root / os.fsdecode(b"caf\xe9")  # a folder name in Latin-1 bytes
+    latin1.mkdir(parents=True)
+    shutil.copy(source, latin1 / os.fsdecode(b"\xff\xfe photo.png"))
+    shutil.copy(source, latin1 / "plain.png")
+    out = tmp_path / "out.parquet"
+    report = score_directory(root, out, passes=1)
+    frame = pd.read_parquet(out)
+    assert report.errors == 0 and (frame.status == "ok").all()
+    assert frame.path.tolist() == ["caf\\xe9/plain.png", "caf\\xe9/\\xff\\xfe photo.png"]
+    assert frame.label.tolist() == ["caf\\xe9"] * 2
+    means = frame.filter(like="mean_").to_numpy()
+    np.testing.assert_array_equal(means[0], means[1])  # same pixels, deterministic pass
