@@ -190,6 +190,13 @@ def _dtype_policy(layers: list[keras.layers.Layer], policy: str | None) -> Itera
             layer.dtype_policy = old
 
 
+def _applies_softmax(layer: object) -> bool:
+    """Whether ``layer`` is a Softmax layer or has a softmax activation."""
+    if isinstance(layer, keras.layers.Softmax):
+        return True
+    return getattr(getattr(layer, "activation", None), "__name__", None) == "softmax"
+
+
 def _contains(operation: object, targets: set[int]) -> bool:
     if id(operation) in targets:
         return True
@@ -352,19 +359,31 @@ class MCSampler:
         return self.split is not None
 
     def _tail_layers(self) -> list[keras.layers.Layer]:
-        """Layers that run on tiled rows, except the one producing the output."""
+        """Layers to run in bf16: those on tiled rows, up to the softmax.
+
+        The layer producing the output, any layer applying a softmax, and every layer after a
+        softmax stay float32, so probabilities are not rounded to bf16's 8 bits.
+        """
         if self.split is None:
             layers = self.model._flatten_layers(include_self=False, recursive=True)
-            return [layer for layer in layers if layer is not self.model.layers[-1]]
+            last = self.model.layers[-1] if self.model.layers else None
+            return [layer for layer in layers if layer is not last and not _applies_softmax(layer)]
         output_id = id(self.split.graph.outputs[0])
-        skip = {id(n.operation) for n in self.split.tail if output_id in map(id, n.outputs)}
+        float32_tensors: set[int] = set()
         found: dict[int, keras.layers.Layer] = {}
         for node in self.split.tail:
             operation = node.operation
-            if id(operation) in skip or not isinstance(operation, keras.layers.Layer):
+            outputs = [id(t) for t in node.outputs]
+            if (
+                output_id in outputs
+                or _applies_softmax(operation)
+                or any(id(t) in float32_tensors for t in node.input_tensors)
+            ):
+                float32_tensors.update(outputs)
                 continue
-            for layer in operation._flatten_layers(include_self=True, recursive=True):
-                found.setdefault(id(layer), layer)
+            if isinstance(operation, keras.layers.Layer):
+                for layer in operation._flatten_layers(include_self=True, recursive=True):
+                    found.setdefault(id(layer), layer)
         return list(found.values())
 
     def _frontier_read_only_in_low_precision(self) -> list[bool]:
@@ -407,7 +426,7 @@ class MCSampler:
             ]
         largest = tf.minimum(tf.maximum(1, self.max_rows // tf.maximum(rows, 1)), self.passes)
         chunks = (self.passes + largest - 1) // largest
-        # Balanced chunks (e.g. 34+33+33, not 38+38+24): fewer distinct shapes to compile.
+        # Balanced chunks (e.g. 34+34+32, not 38+38+24): fewer distinct shapes to compile.
         per_chunk = (self.passes + chunks - 1) // chunks
         results = tf.TensorArray(tf.float32, size=chunks, infer_shape=False)
         for chunk in tf.range(chunks):

@@ -247,3 +247,18 @@ def test_bundled_dropout_model_is_rebuilt_with_fresh_keys(bn_model: keras.Model)
     a = MCSampler(model, passes=5).sample(_images(2), _keys(2))
     b = MCSampler(model, passes=5).sample(_images(2), _keys(2) + 1)
     assert not np.allclose(a, b)
+
+
+def test_bfloat16_keeps_softmax_and_everything_after_it_in_float32() -> None:
+    inputs = keras.Input((12,))
+    x = keras.layers.Dense(32, activation="relu", name="hidden")(inputs)
+    x = keras.layers.Dropout(0.3, name="drop")(x)
+    x = keras.layers.Dense(10, activation="softmax", name="probs")(x)
+    outputs = keras.layers.Identity(name="passthrough")(x)  # the softmax is not the output layer
+    model = keras.Model(inputs, outputs)
+    sampler = MCSampler(model, passes=16, precision="bfloat16")
+    low = {layer.name for layer in sampler._low_precision_layers}
+    assert "drop" in low and not low & {"probs", "passthrough"}
+    rows = np.random.default_rng(0).normal(size=(6, 12)).astype(np.float32)
+    samples = sampler.sample(rows, _keys(6))
+    np.testing.assert_allclose(samples.sum(axis=-1), 1.0, atol=1e-5)
