@@ -40,7 +40,15 @@ class LoadedModel:
     @property
     def num_classes(self) -> int:
         """Size of the model's output vector."""
-        return int(self.model.outputs[0].shape[-1])
+        outputs = getattr(self.model, "outputs", None) or []
+        if len(outputs) != 1:
+            raise ModelError(
+                "batchuq scores functional or Sequential Keras models with one output; wrap a "
+                "subclassed model as keras.Model(inputs, model(inputs)) with "
+                "inputs = keras.Input((height, width, channels)). "
+                f"Received: a model with {len(outputs) or 'no known'} outputs"
+            )
+        return int(outputs[0].shape[-1])
 
     @property
     def image_spec(self) -> ImageSpec:
@@ -71,7 +79,11 @@ def image_spec(model: keras.Model) -> ImageSpec:
     """
     inputs = getattr(model, "inputs", None) or []
     if len(inputs) != 1:
-        raise ModelError(f"The model must take exactly one image input. Received: {len(inputs)}")
+        raise ModelError(
+            "The model must take exactly one image input of known shape (a functional or "
+            "Sequential model; wrap a subclassed model as keras.Model(inputs, model(inputs)) "
+            f"with inputs = keras.Input((height, width, channels))). Received: {len(inputs)} inputs"
+        )
     shape = tuple(inputs[0].shape)
     if len(shape) != 4 or any(d is None for d in shape[1:]):
         raise ModelError(

@@ -218,6 +218,7 @@ def score_directory(
     rule = rule or DecisionRule()
     discovery = discover_images(images, follow_symlinks=follow_symlinks)
     loaded = _as_loaded(model)
+    spec = loaded.image_spec  # refuses a model without one image input before any work
     if calibration is not None and not isinstance(calibration, Calibration):
         calibration = Calibration.from_json(calibration)
     if calibration is not None:
@@ -315,7 +316,7 @@ def score_directory(
         dataset = make_dataset(
             [discovery.files[i].path for i in todo],
             image_keys(seed, [relative_paths[i] for i in todo]),
-            loaded.image_spec,
+            spec,
             tta_config,
             batch_size,
             rescale=rescale,

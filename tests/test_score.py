@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import keras
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
@@ -220,3 +221,32 @@ def test_save_samples_column_holds_the_samples_the_statistics_come_from(
     # Everything else is what a run without the column writes.
     _run("score", str(digits_subset), str(plain), "-T", "6", "--tta", "2")
     pd.testing.assert_frame_equal(frame.drop(columns="samples"), pd.read_parquet(plain))
+
+
+class _SubclassedClassifier(keras.Model):
+    def __init__(self) -> None:
+        super().__init__()
+        self.flatten = keras.layers.Flatten()
+        self.hidden = keras.layers.Dense(16, activation="relu")
+        self.dropout = keras.layers.Dropout(0.5)
+        self.probs = keras.layers.Dense(3, activation="softmax")
+
+    def call(self, inputs, training=False):
+        return self.probs(self.dropout(self.hidden(self.flatten(inputs)), training=training))
+
+
+def test_subclassed_model_is_refused_clearly_and_scores_once_wrapped(tmp_path: Path) -> None:
+    from batchuq.models import ModelError
+
+    for i in range(3):
+        write_image(tmp_path / "images" / f"{i}.png", size=8, seed=i, mode="L")
+    subclassed = _SubclassedClassifier()
+    subclassed(np.zeros((1, 8, 8, 1), np.float32))  # built, but still without symbolic inputs
+    with pytest.raises(ModelError, match="wrap a subclassed model"):
+        score_directory(tmp_path / "images", tmp_path / "refused.parquet", model=subclassed)
+    assert not (tmp_path / "refused.parquet").exists()
+    inputs = keras.Input((8, 8, 1))
+    wrapped = keras.Model(inputs, subclassed(inputs))
+    score_directory(tmp_path / "images", tmp_path / "out.parquet", model=wrapped, passes=8)
+    frame = pd.read_parquet(tmp_path / "out.parquet")
+    assert len(frame) == 3 and (frame.filter(like="std_").to_numpy() > 0).any()
