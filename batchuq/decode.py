@@ -130,6 +130,13 @@ def _safe_load(
         return blank, f"error: {describe_error(exc)}".encode()
 
 
+def _usable_cores() -> int:
+    """CPU cores this process may run on (affinity-aware where the OS tells)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
 def make_dataset(
     paths: list[str],
     keys: np.ndarray,
@@ -192,12 +199,12 @@ def make_dataset(
     )
     # Autotuning is off: in about half the runs its background work stalled the end of the
     # iterator for 2-4 s (benchmarks/bench_mc.py, 256 images). Decoding costs little next to
-    # T x K forward passes, so one call per core and one batch in flight keep the sampler fed,
-    # and the prefetched memory stays at one batch whatever --tta is.
+    # T x K forward passes, so one call per usable core (at most 8) and one batch prefetched
+    # keep the sampler fed; in flight are one batch plus `workers` images per map.
     options = tf.data.Options()
     options.deterministic = True
     options.autotune.enabled = False
-    workers = os.cpu_count() or 2
+    workers = min(8, _usable_cores())
     dataset = dataset.with_options(options)
     dataset = dataset.map(decode, num_parallel_calls=workers, deterministic=True)
     dataset = dataset.map(augment, num_parallel_calls=workers, deterministic=True)
