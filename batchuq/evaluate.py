@@ -226,7 +226,13 @@ def _read_frame(path: str | os.PathLike[str]) -> tuple[pd.DataFrame, dict]:
         raise ValueError(
             f"The file's batchuq metadata has no class_names. Received: path={str(path)!r}"
         )
-    return pq.read_table(path).to_pandas(), metadata
+    return read_frame_without_samples(path), metadata
+
+
+def read_frame_without_samples(path: str | os.PathLike[str]) -> pd.DataFrame:
+    """Read a scored Parquet file into pandas, leaving out the (large) ``samples`` column."""
+    columns = [name for name in pq.read_schema(path).names if name != "samples"]
+    return pq.read_table(path, columns=columns).to_pandas()
 
 
 def evaluate_parquet(

@@ -29,7 +29,12 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from batchuq import metrics
-from batchuq.evaluate import SCORE_NAMES, evaluate_parquet, uncertainty_scores
+from batchuq.evaluate import (
+    SCORE_NAMES,
+    evaluate_parquet,
+    read_frame_without_samples,
+    uncertainty_scores,
+)
 from batchuq.write import read_metadata
 
 logger = logging.getLogger("batchuq")
@@ -73,12 +78,16 @@ def _fmt(value: float | int | None, digits: int = 4) -> str:
     return str(value)
 
 
-def _samples_of(row: pd.Series) -> np.ndarray | None:
-    """The raw samples of one row, shape ``(samples, classes)``, or None without the column."""
-    value = row.get("samples")
-    if value is None or (np.ndim(value) == 0 and pd.isna(value)):
-        return None
-    return np.stack([np.asarray(sample, dtype=np.float64) for sample in value])
+def _read_samples(out_path: Path, rows: np.ndarray) -> dict[int, np.ndarray]:
+    """Raw samples of the given rows, each ``(samples, classes)``; empty without the column."""
+    if "samples" not in pq.read_schema(out_path).names or not len(rows):
+        return {}
+    column = pq.read_table(out_path, columns=["samples"]).column("samples").take(rows)
+    return {
+        int(row): np.asarray(value, dtype=np.float64)
+        for row, value in zip(rows, column.to_pylist(), strict=True)
+        if value is not None
+    }
 
 
 def _resolve_images_root(
@@ -305,6 +314,7 @@ def _plot_uncertain_image(
     row: pd.Series,
     names: list[str],
     images_root: Path | None,
+    samples: np.ndarray | None,
 ) -> str:
     fig = Figure(figsize=(11, 3.6))
     left, right = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1, 2.6]})
@@ -342,7 +352,6 @@ def _plot_uncertain_image(
     label = row.get("label")
     label = None if label is None or pd.isna(label) else str(label)
     colors = [WRONG_COLOR if names[c] == row["pred"] else "#74c0fc" for c in order]
-    samples = _samples_of(row)
     if samples is None:
         right.bar(
             x,
@@ -595,7 +604,7 @@ def write_report(
     results = evaluate_parquet(out_path, ood_path)
     metadata = read_metadata(out_path)
     names = list(metadata["class_names"])
-    df = pq.read_table(out_path).to_pandas()
+    df = read_frame_without_samples(out_path)
     ok = (df["status"] == "ok").to_numpy(bool)
     label_index = pd.to_numeric(df["label_index"]).to_numpy(dtype=np.float64, na_value=np.nan)
     labelled = ok & np.isfinite(label_index)
@@ -612,7 +621,7 @@ def write_report(
     else:
         groups.append(("in-distribution", IN_COLOR, {k: v[ok] for k, v in scores.items()}))
     if ood_path is not None:
-        ood_df = pq.read_table(ood_path).to_pandas()
+        ood_df = read_frame_without_samples(ood_path)
         ood_ok = (ood_df["status"] == "ok").to_numpy(bool)
         ood_scores = uncertainty_scores(ood_df, names)
         groups.append(("OOD", OOD_COLOR, {k: v[ood_ok] for k, v in ood_scores.items()}))
@@ -628,10 +637,11 @@ def write_report(
     entropy = pd.to_numeric(df["entropy"]).to_numpy(dtype=np.float64, na_value=np.nan)
     candidates = np.flatnonzero(ok & np.isfinite(entropy))
     top = candidates[np.argsort(-entropy[candidates], kind="stable")[:TOP_UNCERTAIN]]
+    samples = _read_samples(out_path, top)
     for stale in folder.glob("uncertain_*.png"):
         stale.unlink()
     uncertain = [
-        _plot_uncertain_image(folder, rank, df.iloc[int(i)], names, root)
+        _plot_uncertain_image(folder, rank, df.iloc[int(i)], names, root, samples.get(int(i)))
         for rank, i in enumerate(top, start=1)
     ]
 

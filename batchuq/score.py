@@ -130,7 +130,7 @@ def _rows(
                 for c, name in enumerate(class_names):
                     row[f"{stat}_{name}"] = float(values[c])
             if samples is not None:
-                row["samples"] = samples[i].tolist()
+                row["samples"] = list(samples[i])  # S float32 arrays: Arrow converts them fast
         rows.append(row)
     return rows
 
@@ -284,12 +284,17 @@ def score_directory(
         pred_set=calibration is not None,
         samples_per_image=passes * tta_config.copies if save_samples else None,
     )
+    # Rows wait in memory until a row group is full; with raw samples, cap a group at ~64 MiB.
+    row_bytes = 4 * passes * tta_config.copies * len(display) if save_samples else 0
+    group_rows = max(16, min(4096, (64 << 20) // row_bytes)) if row_bytes else 4096
     if resume:
         fingerprint = {k: v for k, v in metadata.items() if k != "created"}
         fingerprint["files"] = hashlib.sha256("\0".join(relative_paths).encode()).hexdigest()
-        writer = CheckpointedParquetWriter(out_path, schema, fingerprint, checkpoint_rows)
+        writer = CheckpointedParquetWriter(
+            out_path, schema, fingerprint, min(checkpoint_rows, group_rows)
+        )
     else:
-        writer = AtomicParquetWriter(out_path, schema)
+        writer = AtomicParquetWriter(out_path, schema, row_group_size=group_rows)
     logger.info(
         "scoring %d images from %s",
         len(discovery.files),
