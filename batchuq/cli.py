@@ -34,7 +34,7 @@ from batchuq.options import (
     split_csv,
 )
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before TensorFlow is imported
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # C++ errors only; before TF is imported
 
 EXIT_OK = 0
 EXIT_IMAGE_ERRORS = 1
@@ -74,18 +74,24 @@ _TENSORFLOW_NOTICES = (
 )
 
 
-def import_tensorflow_quietly() -> None:
+def import_tensorflow_quietly(log_format: str = "text") -> None:
     """Import TensorFlow with its start-up notices kept off stderr.
 
-    File descriptor 2 points at a temporary file during the import; afterwards every captured
-    line except the known notices is written to stderr, so real import errors still show.
+    File descriptor 2 points at a file ``batchuq-tensorflow-import-<pid>.log`` in the temporary
+    folder during the import. Afterwards every captured line except the known notices goes to
+    stderr (as a JSON ``stderr`` event with ``log_format="json"``) and the file is deleted. If
+    the import kills the process (a broken TensorFlow install), the file keeps its message.
+
+    Args:
+        log_format: ``text`` or ``json``, as for ``--log-format``.
     """
     if "tensorflow" in sys.modules:
         return
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    capture = Path(tempfile.gettempdir()) / f"batchuq-tensorflow-import-{os.getpid()}.log"
     sys.stderr.flush()
     saved = os.dup(2)
-    with tempfile.TemporaryFile() as captured:
+    with open(capture, "w+b") as captured:
         os.dup2(captured.fileno(), 2)
         try:
             import tensorflow  # noqa: F401
@@ -93,14 +99,19 @@ def import_tensorflow_quietly() -> None:
             os.dup2(saved, 2)
             os.close(saved)
             captured.seek(0)
-            for line in captured.read().decode(errors="replace").splitlines(keepends=True):
-                if not any(notice in line for notice in _TENSORFLOW_NOTICES):
-                    sys.stderr.write(line)
-            sys.stderr.flush()
+            lines = captured.read().decode(errors="replace").splitlines()
+    capture.unlink(missing_ok=True)
+    for line in lines:
+        if not line.strip() or any(notice in line for notice in _TENSORFLOW_NOTICES):
+            continue
+        if log_format == "json":
+            line = json.dumps({"event": "stderr", "level": "info", "message": line})
+        print(line, file=sys.stderr)
+    sys.stderr.flush()
 
 
 def _setup_logging(log_format: str = "text") -> None:
-    import_tensorflow_quietly()
+    import_tensorflow_quietly(log_format)
     for handler in list(logger.handlers):
         logger.removeHandler(handler)
     handler = logging.StreamHandler(sys.stderr)

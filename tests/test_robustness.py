@@ -320,3 +320,38 @@ def test_file_and_folder_names_that_are_not_utf8_are_scored(tmp_path: Path) -> N
     assert frame.label.tolist() == ["caf\\xe9"] * 2
     means = frame.filter(like="mean_").to_numpy()
     np.testing.assert_array_equal(means[0], means[1])  # same pixels, deterministic pass
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_tensorflow_import_notices_are_filtered_and_other_output_kept(
+    tmp_path: Path, log_format: str
+) -> None:
+    # A stand-in `tensorflow` package that writes to fd 2 as TensorFlow's C++ code does.
+    fake = tmp_path / "fake" / "tensorflow"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text(
+        "import os\n"
+        "os.write(2, b'I0000 port.cc:153] oneDNN custom operations are on. You may see ...\\n')\n"
+        "os.write(2, b'E0000 something real went wrong\\n')\n"
+        "if os.environ.get('FAKE_TF_ABORT'):\n"
+        "    os.abort()\n"
+    )
+    env = {**os.environ, "PYTHONPATH": f"{fake.parent}{os.pathsep}{REPO}", "TMPDIR": str(tmp_path)}
+    code = (
+        "from batchuq.cli import import_tensorflow_quietly\n"
+        f"import_tensorflow_quietly({log_format!r})"
+    )
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.splitlines()
+    if log_format == "json":
+        lines = [json.loads(line)["message"] for line in lines]
+    assert lines == ["E0000 something real went wrong"]
+    assert not list(tmp_path.glob("batchuq-tensorflow-import-*"))
+    # An import that kills the process leaves what it printed in the capture file.
+    crashed = subprocess.run(
+        [sys.executable, "-c", code], env=env | {"FAKE_TF_ABORT": "1"}, capture_output=True
+    )
+    assert crashed.returncode != 0
+    (kept,) = tmp_path.glob("batchuq-tensorflow-import-*.log")
+    assert "something real went wrong" in kept.read_text()
