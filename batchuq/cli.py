@@ -251,7 +251,8 @@ def cli() -> None:
     default="float32",
     show_default=True,
     help="Arithmetic of the sampled passes. bfloat16 is faster on CPUs with AVX512-BF16 "
-    "or AMX; probabilities and statistics stay float32.",
+    "or AMX (elsewhere it falls back to float32 with a warning); probabilities and "
+    "statistics stay float32.",
 )
 @click.option(
     "--max-pixels",

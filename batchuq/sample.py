@@ -42,6 +42,32 @@ PRECISIONS = ("float32", "bfloat16")
 _STATE = threading.local()
 
 
+def cpu_has_bf16(cpuinfo: str | None = None) -> bool | None:
+    """Whether the CPU computes bfloat16 natively (x86 AVX512-BF16 or AMX-BF16, Arm BF16).
+
+    Args:
+        cpuinfo: Text of ``/proc/cpuinfo``; read from the system when ``None``.
+
+    Returns:
+        ``True`` or ``False`` from the CPU's feature flags, ``None`` when they cannot be read
+        (not Linux).
+    """
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
+                cpuinfo = handle.read()
+        except OSError:
+            return None
+    flags: set[str] = set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() in ("flags", "features"):
+            flags.update(value.split())
+    if not flags:
+        return None
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
 class NoDropoutError(ValueError):
     """Raised when MC sampling is asked of a model without a dropout layer to sample."""
 

@@ -35,7 +35,7 @@ from batchuq.models import (
     read_sidecar,
     resolve_class_names,
 )
-from batchuq.sample import DEFAULT_MEMORY_BUDGET_MB, MCSampler
+from batchuq.sample import DEFAULT_MEMORY_BUDGET_MB, MCSampler, cpu_has_bf16
 from batchuq.seeds import image_keys, mix
 from batchuq.summarise import Summary, mean_statistics, summarise
 from batchuq.write import (
@@ -181,7 +181,9 @@ def score_directory(
         sample_layers: Name patterns of the dropout layers to sample (default: all).
         memory_budget_mb: Memory budget for one chunk of tiled passes.
         max_pixels: Images with more pixels are refused (error row) before decoding.
-        precision: ``float32``, or ``bfloat16`` for the sampled part of the network.
+        precision: ``float32``, or ``bfloat16`` for the sampled part of the network. On a
+            CPU whose flags show no native bfloat16, ``bfloat16`` falls back to ``float32``
+            with a warning (the metadata keeps both ``precision`` and ``precision_requested``).
         logits: The model outputs logits; apply a softmax to each pass.
         resume: Keep finished rows in ``OUTPUT.checkpoint/`` and, when it exists from an
             interrupted run with the same settings, skip the images already scored there.
@@ -238,6 +240,13 @@ def score_directory(
         sidecar_rescale = read_sidecar(loaded.path).get("rescale")
         rescale = float(sidecar_rescale) if sidecar_rescale is not None else DEFAULT_RESCALE
 
+    requested_precision = precision
+    if precision == "bfloat16" and cpu_has_bf16() is False:
+        logger.warning(
+            "--precision bfloat16: this CPU has no native bfloat16 (AVX512-BF16, AMX or Arm "
+            "BF16), where it would be emulated and slower; using float32."
+        )
+        precision = "float32"
     sampler = MCSampler(
         loaded.model,
         passes,
@@ -263,6 +272,7 @@ def score_directory(
         "seed": seed,
         "rescale": rescale,
         "precision": precision,
+        "precision_requested": requested_precision,
         "sampled_layers": [layer.name for layer in sampler.dropout_layers],
         "decision_rule": rule.as_metadata(),
         "samples_per_image": passes * tta_config.copies,

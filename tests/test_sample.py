@@ -262,3 +262,15 @@ def test_bfloat16_keeps_softmax_and_everything_after_it_in_float32() -> None:
     rows = np.random.default_rng(0).normal(size=(6, 12)).astype(np.float32)
     samples = sampler.sample(rows, _keys(6))
     np.testing.assert_allclose(samples.sum(axis=-1), 1.0, atol=1e-5)
+
+
+def test_cpu_bf16_detection_reads_the_feature_flags() -> None:
+    from batchuq.sample import cpu_has_bf16
+
+    x86 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f {}\n\nprocessor\t: 1\n"
+    assert cpu_has_bf16(x86.format("avx512_bf16 avx512_vnni")) is True
+    assert cpu_has_bf16(x86.format("amx_tile amx_bf16")) is True
+    assert cpu_has_bf16(x86.format("avx512_vnni")) is False
+    assert cpu_has_bf16("processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n") is True
+    assert cpu_has_bf16("processor\t: 0\nFeatures\t: fp asimd\n") is False
+    assert cpu_has_bf16("") is None

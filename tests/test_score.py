@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -250,3 +251,22 @@ def test_subclassed_model_is_refused_clearly_and_scores_once_wrapped(tmp_path: P
     score_directory(tmp_path / "images", tmp_path / "out.parquet", model=wrapped, passes=8)
     frame = pd.read_parquet(tmp_path / "out.parquet")
     assert len(frame) == 3 and (frame.filter(like="std_").to_numpy() > 0).any()
+
+
+def test_bfloat16_falls_back_to_float32_on_a_cpu_without_it(
+    digits_subset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog
+) -> None:
+    import batchuq.score
+
+    # This machine has AVX512-BF16; stand in for one that does not.
+    monkeypatch.setattr(batchuq.score, "cpu_has_bf16", lambda: False)
+    # An earlier CLI test may have set up the batchuq logger not to propagate to caplog.
+    monkeypatch.setattr(logging.getLogger("batchuq"), "propagate", True)
+    out, reference = tmp_path / "out.parquet", tmp_path / "fp32.parquet"
+    with caplog.at_level("WARNING", logger="batchuq"):
+        score_directory(digits_subset, out, passes=4, precision="bfloat16")
+    assert "no native bfloat16" in caplog.text
+    meta = read_metadata(out)
+    assert (meta["precision"], meta["precision_requested"]) == ("float32", "bfloat16")
+    score_directory(digits_subset, reference, passes=4)
+    pd.testing.assert_frame_equal(pd.read_parquet(out), pd.read_parquet(reference))
