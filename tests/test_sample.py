@@ -274,3 +274,11 @@ def test_cpu_bf16_detection_reads_the_feature_flags() -> None:
     assert cpu_has_bf16("processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n") is True
     assert cpu_has_bf16("processor\t: 0\nFeatures\t: fp asimd\n") is False
     assert cpu_has_bf16("") is None
+
+
+def test_cli_memory_budget_default_is_the_samplers() -> None:
+    from batchuq.cli import score
+    from batchuq.sample import DEFAULT_MEMORY_BUDGET_MB
+
+    (option,) = [p for p in score.params if p.name == "memory_budget"]
+    assert option.default == DEFAULT_MEMORY_BUDGET_MB
