@@ -415,6 +415,12 @@ def score(
             what = "Interrupted (SIGINT)" if sigint else "Terminated (SIGTERM)"
             if _file_identity(output) != output_before:  # the signal came after the rename
                 click.echo(f"{what} after {output} was complete; no summary.", err=True)
+            elif resume:
+                click.echo(
+                    f"{what}: no output written; finished rows are kept in "
+                    f"{output}.checkpoint/ (run again with --resume to finish).",
+                    err=True,
+                )
             else:
                 click.echo(f"{what}: no output written.", err=True)
             sys.exit(EXIT_SIGINT if sigint else EXIT_SIGTERM)

@@ -281,8 +281,9 @@ def test_resume_after_kill_equals_uninterrupted_run(many_digits: Path, tmp_path:
     first = _score_process(many_digits, out, "--seed", "5", "--resume", "--checkpoint-rows", "8")
     _wait_for_rows(first, tmp_path / "out.parquet.checkpoint")
     first.send_signal(signal.SIGTERM)
-    first.communicate(timeout=120)
+    told, _ = first.communicate(timeout=120)
     assert first.returncode == EXIT_SIGTERM
+    assert "run again with --resume" in told
     assert not out.exists() and (tmp_path / "out.parquet.checkpoint").is_dir()
     second = _score_process(many_digits, out, "--seed", "5", "--resume", "--checkpoint-rows", "8")
     output, _ = second.communicate(timeout=300)
