@@ -423,7 +423,13 @@ def score(
                 )
             else:
                 click.echo(f"{what}: no output written.", err=True)
-            sys.exit(EXIT_SIGINT if sigint else EXIT_SIGTERM)
+            # Cleanup (temporary file, checkpoint) is done. Leave at once: a normal interpreter
+            # exit would tear down TensorFlow's threads mid-work, which can crash the process
+            # and turn 143 into a segfault.
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(EXIT_SIGINT if sigint else EXIT_SIGTERM)
         if isinstance(exc, (NoImagesFoundError, NotADirectoryError, ModelError)) or (
             is_usage_error(exc)
         ):

@@ -346,42 +346,49 @@ def score_directory(
             desc="scoring",
             leave=False,
         )
-        with bar:
-            for batch in dataset:
-                stack = batch["images"]  # (B, K, H, W, C)
-                b = int(tf.shape(stack)[0])
-                rows_keys = tf.reshape(mix(batch["keys"][:, None], copy_index[None, :]), [-1])
-                flat = tf.reshape(stack, tf.concat([[b * copies], tf.shape(stack)[2:]], 0))
-                samples = sampler.sample(flat, rows_keys)  # (T, B*K, C)
-                samples = samples.reshape(passes, b, copies, -1).transpose(1, 2, 0, 3)
-                samples = samples.reshape(b, copies * passes, -1)
-                status = batch["status"].numpy()
-                check_probabilities(samples[status == OK.encode()], loaded.path)
-                summary = summarise(samples)
-                if temperature:
-                    summary = _with_temperature(summary, calibration.temperature)
-                decisions = decide(summary, rule)
-                positions = [todo[int(i)] for i in batch["index"].numpy()]
-                if on_samples is not None:
-                    on_samples(positions, samples)
-                rows = _rows(
-                    positions,
-                    status,
-                    summary,
-                    decisions,
-                    relative_paths,
-                    labels_out,
-                    label_indices,
-                    display,
-                    samples if save_samples else None,
-                )
-                if calibration is not None:
-                    _add_prediction_sets(rows, summary, calibration, temperature, display)
-                for row in rows:
-                    if row["status"] != OK:
-                        _count_error(report, row)
-                writer.write_rows(rows)
-                bar.update(b)
+        batches = iter(dataset)
+        try:
+            with bar:
+                for batch in batches:
+                    stack = batch["images"]  # (B, K, H, W, C)
+                    b = int(tf.shape(stack)[0])
+                    rows_keys = tf.reshape(mix(batch["keys"][:, None], copy_index[None, :]), [-1])
+                    flat = tf.reshape(stack, tf.concat([[b * copies], tf.shape(stack)[2:]], 0))
+                    samples = sampler.sample(flat, rows_keys)  # (T, B*K, C)
+                    samples = samples.reshape(passes, b, copies, -1).transpose(1, 2, 0, 3)
+                    samples = samples.reshape(b, copies * passes, -1)
+                    status = batch["status"].numpy()
+                    check_probabilities(samples[status == OK.encode()], loaded.path)
+                    summary = summarise(samples)
+                    if temperature:
+                        summary = _with_temperature(summary, calibration.temperature)
+                    decisions = decide(summary, rule)
+                    positions = [todo[int(i)] for i in batch["index"].numpy()]
+                    if on_samples is not None:
+                        on_samples(positions, samples)
+                    rows = _rows(
+                        positions,
+                        status,
+                        summary,
+                        decisions,
+                        relative_paths,
+                        labels_out,
+                        label_indices,
+                        display,
+                        samples if save_samples else None,
+                    )
+                    if calibration is not None:
+                        _add_prediction_sets(rows, summary, calibration, temperature, display)
+                    for row in rows:
+                        if row["status"] != OK:
+                            _count_error(report, row)
+                    writer.write_rows(rows)
+                    bar.update(b)
+        finally:
+            # Stop the input pipeline here, while Python is fully alive. Left to the traceback
+            # of an interrupt, it would be torn down at interpreter exit, where its decode
+            # threads calling back into Python can crash the process.
+            del batches
     final = pq.read_table(out_path, columns=["status", "decision"])
     report.errors = sum(1 for s in final.column("status").to_pylist() if s != OK)
     report.unclassified = sum(
