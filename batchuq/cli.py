@@ -371,10 +371,12 @@ def score(
     received: list[int] = []
 
     def on_signal(signum: int, frame: object) -> None:
-        if received:  # a second signal while cleaning up: cleanup is already under way
-            return
+        # The first signal only asks score_directory to stop at its next check (before or
+        # after a batch's sampling): an exception raised here, inside TensorFlow's C++ code,
+        # can crash the process. A second signal interrupts at once.
         received.append(signum)
-        raise KeyboardInterrupt() if signum == signal.SIGINT else _Terminated()
+        if len(received) > 1:
+            raise KeyboardInterrupt() if signum == signal.SIGINT else _Terminated()
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     output_before = _file_identity(output)
@@ -403,13 +405,16 @@ def score(
             checkpoint_rows=checkpoint_rows,
             follow_symlinks=follow_symlinks,
             progress=progress and log_format == "text",
+            should_stop=lambda: bool(received),
         )
+        if received:  # the signal came after the last batch: the output is complete
+            raise _Terminated()
     except BaseException as exc:
-        # A signal raised inside TensorFlow's C++ code can come back wrapped in another
-        # exception type (a RuntimeError naming _Terminated), so the signal received,
-        # not the exception's type, decides that the run was interrupted.
+        # After a signal the exception is StopRequested or, after a second signal, whatever
+        # TensorFlow's C++ code made of the interrupt (e.g. a RuntimeError naming
+        # _Terminated): the signal received, not the exception's type, decides.
         if received or isinstance(exc, (KeyboardInterrupt, _Terminated)):
-            sigint = received == [signal.SIGINT] or (
+            sigint = (received[:1] == [signal.SIGINT]) or (
                 not received and isinstance(exc, KeyboardInterrupt)
             )
             what = "Interrupted (SIGINT)" if sigint else "Terminated (SIGTERM)"

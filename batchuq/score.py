@@ -157,6 +157,7 @@ def score_directory(
     checkpoint_rows: int = 1024,
     follow_symlinks: bool = False,
     on_samples: Callable[[list[int], np.ndarray], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
     save_samples: bool = False,
     calibration: str | os.PathLike[str] | Calibration | None = None,
     temperature: bool = False,
@@ -194,6 +195,11 @@ def score_directory(
             the discovered, natural-sorted file list) and their raw samples, shape
             ``(batch, passes * tta, classes)``, ordered copy-major (all passes of copy 0, then
             copy 1, ...). Used by ``calibrate``.
+        should_stop: Polled before and after each batch's sampling; when it returns True the
+            run raises ``StopRequested`` there, leaving no output (with ``resume``, finished
+            rows stay in the checkpoint). The CLI's SIGTERM/SIGINT handlers use it, because
+            an exception raised from a signal handler inside TensorFlow's C++ code can crash
+            the process.
         save_samples: Add a ``samples`` column with each image's raw samples, shape
             ``(passes * tta, classes)`` in the same copy-major order (null for error rows);
             ``batchuq evaluate --report`` then draws their distribution per class. About
@@ -350,11 +356,13 @@ def score_directory(
         try:
             with bar:
                 for batch in batches:
+                    _stop_if_asked(should_stop)
                     stack = batch["images"]  # (B, K, H, W, C)
                     b = int(tf.shape(stack)[0])
                     rows_keys = tf.reshape(mix(batch["keys"][:, None], copy_index[None, :]), [-1])
                     flat = tf.reshape(stack, tf.concat([[b * copies], tf.shape(stack)[2:]], 0))
                     samples = sampler.sample(flat, rows_keys)  # (T, B*K, C)
+                    _stop_if_asked(should_stop)
                     samples = samples.reshape(passes, b, copies, -1).transpose(1, 2, 0, 3)
                     samples = samples.reshape(b, copies * passes, -1)
                     status = batch["status"].numpy()
@@ -410,6 +418,16 @@ def score_directory(
         },
     )
     return report
+
+
+class StopRequested(BaseException):
+    """Raised by ``score_directory`` when ``should_stop`` asks it to stop (a BaseException, like
+    KeyboardInterrupt, so that ``except Exception`` does not swallow it)."""
+
+
+def _stop_if_asked(should_stop: Callable[[], bool] | None) -> None:
+    if should_stop is not None and should_stop():
+        raise StopRequested()
 
 
 def _with_temperature(summary: Summary, temperature: float) -> Summary:
