@@ -110,7 +110,20 @@ def import_tensorflow_quietly(log_format: str = "text") -> None:
     sys.stderr.flush()
 
 
+_log_format = "text"  # set by _setup_logging; "json" turns every stderr message into JSON
+
+
+def _say(message: str, event: str) -> None:
+    """Write a closing message to stderr: plain text, or a JSON event with --log-format json."""
+    if _log_format == "json":
+        logger.error(message, extra={"event": event})
+    else:
+        click.echo(message, err=True)
+
+
 def _setup_logging(log_format: str = "text") -> None:
+    global _log_format
+    _log_format = log_format
     import_tensorflow_quietly(log_format)
     for handler in list(logger.handlers):
         logger.removeHandler(handler)
@@ -145,7 +158,7 @@ def is_usage_error(exc: BaseException) -> bool:
 
 
 def _usage_error(message: str) -> None:
-    click.echo(f"Error: {message}", err=True)
+    _say(f"Error: {message}", "usage_error")
     sys.exit(EXIT_USAGE)
 
 
@@ -312,7 +325,8 @@ def cli() -> None:
     type=click.Choice(["text", "json"]),
     default="text",
     show_default=True,
-    help="json: one JSON object per event (start, image_error, summary) on stderr.",
+    help="json: one JSON object per line on stderr for every event (start, image_error, "
+    "summary, usage_error, too_many_errors, interrupted).",
 )
 @progress_option
 def score(
@@ -419,15 +433,15 @@ def score(
             )
             what = "Interrupted (SIGINT)" if sigint else "Terminated (SIGTERM)"
             if _file_identity(output) != output_before:  # the signal came after the rename
-                click.echo(f"{what} after {output} was complete; no summary.", err=True)
+                _say(f"{what} after {output} was complete; no summary.", "interrupted")
             elif resume:
-                click.echo(
+                _say(
                     f"{what}: no output written; finished rows are kept in "
                     f"{output}.checkpoint/ (run again with --resume to finish).",
-                    err=True,
+                    "interrupted",
                 )
             else:
-                click.echo(f"{what}: no output written.", err=True)
+                _say(f"{what}: no output written.", "interrupted")
             # Cleanup (temporary file, checkpoint) is done. Leave at once: a normal interpreter
             # exit would tear down TensorFlow's threads mid-work, which can crash the process
             # and turn 143 into a segfault.
@@ -447,11 +461,11 @@ def score(
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if report.errors and report.error_rate > max_error_rate:
-        click.echo(
+        _say(
             f"{report.errors} of {report.images} images could not be read "
             f"({report.error_rate:.1%} > --max-error-rate {max_error_rate:.1%}); "
             "see rows whose status starts with 'error'.",
-            err=True,
+            "too_many_errors",
         )
         sys.exit(EXIT_IMAGE_ERRORS)
 
