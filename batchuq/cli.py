@@ -24,6 +24,7 @@ from pathlib import Path
 
 import click
 
+from batchuq.defaults import DEFAULT_MAX_PIXELS, DEFAULT_MEMORY_BUDGET_MB, DEFAULT_PASSES
 from batchuq.options import (
     augmentation_options,
     batch_size_option,
@@ -185,7 +186,7 @@ def cli() -> None:
     "--passes",
     "-T",
     type=click.IntRange(min=1),
-    default=100,
+    default=DEFAULT_PASSES,
     show_default=True,
     help="MC dropout forward passes per (augmented) image. 1 = deterministic softmax.",
 )
@@ -254,7 +255,7 @@ def cli() -> None:
 @click.option(
     "--memory-budget",
     type=click.FloatRange(min=1),
-    default=256,  # sample.DEFAULT_MEMORY_BUDGET_MB (not imported: it would load TensorFlow)
+    default=DEFAULT_MEMORY_BUDGET_MB,
     show_default=True,
     help="Estimated MB of activations for one chunk of tiled passes: bounds the memory that "
     "grows with --passes (peak RSS rose by about 1.5x this on the reference CNN). Larger "
@@ -272,7 +273,7 @@ def cli() -> None:
 @click.option(
     "--max-pixels",
     type=click.IntRange(min=1),
-    default=89_478_485,
+    default=DEFAULT_MAX_PIXELS,
     show_default=True,
     help="Refuse images with more pixels than this (decompression bombs).",
 )

@@ -17,9 +17,9 @@ import tensorflow as tf
 from PIL import Image, UnidentifiedImageError
 
 from batchuq.augment import TTAConfig, augment_copies
+from batchuq.defaults import DEFAULT_MAX_PIXELS
 
 OK = "ok"
-DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb limit (about 0.25 GiB RGBA)
 
 _MODE_FOR_CHANNELS = {1: "L", 3: "RGB", 4: "RGBA"}
 

@@ -12,6 +12,8 @@ from typing import Any
 
 import click
 
+from batchuq.defaults import DEFAULT_BATCH_SIZE
+
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
 
 
@@ -84,7 +86,7 @@ batch_size_option = click.option(
     "--batch-size",
     "-b",
     type=click.IntRange(min=1),
-    default=32,
+    default=DEFAULT_BATCH_SIZE,
     show_default=True,
     help="Images per batch. Results do not depend on it.",
 )

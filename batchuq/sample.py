@@ -29,6 +29,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from batchuq.defaults import DEFAULT_MEMORY_BUDGET_MB
 from batchuq.seeds import mix, uniform_from_keys
 
 DROPOUT_TYPES: tuple[type, ...] = (
@@ -36,9 +37,6 @@ DROPOUT_TYPES: tuple[type, ...] = (
     keras.layers.GaussianDropout,
     keras.layers.AlphaDropout,
 )
-# 64-1024 MB ran at the same speed on the reference CNN (128x128x3, T = 100); peak RSS rose by
-# about 1.5 MB per MB of budget (0.97 GB at 64 MB, 1.44 at 256, 1.89 at 512, 2.45 at 1024).
-DEFAULT_MEMORY_BUDGET_MB = 256
 PRECISIONS = ("float32", "bfloat16")
 
 _STATE = threading.local()

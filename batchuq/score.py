@@ -26,7 +26,14 @@ from batchuq import __version__
 from batchuq.augment import TTAConfig
 from batchuq.calibrate import Calibration, apply_temperature, prediction_sets
 from batchuq.decide import UNCLASSIFIED, DecisionRule, decide
-from batchuq.decode import DEFAULT_MAX_PIXELS, OK, make_dataset
+from batchuq.decode import OK, make_dataset
+from batchuq.defaults import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MEMORY_BUDGET_MB,
+    DEFAULT_PASSES,
+    DEFAULT_RESCALE,
+)
 from batchuq.discover import discover_images, read_labels_file
 from batchuq.models import (
     LoadedModel,
@@ -35,7 +42,7 @@ from batchuq.models import (
     read_sidecar,
     resolve_class_names,
 )
-from batchuq.sample import DEFAULT_MEMORY_BUDGET_MB, MCSampler, cpu_has_bf16
+from batchuq.sample import MCSampler, cpu_has_bf16
 from batchuq.seeds import image_keys, mix
 from batchuq.summarise import Summary, mean_statistics, summarise
 from batchuq.write import (
@@ -47,10 +54,6 @@ from batchuq.write import (
 )
 
 logger = logging.getLogger("batchuq")
-
-DEFAULT_PASSES = 100
-DEFAULT_BATCH_SIZE = 32
-DEFAULT_RESCALE = 1.0 / 255.0
 
 
 @dataclass
