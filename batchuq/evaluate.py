@@ -226,23 +226,49 @@ def _read_frame(path: str | os.PathLike[str]) -> tuple[pd.DataFrame, dict]:
         raise ValueError(
             f"The file's batchuq metadata has no class_names. Received: path={str(path)!r}"
         )
-    return read_frame_without_samples(path), metadata
-
-
-def read_frame_without_samples(path: str | os.PathLike[str]) -> pd.DataFrame:
-    """Read a scored Parquet file into pandas, leaving out the (large) ``samples`` column."""
+    # The (large) raw `samples` column is left out; the report reads it for a few rows only.
     columns = [name for name in pq.read_schema(path).names if name != "samples"]
-    return pq.read_table(path, columns=columns).to_pandas()
+    return pq.read_table(path, columns=columns).to_pandas(), metadata
+
+
+def read_scored(
+    path: str | os.PathLike[str], ood_path: str | os.PathLike[str] | None = None
+) -> tuple[pd.DataFrame, dict, pd.DataFrame | None]:
+    """Read a scored file and, optionally, its OOD counterpart (without ``samples``).
+
+    Returns:
+        ``(df, metadata, ood_df)``; ``ood_df`` is ``None`` without ``ood_path``.
+
+    Raises:
+        ValueError: If a file has no batchuq metadata, or the two files have different class
+            names.
+        OSError: If a file cannot be read.
+    """
+    df, metadata = _read_frame(path)
+    ood_df = None
+    if ood_path is not None:
+        ood_df, ood_metadata = _read_frame(ood_path)
+        if list(ood_metadata["class_names"]) != list(metadata["class_names"]):
+            raise ValueError(
+                "The OOD file was scored with other class names than the in-distribution file "
+                f"({list(metadata['class_names'])!r}). "
+                f"Received: ood_class_names={ood_metadata['class_names']!r}"
+            )
+    return df, metadata, ood_df
 
 
 def evaluate_parquet(
-    path: str | os.PathLike[str], ood_path: str | os.PathLike[str] | None = None
+    path: str | os.PathLike[str],
+    ood_path: str | os.PathLike[str] | None = None,
+    scored: tuple[pd.DataFrame, dict, pd.DataFrame | None] | None = None,
 ) -> dict:
     """Evaluate a Parquet file written by ``batchuq score`` (see ``evaluate_frame``).
 
     Args:
         path: The scored in-distribution file; class names come from its metadata.
         ood_path: The same model's output on an out-of-distribution folder.
+        scored: What ``read_scored(path, ood_path)`` returned, when the caller has read the
+            files already.
 
     Returns:
         The dict of ``evaluate_frame`` plus ``file``, ``ood_file``, ``passes``, ``tta`` and
@@ -253,16 +279,8 @@ def evaluate_parquet(
             have different class names.
         OSError: If a file cannot be read.
     """
-    df, metadata = _read_frame(path)
+    df, metadata, ood_df = scored or read_scored(path, ood_path)
     class_names = list(metadata["class_names"])
-    ood_df = None
-    if ood_path is not None:
-        ood_df, ood_metadata = _read_frame(ood_path)
-        if list(ood_metadata["class_names"]) != class_names:
-            raise ValueError(
-                "The OOD file was scored with other class names than the in-distribution file "
-                f"({class_names!r}). Received: ood_class_names={ood_metadata['class_names']!r}"
-            )
     result = {
         "file": str(path),
         "ood_file": None if ood_path is None else str(ood_path),

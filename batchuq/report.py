@@ -32,10 +32,9 @@ from batchuq import metrics
 from batchuq.evaluate import (
     SCORE_NAMES,
     evaluate_parquet,
-    read_frame_without_samples,
+    read_scored,
     uncertainty_scores,
 )
-from batchuq.write import read_metadata
 
 logger = logging.getLogger("batchuq")
 
@@ -601,10 +600,10 @@ def write_report(
         )
     folder.mkdir(parents=True, exist_ok=True)
 
-    results = evaluate_parquet(out_path, ood_path)
-    metadata = read_metadata(out_path)
+    scored = read_scored(out_path, ood_path)  # each file read once, for metrics and plots
+    results = evaluate_parquet(out_path, ood_path, scored)
+    df, metadata, ood_df = scored
     names = list(metadata["class_names"])
-    df = read_frame_without_samples(out_path)
     ok = (df["status"] == "ok").to_numpy(bool)
     label_index = pd.to_numeric(df["label_index"]).to_numpy(dtype=np.float64, na_value=np.nan)
     labelled = ok & np.isfinite(label_index)
@@ -620,8 +619,7 @@ def write_report(
         groups.append(("wrong", WRONG_COLOR, {k: v[labelled][~correct] for k, v in scores.items()}))
     else:
         groups.append(("in-distribution", IN_COLOR, {k: v[ok] for k, v in scores.items()}))
-    if ood_path is not None:
-        ood_df = read_frame_without_samples(ood_path)
+    if ood_df is not None:
         ood_ok = (ood_df["status"] == "ok").to_numpy(bool)
         ood_scores = uncertainty_scores(ood_df, names)
         groups.append(("OOD", OOD_COLOR, {k: v[ood_ok] for k, v in ood_scores.items()}))
