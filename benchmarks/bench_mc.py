@@ -134,6 +134,18 @@ def batches(n: int, size: int) -> list[slice]:
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
+def loop_figures(results: np.ndarray, seconds: float) -> dict:
+    """Timing and pass-to-pass spread of a classic loop's outputs, shape ``(T, N, C)``."""
+    spread = results.std(axis=0)  # (N, C)
+    return {
+        "images": results.shape[1],
+        "seconds": seconds,
+        "images_per_second": results.shape[1] / seconds,
+        "mean_std_over_passes": float(spread.mean()),
+        "min_std_over_passes": float(spread.max(axis=1).min()),  # > 0: dropout was on
+    }
+
+
 def forced_dropout_copy(model):
     """A copy of ``model`` (same weights) whose Dropout layers are on whatever ``training`` says.
 
@@ -163,14 +175,7 @@ def bench_predict_loop(model, images: np.ndarray, passes: int, batch_size: int) 
     results = np.stack(
         [forced.predict(images, batch_size=batch_size, verbose=0) for _ in range(passes)]
     )  # (T, N, C)
-    seconds = time.perf_counter() - started
-    return {
-        "images": len(images),
-        "seconds": seconds,
-        "images_per_second": len(images) / seconds,
-        "mean_std_over_passes": float(results.std(axis=0).mean()),
-        "min_std_over_passes": float(results.std(axis=0).max(axis=1).min()),
-    }
+    return loop_figures(results, time.perf_counter() - started)
 
 
 def bench_classic(model, images: np.ndarray, passes: int, batch_size: int) -> dict:
@@ -188,13 +193,7 @@ def bench_classic(model, images: np.ndarray, passes: int, batch_size: int) -> di
     results = np.stack(
         [np.concatenate([stochastic_forward(p).numpy() for p in parts]) for _ in range(passes)]
     )  # (T, N, C)
-    seconds = time.perf_counter() - started
-    return {
-        "seconds": seconds,
-        "images_per_second": len(images) / seconds,
-        "mean_std_over_passes": float(results.std(axis=0).mean()),
-        "min_std_over_passes": float(results.std(axis=0).max(axis=1).min()),
-    }
+    return loop_figures(results, time.perf_counter() - started)
 
 
 def bench_sampler(model, images, keys, passes, batch_size, **kwargs) -> dict:
