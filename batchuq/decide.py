@@ -22,6 +22,7 @@ import numpy as np
 from batchuq.summarise import Summary
 
 UNCLASSIFIED = -1
+UNCLASSIFIED_NAME = "unclassified"  # what the Parquet `decision` column holds for UNCLASSIFIED
 RULES = ("median", "threshold", "confidence", "none")
 
 

@@ -22,10 +22,10 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from batchuq import metrics
+from batchuq.decide import UNCLASSIFIED_NAME
 from batchuq.write import read_metadata
 
 OK_STATUS = "ok"
-UNCLASSIFIED = "unclassified"
 EXIT_USAGE = 2
 
 # Uncertainty scores compared by AUROC; higher = more uncertain.
@@ -170,8 +170,8 @@ def evaluate_frame(
         probs = np.column_stack([_floats(lab, f"mean_{name}") for name in names])
         confidence = _floats(lab, "confidence")
         correct = pred == y
-        decision = _column(lab, "decision").astype("string").fillna(UNCLASSIFIED)
-        accepted = (decision != UNCLASSIFIED).to_numpy(bool)
+        decision = _column(lab, "decision").astype("string").fillna(UNCLASSIFIED_NAME)
+        accepted = (decision != UNCLASSIFIED_NAME).to_numpy(bool)
         index_of = {name: i for i, name in enumerate(names)}
         decided = decision.map(index_of).to_numpy(dtype=np.float64, na_value=np.nan)
         result.update(

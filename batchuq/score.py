@@ -18,14 +18,13 @@ from pathlib import Path
 
 import keras
 import numpy as np
-import pyarrow.parquet as pq
 import tensorflow as tf
 from tqdm.auto import tqdm
 
 from batchuq import __version__
 from batchuq.augment import TTAConfig
 from batchuq.calibrate import Calibration, apply_temperature, prediction_sets
-from batchuq.decide import UNCLASSIFIED, DecisionRule, decide
+from batchuq.decide import UNCLASSIFIED, UNCLASSIFIED_NAME, DecisionRule, decide
 from batchuq.decode import OK, make_dataset
 from batchuq.defaults import (
     DEFAULT_BATCH_SIZE,
@@ -125,7 +124,9 @@ def _rows(
             row["pred"] = class_names[pred]
             row["pred_index"] = pred
             decision = int(decisions[i])
-            row["decision"] = "unclassified" if decision == UNCLASSIFIED else class_names[decision]
+            row["decision"] = (
+                UNCLASSIFIED_NAME if decision == UNCLASSIFIED else class_names[decision]
+            )
             for column in SCORE_COLUMNS:
                 row[column] = float(getattr(summary, column)[i])
             for stat in ("mean", "median", "std"):
@@ -334,6 +335,8 @@ def score_directory(
     copy_index = tf.cast(tf.range(copies), tf.uint32)
     with writer:
         done = getattr(writer, "done_paths", set())
+        # Rows kept from an interrupted run count towards this run's report.
+        _count(report, getattr(writer, "done_statuses", []), getattr(writer, "done_decisions", []))
         todo = [i for i, path in enumerate(relative_paths) if path not in done]
         if done:
             logger.info("resuming: %d of %d images already scored", len(done), report.images)
@@ -390,9 +393,10 @@ def score_directory(
                     )
                     if calibration is not None:
                         _add_prediction_sets(rows, summary, calibration, temperature, display)
+                    _count(report, [r["status"] for r in rows], [r.get("decision") for r in rows])
                     for row in rows:
                         if row["status"] != OK:
-                            _count_error(report, row)
+                            _log_error(report, row)
                     writer.write_rows(rows)
                     bar.update(b)
         finally:
@@ -400,11 +404,6 @@ def score_directory(
             # of an interrupt, it would be torn down at interpreter exit, where its decode
             # threads calling back into Python can crash the process.
             del batches
-    final = pq.read_table(out_path, columns=["status", "decision"])
-    report.errors = sum(1 for s in final.column("status").to_pylist() if s != OK)
-    report.unclassified = sum(
-        1 for d in final.column("decision").to_pylist() if d == "unclassified"
-    )
     report.seconds = time.perf_counter() - started
     logger.info(
         report.summary_line(),
@@ -454,7 +453,13 @@ def _add_prediction_sets(
             row["pred_set"] = [class_names[c] for c in np.flatnonzero(members[i])]
 
 
-def _count_error(report: ScoreReport, row: dict) -> None:
+def _count(report: ScoreReport, statuses: list[str], decisions: list[str | None]) -> None:
+    """Add rows to the report's error and unclassified counts."""
+    report.errors += sum(1 for status in statuses if status != OK)
+    report.unclassified += sum(1 for decision in decisions if decision == UNCLASSIFIED_NAME)
+
+
+def _log_error(report: ScoreReport, row: dict) -> None:
     if len(report.error_paths) < 1000:
         report.error_paths.append(row["path"])
     logger.warning(

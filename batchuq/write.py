@@ -185,6 +185,8 @@ class CheckpointedParquetWriter(AtomicParquetWriter):
         self.fingerprint = json.loads(json.dumps(fingerprint, sort_keys=True))
         self.checkpoint = self.path.with_name(self.path.name + ".checkpoint")
         self.done_paths: set[str] = set()
+        self.done_statuses: list[str] = []  # status of each row already in the checkpoint
+        self.done_decisions: list[str | None] = []  # and its decision
         self._parts = 0
 
     def __enter__(self) -> CheckpointedParquetWriter:
@@ -196,7 +198,10 @@ class CheckpointedParquetWriter(AtomicParquetWriter):
                     "settings or other files; delete it or run without --resume."
                 )
             for part in sorted(self.checkpoint.glob("part-*.parquet")):
-                self.done_paths.update(pq.read_table(part, columns=["path"]).column(0).to_pylist())
+                done = pq.read_table(part, columns=["path", "status", "decision"])
+                self.done_paths.update(done.column("path").to_pylist())
+                self.done_statuses.extend(done.column("status").to_pylist())
+                self.done_decisions.extend(done.column("decision").to_pylist())
                 self._parts += 1
         else:
             self.checkpoint.mkdir(exist_ok=True)

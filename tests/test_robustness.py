@@ -355,3 +355,30 @@ def test_tensorflow_import_notices_are_filtered_and_other_output_kept(
     assert crashed.returncode != 0
     (kept,) = tmp_path.glob("batchuq-tensorflow-import-*.log")
     assert "something real went wrong" in kept.read_text()
+
+
+def test_resumed_run_reports_the_counts_of_an_uninterrupted_run(
+    digits_subset: Path, tmp_path: Path
+) -> None:
+    from batchuq.score import StopRequested
+
+    (digits_subset / "n0" / "aaa_bad.jpg").write_text("not an image")  # first: checkpointed
+    (digits_subset / "n9" / "zzz_bad.jpg").write_text("not an image")  # last: after resuming
+    clean = score_directory(digits_subset, tmp_path / "clean.parquet", passes=4)
+    out = tmp_path / "out.parquet"
+    checks = iter(range(1000))
+    with pytest.raises(StopRequested):  # stops at the start of the third batch
+        score_directory(
+            digits_subset, out, passes=4, batch_size=4, resume=True, checkpoint_rows=4,
+            should_stop=lambda: next(checks) >= 4,
+        )  # fmt: skip
+    assert not out.exists() and (tmp_path / "out.parquet.checkpoint").is_dir()
+    resumed = score_directory(
+        digits_subset, out, passes=4, batch_size=4, resume=True, checkpoint_rows=4
+    )
+    assert (resumed.images, resumed.errors, resumed.unclassified) == (
+        clean.images, clean.errors, clean.unclassified
+    )  # fmt: skip
+    assert resumed.errors == 2
+    frame = pd.read_parquet(out)
+    assert (frame.decision == "unclassified").sum() == resumed.unclassified
