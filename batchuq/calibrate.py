@@ -44,6 +44,7 @@ import click
 import numpy as np
 
 from batchuq import __version__
+from batchuq.config import config_option
 from batchuq.decide import UNCLASSIFIED
 from batchuq.metrics import nll
 from batchuq.options import (
@@ -810,6 +811,7 @@ def format_summary(calibration: Calibration) -> str:
 @seed_option
 @batch_size_option
 @progress_option
+@config_option
 def calibrate_command(
     val_images: Path,
     output: Path,

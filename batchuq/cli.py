@@ -6,9 +6,11 @@ Exit codes (also in the README):
   ``--max-error-rate``.
 * 1: the output was written, but more images than ``--max-error-rate`` allows could not be read
   (their rows have ``status`` = ``error: ...``).
-* 2: usage error: bad option, missing or empty images folder, unusable model, class names that
-  do not match the model. Nothing is written.
+* 2: usage error: bad option or config file, missing images folder, unusable model, class names
+  that do not match the model, output not ending in ``.parquet``. Nothing is written.
 * 3: fatal error during the run. No output is written (a previous output is left untouched).
+* 4: no images to score: the images folder holds none (or, with ``--missing-ok``, does not
+  exist). Nothing is written; schedulers can treat it as "skip" (Airflow's ``skip_on_exit_code``).
 * 130 / 143: interrupted by SIGINT / SIGTERM. No output is written.
 """
 
@@ -24,6 +26,7 @@ from pathlib import Path
 
 import click
 
+from batchuq.config import config_option, settings_provenance
 from batchuq.defaults import DEFAULT_MAX_PIXELS, DEFAULT_MEMORY_BUDGET_MB, DEFAULT_PASSES
 from batchuq.options import (
     augmentation_options,
@@ -41,6 +44,7 @@ EXIT_OK = 0
 EXIT_IMAGE_ERRORS = 1
 EXIT_USAGE = 2
 EXIT_FATAL = 3
+EXIT_NO_IMAGES = 4
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
 
@@ -123,9 +127,9 @@ def _say(message: str, event: str) -> None:
 
 
 def _setup_logging(log_format: str = "text") -> None:
+    """Send batchuq's log to stderr as text or JSON lines (TensorFlow is not imported here)."""
     global _log_format
     _log_format = log_format
-    import_tensorflow_quietly(log_format)
     for handler in list(logger.handlers):
         logger.removeHandler(handler)
     handler = logging.StreamHandler(sys.stderr)
@@ -163,7 +167,109 @@ def _usage_error(message: str) -> None:
     sys.exit(EXIT_USAGE)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+def _check_score_arguments(
+    images: Path,
+    output: Path,
+    model: Path | None,
+    calibration: Path | None,
+    missing_ok: bool,
+    no_clobber: bool,
+) -> None:
+    """Catch the usual mistakes in a moment, before TensorFlow is imported (which takes seconds).
+
+    Exits 2 for a usage error, and 4 when there is nothing to score.
+    """
+    from batchuq.discover import has_images
+    from batchuq.model_files import ModelError, check_model_file
+    from batchuq.write import check_output_path
+
+    if not images.exists() and missing_ok:
+        _say(f"No images to score: {str(images)!r} does not exist (--missing-ok).", "no_images")
+        sys.exit(EXIT_NO_IMAGES)
+    if not images.is_dir():
+        _usage_error(
+            f"The images folder does not exist or is not a folder. Received: images={str(images)!r}"
+        )
+    if output.suffix.lower() != ".parquet":
+        _usage_error(
+            "OUTPUT must end in .parquet: batchuq writes Parquet files. "
+            f"Received: output={str(output)!r}"
+        )
+    try:
+        check_output_path(output)
+        if model is not None:
+            check_model_file(model)
+        if calibration is not None:
+            _check_calibration_file(calibration)
+    except (ValueError, ModelError) as exc:
+        _usage_error(str(exc))
+    if no_clobber and output.exists():
+        _usage_error(f"The output exists and --no-clobber is set. Received: output={str(output)!r}")
+    if not has_images(images):
+        _say(f"No images to score: none found in {str(images)!r}.", "no_images")
+        sys.exit(EXIT_NO_IMAGES)
+
+
+def _check_calibration_file(path: Path) -> None:
+    """Refuse a file that is not JSON from ``batchuq calibrate`` (full checks come later)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeError, json.JSONDecodeError) as exc:
+        raise ValueError(
+            f"Could not read the calibration file: {exc}. Received: calibration={str(path)!r}"
+        ) from None
+    if not isinstance(data, dict) or "conformal_quantiles" not in data:
+        raise ValueError(
+            "Not a calibration file written by `batchuq calibrate`. "
+            f"Received: calibration={str(path)!r}"
+        )
+
+
+class LazyGroup(click.Group):
+    """A group whose commands defined in other modules are imported only when they are run.
+
+    ``batchuq --help`` and ``batchuq score ...`` then do not pay for importing pandas and
+    friends that only ``calibrate`` and ``evaluate`` need.
+    """
+
+    # name -> (module:attribute, the first line of its docstring for `batchuq --help`)
+    lazy_commands = {
+        "calibrate": (
+            "batchuq.calibrate:calibrate_command",
+            "Fit validation thresholds, a temperature and conformal sets on VAL_IMAGES.",
+        ),
+        "evaluate": (
+            "batchuq.evaluate:evaluate_command",
+            "Evaluate OUT.parquet, written by `batchuq score` on a labelled folder.",
+        ),
+    }
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy_commands})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.lazy_commands and cmd_name not in self.commands:
+            import importlib
+
+            module, attribute = self.lazy_commands[cmd_name][0].split(":")
+            self.add_command(getattr(importlib.import_module(module), attribute), cmd_name)
+        return super().get_command(ctx, cmd_name)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [
+            (name, self.commands[name].get_short_help_str(limit=80))
+            if name in self.commands
+            else (name, self.lazy_commands[name][1])
+            for name in self.list_commands(ctx)
+        ]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+@click.group(
+    cls=LazyGroup,
+    context_settings={"help_option_names": ["-h", "--help"], "show_default": True},
+)
 @click.version_option(package_name="batchuq")
 def cli() -> None:
     """Per-image uncertainty for image classifiers, in batch.
@@ -329,8 +435,26 @@ def cli() -> None:
     help="json: one JSON object per line on stderr for every event (start, image_error, "
     "summary, usage_error, too_many_errors, interrupted).",
 )
+@click.option(
+    "--missing-ok",
+    is_flag=True,
+    default=False,
+    show_default=True,
+    help="A missing IMAGES folder counts as a night with no images: exit 4 (skip), not 2.",
+)
+@click.option(
+    "--no-clobber",
+    is_flag=True,
+    default=False,
+    show_default=True,
+    help="Refuse to replace an existing OUTPUT (exit 2). By default it is replaced "
+    "atomically when the run completes.",
+)
 @progress_option
+@config_option
+@click.pass_context
 def score(
+    ctx: click.Context,
     images: Path,
     output: Path,
     model: Path | None,
@@ -362,6 +486,8 @@ def score(
     checkpoint_rows: int,
     follow_symlinks: bool,
     log_format: str,
+    missing_ok: bool,
+    no_clobber: bool,
     progress: bool,
 ) -> None:
     """Score every image in IMAGES and write one Parquet row per image to OUTPUT.
@@ -372,11 +498,19 @@ def score(
     std over those samples, the uncertainty scores and a decision go into OUTPUT. OUTPUT is
     written to a temporary file and renamed into place only when the run completes.
 
+    Every option can also come from a config file (--config, $BATCHUQ_CONFIG or ./batchuq.toml,
+    table [score]); the command line and the environment win over it.
+
+    Exit codes: 0 ok, 1 too many unreadable images, 2 usage error, 3 failure during the run,
+    4 no images found, 130/143 interrupted.
+
     Example:
 
         batchuq score sample_data/digits/test out.parquet --passes 100 --tta 4
     """
     _setup_logging(log_format)
+    _check_score_arguments(images, output, model, calibration, missing_ok, no_clobber)
+    import_tensorflow_quietly(log_format)
     from batchuq.augment import TTAConfig
     from batchuq.decide import DecisionRule
     from batchuq.discover import NoImagesFoundError
@@ -421,6 +555,7 @@ def score(
             follow_symlinks=follow_symlinks,
             progress=progress and log_format == "text",
             should_stop=lambda: bool(received),
+            settings=settings_provenance(ctx),
         )
         if received:  # the signal came after the last batch: the output is complete
             raise _Terminated()
@@ -450,9 +585,10 @@ def score(
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(EXIT_SIGINT if sigint else EXIT_SIGTERM)
-        if isinstance(exc, (NoImagesFoundError, NotADirectoryError, ModelError)) or (
-            is_usage_error(exc)
-        ):
+        if isinstance(exc, NoImagesFoundError):
+            _say(f"No images to score: {exc}", "no_images")
+            sys.exit(EXIT_NO_IMAGES)
+        if isinstance(exc, (NotADirectoryError, ModelError)) or is_usage_error(exc):
             _usage_error(str(exc))
         if isinstance(exc, Exception):
             logger.exception("fatal error, no output written: %s", exc)
@@ -518,6 +654,7 @@ def score(
     show_default=True,
     help="Seed for the split, initial weights and shuffling.",
 )
+@config_option
 def train(
     images: Path,
     model: Path,
@@ -541,6 +678,7 @@ def train(
         batchuq train sample_data/digits/train digits.keras --image-size 64 --channels 1
     """
     _setup_logging()
+    import_tensorflow_quietly()
     from batchuq.discover import NoImagesFoundError
     from batchuq.train import train_directory
 
@@ -564,17 +702,6 @@ def train(
         f"validation accuracy {accuracy} -> {report.model_path}",
         err=True,
     )
-
-
-def _register_extra_commands() -> None:
-    from batchuq.calibrate import calibrate_command
-    from batchuq.evaluate import evaluate_command
-
-    cli.add_command(calibrate_command)
-    cli.add_command(evaluate_command)
-
-
-_register_extra_commands()
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,21 +88,34 @@ def _is_image_name(name: str, extensions: tuple[str, ...]) -> bool:
     return os.path.splitext(name)[1].lower() in extensions
 
 
-def _walk_sorted(folder: Path, follow_symlinks: bool) -> list[Path]:
+def _walk_sorted(folder: Path, follow_symlinks: bool) -> Iterator[Path]:
     """All files below ``folder``, depth-first, each level in natural order, hidden skipped."""
-    found: list[Path] = []
     try:
         entries = sorted(os.scandir(folder), key=lambda e: natural_key(e.name))
     except OSError:
-        return found
+        return
     for entry in entries:
         if _is_hidden(entry.name):
             continue
         if entry.is_dir(follow_symlinks=follow_symlinks):
-            found.extend(_walk_sorted(Path(entry.path), follow_symlinks))
+            yield from _walk_sorted(Path(entry.path), follow_symlinks)
         elif entry.is_file(follow_symlinks=True) or entry.is_symlink():
-            found.append(Path(entry.path))
-    return found
+            yield Path(entry.path)
+
+
+def has_images(
+    root: str | os.PathLike[str],
+    extensions: tuple[str, ...] = IMAGE_EXTENSIONS,
+    follow_symlinks: bool = False,
+) -> bool:
+    """Whether ``discover_images(root)`` would find at least one image.
+
+    Stops at the first image, so the CLI can tell an empty folder apart in a moment, before it
+    imports TensorFlow.
+    """
+    return any(
+        _is_image_name(path.name, extensions) for path in _walk_sorted(Path(root), follow_symlinks)
+    )
 
 
 def discover_images(

@@ -22,6 +22,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from batchuq import metrics
+from batchuq.config import config_option
 from batchuq.decide import UNCLASSIFIED_NAME
 from batchuq.write import read_metadata
 
@@ -404,6 +405,7 @@ def format_table(results: dict) -> str:
     show_default=True,
     help="Print the results as JSON instead of a table.",
 )
+@config_option
 def evaluate_command(out: Path, ood: Path | None, report_dir: Path | None, as_json: bool) -> None:
     """Evaluate OUT.parquet, written by `batchuq score` on a labelled folder.
 

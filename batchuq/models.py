@@ -5,20 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import keras
 
 from batchuq.decode import ImageSpec
-
-BUNDLED_MODEL = Path(__file__).parent / "data" / "digits_cnn.keras"
-MODEL_ENV = "BATCHUQ_MODEL"
-
-
-class ModelError(ValueError):
-    """Raised when a model cannot be used; the message says why."""
+from batchuq.model_files import BUNDLED_MODEL, MODEL_ENV, ModelError, check_model_file
 
 
 @dataclass(frozen=True)
@@ -110,14 +103,7 @@ def load_model(path: str | os.PathLike[str] | None = None) -> LoadedModel:
         path = os.environ.get(MODEL_ENV) or None
     if path is None:
         path, bundled = BUNDLED_MODEL, True
-    path = Path(path)
-    if not path.is_file():
-        raise ModelError(f"The model file does not exist. Received: model={str(path)!r}")
-    if path.suffix != ".keras" or not zipfile.is_zipfile(path):
-        raise ModelError(
-            "The model must be a Keras 3 `.keras` file (a zip archive saved by model.save). "
-            f"Received: model={str(path)!r}"
-        )
+    path = check_model_file(path)
     try:
         model = keras.saving.load_model(path, compile=False, safe_mode=True)
     except ValueError as exc:

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import keras
 import numpy as np
@@ -66,6 +67,7 @@ class ScoreReport:
         unclassified: Readable images the decision rule left unclassified.
         seconds: Wall time of the run.
         error_paths: Relative paths of the images that failed (first 1000).
+        demo_model: Whether the run used the bundled demo model because none was given.
     """
 
     output: Path
@@ -74,6 +76,7 @@ class ScoreReport:
     unclassified: int = 0
     seconds: float = 0.0
     error_paths: list[str] = field(default_factory=list)
+    demo_model: bool = False
 
     @property
     def images_per_second(self) -> float:
@@ -86,17 +89,22 @@ class ScoreReport:
         return self.errors / self.images if self.images else 0.0
 
     def summary_line(self) -> str:
-        """One line for the end of a run."""
+        """One line for the end of a run; says so when the bundled demo model was used."""
+        demo = " (bundled demo model)" if self.demo_model else ""
         return (
             f"{self.images} images, {self.unclassified} unclassified, {self.errors} errors, "
-            f"{self.seconds:.1f} s, {self.images_per_second:.1f} images/s -> {self.output}"
+            f"{self.seconds:.1f} s, {self.images_per_second:.1f} images/s -> {self.output}{demo}"
         )
 
 
 def _as_loaded(model: str | os.PathLike[str] | keras.Model | LoadedModel | None) -> LoadedModel:
     loaded = as_loaded_model(model)
     if loaded.bundled:
-        logger.warning("No --model given: using the bundled demo digits model (%s).", loaded.path)
+        logger.warning(
+            "No --model given (nor BATCHUQ_MODEL, nor model in batchuq.toml): using the bundled "
+            "demo digits model (%s), which knows only handwritten digits.",
+            loaded.path,
+        )
     return loaded
 
 
@@ -166,6 +174,7 @@ def score_directory(
     calibration: str | os.PathLike[str] | Calibration | None = None,
     temperature: bool = False,
     progress: bool = False,
+    settings: dict[str, Any] | None = None,
 ) -> ScoreReport:
     """Score every image in a folder and write one Parquet row per image.
 
@@ -214,6 +223,8 @@ def score_directory(
             ``pred``, ``confidence``, ``margin``, ``entropy``); median, std, mutual information
             and variation ratio always describe the raw samples.
         progress: Show a tqdm progress bar on stderr.
+        settings: Where each setting came from, stored as the metadata's ``settings`` (the CLI
+            passes ``{option: {"value": ..., "source": ...}}``; see ``config.settings_provenance``).
 
     Returns:
         A ``ScoreReport``.
@@ -224,6 +235,11 @@ def score_directory(
     """
     started = time.perf_counter()
     out_path = check_output_path(output)
+    if out_path.suffix.lower() != ".parquet":
+        raise ValueError(
+            "The output must end in .parquet: batchuq writes Parquet. "
+            f"Received: output={str(output)!r}"
+        )
     if batch_size < 1:
         raise ValueError(f"`batch_size` must be at least 1. Received: batch_size={batch_size}")
     tta_config = tta if isinstance(tta, TTAConfig) else TTAConfig(copies=int(tta))
@@ -274,6 +290,7 @@ def score_directory(
         "images": str(images),
         "model_path": str(loaded.path),
         "model_sha256": loaded.sha256,
+        "demo_model": loaded.bundled,
         "class_names": display,
         "class_names_source": names_source,
         "passes": passes,
@@ -296,8 +313,9 @@ def score_directory(
             "conformal_alpha": calibration.settings.get("alpha"),
             "created": calibration.created,
         },
+        "settings": settings,
     }
-    report = ScoreReport(output=out_path, images=len(discovery.files))
+    report = ScoreReport(output=out_path, images=len(discovery.files), demo_model=loaded.bundled)
     schema = output_schema(
         display,
         metadata,
@@ -308,7 +326,8 @@ def score_directory(
     row_bytes = 4 * passes * tta_config.copies * len(display) if save_samples else 0
     group_rows = max(16, min(4096, (64 << 20) // row_bytes)) if row_bytes else 4096
     if resume:
-        fingerprint = {k: v for k, v in metadata.items() if k != "created"}
+        # What decides the rows; not when the run started or where each setting came from.
+        fingerprint = {k: v for k, v in metadata.items() if k not in ("created", "settings")}
         fingerprint["files"] = hashlib.sha256("\0".join(relative_paths).encode()).hexdigest()
         writer = CheckpointedParquetWriter(
             out_path, schema, fingerprint, min(checkpoint_rows, group_rows)
@@ -416,6 +435,7 @@ def score_directory(
                 "seconds": round(report.seconds, 3),
                 "images_per_second": round(report.images_per_second, 3),
                 "output": str(out_path),
+                "demo_model": report.demo_model,
             },
         },
     )

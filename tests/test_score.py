@@ -17,6 +17,7 @@ from conftest import bn_dropout_model, write_image
 
 from batchuq import score_directory
 from batchuq.cli import EXIT_IMAGE_ERRORS, EXIT_OK, EXIT_USAGE, cli
+from batchuq.discover import NoImagesFoundError
 from batchuq.write import read_metadata
 
 BASE_COLUMNS = [
@@ -159,11 +160,10 @@ def test_cli_usage_errors_exit_2(digits_subset: Path, tmp_path: Path, args, mess
     assert not out.exists()
 
 
-def test_cli_no_images_exit_2(tmp_path: Path) -> None:
+def test_library_no_images_names_the_extensions(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
-    result = _run("score", str(tmp_path / "empty"), str(tmp_path / "out.parquet"))
-    assert result.exit_code == EXIT_USAGE
-    assert "No images found" in result.output and ".png" in result.output
+    with pytest.raises(NoImagesFoundError, match=r"No images found.*\.png"):
+        score_directory(tmp_path / "empty", tmp_path / "out.parquet", passes=2)
 
 
 def test_output_problems_are_reported_before_work(digits_subset: Path, tmp_path: Path) -> None:

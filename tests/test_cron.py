@@ -1,0 +1,79 @@
+"""The README's cron line runs as written under cron's bare environment."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from conftest import REPO, SAMPLE_TEST
+
+from batchuq.write import read_metadata
+
+README = (REPO / "README.md").read_text(encoding="utf-8")
+BATCHUQ = Path(sys.executable).parent / "batchuq"  # the venv's console script
+
+
+def _cron_line() -> str:
+    """The command of the README's crontab line (after the five time fields)."""
+    block = re.search(r"```cron\n(.*?)```", README, re.DOTALL)
+    assert block, "the README has no ```cron block"
+    lines = [line for line in block.group(1).splitlines() if line and not line.startswith("#")]
+    assert len(lines) == 1, lines
+    fields = lines[0].split(None, 5)
+    # cron turns an unescaped % into a newline; the README escapes them as \%.
+    return fields[5].replace("\\%", "%")
+
+
+def _run_as_cron(command: str, home: Path) -> subprocess.CompletedProcess[str]:
+    """Run ``command`` as cron would: /bin/sh, PATH=/usr/bin:/bin, nothing else inherited."""
+    return subprocess.run(
+        ["env", "-i", "PATH=/usr/bin:/bin", f"HOME={home}", "sh", "-c", command],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+@pytest.mark.skipif(not BATCHUQ.exists(), reason="batchuq is not installed beside this Python")
+def test_readme_cron_line_runs_under_cron_environment(tmp_path: Path) -> None:
+    yesterday = subprocess.run(
+        ["date", "-d", "yesterday", "+%F"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    scores, incoming, models = tmp_path / "scores", tmp_path / "incoming", tmp_path / "models"
+    night = incoming / yesterday
+    for folder in (scores, night, models):
+        folder.mkdir(parents=True)
+    for image in sorted((SAMPLE_TEST / "n7").iterdir())[:4]:
+        shutil.copy(image, night / image.name)
+    bundled = REPO / "batchuq" / "data"
+    shutil.copy(bundled / "digits_cnn.keras", models / "monkeys.keras")
+    shutil.copy(bundled / "digits_cnn.classes.json", models / "monkeys.classes.json")
+    (scores / "batchuq.toml").write_text(f'[score]\nmodel = "{models}/monkeys.keras"\npasses = 3\n')
+    command = _cron_line()
+    for placeholder, real in (
+        ("/opt/batchuq/.venv/bin/batchuq", str(BATCHUQ)),
+        ("/srv/scores", str(scores)),
+        ("/data/incoming", str(incoming)),
+    ):
+        assert placeholder in command
+        command = command.replace(placeholder, real)
+
+    done = _run_as_cron(command, tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout == done.stderr == ""  # nothing printed: cron sends no mail
+    out = scores / f"scores-{yesterday}.parquet"
+    assert pq.read_metadata(out).num_rows == 4
+    meta = read_metadata(out)
+    assert meta["demo_model"] is False and meta["model_path"].endswith("monkeys.keras")
+    assert meta["settings"]["model"]["source"] == "config file (batchuq.toml)"
+
+    shutil.rmtree(night)  # a failing night: the folder never arrived
+    done = _run_as_cron(command, tmp_path)
+    assert done.returncode == 0  # the `|| { ...; }` part ran; cron mails what it printed
+    assert "batchuq failed with exit code 2" in done.stdout
+    assert "images folder does not exist" in done.stdout  # the log's tail
