@@ -10,11 +10,67 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_TEST = REPO / "sample_data" / "digits" / "test"
+
+# Tolerance for "equal to float32 rounding". The same image in another batch (another
+# --batch-size, another position in the batch, the zero-rate copy run by model.predict) or on
+# another CPU ISA (AVX2 vs AVX-512: oneDNN picks other kernels, so other summation orders) gives
+# probabilities that differ in their last bits: up to 6e-8 measured on an AVX2 CPU, one float32
+# ulp in [0.5, 1). atol 1e-6 is about 17 such ulps, yet thousands of times smaller than anything
+# a real change moves (BN on batch statistics instead of moving ones moves them by 3e-2).
+# rtol 1e-5 only matters for the larger non-probability columns (entropy in nats).
+ROUNDING = {"rtol": 1e-5, "atol": 1e-6}
+
+
+def _float_columns(frame: pd.DataFrame) -> list[str]:
+    return [c for c in frame.columns if pd.api.types.is_float_dtype(frame[c])]
+
+
+def assert_frames_equal_to_rounding(
+    a: pd.DataFrame, b: pd.DataFrame, check_dtype: bool = True
+) -> None:
+    """Float columns equal to float32 rounding; every other column (path, label, pred,
+    pred_index, decision, status) exactly equal."""
+    assert list(a.columns) == list(b.columns)
+    floats = _float_columns(a)
+    exact = [c for c in a.columns if c not in floats]
+    pd.testing.assert_frame_equal(a[exact], b[exact], check_exact=True, check_dtype=check_dtype)
+    pd.testing.assert_frame_equal(
+        a[floats], b[floats], check_exact=False, check_dtype=check_dtype, **ROUNDING
+    )
+
+
+def assert_frames_bitwise_equal(a: pd.DataFrame, b: pd.DataFrame) -> None:
+    """Every column exactly equal, float columns down to the bits (-0.0 is not 0.0)."""
+    pd.testing.assert_frame_equal(a, b, check_exact=True)
+    for name in _float_columns(a):
+        values_a, values_b = a[name].to_numpy(), b[name].to_numpy()
+        bits = {2: np.uint16, 4: np.uint32, 8: np.uint64}[values_a.dtype.itemsize]
+        np.testing.assert_array_equal(values_a.view(bits), values_b.view(bits), err_msg=name)
+
+
+def assert_parquet_bitwise_equal(a: Path, b: Path) -> None:
+    """Same schema, same nulls and the same bits in every value of every column (so also
+    -0.0 vs 0.0 and NaN payloads); the key-value metadata is not compared here."""
+    table_a, table_b = pq.read_table(a), pq.read_table(b)
+    assert table_a.schema.equals(table_b.schema, check_metadata=False)
+    for name in table_a.column_names:
+        col_a, col_b = table_a[name].combine_chunks(), table_b[name].combine_chunks()
+        assert col_a.is_null().equals(col_b.is_null()), name
+        if pa.types.is_floating(col_a.type):
+            bits = {2: np.uint16, 4: np.uint32, 8: np.uint64}[col_a.type.byte_width]
+            values_a = col_a.fill_null(0).to_numpy().view(bits)
+            values_b = col_b.fill_null(0).to_numpy().view(bits)
+            np.testing.assert_array_equal(values_a, values_b, err_msg=name)
+        else:
+            assert col_a.equals(col_b), name
 
 
 def bn_dropout_model(classes: int = 3, size: int = 16, seed: int = 1) -> keras.Model:

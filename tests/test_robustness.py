@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from click.testing import CliRunner
+from conftest import ROUNDING, assert_frames_bitwise_equal, assert_frames_equal_to_rounding
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -77,6 +78,7 @@ def build_bad_folder(root: Path, outside: Path) -> dict[str, str | None]:
     return expected
 
 
+@pytest.mark.numerics
 def test_every_bad_input_kind_gets_its_reason_and_good_rows_match(tmp_path: Path) -> None:
     root = tmp_path / "images"
     expected = build_bad_folder(root, tmp_path / "outside")
@@ -99,7 +101,8 @@ def test_every_bad_input_kind_gets_its_reason_and_good_rows_match(tmp_path: Path
     score_directory(clean, tmp_path / "clean.parquet", passes=4, max_pixels=4_000_000)
     reference = pd.read_parquet(tmp_path / "clean.parquet").set_index("path")
     good = frame[frame.status == "ok"].loc[reference.index]
-    pd.testing.assert_frame_equal(good, reference, check_exact=False, atol=1e-6, check_dtype=False)
+    # Without the bad files the good images sit at other batch positions: equal to rounding.
+    assert_frames_equal_to_rounding(good, reference, check_dtype=False)
 
 
 def test_symlinks_can_be_followed(tmp_path: Path) -> None:
@@ -121,14 +124,21 @@ def test_unreadable_file_is_an_error_row(tmp_path: Path) -> None:
     assert frame.loc[locked.name, "status"] == "error: permission denied"
 
 
-def test_batch_size_does_not_change_probabilities(digits_subset: Path, tmp_path: Path) -> None:
+@pytest.mark.numerics
+def test_batch_size_changes_probabilities_only_by_rounding(
+    digits_subset: Path, tmp_path: Path
+) -> None:
     frames = []
-    for size in (1, 7, 32):
-        out = tmp_path / f"b{size}.parquet"
+    for size in (1, 7, 32, 7):
+        out = tmp_path / f"b{size}-{len(frames)}.parquet"
         score_directory(digits_subset, out, passes=6, tta=2, seed=3, batch_size=size)
         frames.append(pd.read_parquet(out))
-    for frame in frames[1:]:
-        pd.testing.assert_frame_equal(frames[0], frame, check_exact=False, rtol=0, atol=1e-6)
+    # The random draws do not depend on the batch, but the kernels' rounding may depend on an
+    # image's position in it (up to 6e-8 measured on AVX2): probabilities equal to float32
+    # rounding, pred and decision exactly equal.
+    for frame in frames[1:3]:
+        assert_frames_equal_to_rounding(frames[0], frame)
+    assert_frames_bitwise_equal(frames[1], frames[3])  # the same batch size again: same bits
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
@@ -289,9 +299,8 @@ def test_resume_after_kill_equals_uninterrupted_run(many_digits: Path, tmp_path:
     assert second.returncode == 0, output
     assert "already scored" in output
     assert not (tmp_path / "out.parquet.checkpoint").exists()
-    pd.testing.assert_frame_equal(
-        pd.read_parquet(out), pd.read_parquet(reference), check_exact=False, atol=1e-6
-    )
+    # The resumed part may be batched differently: equal to float32 rounding.
+    assert_frames_equal_to_rounding(pd.read_parquet(out), pd.read_parquet(reference))
 
 
 def test_resume_refuses_a_checkpoint_from_other_settings(
@@ -305,6 +314,7 @@ def test_resume_refuses_a_checkpoint_from_other_settings(
         score_directory(digits_subset, out, passes=2, resume=True)
 
 
+@pytest.mark.numerics
 def test_file_and_folder_names_that_are_not_utf8_are_scored(tmp_path: Path) -> None:
     source = next((REPO / "sample_data/digits/test/n3").iterdir())
     root = tmp_path / "images"
@@ -318,8 +328,10 @@ def test_file_and_folder_names_that_are_not_utf8_are_scored(tmp_path: Path) -> N
     assert report.errors == 0 and (frame.status == "ok").all()
     assert frame.path.tolist() == ["caf\\xe9/plain.png", "caf\\xe9/\\xff\\xfe photo.png"]
     assert frame.label.tolist() == ["caf\\xe9"] * 2
+    # Same pixels, deterministic pass, but two positions in the batch: equal to float32 rounding.
     means = frame.filter(like="mean_").to_numpy()
-    np.testing.assert_array_equal(means[0], means[1])  # same pixels, deterministic pass
+    np.testing.assert_allclose(means[0], means[1], **ROUNDING)
+    assert frame.pred[0] == frame.pred[1] and frame.decision[0] == frame.decision[1]
 
 
 @pytest.mark.parametrize("log_format", ["text", "json"])
@@ -357,6 +369,7 @@ def test_tensorflow_import_notices_are_filtered_and_other_output_kept(
     assert "something real went wrong" in kept.read_text()
 
 
+@pytest.mark.numerics
 def test_resumed_run_reports_the_counts_of_an_uninterrupted_run(
     digits_subset: Path, tmp_path: Path
 ) -> None:

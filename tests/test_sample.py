@@ -6,7 +6,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 import pytest
-from conftest import bn_dropout_model
+from conftest import ROUNDING, bn_dropout_model
 
 from batchuq.sample import MCSampler, NoDropoutError, find_dropout_layers, sample_dropout
 from batchuq.seeds import mix
@@ -33,6 +33,7 @@ def _zero_rate_copy(model: keras.Model) -> keras.Model:
     return copy
 
 
+@pytest.mark.numerics
 def test_passes_differ_and_bn_statistics_are_untouched(bn_model: keras.Model) -> None:
     bn = bn_model.get_layer("bn")
     before = [w.numpy().copy() for w in bn.weights]
@@ -44,19 +45,29 @@ def test_passes_differ_and_bn_statistics_are_untouched(bn_model: keras.Model) ->
         np.testing.assert_array_equal(old, new)
 
 
+@pytest.mark.numerics
 def test_bn_runs_in_inference_mode(bn_model: keras.Model) -> None:
-    """With dropout off, sampling equals predict: BN used its moving statistics, not the batch's."""
+    """With dropout off, sampling equals predict: BN used its moving statistics, not the batch's.
+
+    Equal to float32 rounding, not bitwise: the passes sit at other positions of a tiled batch
+    than predict's rows, and oneDNN may round them differently (up to 6e-8 on AVX2). Batch
+    statistics would be 3e-2 away (checked below), so ``ROUNDING`` (1e-6) still tells them apart.
+    """
     copy = _zero_rate_copy(bn_model)
     images = _images(5)
     samples = MCSampler(copy, passes=4).sample(images, _keys(5))
     expected = copy.predict(images, verbose=0)
-    np.testing.assert_allclose(samples, np.broadcast_to(expected, samples.shape), atol=1e-6)
-    assert samples.std(axis=0).max() == 0.0
+    np.testing.assert_allclose(samples, np.broadcast_to(expected, samples.shape), **ROUNDING)
+    assert samples.std(axis=0).max() <= ROUNDING["atol"]  # nothing but dropout is random
     batch_stats = copy(images, training=True).numpy()  # what training=True would have given
-    assert np.abs(batch_stats - expected).max() > 1e-3
+    assert np.abs(batch_stats - expected).max() > 1000 * ROUNDING["atol"]
 
 
-def test_zero_rate_copy_equals_predict_exactly_for_bundled_model() -> None:
+@pytest.mark.numerics
+def test_zero_rate_copy_equals_predict_for_bundled_model() -> None:
+    """Equal to float32 rounding (measured up to 2e-8 on AVX2), not bitwise: the sampler runs
+    the prefix once and the tail on a tiled batch, predict the whole model on 8 rows, and oneDNN
+    may pick other kernels for the two shapes. The predicted classes are exactly equal."""
     from batchuq.models import load_model
 
     model = load_model().model
@@ -65,11 +76,13 @@ def test_zero_rate_copy_equals_predict_exactly_for_bundled_model() -> None:
     samples = MCSampler(copy, passes=5).sample(images, _keys(8))
     expected = copy.predict(images, batch_size=8, verbose=0)
     summary = summarise(samples.transpose(1, 0, 2))
-    np.testing.assert_array_equal(summary.mean, expected)
-    np.testing.assert_array_equal(summary.median, expected)
-    assert summary.std.max() == 0.0
+    np.testing.assert_allclose(summary.mean, expected, **ROUNDING)
+    np.testing.assert_allclose(summary.median, expected, **ROUNDING)
+    assert summary.std.max() <= ROUNDING["atol"]
+    np.testing.assert_array_equal(summary.pred, expected.argmax(axis=1))
 
 
+@pytest.mark.numerics
 def test_baked_in_training_true_dropout_is_still_sampled() -> None:
     inputs = keras.Input((8,))
     x = keras.layers.Dense(16, activation="relu")(inputs)
@@ -82,6 +95,7 @@ def test_baked_in_training_true_dropout_is_still_sampled() -> None:
     assert samples.std(axis=0).min() > 0.0
 
 
+@pytest.mark.numerics
 def test_mean_is_close_to_deterministic_reference() -> None:
     from batchuq.models import load_model
 
@@ -92,17 +106,20 @@ def test_mean_is_close_to_deterministic_reference() -> None:
     assert np.abs(samples.mean(axis=0) - model.predict(images, verbose=0)).max() < 0.1
 
 
+@pytest.mark.numerics
 def test_prefix_cache_equals_whole_model_tiling(bn_model: keras.Model) -> None:
     split = MCSampler(bn_model, passes=25)
     whole = MCSampler(bn_model, passes=25, split=False)
     assert split.uses_split and not whole.uses_split
     assert [n.operation.name for n in split.split.prefix] == ["conv_a", "bn"]
     images = _images(4)
+    # The same masks, but other kernels for other shapes: equal to float32 rounding.
     np.testing.assert_allclose(
-        split.sample(images, _keys(4)), whole.sample(images, _keys(4)), atol=1e-6
+        split.sample(images, _keys(4)), whole.sample(images, _keys(4)), **ROUNDING
     )
 
 
+@pytest.mark.numerics
 def test_prefix_cache_is_statistically_consistent_on_residual_branch(bn_model) -> None:
     """Different keys give independent draws; the means agree within a few standard errors."""
     images = _images(3)
@@ -113,20 +130,28 @@ def test_prefix_cache_is_statistically_consistent_on_residual_branch(bn_model) -
     assert not np.allclose(a, b)  # genuinely different masks
 
 
+@pytest.mark.numerics
 def test_samples_do_not_depend_on_batch_composition(bn_model: keras.Model) -> None:
     sampler = MCSampler(bn_model, passes=10, memory_budget_mb=1)
     images, keys = _images(7), _keys(7)
     full = sampler.sample(images, keys)
     part = sampler.sample(images[2:5], keys[2:5])
-    np.testing.assert_allclose(full[:, 2:5], part, atol=1e-6)
+    # Same masks (drawn per key), other batch positions: equal to float32 rounding only.
+    np.testing.assert_allclose(full[:, 2:5], part, **ROUNDING)
+    # The same call again, and a fresh sampler with the same settings: bitwise identical.
+    np.testing.assert_array_equal(sampler.sample(images, keys), full)
+    fresh = MCSampler(bn_dropout_model(), passes=10, memory_budget_mb=1)
+    np.testing.assert_array_equal(fresh.sample(images, keys), full)
 
 
+@pytest.mark.numerics
 def test_memory_budget_chunks_do_not_change_results(bn_model: keras.Model) -> None:
     images, keys = _images(5), _keys(5)
     big = MCSampler(bn_model, passes=12, memory_budget_mb=512)
     small = MCSampler(bn_model, passes=12, memory_budget_mb=0.01)
     assert small.max_rows < 5 * 12 <= big.max_rows
-    np.testing.assert_allclose(big.sample(images, keys), small.sample(images, keys), atol=1e-6)
+    # Other chunk shapes, other kernels: equal to float32 rounding.
+    np.testing.assert_allclose(big.sample(images, keys), small.sample(images, keys), **ROUNDING)
 
 
 class _Subclassed(keras.Model):
@@ -172,6 +197,7 @@ def test_sample_layers_selects_by_name(bn_model: keras.Model) -> None:
     ]
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize(
     "layer",
     [
@@ -196,6 +222,7 @@ def test_dropout_kinds_keep_the_expectation(layer: keras.layers.Layer) -> None:
         assert (y.reshape(4000, 4, 3).std(axis=1) == 0).all()  # one mask per channel map
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("spatial", [False, True], ids=["elementwise", "per-channel"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_fused_dropout_kernel_equals_the_op_by_op_formula(spatial: bool, dtype: str) -> None:
@@ -212,10 +239,13 @@ def test_fused_dropout_kernel_equals_the_op_by_op_formula(spatial: bool, dtype: 
         expected = (x * keep * tf.cast(1 / (1 - rate), dtype)).numpy()
         fused = _inverted_dropout(x, keys, shape, rate).numpy()
         assert fused.dtype == expected.dtype
+        # Bitwise: element-wise products are correctly rounded IEEE operations, so the same on
+        # any ISA and any vector width.
         np.testing.assert_array_equal(fused, expected)
         assert abs((fused == 0).mean() - rate) < 0.1
 
 
+@pytest.mark.numerics
 def test_bfloat16_tail_agrees_with_float32(bn_model: keras.Model) -> None:
     images, keys = _images(4), _keys(4)
     fp32 = MCSampler(bn_model, passes=50).sample(images, keys)
@@ -227,6 +257,7 @@ def test_bfloat16_tail_agrees_with_float32(bn_model: keras.Model) -> None:
     assert all(layer.dtype_policy.name == "float32" for layer in bn_model.layers)
 
 
+@pytest.mark.numerics
 def test_bfloat16_frontier_cast_before_tiling_changes_nothing() -> None:
     from batchuq.decode import ImageSpec
     from batchuq.train import reference_cnn
@@ -238,6 +269,7 @@ def test_bfloat16_frontier_cast_before_tiling_changes_nothing() -> None:
     assert sampler._cast_before_tiling == [True]  # pool2's output is read only by dropout1
     uncast = MCSampler(model, passes=8, precision="bfloat16")
     uncast._cast_before_tiling = [False]  # before the first call, which traces
+    # Bitwise: casting commutes with tiling, so the tail gets the same tensor of the same shape.
     np.testing.assert_array_equal(sampler.sample(images, _keys(3)), uncast.sample(images, _keys(3)))
     assert MCSampler(model, passes=8)._cast_before_tiling == [False]  # float32: nothing to cast
 
@@ -249,6 +281,7 @@ def test_bundled_dropout_model_is_rebuilt_with_fresh_keys(bn_model: keras.Model)
     assert not np.allclose(a, b)
 
 
+@pytest.mark.numerics
 def test_bfloat16_keeps_softmax_and_everything_after_it_in_float32() -> None:
     inputs = keras.Input((12,))
     x = keras.layers.Dense(32, activation="relu", name="hidden")(inputs)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import keras
@@ -13,7 +16,14 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
-from conftest import bn_dropout_model, write_image
+from conftest import (
+    REPO,
+    assert_frames_bitwise_equal,
+    assert_frames_equal_to_rounding,
+    assert_parquet_bitwise_equal,
+    bn_dropout_model,
+    write_image,
+)
 
 from batchuq import score_directory
 from batchuq.cli import EXIT_IMAGE_ERRORS, EXIT_OK, EXIT_USAGE, cli
@@ -69,19 +79,40 @@ def _contents(path: Path) -> tuple[pd.DataFrame, dict]:
     return pd.read_parquet(path), meta
 
 
-def test_same_seed_gives_identical_output(digits_subset: Path, tmp_path: Path) -> None:
-    a, b, c = tmp_path / "a.parquet", tmp_path / "b.parquet", tmp_path / "c.parquet"
+@pytest.mark.numerics
+def test_rerun_is_bitwise_identical_and_batch_size_changes_only_rounding(
+    digits_subset: Path, tmp_path: Path
+) -> None:
+    a, again, cli_run = tmp_path / "a.parquet", tmp_path / "again.parquet", tmp_path / "cli.parquet"
+    b, c = tmp_path / "b.parquet", tmp_path / "c.parquet"
     score_directory(digits_subset, a, passes=10, tta=3, seed=7, batch_size=8)
+    score_directory(digits_subset, again, passes=10, tta=3, seed=7, batch_size=8)
     score_directory(digits_subset, b, passes=10, tta=3, seed=7, batch_size=5)
     score_directory(digits_subset, c, passes=10, tta=3, seed=8, batch_size=8)
+    # The same settings, seed and batch size: the same computation, so the same bits, in this
+    # process and in a fresh one (as the next night's cron run would be).
+    assert_parquet_bitwise_equal(a, again)
+    assert _contents(a)[1] == _contents(again)[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHUQ_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "batchuq", "score", str(digits_subset), str(cli_run), "-T", "10",
+         "--tta", "3", "--seed", "7", "--batch-size", "8", "--no-progress"],
+        env={**env, "PYTHONPATH": str(REPO)}, cwd=tmp_path, capture_output=True, text=True,
+        check=False, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert_parquet_bitwise_equal(a, cli_run)
+    # Another batch size puts images at other batch positions: the same random draws, but
+    # probabilities equal only to float32 rounding; pred and decision exactly equal.
     frame_a, meta_a = _contents(a)
     frame_b, meta_b = _contents(b)
-    pd.testing.assert_frame_equal(frame_a, frame_b, check_exact=False, atol=1e-6, rtol=0)
+    assert_frames_equal_to_rounding(frame_a, frame_b)
     assert meta_a == meta_b
     frame_c, _ = _contents(c)
     assert not np.allclose(frame_a.filter(like="mean_"), frame_c.filter(like="mean_"))
 
 
+@pytest.mark.numerics
 def test_corrupt_image_becomes_error_row_and_others_are_written(
     digits_subset: Path, tmp_path: Path
 ) -> None:
@@ -102,11 +133,11 @@ def test_corrupt_image_becomes_error_row_and_others_are_written(
         (digits_subset / bad).unlink()
     score_directory(digits_subset, clean, passes=5)
     good = frame[frame.status == "ok"].reset_index(drop=True)
-    pd.testing.assert_frame_equal(
-        good, pd.read_parquet(clean), check_exact=False, atol=1e-6, check_dtype=False
-    )
+    # Without the bad files the good images sit at other batch positions: equal to rounding.
+    assert_frames_equal_to_rounding(good, pd.read_parquet(clean), check_dtype=False)
 
 
+@pytest.mark.numerics
 def test_flat_folder_and_bn_model_leave_labels_empty_and_model_unchanged(tmp_path: Path) -> None:
     model = bn_dropout_model(classes=3)
     moving = [w.numpy().copy() for w in model.get_layer("bn").weights]
@@ -198,6 +229,7 @@ def test_labels_file_maps_folder_ids(digits_subset: Path, tmp_path: Path) -> Non
     assert json.loads(pq.read_schema(out).metadata[b"batchuq"])["class_names"][0] == "digit_0"
 
 
+@pytest.mark.numerics
 def test_save_samples_column_holds_the_samples_the_statistics_come_from(
     digits_subset: Path, tmp_path: Path
 ) -> None:
@@ -219,9 +251,9 @@ def test_save_samples_column_holds_the_samples_the_statistics_come_from(
             assert row[f"median_{name}"] == pytest.approx(np.median(samples[:, c]), abs=1e-6)
             assert row[f"std_{name}"] == pytest.approx(samples[:, c].std(), abs=1e-6)
     assert (np.stack(ok["samples"].map(np.stack)).std(axis=1) > 0).any()  # passes differ
-    # Everything else is what a run without the column writes.
+    # Everything else is what a run without the column writes, bit for bit (same computation).
     _run("score", str(digits_subset), str(plain), "-T", "6", "--tta", "2")
-    pd.testing.assert_frame_equal(frame.drop(columns="samples"), pd.read_parquet(plain))
+    assert_frames_bitwise_equal(frame.drop(columns="samples"), pd.read_parquet(plain))
 
 
 class _SubclassedClassifier(keras.Model):
@@ -253,12 +285,13 @@ def test_subclassed_model_is_refused_clearly_and_scores_once_wrapped(tmp_path: P
     assert len(frame) == 3 and (frame.filter(like="std_").to_numpy() > 0).any()
 
 
+@pytest.mark.numerics
 def test_bfloat16_falls_back_to_float32_on_a_cpu_without_it(
     digits_subset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog
 ) -> None:
     import batchuq.score
 
-    # This machine has AVX512-BF16; stand in for one that does not.
+    # Stand in for a CPU without native bfloat16, whatever this one has.
     monkeypatch.setattr(batchuq.score, "cpu_has_bf16", lambda: False)
     # An earlier CLI test may have set up the batchuq logger not to propagate to caplog.
     monkeypatch.setattr(logging.getLogger("batchuq"), "propagate", True)
@@ -269,4 +302,4 @@ def test_bfloat16_falls_back_to_float32_on_a_cpu_without_it(
     meta = read_metadata(out)
     assert (meta["precision"], meta["precision_requested"]) == ("float32", "bfloat16")
     score_directory(digits_subset, reference, passes=4)
-    pd.testing.assert_frame_equal(pd.read_parquet(out), pd.read_parquet(reference))
+    assert_parquet_bitwise_equal(out, reference)  # the fallback is the float32 computation
