@@ -12,6 +12,10 @@ mask (the *prefix*) run once per image; only the *tail* runs on the batch tiled 
 in chunks whose size is set by a memory budget. Subclassed models fall back to tiling the whole
 model. Both paths draw the same masks, so they give the same samples.
 
+Memory: the same budget bounds the rows run at once. A call with more rows (e.g. a batch of B
+images times K test-time copies) is cut into chunks of at most ``max_chunk_rows`` rows, each run
+through the prefix and then tiled through the tail, so peak memory does not grow with B x K.
+
 Masks come from per-row keys (see ``seeds.py``): pass ``t`` of row ``i`` uses
 ``mix(key_i, t)``, so every image's samples are independent of batch size and order.
 """
@@ -247,6 +251,57 @@ class GraphSplit:
     tail: list = field(default_factory=list)
     frontier: list[int] = field(default_factory=list)
     tail_bytes_per_row: int = 0
+    prefix_bytes_per_row: int = 0
+
+
+def _row_bytes(tensor: object) -> int:
+    """float32 bytes of one row of a symbolic tensor."""
+    return 4 * math.prod(d or 1 for d in tensor.shape[1:])
+
+
+def _execution_order(graph: keras.Model) -> list:
+    """The operation nodes of a functional graph, inputs first."""
+    return [
+        node
+        for depth in sorted(graph._nodes_by_depth, reverse=True)
+        for node in graph._nodes_by_depth[depth]
+        if node.operation and not node.is_input
+    ]
+
+
+def _inner_peak_bytes(operation: object) -> int:
+    """Peak activation bytes per row inside a nested functional or Sequential model, else 0."""
+    if not isinstance(operation, keras.Model):
+        return 0
+    graph = _functional_graph(operation)
+    if graph is None:
+        return 0
+    keep = {id(t) for t in graph.outputs}
+    return _peak_live_bytes(graph.inputs, _execution_order(graph), keep)
+
+
+def _peak_live_bytes(inputs: list, nodes: list, keep: set[int]) -> int:
+    """Estimated peak float32 bytes per row alive while ``nodes`` run in order.
+
+    A tensor lives from the node that makes it to its last reader; ids in ``keep`` (tensors
+    read after ``nodes``, such as the prefix's frontier) live to the end. A nested model counts
+    with its own peak. A rough bound: it ignores kernels' scratch space.
+    """
+    last_read: dict[int, int] = {}
+    for step, node in enumerate(nodes):
+        for tensor in node.input_tensors:
+            last_read[id(tensor)] = step
+    live = {id(t): _row_bytes(t) for t in inputs}
+    peak = sum(live.values())
+    for step, node in enumerate(nodes):
+        made = sum(_row_bytes(t) for t in node.outputs)
+        peak = max(peak, sum(live.values()) + max(made, _inner_peak_bytes(node.operation)))
+        for tensor in node.outputs:
+            live[id(tensor)] = _row_bytes(tensor)
+        for tensor in [*node.input_tensors, *node.outputs]:
+            if last_read.get(id(tensor), -1) <= step and id(tensor) not in keep:
+                live.pop(id(tensor), None)
+    return peak
 
 
 def _functional_graph(model: keras.Model) -> keras.Model | None:
@@ -286,13 +341,17 @@ def split_graph(model: keras.Model, sampled: list[keras.layers.Layer]) -> GraphS
                 for tensor in node.input_tensors:
                     if id(tensor) not in stochastic and id(tensor) not in split.frontier:
                         split.frontier.append(id(tensor))
-                for tensor in node.outputs:
-                    split.tail_bytes_per_row += 4 * math.prod(d or 1 for d in tensor.shape[1:])
+                # A nested model (e.g. a keras.applications base with its own dropout) counts
+                # with the activations inside it, not just its output.
+                split.tail_bytes_per_row += max(
+                    sum(_row_bytes(t) for t in node.outputs), _inner_peak_bytes(node.operation)
+                )
             else:
                 split.prefix.append(node)
     output = graph.outputs[0]
     if id(output) not in stochastic and id(output) not in split.frontier:
         split.frontier.append(id(output))
+    split.prefix_bytes_per_row = _peak_live_bytes(graph.inputs, split.prefix, set(split.frontier))
     return split
 
 
@@ -316,7 +375,9 @@ class MCSampler:
             ``(batch, classes)``.
         passes: Stochastic forward passes T per input row.
         sample_layers: Optional name patterns restricting which dropout layers are sampled.
-        memory_budget_mb: Upper bound for the activations of one chunk of tiled passes.
+        memory_budget_mb: Upper bound for the activations of one chunk: the rows run through
+            the prefix at once (at most ``max_chunk_rows``), and those rows tiled over passes
+            in the tail (at most ``max_rows`` rows x passes).
         split: Whether to compute the mask-independent prefix once (functional models only).
         precision: ``float32``, or ``bfloat16`` to run the sampled tail (all but the output
             layer) under Keras's ``mixed_bfloat16`` policy; probabilities and statistics stay
@@ -368,6 +429,12 @@ class MCSampler:
         if precision == "bfloat16":
             per_row //= 2
         self.max_rows = max(1, int(memory_budget_mb * 2**20 // per_row))
+        # Rows run at once: their prefix activations fit the budget, and so does one pass of
+        # them through the tail (without a split, that is the whole model).
+        prefix_row = self.split.prefix_bytes_per_row if self.split else 0
+        prefix_rows = int(memory_budget_mb * 2**20 // prefix_row) if prefix_row else self.max_rows
+        self.max_chunk_rows = max(1, min(prefix_rows, self.max_rows))
+        self.largest_chunk_rows = 0  # the most rows one compiled call has run (for tests)
         self._low_precision_layers = self._tail_layers() if precision == "bfloat16" else []
         self._cast_before_tiling = self._frontier_read_only_in_low_precision()
         if input_shape is not None:
@@ -470,8 +537,24 @@ class MCSampler:
             results = results.write(chunk, tf.reshape(probs, [count, rows, -1]))
         return results.concat()
 
+    def row_chunks(self, rows: int) -> list[tuple[int, int]]:
+        """How ``sample`` cuts ``rows`` rows: ``(start, stop)`` ranges of balanced size.
+
+        Each holds at most ``max_chunk_rows`` rows, and sizes differ by at most one (e.g.
+        399 + 400 + 400, not 416 + 416 + 367), so few distinct shapes reach the compiled code.
+        Callers that build rows on the fly (test-time copies) use it to build one chunk at a time.
+        """
+        if rows <= 0:
+            return []
+        count = -(-rows // self.max_chunk_rows)
+        bounds = [rows * i // count for i in range(count + 1)]
+        return list(zip(bounds[:-1], bounds[1:], strict=True))
+
     def sample(self, images: np.ndarray | tf.Tensor, keys: np.ndarray | tf.Tensor) -> np.ndarray:
         """Draw the samples for a batch of rows.
+
+        Rows are run ``row_chunks`` at a time; a row's samples do not depend on its chunk
+        (up to float32 rounding: other chunk sizes can take other kernels).
 
         Args:
             images: ``float32`` images, shape ``(rows, H, W, C)``.
@@ -482,9 +565,18 @@ class MCSampler:
         """
         images = tf.convert_to_tensor(images, tf.float32)
         keys = tf.convert_to_tensor(keys, tf.uint32)
+        chunks = self.row_chunks(int(images.shape[0])) or [(0, 0)]
         policy = "mixed_bfloat16" if self.precision == "bfloat16" else None
         with (
             dropout_sampling(self.dropout_layers),
             _dtype_policy(self._low_precision_layers, policy),
         ):
-            return self._function(images, keys).numpy()
+            parts = []
+            for start, stop in chunks:
+                self.largest_chunk_rows = max(self.largest_chunk_rows, stop - start)
+                if len(chunks) > 1:
+                    chunk_images, chunk_keys = images[start:stop], keys[start:stop]
+                else:
+                    chunk_images, chunk_keys = images, keys
+                parts.append(self._function(chunk_images, chunk_keys).numpy())
+        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)

@@ -31,7 +31,8 @@ def make_images(folder: Path, count: int) -> None:
             shutil.copy(source, target)
 
 
-def peak_rss_mb(images: Path, out: Path, passes: int) -> tuple[float, float]:
+def cli_peak_rss_mb(arguments: list[str]) -> tuple[float, float]:
+    """Run ``batchuq ARGUMENTS`` in a fresh Python process: its peak RSS (MB) and wall time."""
     script = (
         "import resource, sys; from batchuq.cli import main; sys.argv = sys.argv[1:]\n"
         "try:\n    main()\nfinally:\n"
@@ -40,15 +41,20 @@ def peak_rss_mb(images: Path, out: Path, passes: int) -> tuple[float, float]:
     )
     started = time.perf_counter()
     result = subprocess.run(
-        [sys.executable, "-c", script, "batchuq", "score", str(images), str(out),
-         "--passes", str(passes), "--no-progress"],
+        [sys.executable, "-c", script, "batchuq", *arguments],
         capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
     )  # fmt: skip
     seconds = time.perf_counter() - started
     line = [x for x in result.stderr.splitlines() if x.startswith("PEAK_RSS_KB")]
-    if not line:
+    if not line or result.returncode != 0:
         raise SystemExit(result.stderr[-2000:])
     return int(line[-1].split()[1]) / 1024, seconds
+
+
+def peak_rss_mb(images: Path, out: Path, passes: int) -> tuple[float, float]:
+    return cli_peak_rss_mb(
+        ["score", str(images), str(out), "--passes", str(passes), "--no-progress"]
+    )
 
 
 def main() -> None:
