@@ -14,7 +14,7 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import click
 import numpy as np
@@ -37,7 +37,9 @@ __all__ = [
     "evaluate_command",
     "evaluate_frame",
     "evaluate_parquet",
+    "LabelledRows",
     "format_table",
+    "labelled_rows",
     "uncertainty_scores",
 ]
 
@@ -109,6 +111,52 @@ def _ok_mask(df: pd.DataFrame) -> np.ndarray:
     return (_column(df, "status").astype("string") == OK_STATUS).fillna(False).to_numpy(bool)
 
 
+class LabelledRows(NamedTuple):
+    """The rows the labelled metrics use: ``status == "ok"`` and a label that is a class.
+
+    Attributes:
+        mask: Which rows of the frame these are, boolean shape ``(rows,)``.
+        labels: True class index of each, int64 shape ``(n,)``.
+        pred: Predicted class index (``pred_index``), float64 shape ``(n,)``.
+        confidence: The ``confidence`` column, float64 shape ``(n,)``.
+        correct: ``pred == labels``, boolean shape ``(n,)``.
+        accepted: ``decision != "unclassified"``, boolean shape ``(n,)``.
+        decision_correct: Whether the decision is the true class, boolean shape ``(n,)``.
+    """
+
+    mask: np.ndarray
+    labels: np.ndarray
+    pred: np.ndarray
+    confidence: np.ndarray
+    correct: np.ndarray
+    accepted: np.ndarray
+    decision_correct: np.ndarray
+
+
+def labelled_rows(df: pd.DataFrame, class_names: list[str]) -> LabelledRows:
+    """Select the labelled ok rows of ``df`` and read what the labelled metrics need.
+
+    Raises:
+        ValueError: If a column is missing.
+    """
+    mask = _ok_mask(df) & np.isfinite(_floats(df, "label_index"))
+    lab = df[mask]
+    labels = _floats(lab, "label_index").astype(np.int64)
+    pred = _floats(lab, "pred_index")
+    decision = _column(lab, "decision").astype("string").fillna(UNCLASSIFIED_NAME)
+    index_of = {name: i for i, name in enumerate(class_names)}
+    decided = decision.map(index_of).to_numpy(dtype=np.float64, na_value=np.nan)
+    return LabelledRows(
+        mask=mask,
+        labels=labels,
+        pred=pred,
+        confidence=_floats(lab, "confidence"),
+        correct=pred == labels,
+        accepted=(decision != UNCLASSIFIED_NAME).to_numpy(bool),
+        decision_correct=decided == labels,
+    )
+
+
 def _set_members(value: Any) -> list[str] | None:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return None
@@ -147,16 +195,16 @@ def evaluate_frame(
     """
     names = _check_class_names(class_names)
     ok = _ok_mask(df)
-    label_index = _floats(df, "label_index")
     has_label = _column(df, "label").notna().to_numpy(bool)
-    labelled = ok & np.isfinite(label_index)
+    lab = labelled_rows(df, names)
+    labelled = lab.mask
     rows = {
         "total": len(df),
         "ok": int(ok.sum()),
         "errors": int((~ok).sum()),
         "labelled": int(labelled.sum()),
         "unlabelled": int((ok & ~has_label).sum()),
-        "unknown_label": int((ok & has_label & ~np.isfinite(label_index)).sum()),
+        "unknown_label": int((ok & has_label & ~labelled).sum()),
     }
     result: dict[str, Any] = {"class_names": names, "rows": rows, "n": int(labelled.sum())}
     scores = uncertainty_scores(df, names)
@@ -165,25 +213,17 @@ def evaluate_frame(
     result.update(dict.fromkeys(keys + ("ece", "aurc")))
     result["auroc_error"] = dict.fromkeys(SCORE_NAMES)
     if labelled.any():
-        lab = df[labelled]
-        y = label_index[labelled].astype(np.int64)
-        pred = _floats(lab, "pred_index")
-        probs = np.column_stack([_floats(lab, f"mean_{name}") for name in names])
-        confidence = _floats(lab, "confidence")
-        correct = pred == y
-        decision = _column(lab, "decision").astype("string").fillna(UNCLASSIFIED_NAME)
-        accepted = (decision != UNCLASSIFIED_NAME).to_numpy(bool)
-        index_of = {name: i for i, name in enumerate(names)}
-        decided = decision.map(index_of).to_numpy(dtype=np.float64, na_value=np.nan)
+        y, correct, accepted = lab.labels, lab.correct, lab.accepted
+        probs = np.column_stack([_floats(df[labelled], f"mean_{name}") for name in names])
         result.update(
-            accuracy=metrics.accuracy(pred, y),
+            accuracy=metrics.accuracy(lab.pred, y),
             accepted=int(accepted.sum()),
             coverage=metrics.coverage(accepted),
-            selective_accuracy=_number(metrics.selective_accuracy(decided == y, accepted)),
+            selective_accuracy=_number(metrics.selective_accuracy(lab.decision_correct, accepted)),
             nll=metrics.nll(probs, y),
             brier=metrics.brier(probs, y),
-            ece=metrics.ece(confidence, correct, n_bins=metrics.DEFAULT_ECE_BINS),
-            aurc=metrics.aurc(confidence, correct),
+            ece=metrics.ece(lab.confidence, correct, n_bins=metrics.DEFAULT_ECE_BINS),
+            aurc=metrics.aurc(lab.confidence, correct),
         )
         result["auroc_error"] = {
             name: _auroc_or_none(values[labelled], ~correct) for name, values in scores.items()

@@ -1,8 +1,10 @@
 """An HTML report with plots for a Parquet file written by ``batchuq score``.
 
-``write_report`` writes ``index.html`` and PNG plots into a folder: a reliability diagram, the
-risk-coverage curve, histograms of each uncertainty score for right / wrong / OOD images, a
-confusion matrix, and the most uncertain images (top 12 by entropy) beside a bar chart of their
+``write_report`` writes ``index.html`` and PNG plots into a folder: a reliability diagram (with
+the image count of each bin; bins of fewer than 5 images faded), the risk-coverage curve (with a
+zoomed panel where it changes, and the run's decision rule marked), histograms of each
+uncertainty score for right / wrong / OOD images, a confusion matrix, and the most uncertain
+images (top 12 by entropy, each titled "correct" or "wrong") beside a bar chart of their
 per-class mean probability with std error bars and median markers. The page is self-contained
 (inline CSS, relative ``<img src>`` paths), so the folder can be zipped or served as it is.
 
@@ -31,7 +33,9 @@ from matplotlib.figure import Figure
 from batchuq import metrics
 from batchuq.evaluate import (
     SCORE_NAMES,
+    LabelledRows,
     evaluate_parquet,
+    labelled_rows,
     read_scored,
     uncertainty_scores,
 )
@@ -44,11 +48,17 @@ MAX_ANNOTATED_CLASSES = 20
 THUMBNAIL_SIZE = 256
 MAX_THUMBNAIL_PIXELS = 89_478_485
 DPI = 100
+MIN_BIN_IMAGES = 5  # reliability bins with fewer images are drawn faded
+FADED_ALPHA = 0.3
+ZOOM_MIN_START = 0.5  # the risk-coverage curve gets a zoomed panel if it is 0 up to here
 
 RIGHT_COLOR = "#2b8a3e"
 WRONG_COLOR = "#c92a2a"
 OOD_COLOR = "#1c7ed6"
 IN_COLOR = "#495057"
+PRED_COLOR = "#1864ab"  # the predicted class of an unlabelled image
+TRUE_COLOR = "#9775fa"  # the true class of a wrong prediction
+OTHER_COLOR = "#74c0fc"
 
 __all__ = ["write_report"]
 
@@ -128,87 +138,185 @@ def _thumbnail(path: Path | None) -> tuple[np.ndarray | None, str]:
 # --------------------------------------------------------------------------------------------
 
 
-def _plot_reliability(folder: Path, confidence: np.ndarray, correct: np.ndarray) -> str:
-    fig = Figure(figsize=(6.4, 6.0))
-    top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
-    if len(confidence) == 0:
+def _draw_reliability(bins: metrics.ReliabilityBins | None, ece: float | None) -> Figure:
+    """Accuracy per confidence bin (top) above the image count of each bin (bottom).
+
+    Bins holding fewer than ``MIN_BIN_IMAGES`` images are drawn faded and hatched: their
+    accuracy rests on too few images to be read as a calibration gap.
+    """
+    fig = Figure(figsize=(6.4, 6.4))
+    top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1.3]})
+    if bins is None:
         _empty(top, "no labelled images")
         _empty(bottom, "")
-        return _save(fig, folder, "reliability.png")
-    bins = metrics.reliability_bins(confidence, correct, metrics.DEFAULT_ECE_BINS)
-    ece = metrics.ece(confidence, correct)
-    width = bins.edges[1] - bins.edges[0]
-    left = bins.edges[:-1]
-    filled = bins.counts > 0
-    top.bar(
-        left[filled],
-        bins.accuracy[filled],
-        width=width,
-        align="edge",
-        color="#74c0fc",
-        edgecolor="#1864ab",
-        label="accuracy in bin",
-    )
-    top.scatter(
-        bins.confidence[filled],
-        bins.accuracy[filled],
-        color="#1864ab",
-        s=14,
-        zorder=3,
-        label="(mean confidence, accuracy)",
-    )
+        return fig
+    few = bins.counts < MIN_BIN_IMAGES
+    _draw_accuracy_bars(top, bins, few)
     top.plot([0, 1], [0, 1], "--", color="#868e96", label="perfect calibration")
     top.set_xlim(0, 1)
-    top.set_ylim(0, 1)
-    top.set_ylabel("accuracy")
-    top.set_title(f"Reliability diagram: ECE = {ece:.4f} (15 bins, N = {len(confidence)})")
-    top.legend(loc="upper left", fontsize=9)
+    top.set_ylim(0, 1.25)  # room above 1 for the legend
+    top.set_yticks(np.linspace(0, 1, 6))
+    top.set_ylabel("accuracy in bin")
+    n = int(bins.counts.sum())
+    top.set_title(f"Reliability diagram: ECE = {_fmt(ece)} ({len(few)} bins, N = {n})")
+    top.legend(loc="upper left", fontsize=8, framealpha=0.9, ncol=2)
     top.grid(alpha=0.3)
-    bottom.bar(left, bins.counts, width=width, align="edge", color="#adb5bd", edgecolor="#495057")
-    bottom.set_xlabel("confidence (max mean probability)")
-    bottom.set_ylabel("images")
-    bottom.grid(alpha=0.3)
-    return _save(fig, folder, "reliability.png")
+    _draw_bin_counts(bottom, bins, few)
+    return fig
 
 
-def _plot_risk_coverage(
-    folder: Path, confidence: np.ndarray, correct: np.ndarray, results: dict
-) -> str:
-    fig = Figure(figsize=(6.4, 4.6))
-    ax = fig.subplots()
-    if len(confidence) == 0:
-        _empty(ax, "no labelled images")
-        return _save(fig, folder, "risk_coverage.png")
-    cov, risk = metrics.risk_coverage_curve(confidence, correct)
-    k = np.arange(1, len(correct) + 1)
-    oracle = np.maximum(k - int(correct.sum()), 0) / k
-    ax.plot(cov, risk, color="#1864ab", lw=2, label=f"by confidence (AURC = {results['aurc']:.4f})")
-    ax.plot(
-        cov,
-        oracle,
-        "--",
-        color=RIGHT_COLOR,
-        label=f"oracle: errors last (AURC = {float(np.trapezoid(oracle, cov)):.4f})",
-    )
-    ax.axhline(1 - correct.mean(), color="#868e96", ls=":", label="no rejection (error rate)")
-    if results.get("coverage") is not None and results.get("selective_accuracy") is not None:
+def _draw_accuracy_bars(ax: Axes, bins: metrics.ReliabilityBins, few: np.ndarray) -> None:
+    """Accuracy (bars) and mean confidence (dots) of each non-empty bin; ``few`` ones faded."""
+    width = bins.edges[1] - bins.edges[0]
+    left = bins.edges[:-1]
+    for faded, label in (
+        (False, f"accuracy in bin (≥ {MIN_BIN_IMAGES} images)"),
+        (True, f"under {MIN_BIN_IMAGES} images: too few to judge"),
+    ):
+        keep = (bins.counts > 0) & (few == faded)
+        if not keep.any():
+            continue
+        style = {"alpha": FADED_ALPHA, "hatch": "//"} if faded else {}
+        ax.bar(
+            left[keep],
+            bins.accuracy[keep],
+            width=width,
+            align="edge",
+            color="#74c0fc",
+            edgecolor="#1864ab",
+            label=label,
+            **style,
+        )
         ax.scatter(
-            [results["coverage"]],
-            [1 - results["selective_accuracy"]],
+            bins.confidence[keep],
+            bins.accuracy[keep],
+            color="#1864ab",
+            s=14,
+            zorder=3,
+            alpha=FADED_ALPHA if faded else 1.0,
+        )
+
+
+def _draw_bin_counts(ax: Axes, bins: metrics.ReliabilityBins, few: np.ndarray) -> None:
+    """The number of images in each bin, as bars with the count written above them."""
+    width = bins.edges[1] - bins.edges[0]
+    left = bins.edges[:-1]
+    alpha = np.where(few, FADED_ALPHA, 1.0)
+    bars = ax.bar(
+        left, bins.counts, width=width, align="edge", color="#adb5bd", edgecolor="#495057"
+    )
+    for bar, count, a in zip(bars, bins.counts, alpha, strict=True):
+        bar.set_alpha(a)
+        if count:
+            ax.annotate(
+                str(count),
+                (bar.get_x() + width / 2, count),
+                xytext=(0, 2),
+                textcoords="offset points",
+                ha="center",
+                va="bottom",
+                fontsize=8,
+            )
+    ax.set_ylim(0, max(1, int(bins.counts.max())) * 1.3)
+    ax.set_xlabel("confidence (max mean probability)")
+    ax.set_ylabel("images")
+    ax.grid(alpha=0.3)
+
+
+def _operating_point(results: dict) -> tuple[float, float] | None:
+    """``(coverage, selective risk)`` of the run's decision rule, as ``evaluate`` computed them.
+
+    Accepted images are those whose ``decision`` is not ``unclassified``; the selective risk is
+    the share of them whose decision is not the true class (1 - selective accuracy).
+    """
+    coverage, accuracy = results.get("coverage"), results.get("selective_accuracy")
+    if coverage is None or accuracy is None:
+        return None
+    return float(coverage), 1.0 - float(accuracy)
+
+
+def _zoom_start(coverage: np.ndarray, risk: np.ndarray, point: float | None) -> float | None:
+    """Left edge of a zoomed view of the risk-coverage curve, or ``None`` if it adds nothing.
+
+    The view starts just before the first error among the most confident images (the curve is
+    0 to the left of it) and includes the decision rule's coverage ``point``; it is worth
+    drawing only when it starts at coverage ``ZOOM_MIN_START`` or higher.
+    """
+    errors = np.flatnonzero(risk > 0)
+    if not len(errors):
+        return None
+    start = float(coverage[errors[0]]) - 1.0 / len(coverage)
+    if point is not None:
+        start = min(start, point)
+    start -= 0.1 * (1.0 - start)
+    return start if start >= ZOOM_MIN_START else None
+
+
+def _draw_risk_coverage(confidence: np.ndarray, correct: np.ndarray, results: dict) -> Figure:
+    """The risk-coverage curve, with a zoomed panel where it changes when that is narrow."""
+    if len(confidence) == 0:
+        fig = Figure(figsize=(6.4, 4.6))
+        _empty(fig.subplots(), "no labelled images")
+        return fig
+    cov, risk = metrics.risk_coverage_curve(confidence, correct)
+    oracle_scores = correct.astype(np.float64)  # right predictions first: the best order
+    _, oracle = metrics.risk_coverage_curve(oracle_scores, correct)
+    curves = {
+        "cov": cov,
+        "risk": risk,
+        "oracle": oracle,
+        "oracle_aurc": metrics.aurc(oracle_scores, correct),
+        "error_rate": 1.0 - float(correct.mean()),
+    }
+    point = _operating_point(results)
+    start = _zoom_start(cov, risk, None if point is None else point[0])
+    if start is None:
+        fig = Figure(figsize=(6.4, 4.6))
+        axes = [fig.subplots()]
+    else:
+        fig = Figure(figsize=(12.8, 4.6))
+        axes = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1, 1.6]})
+    _risk_panel(axes[0], curves, results, point, 0.0)
+    axes[0].set_title("Risk-coverage curve" + ("" if start is None else ": whole range"))
+    if start is not None:
+        _risk_panel(axes[1], curves, results, point, start)
+        axes[1].set_title(f"Zoomed to coverage ≥ {start:.2f} (risk is 0 below it)")
+    axes[-1].legend(fontsize=8.5, loc="upper left", framealpha=0.9)
+    fig.tight_layout()
+    return fig
+
+
+def _risk_panel(
+    ax: Axes, curves: dict, results: dict, point: tuple[float, float] | None, start: float
+) -> None:
+    cov, risk, oracle = curves["cov"], curves["risk"], curves["oracle"]
+    model_label = f"by confidence (AURC = {_fmt(results.get('aurc'))})"
+    ax.plot(cov, risk, color="#1864ab", lw=2, label=model_label)
+    oracle_label = f"oracle: errors last (AURC = {curves['oracle_aurc']:.4f})"
+    ax.plot(cov, oracle, "--", color=RIGHT_COLOR, label=oracle_label)
+    ax.axhline(curves["error_rate"], color="#868e96", ls=":", label="no rejection (error rate)")
+    if point is not None:
+        ax.axvline(point[0], color=WRONG_COLOR, lw=0.8, ls=":", zorder=1)
+        ax.scatter(
+            [point[0]],
+            [point[1]],
             marker="*",
-            s=180,
+            s=220,
             color=WRONG_COLOR,
             zorder=4,
-            label="decision rule (coverage, 1 - selective accuracy)",
+            edgecolors="white",
+            linewidths=0.8,
+            label=f"decision rule: coverage {point[0]:.3f}, risk {point[1]:.3f}",
         )
-    ax.set_xlim(0, 1.02)
-    ax.set_ylim(bottom=0)
+    ax.set_xlim(start, 1.0 + 0.02 * (1.0 - start))
+    visible = cov >= start
+    top = max(float(risk[visible].max()), float(oracle[visible].max()), curves["error_rate"])
+    if point is not None:
+        top = max(top, point[1])
+    ax.set_ylim(0, 1.15 * top if top > 0 else 1.0)
     ax.set_xlabel("coverage (share of images kept, most confident first)")
     ax.set_ylabel("risk (error rate among kept images)")
-    ax.set_title("Risk-coverage curve")
-    ax.legend(fontsize=9, loc="upper left")
     ax.grid(alpha=0.3)
-    return _save(fig, folder, "risk_coverage.png")
 
 
 def _plot_score_histograms(
@@ -307,64 +415,100 @@ def _plot_confusion(folder: Path, labels: np.ndarray, preds: np.ndarray, names: 
     return _save(fig, folder, "confusion.png")
 
 
-def _plot_uncertain_image(
-    folder: Path,
-    rank: int,
-    row: pd.Series,
-    names: list[str],
-    images_root: Path | None,
-    samples: np.ndarray | None,
-) -> str:
-    fig = Figure(figsize=(11, 3.6))
-    left, right = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1, 2.6]})
-    rel = str(row["path"])
+def _verdict(label: str | None, pred: str) -> str:
+    """``"correct"`` or ``"wrong"`` for a labelled image, ``"unlabelled"`` otherwise."""
+    if label is None:
+        return "unlabelled"
+    return "correct" if label == pred else "wrong"
+
+
+def _row_label(row: pd.Series) -> str | None:
+    label = row.get("label")
+    return None if label is None or pd.isna(label) else str(label)
+
+
+def _panel_title(rank: int, row: pd.Series, names: list[str], note: str) -> str:
+    """First line: the verdict in words, the label, the prediction and the decision."""
+    label, pred = _row_label(row), str(row["pred"])
+    verdict = _verdict(label, pred)
+    if label is None:
+        head = f"#{rank}  no label; predicted {pred}"
+    elif label in names:
+        head = f"#{rank}  {verdict}: label {label}, predicted {pred}"
+    else:
+        head = f"#{rank}  {verdict}: label {label} (not a class of the model), predicted {pred}"
+    return (
+        f"{head}; decision {row['decision']}\n"
+        f"entropy {row['entropy']:.3f}, mutual info {row['mutual_info']:.3f}, "
+        f"variation ratio {row['variation_ratio']:.3f}, confidence {row['confidence']:.3f}{note}"
+    )
+
+
+def _class_style(name: str, label: str | None, pred: str) -> tuple[str, str]:
+    """Tick text and bar colour of one class in an image's per-class chart."""
+    roles = [role for role, hit in (("label", name == label), ("pred", name == pred)) if hit]
+    if name == pred:
+        colour = {"correct": RIGHT_COLOR, "wrong": WRONG_COLOR}.get(
+            _verdict(label, pred), PRED_COLOR
+        )
+    else:
+        colour = TRUE_COLOR if name == label else OTHER_COLOR
+    return name + (f" ({', '.join(roles)})" if roles else ""), colour
+
+
+def _draw_thumbnail(ax: Axes, rel: str, images_root: Path | None) -> None:
     thumb, reason = _thumbnail(None if images_root is None else images_root / rel)
     if thumb is None:
-        left.set_facecolor("#e9ecef")
-        left.text(
+        ax.set_facecolor("#e9ecef")
+        text = reason + "\n" + "\n".join(textwrap.wrap(rel, 28))
+        ax.text(
             0.5,
             0.5,
-            reason + "\n" + "\n".join(textwrap.wrap(rel, 28)),
+            text,
             ha="center",
             va="center",
             fontsize=9,
             color="#495057",
-            transform=left.transAxes,
+            transform=ax.transAxes,
         )
-        left.set_xticks([])
-        left.set_yticks([])
+        ax.set_xticks([])
+        ax.set_yticks([])
     else:
         small = max(thumb.shape[:2]) < 128
-        left.imshow(thumb, interpolation="nearest" if small else "antialiased")
-        left.axis("off")
-    left.set_title("\n".join(textwrap.wrap(rel, 36)), fontsize=9)
+        ax.imshow(thumb, interpolation="nearest" if small else "antialiased")
+        ax.axis("off")
+    ax.set_title("\n".join(textwrap.wrap(rel, 36)), fontsize=9)
 
+
+def _draw_class_chart(
+    ax: Axes, row: pd.Series, names: list[str], samples: np.ndarray | None
+) -> str:
+    """Per-class probabilities of one image; returns a note for the title."""
     mean = np.array([row[f"mean_{c}"] for c in names], dtype=np.float64)
-    median = np.array([row[f"median_{c}"] for c in names], dtype=np.float64)
-    std = np.array([row[f"std_{c}"] for c in names], dtype=np.float64)
     order = np.arange(len(names))
     note = ""
     if len(names) > MAX_BAR_CLASSES:
         order = np.sort(np.argsort(-mean, kind="stable")[:MAX_BAR_CLASSES])
         note = f" (top {MAX_BAR_CLASSES} of {len(names)} classes by mean)"
     x = np.arange(len(order))
-    label = row.get("label")
-    label = None if label is None or pd.isna(label) else str(label)
-    colors = [WRONG_COLOR if names[c] == row["pred"] else "#74c0fc" for c in order]
+    styles = [_class_style(names[c], _row_label(row), str(row["pred"])) for c in order]
+    colours = [colour for _, colour in styles]
     if samples is None:
-        right.bar(
+        median = np.array([row[f"median_{c}"] for c in names], dtype=np.float64)
+        std = np.array([row[f"std_{c}"] for c in names], dtype=np.float64)
+        ax.bar(
             x,
             mean[order],
             yerr=std[order],
-            color=colors,
+            color=colours,
             edgecolor="#1864ab",
             capsize=3,
             error_kw={"elinewidth": 1, "ecolor": "#343a40"},
             label="mean ± std",
         )
-        right.scatter(x, median[order], marker="D", color="#f08c00", zorder=4, s=28, label="median")
+        ax.scatter(x, median[order], marker="D", color="#f08c00", zorder=4, s=28, label="median")
     else:
-        boxes = right.boxplot(
+        boxes = ax.boxplot(
             samples[:, order],
             positions=x,
             widths=0.6,
@@ -373,30 +517,43 @@ def _plot_uncertain_image(
             flierprops={"markersize": 2, "alpha": 0.4},
         )
         boxes["medians"][0].set_label("median")
-        for box, color in zip(boxes["boxes"], colors, strict=True):
-            box.set_facecolor(color)
+        for box, colour in zip(boxes["boxes"], colours, strict=True):
+            box.set_facecolor(colour)
             box.set_edgecolor("#1864ab")
-        right.scatter(x, mean[order], marker="_", color="#212529", zorder=4, s=120, label="mean")
+        ax.scatter(x, mean[order], marker="_", color="#212529", zorder=4, s=120, label="mean")
         note += f"; box plots of the {len(samples)} samples"
-    right.set_xticks(x)
-    tick_labels = [names[c] + (" ✓" if label == names[c] else "") for c in order]
-    right.set_xticklabels(
-        tick_labels,
-        rotation=45 if len(order) > 8 else 0,
-        ha="right" if len(order) > 8 else "center",
+    rotate = len(order) > 8
+    ax.set_xticks(x)
+    ax.set_xticklabels(
+        [text for text, _ in styles],
+        rotation=45 if rotate else 0,
+        ha="right" if rotate else "center",
     )
-    right.set_ylim(0, 1.05)
-    right.set_ylabel("probability")
-    right.grid(axis="y", alpha=0.3)
-    right.legend(fontsize=8, loc="upper right")
-    right.set_title(
-        f"#{rank}  label {label or 'n/a'} (✓), pred {row['pred']} (red), decision "
-        f"{row['decision']}\nentropy {row['entropy']:.3f}, mutual info {row['mutual_info']:.3f}, "
-        f"variation ratio {row['variation_ratio']:.3f}, confidence {row['confidence']:.3f}{note}",
-        fontsize=9,
-    )
+    ax.set_ylim(0, 1.16)  # room above 1 for the legend
+    ax.set_yticks(np.linspace(0, 1, 6))
+    ax.set_ylabel("probability")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper right", ncol=2)
+    return note
+
+
+def _draw_uncertain_image(
+    rank: int,
+    row: pd.Series,
+    names: list[str],
+    images_root: Path | None,
+    samples: np.ndarray | None,
+) -> Figure:
+    """One of the most uncertain images beside its per-class distribution."""
+    fig = Figure(figsize=(11, 4.0))
+    left, right = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1, 2.6]})
+    _draw_thumbnail(left, str(row["path"]), images_root)
+    note = _draw_class_chart(right, row, names, samples)
+    verdict = _verdict(_row_label(row), str(row["pred"]))
+    colour = {"correct": RIGHT_COLOR, "wrong": WRONG_COLOR}.get(verdict, "#212529")
+    right.set_title(_panel_title(rank, row, names, note), fontsize=9, color=colour)
     fig.tight_layout()
-    return _save(fig, folder, f"uncertain_{rank:02d}.png")
+    return fig
 
 
 # --------------------------------------------------------------------------------------------
@@ -436,14 +593,10 @@ def _figure(src: str, alt: str, note: str) -> str:
     )
 
 
-def _page(results: dict, metadata: dict, plots: dict[str, str], uncertain: list[str]) -> str:
+def _run_table(results: dict, metadata: dict) -> str:
     rule = results.get("decision_rule") or {}
     params = ", ".join(f"{k}={v}" for k, v in rule.items() if k != "rule")
     rule_text = f"{rule.get('rule', 'n/a')}" + (f" ({params})" if params else "")
-    made_by = [
-        f"batchuq {metadata['batchuq_version']}" if metadata.get("batchuq_version") else "",
-        f"scored {metadata['created']}" if metadata.get("created") else "",
-    ]
     rows = results["rows"]
     run = [
         ("file", results.get("file")),
@@ -456,6 +609,10 @@ def _page(results: dict, metadata: dict, plots: dict[str, str], uncertain: list[
     ]
     if results.get("ood_file"):
         run.append(("OOD file", results["ood_file"]))
+    return _table([(k, "n/a" if v is None else str(v)) for k, v in run])
+
+
+def _summary_sections(results: dict) -> list[str]:
     summary = [
         ("N (labelled, readable)", results["n"]),
         ("accuracy (pred)", results["accuracy"]),
@@ -475,15 +632,7 @@ def _page(results: dict, metadata: dict, plots: dict[str, str], uncertain: list[
         )
         for name in SCORE_NAMES
     ]
-    parts = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        "<title>batchuq report</title>",
-        f"<style>{_CSS}</style></head><body>",
-        "<h1>batchuq evaluation report</h1>",
-        f'<p class="meta">{html.escape(", ".join(part for part in made_by if part))}</p>',
-        "<h2>Run</h2>",
-        _table([(k, "n/a" if v is None else str(v)) for k, v in run]),
+    return [
         "<h2>Summary</h2>",
         _table(summary, ("metric", "value")),
         '<p class="note">Computed on the readable images whose label is one of the model\'s '
@@ -499,30 +648,39 @@ def _page(results: dict, metadata: dict, plots: dict[str, str], uncertain: list[
         "image) gets a higher uncertainty score than a randomly chosen right one (or "
         "in-distribution image). 0.5 is chance, 1.0 is perfect separation.</p>",
     ]
+
+
+def _conformal_section(results: dict) -> list[str]:
     conformal = results.get("conformal")
-    if conformal:
-        parts += [
-            "<h2>Conformal prediction sets</h2>",
-            _table(
-                [
-                    ("images", conformal["n"]),
-                    ("empirical coverage", conformal["coverage"]),
-                    ("mean set size", conformal["mean_set_size"]),
-                ]
-            ),
-            '<p class="note">Empirical coverage is the share of labelled images whose true '
-            "class is in their prediction set; compare it with the coverage the sets were "
-            "calibrated for. Smaller sets at the same coverage are more useful.</p>",
-        ]
-    parts += [
+    if not conformal:
+        return []
+    return [
+        "<h2>Conformal prediction sets</h2>",
+        _table(
+            [
+                ("images", conformal["n"]),
+                ("empirical coverage", conformal["coverage"]),
+                ("mean set size", conformal["mean_set_size"]),
+            ]
+        ),
+        '<p class="note">Empirical coverage is the share of labelled images whose true '
+        "class is in their prediction set; compare it with the coverage the sets were "
+        "calibrated for. Smaller sets at the same coverage are more useful.</p>",
+    ]
+
+
+def _plot_sections(plots: dict[str, str]) -> list[str]:
+    return [
         "<h2>Reliability diagram</h2>",
         _figure(
             plots["reliability"],
             "reliability diagram",
-            "Images are grouped by confidence into 15 equal bins. In a calibrated model each "
-            "bar (the accuracy in the bin) reaches the dashed diagonal: bars below it mean "
-            "over-confidence, bars above it under-confidence. ECE is the average gap weighted "
-            "by the number of images per bin (lower panel).",
+            f"Images are grouped by confidence into {metrics.DEFAULT_ECE_BINS} equal bins. In a "
+            "calibrated model each bar (the accuracy in the bin) reaches the dashed diagonal: "
+            "bars below it mean over-confidence, bars above it under-confidence. The lower panel "
+            f"gives the number of images in each bin; bins with fewer than {MIN_BIN_IMAGES} "
+            "images are faded and hatched, as their accuracy says little. ECE is the average "
+            "gap weighted by the number of images per bin.",
         ),
         "<h2>Risk-coverage curve</h2>",
         _figure(
@@ -531,8 +689,11 @@ def _page(results: dict, metadata: dict, plots: dict[str, str], uncertain: list[
             "Keep only the most confident images and read off the error rate (risk) among "
             "those kept, for every share kept (coverage). A good uncertainty estimate keeps the "
             "curve low at low coverage and close to the oracle curve, which would reject every "
-            "wrong prediction first. The star is the decision rule used for this run. AURC is "
-            "the area under the curve.",
+            "wrong prediction first. When the curve only changes at high coverage, a second "
+            "panel zooms in there. The red star is this run's decision rule: the share of "
+            "images it did not leave unclassified, and the share of those whose decision is "
+            "wrong; it need not lie on the curve, as the rule need not rank by confidence. "
+            "AURC is the area under the curve.",
         ),
         "<h2>Uncertainty scores</h2>",
         _figure(
@@ -551,21 +712,93 @@ def _page(results: dict, metadata: dict, plots: dict[str, str], uncertain: list[
             "numbers are image counts and the colour is the share of the row. Off-diagonal "
             "cells show which classes are mistaken for which.",
         ),
+    ]
+
+
+def _uncertain_section(uncertain: list[tuple[str, str]]) -> list[str]:
+    parts = [
         f"<h2>Most uncertain images (top {TOP_UNCERTAIN} by entropy)</h2>",
         '<p class="note">Each image is shown beside the distribution of its per-class '
-        "probabilities over the Monte Carlo samples (the predicted class in red; the true class "
-        "is ticked). With <code>score --save-samples</code> these are box plots of the raw "
-        "samples (orange line: median, black dash: mean); otherwise bars of the mean with ± one "
-        "standard deviation and the median as an orange diamond. Boxes that overlap, or wide "
-        "error bars, mean the samples disagree: the model is close to flipping a coin. Missing "
-        "images are drawn as grey placeholders.</p>",
+        "probabilities over the Monte Carlo samples. The title says whether the predicted "
+        "class is correct or wrong; below the chart, (label) marks the true class and (pred) "
+        "the predicted one, whose bar is green when correct and red when wrong (the true "
+        "class of a wrong prediction is violet). With <code>score --save-samples</code> these are "
+        "box plots of the raw samples (orange line: median, black dash: mean); otherwise bars "
+        "of the mean with ± one standard deviation and the median as an orange diamond. Boxes "
+        "that overlap, or wide error bars, mean the samples disagree: the model is close to "
+        "flipping a coin. Missing images are drawn as grey placeholders.</p>",
     ]
     if not uncertain:
         parts.append("<p>No readable images.</p>")
-    for i, src in enumerate(uncertain, start=1):
-        parts.append(f'<img src="{html.escape(src)}" alt="uncertain image {i}">')
-    parts.append("</body></html>")
+    for src, alt in uncertain:
+        parts.append(f'<img src="{html.escape(src)}" alt="{html.escape(alt)}">')
+    return parts
+
+
+def _page(
+    results: dict, metadata: dict, plots: dict[str, str], uncertain: list[tuple[str, str]]
+) -> str:
+    made_by = [
+        f"batchuq {metadata['batchuq_version']}" if metadata.get("batchuq_version") else "",
+        f"scored {metadata['created']}" if metadata.get("created") else "",
+    ]
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        "<title>batchuq report</title>",
+        f"<style>{_CSS}</style></head><body>",
+        "<h1>batchuq evaluation report</h1>",
+        f'<p class="meta">{html.escape(", ".join(part for part in made_by if part))}</p>',
+        "<h2>Run</h2>",
+        _run_table(results, metadata),
+        *_summary_sections(results),
+        *_conformal_section(results),
+        *_plot_sections(plots),
+        *_uncertain_section(uncertain),
+        "</body></html>",
+    ]
     return "\n".join(parts) + "\n"
+
+
+def _score_groups(
+    df: pd.DataFrame, ood_df: pd.DataFrame | None, names: list[str], lab: LabelledRows
+) -> list[tuple[str, str, dict[str, np.ndarray]]]:
+    """(label, colour, scores) of right / wrong (or all in-distribution) and OOD images."""
+    scores = uncertainty_scores(df, names)
+    groups: list[tuple[str, str, dict[str, np.ndarray]]] = []
+    if lab.mask.any():
+        right, wrong = lab.correct, ~lab.correct
+        groups.append(("right", RIGHT_COLOR, {k: v[lab.mask][right] for k, v in scores.items()}))
+        groups.append(("wrong", WRONG_COLOR, {k: v[lab.mask][wrong] for k, v in scores.items()}))
+    else:
+        ok = (df["status"] == "ok").to_numpy(bool)
+        groups.append(("in-distribution", IN_COLOR, {k: v[ok] for k, v in scores.items()}))
+    if ood_df is not None:
+        ood_ok = (ood_df["status"] == "ok").to_numpy(bool)
+        ood_scores = uncertainty_scores(ood_df, names)
+        groups.append(("OOD", OOD_COLOR, {k: v[ood_ok] for k, v in ood_scores.items()}))
+    return groups
+
+
+def _write_uncertain(
+    folder: Path, out_path: Path, df: pd.DataFrame, names: list[str], root: Path | None
+) -> list[tuple[str, str]]:
+    """Draw the ``TOP_UNCERTAIN`` ok rows with the highest entropy; ``(png, alt text)`` each."""
+    ok = (df["status"] == "ok").to_numpy(bool)
+    entropy = pd.to_numeric(df["entropy"]).to_numpy(dtype=np.float64, na_value=np.nan)
+    candidates = np.flatnonzero(ok & np.isfinite(entropy))
+    top = candidates[np.argsort(-entropy[candidates], kind="stable")[:TOP_UNCERTAIN]]
+    samples = _read_samples(out_path, top)
+    for stale in folder.glob("uncertain_*.png"):
+        stale.unlink()
+    uncertain = []
+    for rank, i in enumerate(top, start=1):
+        row = df.iloc[int(i)]
+        fig = _draw_uncertain_image(rank, row, names, root, samples.get(int(i)))
+        verdict = _verdict(_row_label(row), str(row["pred"]))
+        alt = f"uncertain image {rank}: {row['path']}, {verdict}"
+        uncertain.append((_save(fig, folder, f"uncertain_{rank:02d}.png"), alt))
+    return uncertain
 
 
 def write_report(
@@ -604,44 +837,17 @@ def write_report(
     results = evaluate_parquet(out_path, ood_path, scored)
     df, metadata, ood_df = scored
     names = list(metadata["class_names"])
-    ok = (df["status"] == "ok").to_numpy(bool)
-    label_index = pd.to_numeric(df["label_index"]).to_numpy(dtype=np.float64, na_value=np.nan)
-    labelled = ok & np.isfinite(label_index)
-    y = label_index[labelled].astype(np.int64)
-    pred = pd.to_numeric(df.loc[labelled, "pred_index"]).to_numpy(dtype=np.int64)
-    confidence = pd.to_numeric(df.loc[labelled, "confidence"]).to_numpy(dtype=np.float64)
-    correct = pred == y
-
-    scores = uncertainty_scores(df, names)
-    groups: list[tuple[str, str, dict[str, np.ndarray]]] = []
-    if labelled.any():
-        groups.append(("right", RIGHT_COLOR, {k: v[labelled][correct] for k, v in scores.items()}))
-        groups.append(("wrong", WRONG_COLOR, {k: v[labelled][~correct] for k, v in scores.items()}))
-    else:
-        groups.append(("in-distribution", IN_COLOR, {k: v[ok] for k, v in scores.items()}))
-    if ood_df is not None:
-        ood_ok = (ood_df["status"] == "ok").to_numpy(bool)
-        ood_scores = uncertainty_scores(ood_df, names)
-        groups.append(("OOD", OOD_COLOR, {k: v[ood_ok] for k, v in ood_scores.items()}))
-
+    lab = labelled_rows(df, names)
+    bins = metrics.reliability_bins(lab.confidence, lab.correct) if lab.mask.any() else None
+    risk_coverage = _draw_risk_coverage(lab.confidence, lab.correct, results)
     plots = {
-        "reliability": _plot_reliability(folder, confidence, correct),
-        "risk_coverage": _plot_risk_coverage(folder, confidence, correct, results),
-        "scores": _plot_score_histograms(folder, groups, results),
-        "confusion": _plot_confusion(folder, y, pred, names),
+        "reliability": _save(_draw_reliability(bins, results["ece"]), folder, "reliability.png"),
+        "risk_coverage": _save(risk_coverage, folder, "risk_coverage.png"),
+        "scores": _plot_score_histograms(folder, _score_groups(df, ood_df, names, lab), results),
+        "confusion": _plot_confusion(folder, lab.labels, lab.pred.astype(np.int64), names),
     }
-
     root = _resolve_images_root(out_path, metadata, images_root)
-    entropy = pd.to_numeric(df["entropy"]).to_numpy(dtype=np.float64, na_value=np.nan)
-    candidates = np.flatnonzero(ok & np.isfinite(entropy))
-    top = candidates[np.argsort(-entropy[candidates], kind="stable")[:TOP_UNCERTAIN]]
-    samples = _read_samples(out_path, top)
-    for stale in folder.glob("uncertain_*.png"):
-        stale.unlink()
-    uncertain = [
-        _plot_uncertain_image(folder, rank, df.iloc[int(i)], names, root, samples.get(int(i)))
-        for rank, i in enumerate(top, start=1)
-    ]
+    uncertain = _write_uncertain(folder, out_path, df, names, root)
 
     index = folder / "index.html"
     index.write_text(_page(results, metadata, plots, uncertain), encoding="utf-8")

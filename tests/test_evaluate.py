@@ -14,6 +14,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from batchuq import metrics, report
 from batchuq.evaluate import evaluate_command, evaluate_frame, evaluate_parquet, format_table
 from batchuq.report import write_report
 from batchuq.write import output_schema
@@ -283,17 +284,159 @@ def test_cli_table_help_and_errors(files, tmp_path):
     assert "no batchuq metadata" in result.stderr
 
 
-def test_report_draws_saved_samples_as_box_plots(digits_subset, tmp_path):
+def spy(monkeypatch, name: str) -> list:
+    """Record what the report function ``name`` returns (its figure) each time it is called."""
+    returned = []
+    original = getattr(report, name)
+
+    def wrapper(*args, **kwargs):
+        returned.append(original(*args, **kwargs))
+        return returned[-1]
+
+    monkeypatch.setattr(report, name, wrapper)
+    return returned
+
+
+def bar_bins(ax, n_bins: int) -> dict[int, object]:
+    """The bars of a reliability panel by bin index."""
+    return {int(round(bar.get_x() * n_bins)): bar for bar in ax.patches}
+
+
+def test_reliability_diagram_counts_and_fades_small_bins():
+    rng = np.random.default_rng(0)
+    confidence = np.concatenate(
+        [rng.uniform(0.94, 1.0, 200), rng.uniform(0.68, 0.72, 7), [0.41, 0.42, 0.45, 0.21, 1.0]]
+    )
+    correct = rng.random(len(confidence)) < confidence
+    bins = metrics.reliability_bins(confidence, correct)
+    expected, _ = np.histogram(confidence, bins=metrics.DEFAULT_ECE_BINS, range=(0, 1))
+    assert bins.counts.tolist() == expected.tolist()
+    assert sorted(set(expected[expected > 0])) == [1, 3, 7, 201]  # faded and solid bins
+
+    top, bottom = report._draw_reliability(bins, 0.05).axes
+    n_bins = metrics.DEFAULT_ECE_BINS
+    counts = bar_bins(bottom, n_bins)
+    assert [counts[b].get_height() for b in range(n_bins)] == expected.tolist()
+    assert sorted(int(text.get_text()) for text in bottom.texts) == sorted(expected[expected > 0])
+    accuracy = bar_bins(top, n_bins)
+    assert sorted(accuracy) == np.flatnonzero(expected).tolist()  # empty bins have no bar
+    for b, bar in accuracy.items():
+        faded = expected[b] < report.MIN_BIN_IMAGES
+        assert (bar.get_alpha() == report.FADED_ALPHA) == faded, (b, expected[b])
+        assert (counts[b].get_alpha() == report.FADED_ALPHA) == faded
+        assert bar.get_height() == pytest.approx(correct[bin_of(confidence) == b].mean())
+
+
+def bin_of(confidence: np.ndarray) -> np.ndarray:
+    return np.minimum((confidence * metrics.DEFAULT_ECE_BINS).astype(int), 14)
+
+
+def test_write_report_draws_the_evaluated_bins(files, tmp_path, monkeypatch):
+    figures = spy(monkeypatch, "_draw_reliability")
+    write_report(files["out"], tmp_path / "report")
+    (top, bottom) = figures[0].axes
+    # The labelled ok rows a, b, c, d have confidence 0.8, 0.82, 0.5, 0.4: every bin is faded.
+    expected, _ = np.histogram([0.8, 0.82, 0.5, 0.4], bins=metrics.DEFAULT_ECE_BINS, range=(0, 1))
+    assert [bar.get_height() for bar in bottom.patches] == expected.tolist()
+    assert {bar.get_alpha() for bar in top.patches} == {report.FADED_ALPHA}
+    assert "ECE = 0.3200" in top.get_title()  # the ECE evaluate computed
+
+
+def test_risk_coverage_marks_the_decision_rule(files, tmp_path, monkeypatch):
+    figures = spy(monkeypatch, "_draw_risk_coverage")
+    write_report(files["out"], tmp_path / "report")
+    # Coverage and selective risk from the decision column of the labelled ok rows.
+    table = pq.read_table(files["out"]).to_pandas()
+    labelled = table[(table["status"] == "ok") & table["label_index"].notna()]
+    accepted = labelled["decision"] != "unclassified"
+    coverage = accepted.mean()
+    risk = (labelled["decision"][accepted] != labelled["label"][accepted]).mean()
+    assert (coverage, risk) == (0.75, pytest.approx(1 / 3))
+    (ax,) = figures[0].axes  # the most confident image (b) is right, but c at 0.5 is not
+    (star,) = [c for c in ax.collections if c.get_label().startswith("decision rule")]
+    np.testing.assert_allclose(star.get_offsets(), [[coverage, risk]])
+    assert star.get_label() == "decision rule: coverage 0.750, risk 0.333"
+
+
+def test_risk_coverage_zooms_to_where_it_changes():
+    confidence = np.linspace(1.0, 0.5, 200)
+    correct = np.ones(200, bool)
+    correct[[189, 194, 198]] = False  # errors only among the least confident
+    results = {"coverage": 0.97, "selective_accuracy": 0.99, "aurc": 0.001}
+    whole, zoomed = report._draw_risk_coverage(confidence, correct, results).axes
+    assert whole.get_xlim()[0] == 0.0
+    start = zoomed.get_xlim()[0]
+    assert start == pytest.approx(0.95 - 0.005 - 0.1 * 0.055)  # just before the first error
+    cov, risk = metrics.risk_coverage_curve(confidence, correct)
+    assert not risk[cov < start].any()  # as the title says: risk is 0 below the zoom
+    assert "0.94" in zoomed.get_title()
+    assert zoomed.get_ylim()[1] >= risk.max()
+    for ax in (whole, zoomed):
+        (star,) = [c for c in ax.collections if c.get_label().startswith("decision rule")]
+        np.testing.assert_allclose(star.get_offsets(), [[0.97, 0.01]])
+
+    # An error among the most confident images: the curve changes everywhere, no zoom.
+    correct[0] = False
+    (ax,) = report._draw_risk_coverage(confidence, correct, results).axes
+    assert ax.get_xlim()[0] == 0.0
+    # No errors at all: nothing to zoom to.
+    (ax,) = report._draw_risk_coverage(confidence, np.ones(200, bool), results).axes
+    assert ax.get_xlim()[0] == 0.0
+
+
+def test_uncertain_image_titles_say_correct_or_wrong(files, tmp_path, monkeypatch):
+    figures = spy(monkeypatch, "_draw_uncertain_image")
+    index = write_report(files["out"], tmp_path / "report")
+    expected = {
+        "n0/a.png": "correct: label cat, predicted cat",
+        "n1/b.png": "correct: label dog, predicted dog",
+        "n2/c.png": "wrong: label fox, predicted cat",
+        "n0/d.png": "wrong: label cat, predicted fox",
+        "e.png": "no label; predicted dog",
+        "wolf/g.png": "wrong: label wolf (not a class of the model), predicted cat",
+    }
+    titles = {fig.axes[0].get_title(): fig.axes[1].get_title() for fig in figures}
+    assert set(titles) == set(expected)
+    for path, title in titles.items():
+        assert expected[path] in title.splitlines()[0], title
+        words = set(re.findall(r"\b(correct|wrong)\b", title))
+        assert words == {w for w in ("correct", "wrong") if expected[path].startswith(w)}
+    # The tick labels mark the true and the predicted class in words too.
+    ticks = {
+        fig.axes[0].get_title(): [t.get_text() for t in fig.axes[1].get_xticklabels()]
+        for fig in figures
+    }
+    assert ticks["n0/d.png"] == ["cat (label)", "dog", "fox (pred)"]
+    assert ticks["n0/a.png"] == ["cat (label, pred)", "dog", "fox"]
+    text = index.read_text(encoding="utf-8")
+    assert 'alt="uncertain image 1: n2/c.png, wrong"' in text  # c has the highest entropy
+
+
+def test_report_draws_saved_samples_as_box_plots(digits_subset, tmp_path, monkeypatch):
     from batchuq import score_directory
 
     with_samples, without = tmp_path / "samples.parquet", tmp_path / "plain.parquet"
     score_directory(digits_subset, with_samples, passes=8, save_samples=True)
     score_directory(digits_subset, without, passes=8)
+    figures = spy(monkeypatch, "_draw_uncertain_image")
     boxes = write_report(with_samples, tmp_path / "boxes")
+    box_chart = figures[0].axes[1]
     bars = write_report(without, tmp_path / "bars")
+    bar_chart = figures[len(figures) // 2].axes[1]
     assert check_report(boxes) == check_report(bars)  # same plots, same names
-    # The most uncertain image is the same in both; its chart is drawn from the raw samples in
-    # one report and from mean/median/std in the other.
-    first = "uncertain_01.png"
-    assert (boxes.parent / first).read_bytes() != (bars.parent / first).read_bytes()
     assert "score --save-samples" in boxes.read_text(encoding="utf-8")
+
+    # The most uncertain image: drawn from its raw samples in one report (each box spans the
+    # class's quartiles), from its stored means in the other.
+    table = pq.read_table(with_samples).to_pandas()
+    first = table.iloc[int(np.argsort(-table["entropy"].to_numpy(), kind="stable")[0])]
+    samples = np.asarray(first["samples"].tolist(), dtype=np.float64)
+    names = [f"n{i}" for i in range(10)]
+    quartiles = [
+        (patch.get_path().vertices[:, 1].min(), patch.get_path().vertices[:, 1].max())
+        for patch in box_chart.patches
+    ]
+    np.testing.assert_allclose(quartiles, np.percentile(samples, [25, 75], axis=0).T, atol=1e-6)
+    plain = pq.read_table(without).to_pandas().set_index("path").loc[first["path"]]
+    heights = [bar.get_height() for bar in bar_chart.patches]
+    np.testing.assert_allclose(heights, [plain[f"mean_{c}"] for c in names], atol=1e-6)
