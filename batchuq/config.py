@@ -68,6 +68,8 @@ def _option_params(command: click.Command) -> dict[str, click.Option]:
 def _type_ok(param: click.Option, value: Any) -> bool:
     """Whether a TOML value has the kind of value the option takes (no silent coercion)."""
     kind = param.type
+    if param.multiple:  # a TOML array, e.g. import = ["mylayers", "more.py"]
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
     if param.is_flag or isinstance(kind, click.types.BoolParamType):
         return isinstance(value, bool)
     if isinstance(value, bool):
@@ -179,3 +181,28 @@ def settings_provenance(ctx: click.Context) -> dict[str, dict[str, Any]]:
             label = sources.get(source, str(source.name).lower() if source else "default")
         settings[name] = {"value": _json_value(ctx.params.get(name)), "source": label}
     return settings
+
+
+def section_defaults(ctx: click.Context, section: str) -> dict[str, Any]:
+    """The ``[section]`` table of the config file loaded for this command, checked against
+    command ``section``'s options (as when that command loads it), or ``{}`` without one.
+
+    Lets one command take defaults from another's table, e.g. ``calibrate`` from ``[score]``.
+    Keys are option names with ``_``; relative paths are resolved against the file's folder.
+    """
+    path, _ = ctx.meta.get(_META_KEY, (None, None))
+    if path is None:
+        return {}
+    data = _read_toml(Path(path))
+    if section not in data:
+        return {}
+    root = ctx.find_root().command
+    command = root.get_command(ctx, section) if isinstance(root, click.Group) else None
+    if command is None:  # a command run on its own (tests): look it up in the batchuq group
+        from batchuq.cli import cli
+
+        command = cli.get_command(ctx, section)
+    if command is None:
+        raise click.BadParameter(f"{path}: [{section}] is not a batchuq command.")
+    context = click.Context(command, info_name=section)
+    return _check_section(context, section, data[section], Path(path))

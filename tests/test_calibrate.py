@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from click.testing import CliRunner
 
@@ -15,20 +16,28 @@ from batchuq.calibrate import (
     CALIBRATION_FORMAT,
     UNCLASSIFIED,
     Calibration,
+    CalibrationWarning,
+    PredictorMismatchError,
     apply_temperature,
     calibrate_command,
     calibrate_directory,
     class_thresholds,
     conformal_level,
     conformal_quantiles,
+    conformal_scores,
     fit_temperature,
     nll,
     prediction_sets,
+    predictor_differences,
+    predictor_from_metadata,
     threshold_decisions,
 )
+from batchuq.cli import EXIT_OK, EXIT_USAGE, cli
+from batchuq.write import read_metadata
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_VAL = REPO / "sample_data" / "digits" / "val"
+SAMPLE_TEST = REPO / "sample_data" / "digits" / "test"
 
 
 def softmax(z: np.ndarray) -> np.ndarray:
@@ -126,7 +135,7 @@ def test_apply_temperature_handles_zeros_and_identity() -> None:
         apply_temperature(probs, 0.0)
 
 
-# --- conformal ----------------------------------------------------------------------------
+# --- conformal: hand cases -------------------------------------------------------------------
 
 
 def test_conformal_level_by_hand() -> None:
@@ -135,7 +144,7 @@ def test_conformal_level_by_hand() -> None:
     assert conformal_level(19, 0.1) == pytest.approx(18 / 19)  # ceil(20 * 0.9) = 18
 
 
-def test_conformal_quantiles_tiny_n_by_hand() -> None:
+def test_lac_and_class_quantiles_tiny_n_by_hand() -> None:
     # Class 0: nine images with scores 0.1 .. 0.9 -> level 1 -> the largest score.
     # Class 1: five images -> level 6/5 > 1 -> inf. Class 2: no images -> inf.
     p0 = 1.0 - np.arange(1, 10) / 10
@@ -143,50 +152,227 @@ def test_conformal_quantiles_tiny_n_by_hand() -> None:
     probs[:9, 0], probs[:9, 1] = p0, 1.0 - p0
     probs[9:, 1] = 1.0
     labels = np.array([0] * 9 + [1] * 5)
-    q = conformal_quantiles(probs, labels, alpha=0.1)
+    q = conformal_quantiles(probs, labels, alpha=0.1, method="class")
     assert q[0] == pytest.approx(0.9)
     assert math.isinf(q[1]) and math.isinf(q[2])
     # With alpha = 0.5 and n = 9: k = ceil(10 * 0.5) = 5 -> 5th smallest score = 0.5.
-    assert conformal_quantiles(probs, labels, alpha=0.5)[0] == pytest.approx(0.5)
+    assert conformal_quantiles(probs, labels, 0.5, "class")[0] == pytest.approx(0.5)
+    # LAC pools all 14 scores (0.1 .. 0.9 and five zeros): k = ceil(15 * 0.9) = 14 -> 0.9;
+    # at alpha 0.5, k = 8 -> the 8th smallest = 0.3.
+    np.testing.assert_allclose(conformal_quantiles(probs, labels, 0.1), [0.9])
+    np.testing.assert_allclose(conformal_quantiles(probs, labels, 0.5, "lac"), [0.3])
+    assert math.isinf(conformal_quantiles(probs[:5], labels[:5], 0.1)[0])  # k = 6 > n = 5
     with pytest.raises(ValueError, match="Received: alpha=1.0"):
         conformal_quantiles(probs, labels, alpha=1.0)
+    with pytest.raises(ValueError, match="Received: method='raps'"):
+        conformal_quantiles(probs, labels, method="raps")
 
 
-def test_conformal_sets_cover_held_out_data() -> None:
-    alpha, classes = 0.1, 4
-    probs, labels = sharpened_data(6000, classes, 1.5, seed=3)  # exchangeable rows
-    cal, test = slice(0, 3000), slice(3000, None)
-    q = conformal_quantiles(probs[cal], labels[cal], alpha)
-    sets = prediction_sets(probs[test], q)
-    held = labels[test]
-    covered = sets[np.arange(len(held)), held]
-    assert covered.mean() >= 1 - alpha - 0.02
-    for y in range(classes):  # class-conditional guarantee
-        assert covered[held == y].mean() >= 1 - alpha - 0.04
-    assert sets.sum(axis=1).mean() < classes  # informative sets
+def test_aps_scores_and_sets_by_hand() -> None:
+    probs = np.array([[0.5, 0.3, 0.2], [0.1, 0.6, 0.3]])
+    # Image 0, true class 1: ranked 0 (0.5), 1 (0.3) -> 0.8. Image 1, true class 0: all -> 1.0.
+    np.testing.assert_allclose(conformal_scores(probs, np.array([1, 0]), "aps"), [0.8, 1.0])
+    np.testing.assert_allclose(conformal_scores(probs, np.array([1, 0]), "lac"), [0.7, 0.9])
+    row = probs[:1]
+    for q, expected in [
+        (0.8, [True, True, False]),  # 0.5 < 0.8, then 0.8 reaches it
+        (0.79, [True, True, False]),
+        (0.81, [True, True, True]),
+        (0.3, [True, False, False]),  # the top class alone reaches 0.3
+        (0.0, [True, False, False]),  # never empty
+        (math.inf, [True, True, True]),
+        (math.nan, [True, True, True]),
+    ]:
+        np.testing.assert_array_equal(prediction_sets(row, [q], "aps")[0], expected, str(q))
+    # Ties go to the lower class index, in the scores and in the sets alike.
+    tied = np.array([[0.4, 0.4, 0.2]])
+    np.testing.assert_allclose(conformal_scores(tied, np.array([1]), "aps"), [0.8])
+    np.testing.assert_array_equal(prediction_sets(tied, [0.4], "aps"), [[True, False, False]])
 
 
 def test_prediction_sets_hand_cases() -> None:
     probs = np.array([[0.6, 0.3, 0.1], [0.2, 0.2, 0.6]])
     q = np.array([0.4, 0.7, np.inf])
     expected = np.array([[True, True, True], [False, False, True]])
-    np.testing.assert_array_equal(prediction_sets(probs, q), expected)
+    np.testing.assert_array_equal(prediction_sets(probs, q, "class"), expected)
     # nan (no quantile) behaves like inf
-    np.testing.assert_array_equal(prediction_sets(probs, np.array([0.4, 0.7, np.nan])), expected)
+    nan_q = np.array([0.4, 0.7, np.nan])
+    np.testing.assert_array_equal(prediction_sets(probs, nan_q, "class"), expected)
+    lac = prediction_sets(probs, 0.7, "lac")  # p >= 0.3; the second row keeps only class 2
+    np.testing.assert_array_equal(lac, [[True, True, False], [False, False, True]])
+    assert not prediction_sets(probs, [0.3], "lac")[0].any()  # LAC sets can be empty
     with pytest.raises(ValueError, match=r"Received: quantiles.shape=\(2,\)"):
-        prediction_sets(probs, np.array([0.1, 0.2]))
+        prediction_sets(probs, np.array([0.1, 0.2]), "class")
+    with pytest.raises(ValueError, match=r"shape \(1,\) for method 'lac'"):
+        prediction_sets(probs, q, "lac")
 
 
-# --- calibration file -----------------------------------------------------------------------
+# --- conformal: coverage with a known answer ---------------------------------------------------
 
 
-def make_calibration() -> Calibration:
+def calibrated_draws(rng: np.random.Generator, n: int, classes: int = 10) -> tuple[np.ndarray, ...]:
+    """Probabilities and labels drawn from those same probabilities: a calibrated model."""
+    probs = rng.dirichlet(np.full(classes, 0.4), size=n)
+    labels = (probs.cumsum(axis=1) < rng.random((n, 1))).sum(axis=1)
+    return probs, np.minimum(labels, classes - 1)
+
+
+@pytest.mark.parametrize("alpha", [0.1, 0.05])
+def test_conformal_coverage_on_calibrated_probabilities(alpha: float) -> None:
+    """Over many calibration/test draws, split conformal covers with probability
+    k / (n + 1), k = ceil((n + 1)(1 - alpha)), exactly for LAC (continuous scores): in
+    [1 - alpha, 1 - alpha + 1 / (n + 1)]. APS without randomisation covers at least that."""
+    rng = np.random.default_rng(7)
+    trials, n_cal, n_test = 300, 300, 1000
+    known = math.ceil((n_cal + 1) * (1 - alpha) - 1e-9) / (n_cal + 1)
+    assert 1 - alpha <= known <= 1 - alpha + 1 / (n_cal + 1)
+    coverage = {"lac": [], "aps": [], "class": []}
+    per_class_hits, per_class_n = np.zeros(10), np.zeros(10)
+    sizes = {"lac": [], "aps": []}
+    for _ in range(trials):
+        probs, labels = calibrated_draws(rng, n_cal + n_test)
+        cal_p, cal_y, test_p, test_y = probs[:n_cal], labels[:n_cal], probs[n_cal:], labels[n_cal:]
+        for method in coverage:
+            sets = prediction_sets(test_p, conformal_quantiles(cal_p, cal_y, alpha, method), method)
+            hit = sets[np.arange(n_test), test_y]
+            coverage[method].append(hit.mean())
+            if method == "class":
+                per_class_hits += np.bincount(test_y, weights=hit, minlength=10)
+                per_class_n += np.bincount(test_y, minlength=10)
+            else:
+                sizes[method].append(sets.sum(axis=1).mean())
+            if method == "aps":
+                assert sets.any(axis=1).all()
+    # Binomial tolerance: per trial, the coverage given the calibration draw has variance about
+    # alpha (1 - alpha) / (n_cal + 2), and the test draw adds alpha (1 - alpha) / n_test.
+    sd = math.sqrt(alpha * (1 - alpha) * (1 / (n_cal + 2) + 1 / n_test) / trials)
+    tol = 4 * sd
+    lac = float(np.mean(coverage["lac"]))
+    assert abs(lac - known) <= tol, (lac, known, tol)
+    assert 1 - alpha - tol <= lac <= 1 - alpha + 1 / (n_cal + 1) + tol
+    assert float(np.mean(coverage["aps"])) >= known - tol
+    # Class-conditional: every class covered (n_y is about n_cal / 10 per class here).
+    class_sd = np.sqrt(alpha * (1 - alpha) * (10 / (n_cal + 2) + 1 / per_class_n) / trials)
+    assert np.all(per_class_hits / per_class_n >= 1 - alpha - 4 * class_sd)
+    assert float(np.mean(coverage["class"])) >= 1 - alpha - tol
+    assert np.mean(sizes["lac"]) < 10 and np.mean(sizes["aps"]) < 10  # informative sets
+
+
+def test_aps_sets_are_never_empty() -> None:
+    rng = np.random.default_rng(11)
+    probs = np.concatenate(
+        [
+            rng.dirichlet(np.full(7, 0.05), size=2000),  # nearly one-hot
+            rng.dirichlet(np.full(7, 5.0), size=2000),  # nearly flat
+            np.eye(7)[rng.integers(0, 7, 200)],  # exactly one-hot, exact ties at 0
+            np.full((10, 7), 1 / 7),  # all tied
+        ]
+    ).astype(np.float32)  # float32, like the MC means score writes
+    for q in [0.0, 1e-9, 0.05, 0.5, 0.9, 0.999, 1.0, math.inf]:
+        sets = prediction_sets(probs, [q], "aps")
+        assert sets.any(axis=1).all(), q
+        top = probs.argmax(axis=1)
+        assert sets[np.arange(len(probs)), top].all()
+
+
+def test_aps_set_holds_every_class_whose_score_is_within_the_quantile() -> None:
+    """The coverage event: y is in the set whenever its APS score is at most q."""
+    rng = np.random.default_rng(12)
+    probs = rng.dirichlet(np.full(6, 0.3), size=3000)
+    probs[:100, 3:] = 0.0  # zero probabilities: running totals that stop growing
+    probs[:100] /= probs[:100].sum(axis=1, keepdims=True)
+    for q in [0.2, 0.6, 0.95, 1.0]:
+        sets = prediction_sets(probs, [q], "aps")
+        for c in range(6):
+            labels = np.full(len(probs), c)
+            within = conformal_scores(probs, labels, "aps") <= q
+            assert sets[within, c].all()
+
+
+# --- conformal: cross-check with MAPIE -----------------------------------------------------------
+
+
+def test_lac_and_aps_quantiles_and_sets_match_mapie() -> None:
+    pytest.importorskip("mapie", minversion="1.0")
+    from mapie.classification import SplitConformalClassifier
+    from mapie.conformity_scores import APSConformityScore
+    from sklearn.base import BaseEstimator, ClassifierMixin
+
+    class GivenProbabilities(ClassifierMixin, BaseEstimator):
+        """A fitted classifier whose features are its predicted probabilities."""
+
+        def fit(self, X: np.ndarray, y: np.ndarray | None = None) -> GivenProbabilities:
+            self.classes_ = np.arange(np.asarray(X).shape[1])
+            return self
+
+        def predict_proba(self, X: np.ndarray) -> np.ndarray:
+            return np.asarray(X, dtype=np.float64)
+
+        def predict(self, X: np.ndarray) -> np.ndarray:
+            return np.asarray(X).argmax(axis=1)
+
+    class NonRandomisedAPS(APSConformityScore):
+        """MAPIE's APS score without its random ``- u * p_y`` term: the running total of the
+        sorted probabilities up to and including the true class (MAPIE's own
+        ``get_true_label_cumsum_proba``); with ``include_last_label=True`` at prediction."""
+
+        def get_conformity_scores(self, y, y_pred, y_enc=None, **kwargs):  # noqa: ANN001
+            scores, self.cutoff = self.get_true_label_cumsum_proba(y, y_pred, self.classes)
+            return scores
+
+    rng = np.random.default_rng(5)
+    worst = 0.0
+    for n_cal, classes, concentration in [(269, 10, 0.3), (1000, 10, 1.0), (150, 4, 0.5)]:
+        probs = rng.dirichlet(np.full(classes, concentration), size=n_cal + 500)
+        labels = (probs.cumsum(axis=1) < rng.random((len(probs), 1))).sum(axis=1)
+        labels = np.minimum(labels, classes - 1)
+        cal_p, cal_y, test_p = probs[:n_cal], labels[:n_cal], probs[n_cal:]
+        for alpha in (0.1, 0.05):
+            for method, score, params in [
+                ("lac", "lac", {}),
+                ("aps", NonRandomisedAPS(), {"include_last_label": True}),
+            ]:
+                mapie = SplitConformalClassifier(
+                    estimator=GivenProbabilities().fit(cal_p),
+                    confidence_level=1 - alpha,
+                    conformity_score=score,
+                    prefit=True,
+                ).conformalize(cal_p, cal_y)
+                _, mapie_sets = mapie.predict_set(test_p, conformity_score_params=params)
+                mapie_q = mapie._mapie_classifier.conformity_score_function_.quantiles_
+                ours = conformal_quantiles(cal_p, cal_y, alpha, method)
+                worst = max(worst, float(np.max(np.abs(mapie_q - ours))))
+                np.testing.assert_allclose(ours, mapie_q, rtol=0, atol=1e-12)
+                np.testing.assert_array_equal(
+                    prediction_sets(test_p, ours, method), mapie_sets[:, :, 0]
+                )
+    assert worst <= 1e-12
+
+
+# --- calibration file and predictor ------------------------------------------------------------
+
+
+PREDICTOR = {
+    "passes": 100,
+    "tta": 1,
+    "augmentation": None,
+    "rescale": 1 / 255,
+    "precision": "float32",
+    "sampled_layers": ["dropout1", "dropout2"],
+    "logits": False,
+    "exif_transpose": False,
+}
+
+
+def make_calibration(method: str = "class") -> Calibration:
     return Calibration(
         class_names=["a", "b", "c"],
         thresholds=np.array([0.5, np.nan, 0.25]),
         temperature=1.7,
-        conformal_quantiles=np.array([0.3, np.inf, 0.9]),
+        conformal_quantiles=np.array([0.3, np.inf, 0.9] if method == "class" else [0.4]),
         model_sha256="ab" * 32,
+        conformal_method=method,
+        predictor=dict(PREDICTOR),
         settings={"tta": 100, "passes": 1},
         created="2024-01-01T00:00:00+00:00",
     )
@@ -195,17 +381,22 @@ def make_calibration() -> Calibration:
 def test_calibration_json_round_trip(tmp_path: Path) -> None:
     path = make_calibration().to_json(tmp_path / "calibration.json")
     raw = json.loads(path.read_text())
-    assert raw["format"] == CALIBRATION_FORMAT
+    assert raw["format"] == CALIBRATION_FORMAT == "batchuq-calibration/2"
     assert raw["thresholds"] == [0.5, None, 0.25]
     assert raw["conformal_quantiles"] == [0.3, None, 0.9]
+    assert raw["conformal_method"] == "class" and raw["predictor"] == PREDICTOR
     back = Calibration.from_json(path)
     np.testing.assert_array_equal(back.thresholds, [0.5, np.nan, 0.25])
     np.testing.assert_array_equal(back.conformal_quantiles, [0.3, np.inf, 0.9])
     assert back.temperature == 1.7 and back.class_names == ["a", "b", "c"]
-    assert back.settings == {"tta": 100, "passes": 1}
+    assert back.settings == {"tta": 100, "passes": 1} and back.predictor == PREDICTOR
+    lac = Calibration.from_json(make_calibration("lac").to_json(tmp_path / "lac.json"))
+    assert lac.conformal_method == "lac" and lac.conformal_quantiles.tolist() == [0.4]
+    with pytest.raises(ValueError, match=r"must have shape \(1,\) for conformal method 'aps'"):
+        Calibration(["a", "b"], [0.1, 0.2], 1.0, [0.1, 0.2], "ab", conformal_method="aps")
 
 
-def test_calibration_check_model_refuses_other_model(tmp_path: Path) -> None:
+def test_calibration_check_model_refuses_other_model_and_old_files(tmp_path: Path) -> None:
     calibration = make_calibration()
     calibration.check_model("ab" * 32)
     with pytest.raises(ValueError, match=r"made for another model.*Received: model_sha256='cd"):
@@ -213,9 +404,63 @@ def test_calibration_check_model_refuses_other_model(tmp_path: Path) -> None:
     (tmp_path / "other.json").write_text('{"format": "something-else"}')
     with pytest.raises(ValueError, match="Not a batchuq calibration file"):
         Calibration.from_json(tmp_path / "other.json")
+    old = make_calibration().as_dict() | {"format": "batchuq-calibration/1"}
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    with pytest.raises(ValueError, match=r"older batchuq.*Run `batchuq calibrate` again"):
+        Calibration.from_json(tmp_path / "old.json")
 
 
-# --- end to end -----------------------------------------------------------------------------
+def test_predictor_from_metadata_and_differences() -> None:
+    metadata = {
+        "passes": 100,
+        "tta": 1,
+        "augmentation": {"copies": 1, "rotation": 15.0, "zoom": 0.1, "flip": False},
+        "rescale": 1 / 255,
+        "precision": "float32",
+        "sampled_layers": ["dropout1", "dropout2"],
+        "logits": False,
+        "exif_transpose": False,
+        "seed": 3,
+        "batch_size": 8,
+    }
+    assert predictor_from_metadata(metadata) == PREDICTOR  # no seed; no augmentation at K = 1
+    assert predictor_differences(PREDICTOR, predictor_from_metadata(metadata)) == []
+    augmented = metadata | {"tta": 4, "seed": 9}
+    assert predictor_from_metadata(augmented)["augmentation"] == {
+        "rotation": 15.0,
+        "zoom": 0.1,
+        "flip": False,
+    }
+    assert predictor_differences(PREDICTOR, predictor_from_metadata(augmented)) == [("tta", 1, 4)]
+    other = predictor_from_metadata(
+        augmented | {"augmentation": {"copies": 4, "rotation": 10.0, "zoom": 0.1, "flip": True}}
+    )
+    assert predictor_differences(predictor_from_metadata(augmented), other) == [
+        ("augmentation.flip", False, True),
+        ("augmentation.rotation", 15.0, 10.0),
+    ]
+    assert predictor_differences(PREDICTOR, PREDICTOR | {"rescale": 1.0, "logits": 0}) == [
+        ("rescale", 1 / 255, 1.0),
+        ("logits", False, 0),
+    ]
+    assert predictor_differences(PREDICTOR, PREDICTOR | {"rescale": (1 / 255) * (1 + 1e-12)}) == []
+    assert predictor_from_metadata(metadata | {"rescale": {"value": 1.0}})["rescale"] == 1.0
+    calibration = make_calibration("lac")
+    assert calibration.check_predictor(metadata) == []
+    with pytest.raises(PredictorMismatchError) as caught:
+        calibration.check_predictor(metadata | {"passes": 10, "precision": "bfloat16"})
+    message = str(caught.value)
+    assert (
+        "passes (score --passes, calibrate --score-passes): 100 in the calibration, 10 in this run"
+        in message
+    )
+    assert "precision (--precision): float32 in the calibration, bfloat16 in this run" in message
+    assert "--allow-predictor-mismatch" in message
+    allowed = calibration.check_predictor(metadata | {"passes": 10}, allow=True)
+    assert allowed == [("passes", 100, 10)]
+
+
+# --- end to end: calibrate, then score with the calibration -----------------------------------
 
 
 @pytest.fixture
@@ -229,12 +474,20 @@ def val_subset(tmp_path: Path) -> Path:
     return root
 
 
-def test_calibrate_directory_end_to_end(val_subset: Path, tmp_path: Path) -> None:
+def test_calibrate_directory_fits_conformal_on_the_scoring_predictor(
+    val_subset: Path, tmp_path: Path
+) -> None:
+    """Thresholds from 4 augmented copies x 1 pass; temperature and conformal sets from the
+    scoring predictor (3 passes, no TTA): `score` with that predictor on the same folder
+    reproduces the calibration's in-sample coverage and set sizes exactly."""
     from batchuq.models import load_model
+    from batchuq.score import score_directory
 
     loaded = load_model(None)
     out = tmp_path / "calibration.json"
-    calibration = calibrate_directory(val_subset, out, model=loaded, tta=4, passes=2, seed=3)
+    calibration = calibrate_directory(
+        val_subset, out, model=loaded, tta=4, passes=1, score_passes=3, seed=3
+    )
     raw = json.loads(out.read_text())
     for key in (
         "format",
@@ -242,7 +495,10 @@ def test_calibrate_directory_end_to_end(val_subset: Path, tmp_path: Path) -> Non
         "thresholds",
         "temperature",
         "conformal_quantiles",
+        "conformal_method",
         "model_sha256",
+        "predictor",
+        "threshold_predictor",
         "settings",
         "stats",
         "created",
@@ -251,24 +507,215 @@ def test_calibrate_directory_end_to_end(val_subset: Path, tmp_path: Path) -> Non
         assert key in raw
     assert raw["model_sha256"] == loaded.sha256
     assert raw["class_names"] == [f"n{i}" for i in range(10)]
+    assert raw["conformal_method"] == "lac"
+    predictor, threshold_predictor = raw["predictor"], raw["threshold_predictor"]
+    assert (predictor["passes"], predictor["tta"], predictor["augmentation"]) == (3, 1, None)
+    assert predictor["sampled_layers"] == ["dropout1", "dropout2", "dropout3"]
+    assert predictor["rescale"] == pytest.approx(1 / 255) and predictor["logits"] is False
+    assert (threshold_predictor["passes"], threshold_predictor["tta"]) == (1, 4)
+    assert threshold_predictor["augmentation"]["rotation"] == 15.0
     settings = raw["settings"]
     assert (settings["tta"], settings["passes"], settings["percentile"], settings["alpha"]) == (
         4,
-        2,
+        1,
         10.0,
         0.1,
     )
+    assert (settings["score_passes"], settings["score_tta"], settings["conformal"]) == (3, 1, "lac")
     assert settings["seed"] == 3 and settings["augmentation"]["copies"] == 4
     assert all(t is None or 0.0 <= t <= 1.0 for t in raw["thresholds"])
-    # 2 images per class: level ceil(3 * 0.9) / 2 = 3/2 > 1 -> every quantile is inf (null)
-    assert raw["conformal_quantiles"] == [None] * 10
+    # 20 images: k = ceil(21 * 0.9) = 19 <= 20, one finite quantile.
+    assert len(raw["conformal_quantiles"]) == 1 and raw["conformal_quantiles"][0] is not None
     assert 0.05 <= raw["temperature"] <= 20
     stats = raw["stats"]
-    assert stats["images"] == 20 and stats["skipped"] == 0
+    assert stats["images"] == 20 and stats["skipped"] == 0 and stats["runs"] == 2
     assert sum(stats["copies_predicted"]) == 20 * 4
     assert stats["nll_after"] <= stats["nll_before"] + 1e-9
+    assert stats["conformal_coverage"] >= 0.9 and stats["warnings"] == []
     Calibration.from_json(out).check_model(loaded.sha256)
     assert calibration.model_sha256 == loaded.sha256
+
+    scored = tmp_path / "val.parquet"
+    for tempered in (False, True):  # the temperature does not change the sets
+        score_directory(
+            val_subset,
+            scored,
+            model=loaded,
+            passes=3,
+            seed=3,
+            calibration=out,
+            temperature=tempered,
+        )
+        frame = pd.read_parquet(scored)
+        covered = [
+            label in members for label, members in zip(frame.label, frame.pred_set, strict=True)
+        ]
+        assert np.mean(covered) == stats["conformal_coverage"]
+        assert frame.pred_set.map(len).mean() == pytest.approx(stats["mean_set_size"])
+    meta = read_metadata(scored)["calibration"]
+    assert meta["conformal_method"] == "lac" and meta["predictor_mismatch"] is None
+
+    with pytest.raises(
+        PredictorMismatchError,
+        match=r"tta \(score --tta, calibrate --score-tta\): 1 in the calibration, 2",
+    ):
+        score_directory(val_subset, scored, model=loaded, passes=3, tta=2, calibration=out)
+
+
+def test_calibrate_one_run_when_both_predictors_agree_and_class_warns(
+    val_subset: Path, tmp_path: Path
+) -> None:
+    from batchuq.models import load_model
+
+    with pytest.warns(CalibrationWarning, match=r"10 of 10 classes have fewer than 100"):
+        calibration = calibrate_directory(
+            val_subset,
+            None,
+            model=load_model(None),
+            tta=1,
+            passes=2,
+            score_passes=2,
+            score_tta=1,
+            conformal="class",
+        )
+    assert calibration.stats["runs"] == 1
+    assert calibration.predictor == calibration.threshold_predictor
+    # 2 images per class: level ceil(3 * 0.9) / 2 = 3/2 > 1 -> every quantile is inf
+    assert np.isinf(calibration.conformal_quantiles).all()
+    assert calibration.stats["mean_set_size"] == 10
+    assert "get no quantile" in calibration.stats["warnings"][0]
+
+
+DIGITS_PASSES = 100  # score's default predictor: T = 100 passes, no TTA
+
+
+@pytest.fixture(scope="module")
+def digits_lac(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    """LAC at alpha 0.1 fitted on sample_data/digits/val with score's default predictor (one
+    run: the thresholds use the same predictor here), then `score --calibration` on test."""
+    from batchuq.models import load_model
+    from batchuq.score import score_directory
+
+    folder = tmp_path_factory.mktemp("digits")
+    loaded = load_model(None)
+    same = {"tta": 1, "passes": DIGITS_PASSES, "score_tta": 1, "score_passes": DIGITS_PASSES}
+    cal = folder / "lac.json"
+    calibrate_directory(SAMPLE_VAL, cal, model=loaded, alpha=0.1, **same)
+    out = folder / "test.parquet"
+    score_directory(SAMPLE_TEST, out, model=loaded, passes=DIGITS_PASSES, calibration=cal)
+    return {"model": loaded, "same": same, "calibration": cal, "test": pd.read_parquet(out)}
+
+
+@pytest.mark.parametrize("alpha", [0.1, 0.05])
+def test_lac_coverage_on_the_bundled_digits(digits_lac: dict, alpha: float) -> None:
+    frame = digits_lac["test"]
+    assert (frame.status == "ok").all()
+    names = [f"n{i}" for i in range(10)]
+    means = frame[[f"mean_{n}" for n in names]].to_numpy()
+    if alpha == 0.1:
+        calibration = Calibration.from_json(digits_lac["calibration"])
+        members = frame.pred_set  # as written by score --calibration
+        expected = calibration.prediction_sets(means)
+        assert [list(np.array(names)[row]) for row in expected] == [list(m) for m in members]
+    else:
+        calibration = calibrate_directory(
+            SAMPLE_VAL, None, model=digits_lac["model"], alpha=alpha, **digits_lac["same"]
+        )
+    n_cal = calibration.stats["images"]
+    assert n_cal == 269 and calibration.settings["alpha"] == alpha
+    sets = calibration.prediction_sets(means)
+    labels = frame.label_index.to_numpy()
+    coverage = sets[np.arange(len(frame)), labels].mean()
+    # Binomial tolerance of one calibration draw (n_cal) and one test draw (450 images).
+    tol = 3 * math.sqrt(alpha * (1 - alpha) * (1 / (n_cal + 2) + 1 / len(frame)))
+    assert 1 - alpha - tol <= coverage <= 1 - alpha + 1 / (n_cal + 1) + tol, coverage
+    assert sets.sum(axis=1).mean() <= 1.5  # a 98%-accurate model: mostly single classes
+
+
+def _invoke(args: list[str]) -> object:
+    env = {"BATCHUQ_MODEL": None, "BATCHUQ_CONFIG": None}
+    return CliRunner().invoke(cli, [*args, "--no-progress"], env=env)
+
+
+def test_calibrate_follows_score_table_and_score_refuses_another_predictor(
+    val_subset: Path, digits_subset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    bundled = REPO / "batchuq" / "data" / "digits_cnn.keras"
+    (tmp_path / "models").mkdir()
+    shutil.copy(bundled, tmp_path / "models" / "digits.keras")
+    shutil.copy(bundled.with_suffix(".classes.json"), tmp_path / "models" / "digits.classes.json")
+    (tmp_path / "batchuq.toml").write_text(
+        '[score]\nmodel = "models/digits.keras"\npasses = 2\ntta = 2\ntta-rotation = 5.0\n\n'
+        "[calibrate]\ntta = 2\n"
+    )
+    result = _invoke(["calibrate", str(val_subset), "-o", "cal.json", "--conformal", "aps"])
+    assert result.exit_code == EXIT_OK, result.output
+    raw = json.loads((tmp_path / "cal.json").read_text())
+    predictor = raw["predictor"]
+    assert (predictor["passes"], predictor["tta"]) == (2, 2)
+    assert predictor["augmentation"]["rotation"] == 5.0  # from [score], shared with thresholds
+    assert raw["threshold_predictor"]["augmentation"]["rotation"] == 5.0
+    assert raw["stats"]["runs"] == 2  # thresholds: tta 2 x passes 1, from [calibrate]
+    assert Path(raw["model_path"]) == (tmp_path / "models" / "digits.keras").resolve()
+    options = raw["settings"]["options"]
+    assert options["model"]["source"] == "config file [score] (batchuq.toml)"
+    assert options["score_passes"] == {"value": 2, "source": "config file [score] (batchuq.toml)"}
+    assert options["tta"]["source"] == "config file (batchuq.toml)"
+    assert options["alpha"]["source"] == "default"
+
+    # The same predictor (from the same [score] table): accepted, APS sets never empty.
+    ok = _invoke(["score", str(digits_subset), "a.parquet", "--calibration", "cal.json"])
+    assert ok.exit_code == EXIT_OK, ok.output
+    frame = pd.read_parquet(tmp_path / "a.parquet")
+    assert frame.pred_set.map(len).min() >= 1
+
+    refused = _invoke(
+        ["score", str(digits_subset), "b.parquet", "--calibration", "cal.json", "--passes", "3"]
+    )
+    assert refused.exit_code == EXIT_USAGE
+    assert (
+        "passes (score --passes, calibrate --score-passes): 2 in the calibration, 3 in this run"
+        in refused.output
+    )
+    assert "--allow-predictor-mismatch" in refused.output
+    assert not (tmp_path / "b.parquet").exists()
+    refused = _invoke(
+        [
+            "score",
+            str(digits_subset),
+            "b.parquet",
+            "--calibration",
+            "cal.json",
+            "--tta-rotation",
+            "20",
+            "--rescale",
+            "1",
+        ]
+    )
+    assert refused.exit_code == EXIT_USAGE
+    assert "augmentation.rotation (--tta-rotation): 5 in the calibration, 20 in this run" in (
+        refused.output
+    )
+    assert "rescale (--rescale): 0.00392157 in the calibration, 1 in this run" in refused.output
+
+    allowed = _invoke(
+        [
+            "score",
+            str(digits_subset),
+            "b.parquet",
+            "--calibration",
+            "cal.json",
+            "--passes",
+            "3",
+            "--allow-predictor-mismatch",
+        ]
+    )
+    assert allowed.exit_code == EXIT_OK, allowed.output
+    assert "another predictor" in allowed.output and "3 in this run" in allowed.output
+    meta = read_metadata(tmp_path / "b.parquet")["calibration"]
+    assert meta["predictor_mismatch"] == [{"setting": "passes", "calibration": 2, "run": 3}]
+    assert "pred_set" in pd.read_parquet(tmp_path / "b.parquet").columns
 
 
 def test_calibrate_command_usage_error(tmp_path: Path) -> None:
