@@ -32,6 +32,7 @@ from batchuq.options import (
     augmentation_options,
     batch_size_option,
     class_names_options,
+    import_option,
     model_option,
     progress_option,
     seed_option,
@@ -118,10 +119,10 @@ def import_tensorflow_quietly(log_format: str = "text") -> None:
 _log_format = "text"  # set by _setup_logging; "json" turns every stderr message into JSON
 
 
-def _say(message: str, event: str) -> None:
+def _say(message: str, event: str, level: int = logging.ERROR) -> None:
     """Write a closing message to stderr: plain text, or a JSON event with --log-format json."""
     if _log_format == "json":
-        logger.error(message, extra={"event": event})
+        logger.log(level, message, extra={"event": event})
     else:
         click.echo(message, err=True)
 
@@ -174,17 +175,22 @@ def _check_score_arguments(
     calibration: Path | None,
     missing_ok: bool,
     no_clobber: bool,
+    include_all: bool = False,
 ) -> None:
     """Catch the usual mistakes in a moment, before TensorFlow is imported (which takes seconds).
 
     Exits 2 for a usage error, and 4 when there is nothing to score.
     """
-    from batchuq.discover import has_images
+    from batchuq.discover import IMAGE_EXTENSIONS, LayoutError, has_images, resolve_layout
     from batchuq.model_files import ModelError, check_model_file
     from batchuq.write import check_output_path
 
     if not images.exists() and missing_ok:
-        _say(f"No images to score: {str(images)!r} does not exist (--missing-ok).", "no_images")
+        _say(
+            f"No images to score: {str(images)!r} does not exist (--missing-ok).",
+            "no_images",
+            logging.WARNING,
+        )
         sys.exit(EXIT_NO_IMAGES)
     if not images.is_dir():
         _usage_error(
@@ -205,9 +211,14 @@ def _check_score_arguments(
         _usage_error(str(exc))
     if no_clobber and output.exists():
         _usage_error(f"The output exists and --no-clobber is set. Received: output={str(output)!r}")
-    if not has_images(images):
-        _say(f"No images to score: none found in {str(images)!r}.", "no_images")
+    extensions = None if include_all else IMAGE_EXTENSIONS
+    if not has_images(images, extensions):
+        _say(f"No images to score: none found in {str(images)!r}.", "no_images", logging.WARNING)
         sys.exit(EXIT_NO_IMAGES)
+    try:
+        resolve_layout(images, extensions)
+    except LayoutError as exc:
+        _usage_error(str(exc))
 
 
 def _check_calibration_file(path: Path) -> None:
@@ -330,6 +341,15 @@ def cli() -> None:
     help="Rescale the MC mean with the calibration's fitted temperature.",
 )
 @click.option(
+    "--allow-predictor-mismatch",
+    is_flag=True,
+    default=False,
+    show_default=True,
+    help="Use a --calibration fitted on another predictor (passes, TTA, augmentation, rescale, "
+    "precision, sampled layers, logits, EXIF) than this run's, with a warning. Its conformal "
+    "sets and temperature then carry no guarantee. By default that is a usage error.",
+)
+@click.option(
     "--min-median",
     type=click.FloatRange(0, 1),
     default=0.5,
@@ -363,9 +383,9 @@ def cli() -> None:
     type=click.FloatRange(min=1),
     default=DEFAULT_MEMORY_BUDGET_MB,
     show_default=True,
-    help="Estimated MB of activations for one chunk of tiled passes: bounds the memory that "
-    "grows with --passes (peak RSS rose by about 1.5x this on the reference CNN). Larger "
-    "chunks were not faster there.",
+    help="Estimated MB of activations for one chunk of augmented copies and tiled passes: "
+    "bounds the memory that would grow with --passes and --tta (peak RSS rose by about 1.5x "
+    "this on the reference CNN). Larger chunks were not faster there.",
 )
 @click.option(
     "--precision",
@@ -436,6 +456,21 @@ def cli() -> None:
     "summary, usage_error, too_many_errors, interrupted).",
 )
 @click.option(
+    "--include-all",
+    is_flag=True,
+    default=False,
+    show_default=True,
+    help="Try every file, not only image extensions (.jpg .png .webp .tif ...): files that are "
+    "not images become error rows. Otherwise they are counted as skipped.",
+)
+@click.option(
+    "--exif-transpose/--no-exif-transpose",
+    default=None,
+    help="Turn images upright by their EXIF orientation tag. Default: what the model's "
+    "sidecar says (batchuq train records it), else off, as Keras's own loader.",
+)
+@import_option
+@click.option(
     "--missing-ok",
     is_flag=True,
     default=False,
@@ -470,6 +505,7 @@ def score(
     rule: str,
     calibration: Path | None,
     temperature: bool,
+    allow_predictor_mismatch: bool,
     min_median: float,
     min_confidence: float,
     class_names: str | None,
@@ -486,6 +522,9 @@ def score(
     checkpoint_rows: int,
     follow_symlinks: bool,
     log_format: str,
+    include_all: bool,
+    exif_transpose: bool | None,
+    imports: tuple[str, ...],
     missing_ok: bool,
     no_clobber: bool,
     progress: bool,
@@ -509,11 +548,12 @@ def score(
         batchuq score sample_data/digits/test out.parquet --passes 100 --tta 4
     """
     _setup_logging(log_format)
-    _check_score_arguments(images, output, model, calibration, missing_ok, no_clobber)
+    _check_score_arguments(images, output, model, calibration, missing_ok, no_clobber, include_all)
     import_tensorflow_quietly(log_format)
     from batchuq.augment import TTAConfig
     from batchuq.decide import DecisionRule
     from batchuq.discover import NoImagesFoundError
+    from batchuq.model_files import import_user_modules
     from batchuq.models import ModelError
     from batchuq.score import score_directory
 
@@ -530,6 +570,7 @@ def score(
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     output_before = _file_identity(output)
     try:
+        import_user_modules(imports)
         report = score_directory(
             images,
             output,
@@ -541,6 +582,7 @@ def score(
             rule=DecisionRule(rule, min_median, min_confidence),
             calibration=calibration,
             temperature=temperature,
+            allow_predictor_mismatch=allow_predictor_mismatch,
             class_names=split_csv(class_names),
             labels=labels,
             rescale=rescale,
@@ -556,6 +598,8 @@ def score(
             progress=progress and log_format == "text",
             should_stop=lambda: bool(received),
             settings=settings_provenance(ctx),
+            include_all=include_all,
+            exif_transpose=exif_transpose,
         )
         if received:  # the signal came after the last batch: the output is complete
             raise _Terminated()
@@ -586,7 +630,7 @@ def score(
             sys.stderr.flush()
             os._exit(EXIT_SIGINT if sigint else EXIT_SIGTERM)
         if isinstance(exc, NoImagesFoundError):
-            _say(f"No images to score: {exc}", "no_images")
+            _say(f"No images to score: {exc}", "no_images", logging.WARNING)
             sys.exit(EXIT_NO_IMAGES)
         if isinstance(exc, (NotADirectoryError, ModelError)) or is_usage_error(exc):
             _usage_error(str(exc))
@@ -654,6 +698,13 @@ def score(
     show_default=True,
     help="Seed for the split, initial weights and shuffling.",
 )
+@click.option(
+    "--exif-transpose/--no-exif-transpose",
+    default=False,
+    show_default=True,
+    help="Turn training images upright by their EXIF orientation; recorded in the sidecar, so "
+    "that `batchuq score` reads images the same way.",
+)
 @config_option
 def train(
     images: Path,
@@ -665,6 +716,7 @@ def train(
     batch_size: int,
     augment: bool,
     seed: int,
+    exif_transpose: bool,
 ) -> None:
     """Train the reference CNN on the class folders in IMAGES and save it to MODEL.
 
@@ -693,6 +745,7 @@ def train(
             batch_size=batch_size,
             augment=augment,
             seed=seed,
+            exif_transpose=exif_transpose,
         )
     except (NoImagesFoundError, ValueError) as exc:
         _usage_error(str(exc))

@@ -1,10 +1,11 @@
 """Step 2 of the data flow: read, decode, convert and resize images in a ``tf.data`` pipeline.
 
 Decoding goes through Pillow inside ``tf.numpy_function``: Pillow reads every format we accept
-(JPEG incl. CMYK, PNG incl. 16-bit and palette, BMP, first frame of GIF), checks the pixel count
-from the header before decoding, and its errors name the problem. A file that cannot be read
-never raises inside the pipeline: it yields a blank image and a status ``error: <reason>``, so
-the batch job writes an error row and carries on.
+(JPEG incl. CMYK, PNG incl. 16-bit and palette, BMP, WebP, PPM/PGM, ICO, the first page of a
+TIFF and the first frame of a GIF), optionally turns it upright by its EXIF orientation, checks
+the pixel count from the header before decoding, and its errors name the problem. A file that
+cannot be read never raises inside the pipeline: it yields a blank image and a status
+``error: <reason>``, so the batch job writes an error row and carries on.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import tensorflow as tf
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from batchuq.augment import TTAConfig, augment_copies
 from batchuq.defaults import DEFAULT_MAX_PIXELS
@@ -33,11 +34,17 @@ class UnreadableImageError(ValueError):
 
 @dataclass(frozen=True)
 class ImageSpec:
-    """What the model expects: ``(height, width, channels)``."""
+    """What the model expects: ``(height, width, channels)``.
+
+    ``channel_axis=False`` is a one-channel model whose input is ``(batch, height, width)``
+    (MNIST-style ``Input(shape=(28, 28))``): images are decoded and augmented with one channel,
+    which the scoring loop drops just before the model.
+    """
 
     height: int
     width: int
     channels: int
+    channel_axis: bool = True
 
     def __post_init__(self) -> None:
         if self.channels not in _MODE_FOR_CHANNELS:
@@ -82,7 +89,12 @@ def _to_mode(image: Image.Image, channels: int) -> Image.Image:
     return image if image.mode == target else image.convert(target)
 
 
-def load_image(path: str, spec: ImageSpec, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def load_image(
+    path: str,
+    spec: ImageSpec,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    exif_transpose: bool = False,
+) -> np.ndarray:
     """Read one image file into a ``uint8`` array of shape ``(height, width, channels)``.
 
     Args:
@@ -90,6 +102,9 @@ def load_image(path: str, spec: ImageSpec, max_pixels: int = DEFAULT_MAX_PIXELS)
         spec: Target size and channels.
         max_pixels: Refuse images with more pixels than this, checked on the header before the
             image is decoded.
+        exif_transpose: Turn the image upright by its EXIF orientation tag (a phone photo with
+            orientation 6 is stored sideways). Off by default, like Keras's own loader, and so
+            like the images most models were trained on.
 
     Returns:
         The resized image.
@@ -108,6 +123,8 @@ def load_image(path: str, spec: ImageSpec, max_pixels: int = DEFAULT_MAX_PIXELS)
         if getattr(image, "n_frames", 1) > 1:
             image.seek(0)
         image.load()
+        if exif_transpose:
+            image = ImageOps.exif_transpose(image)
         image = _to_mode(image, spec.channels)
         if image.size != (spec.width, spec.height):
             image = image.resize((spec.width, spec.height), Image.Resampling.BILINEAR)
@@ -116,7 +133,7 @@ def load_image(path: str, spec: ImageSpec, max_pixels: int = DEFAULT_MAX_PIXELS)
 
 
 def _safe_load(
-    path: bytes, problem: bytes, spec: ImageSpec, max_pixels: int
+    path: bytes, problem: bytes, spec: ImageSpec, max_pixels: int, exif_transpose: bool = False
 ) -> tuple[np.ndarray, bytes]:
     """``load_image`` that never raises: returns a blank image and a status string instead."""
     name = path.decode("utf-8", "surrogateescape")
@@ -124,7 +141,7 @@ def _safe_load(
         blank = np.zeros((spec.height, spec.width, spec.channels), np.uint8)
         return blank, b"error: " + problem
     try:
-        return load_image(name, spec, max_pixels), OK.encode()
+        return load_image(name, spec, max_pixels, exif_transpose), OK.encode()
     except Exception as exc:  # noqa: BLE001 - every failure becomes an error row
         blank = np.zeros((spec.height, spec.width, spec.channels), np.uint8)
         return blank, f"error: {describe_error(exc)}".encode()
@@ -146,6 +163,7 @@ def make_dataset(
     rescale: float = 1.0 / 255.0,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     problems: list[str | None] | None = None,
+    exif_transpose: bool = False,
 ) -> tf.data.Dataset:
     """Build the streaming input pipeline.
 
@@ -158,9 +176,11 @@ def make_dataset(
         rescale: Factor applied to pixel values in ``[0, 255]`` after augmentation.
         max_pixels: Decompression-bomb limit per image.
         problems: Per file, a reason not to read it (becomes its error status), or ``None``.
+        exif_transpose: Turn images upright by their EXIF orientation (see ``load_image``).
 
     Returns:
-        A dataset of dicts with ``index`` ``(B,)`` int64, ``images`` ``(B, K, H, W, C)`` float32,
+        A dataset of dicts with ``index`` ``(B,)`` int64, ``images`` ``(B, K, H, W, C)`` float32
+        (C = 1 also for a model without a channel axis: the caller drops it),
         ``keys`` ``(B,)`` uint32 and ``status`` ``(B,)`` string, in the order of ``paths``.
     """
     if len(paths) != len(keys):
@@ -171,7 +191,7 @@ def make_dataset(
         index: tf.Tensor, path: tf.Tensor, problem: tf.Tensor, key: tf.Tensor
     ) -> dict[str, tf.Tensor]:
         image, status = tf.numpy_function(
-            lambda p, q: _safe_load(p, q, spec, max_pixels),
+            lambda p, q: _safe_load(p, q, spec, max_pixels, exif_transpose),
             [path, problem],
             [tf.uint8, tf.string],
             stateful=False,

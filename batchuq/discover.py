@@ -7,7 +7,11 @@ Three layouts are understood:
 * a flat folder (``IMAGES/*.jpg``): images are unlabelled;
 * a mixed folder: images at the top level are unlabelled, images in subfolders are labelled.
 
-Classes are the subfolder names in natural sort order (``n2`` before ``n10``).
+Classes are the subfolder names in natural sort order (``n2`` before ``n10``). Two common
+wrappers are recognised (``resolve_layout``): a folder whose only content is one folder of class
+folders (the Kaggle archive's ``training/training/n0``) is descended into, with a notice; a
+folder of dataset splits (``train/``, ``validation/``, ... each holding class folders) is refused,
+naming the split folders to score instead.
 """
 
 from __future__ import annotations
@@ -16,14 +20,36 @@ import csv
 import os
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+# Formats Pillow reads (TIFF: first page; GIF: first frame; ICO: the largest size).
+IMAGE_EXTENSIONS: tuple[str, ...] = (
+    ".jpg",
+    ".jpeg",
+    ".jfif",
+    ".png",
+    ".bmp",
+    ".gif",
+    ".webp",
+    ".tif",
+    ".tiff",
+    ".ppm",
+    ".pgm",
+    ".pbm",
+    ".pnm",
+    ".ico",
+)
+# Folder names that mean "a split of a dataset", not "a class".
+SPLIT_NAMES = frozenset({"train", "training", "val", "valid", "validation", "test", "testing"})
 
 
 class NoImagesFoundError(ValueError):
     """Raised when a folder holds no image files."""
+
+
+class LayoutError(ValueError):
+    """Raised when a folder's layout is a mistake to score as it is (e.g. dataset splits)."""
 
 
 def natural_key(text: str) -> list[int | str]:
@@ -68,11 +94,15 @@ class Discovery:
         files: Images in deterministic order.
         class_folders: Names of the top-level subfolders that hold at least one image, in
             natural sort order.
+        skipped: Relative paths of the files left out because of their extension.
+        notices: What ``resolve_layout`` did (e.g. descended into a wrapper folder).
     """
 
     root: str
     files: list[ImageFile]
     class_folders: list[str]
+    skipped: list[str] = field(default_factory=list)
+    notices: list[str] = field(default_factory=list)
 
     @property
     def labelled(self) -> bool:
@@ -103,53 +133,151 @@ def _walk_sorted(folder: Path, follow_symlinks: bool) -> Iterator[Path]:
             yield Path(entry.path)
 
 
+def _accepts(name: str, extensions: tuple[str, ...] | None) -> bool:
+    return extensions is None or _is_image_name(name, extensions)
+
+
 def has_images(
     root: str | os.PathLike[str],
-    extensions: tuple[str, ...] = IMAGE_EXTENSIONS,
+    extensions: tuple[str, ...] | None = IMAGE_EXTENSIONS,
     follow_symlinks: bool = False,
 ) -> bool:
-    """Whether ``discover_images(root)`` would find at least one image.
+    """Whether there is at least one image below ``root`` (``None`` extensions: any file).
 
-    Stops at the first image, so the CLI can tell an empty folder apart in a moment, before it
-    imports TensorFlow.
+    Stops at the first image and does not sort, so the CLI can tell an empty folder apart in a
+    moment, before it imports TensorFlow.
     """
-    return any(
-        _is_image_name(path.name, extensions) for path in _walk_sorted(Path(root), follow_symlinks)
+    try:
+        entries = list(os.scandir(root))
+    except OSError:
+        return False
+    folders = []
+    for entry in entries:
+        if _is_hidden(entry.name):
+            continue
+        if entry.is_dir(follow_symlinks=follow_symlinks):
+            folders.append(entry.path)
+        elif _accepts(entry.name, extensions) and (
+            entry.is_file(follow_symlinks=True) or entry.is_symlink()
+        ):
+            return True
+    return any(has_images(folder, extensions, follow_symlinks) for folder in folders)
+
+
+def _visible_entries(folder: Path) -> list[os.DirEntry[str]]:
+    try:
+        entries = [e for e in os.scandir(folder) if not _is_hidden(e.name)]
+    except OSError:
+        return []
+    return sorted(entries, key=lambda e: natural_key(e.name))
+
+
+def _class_folders_in(folder: Path, extensions: tuple[str, ...] | None, follow: bool) -> int:
+    """How many subfolders of ``folder`` hold at least one image."""
+    return sum(
+        1
+        for entry in _visible_entries(folder)
+        if entry.is_dir(follow_symlinks=follow) and has_images(entry.path, extensions, follow)
     )
+
+
+def resolve_layout(
+    root: str | os.PathLike[str],
+    extensions: tuple[str, ...] | None = IMAGE_EXTENSIONS,
+    follow_symlinks: bool = False,
+) -> tuple[Path, list[str]]:
+    """The folder whose subfolders are the classes, and notices about how it was found.
+
+    * A folder whose only content is one folder holding two or more class folders (the Kaggle
+      archive's ``training/training/n0 ...``) is descended into, repeatedly.
+    * A folder whose image-holding subfolders are all split names (``train``, ``validation``,
+      ...) that each hold class folders is refused: its "classes" would be the splits.
+
+    Args:
+        root: The folder given to score.
+        extensions: Image extensions, or ``None`` for every file.
+        follow_symlinks: Whether to descend into symlinked folders.
+
+    Returns:
+        ``(folder, notices)``.
+
+    Raises:
+        LayoutError: For a folder of dataset splits; the message names them.
+    """
+    folder, notices = Path(root), []
+    while True:
+        entries = _visible_entries(folder)
+        only = entries[0] if len(entries) == 1 else None
+        if only is None or not only.is_dir(follow_symlinks=follow_symlinks):
+            break
+        if _class_folders_in(Path(only.path), extensions, follow_symlinks) < 2:
+            break
+        notices.append(
+            f"{str(folder)!r} holds only the folder {only.name!r}, whose subfolders are the "
+            f"classes: scoring {only.path!r}."
+        )
+        folder = Path(only.path)
+    holding = [
+        entry
+        for entry in _visible_entries(folder)
+        if entry.is_dir(follow_symlinks=follow_symlinks)
+        and has_images(entry.path, extensions, follow_symlinks)
+    ]
+    splits = [e for e in holding if e.name.lower() in SPLIT_NAMES]
+    if (
+        splits
+        and len(splits) == len(holding)
+        and all(
+            _class_folders_in(Path(e.path), extensions, follow_symlinks)
+            or _class_folders_in(Path(e.path) / e.name, extensions, follow_symlinks)
+            for e in splits
+        )
+    ):
+        names = ", ".join(repr(e.path) for e in splits)
+        raise LayoutError(
+            "The images folder holds dataset splits, not classes: score each split on its own, "
+            f"e.g. `batchuq score {splits[0].path} ...`. Split folders: {names}. "
+            f"Received: images={str(root)!r}"
+        )
+    return folder, notices
 
 
 def discover_images(
     root: str | os.PathLike[str],
-    extensions: tuple[str, ...] = IMAGE_EXTENSIONS,
+    extensions: tuple[str, ...] | None = IMAGE_EXTENSIONS,
     follow_symlinks: bool = False,
 ) -> Discovery:
     """Find the images below ``root``.
 
     Args:
-        root: Folder to scan.
-        extensions: Lower-case file extensions to accept, with the dot.
+        root: Folder to scan (see ``resolve_layout`` for the wrappers it sees through).
+        extensions: Lower-case file extensions to accept, with the dot; ``None`` accepts every
+            file (``--include-all``: files that are not images become error rows).
         follow_symlinks: Whether to descend into symlinked folders.
 
     Returns:
-        A ``Discovery`` with the files in deterministic, natural-sorted order.
+        A ``Discovery`` with the files in deterministic, natural-sorted order, relative to the
+        folder ``resolve_layout`` chose.
 
     Raises:
         NotADirectoryError: If ``root`` is not a folder.
+        LayoutError: If ``root`` holds dataset splits rather than classes.
         NoImagesFoundError: If no file with an accepted extension is found.
     """
-    root_path = Path(root)
-    if not root_path.is_dir():
+    if not Path(root).is_dir():
         raise NotADirectoryError(
             f"The images folder does not exist or is not a folder. Received: images={str(root)!r}"
         )
+    root_path, notices = resolve_layout(root, extensions, follow_symlinks)
     files: list[ImageFile] = []
+    skipped: list[str] = []
     class_folders: list[str] = []
     real_root = root_path.resolve()
     for path in _walk_sorted(root_path, follow_symlinks):
-        if not _is_image_name(path.name, extensions):
+        parts = [printable(part) for part in path.relative_to(root_path).parts]
+        if not _accepts(path.name, extensions):
+            skipped.append("/".join(parts))
             continue
-        relative = path.relative_to(root_path)
-        parts = [printable(part) for part in relative.parts]
         label = parts[0] if len(parts) > 1 else None
         if label is not None and label not in class_folders:
             class_folders.append(label)
@@ -162,10 +290,10 @@ def discover_images(
     if not files:
         raise NoImagesFoundError(
             f"No images found in {str(root)!r} (looked for files ending in "
-            f"{', '.join(extensions)}, any case, hidden files skipped)."
+            f"{', '.join(extensions or ())}, any case, hidden files skipped)."
         )
     class_folders.sort(key=natural_key)
-    return Discovery(str(root_path), files, class_folders)
+    return Discovery(str(root_path), files, class_folders, skipped, notices)
 
 
 def read_labels_file(path: str | os.PathLike[str]) -> dict[str, str]:

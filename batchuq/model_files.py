@@ -18,7 +18,7 @@ class ModelError(ValueError):
 
 
 def check_model_file(path: str | os.PathLike[str]) -> Path:
-    """Check that ``path`` is an existing Keras 3 ``.keras`` archive.
+    """Check that ``path`` is an existing ``.keras`` archive or legacy ``.h5`` (HDF5) file.
 
     Args:
         path: The model file.
@@ -27,15 +27,56 @@ def check_model_file(path: str | os.PathLike[str]) -> Path:
         ``path`` as a ``Path``.
 
     Raises:
-        ModelError: If the file is missing, a folder, or not a ``.keras`` zip archive.
+        ModelError: If the file is missing, a folder, or neither kind of file.
     """
     path = Path(path)
     if not path.is_file():
         what = "is a folder, not a file" if path.is_dir() else "does not exist"
         raise ModelError(f"The model file {what}. Received: model={str(path)!r}")
-    if path.suffix != ".keras" or not zipfile.is_zipfile(path):
-        raise ModelError(
-            "The model must be a Keras 3 `.keras` file (a zip archive saved by model.save). "
-            f"Received: model={str(path)!r}"
-        )
-    return path
+    suffix = path.suffix.lower()
+    if suffix == ".keras" and zipfile.is_zipfile(path):
+        return path
+    if suffix == ".h5" and _is_hdf5(path):
+        return path
+    raise ModelError(
+        "The model must be a Keras 3 `.keras` file (a zip archive saved by model.save) or a "
+        f"legacy `.h5` file (HDF5). Received: model={str(path)!r}"
+    )
+
+
+def _is_hdf5(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        return handle.read(8) == b"\x89HDF\r\n\x1a\n"
+
+
+def import_user_modules(names: list[str] | tuple[str, ...] | None) -> None:
+    """Import the modules of ``--import``, which register custom layers and models with Keras.
+
+    Args:
+        names: Module names (importable, or from the working directory) or ``.py`` file paths.
+
+    Raises:
+        ModelError: If a module cannot be found or fails to import; the message names it.
+    """
+    import importlib
+    import importlib.util
+    import sys
+
+    for name in names or ():
+        try:
+            if name.endswith(".py") or os.sep in name:
+                spec = importlib.util.spec_from_file_location(Path(name).stem, name)
+                if spec is None or spec.loader is None or not Path(name).is_file():
+                    raise FileNotFoundError(f"no such file: {name}")
+                module = importlib.util.module_from_spec(spec)
+                sys.modules[spec.name] = module
+                spec.loader.exec_module(module)
+            else:
+                if os.getcwd() not in sys.path:
+                    sys.path.insert(0, os.getcwd())  # the console script's path lacks the cwd
+                importlib.import_module(name)
+        except Exception as exc:  # noqa: BLE001 - any failure is the user's module's
+            raise ModelError(
+                f"Could not import {name!r} (--import): {type(exc).__name__}: {exc}. "
+                f"Received: import={name!r}"
+            ) from exc

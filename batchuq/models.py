@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,8 @@ import keras
 
 from batchuq.decode import ImageSpec
 from batchuq.model_files import BUNDLED_MODEL, MODEL_ENV, ModelError, check_model_file
+
+logger = logging.getLogger("batchuq")
 
 
 @dataclass(frozen=True)
@@ -78,16 +81,21 @@ def image_spec(model: keras.Model) -> ImageSpec:
             f"with inputs = keras.Input((height, width, channels))). Received: {len(inputs)} inputs"
         )
     shape = tuple(inputs[0].shape)
+    if len(shape) == 3 and all(d is not None for d in shape[1:]):
+        # (batch, height, width), as MNIST examples write Input(shape=(28, 28)): one channel,
+        # given to the model without a channel axis.
+        return ImageSpec(int(shape[1]), int(shape[2]), 1, channel_axis=False)
     if len(shape) != 4 or any(d is None for d in shape[1:]):
         raise ModelError(
-            "The model input must be an image batch (batch, height, width, channels) with known "
-            f"height, width and channels. Received: input_shape={shape}"
+            "The model input must be an image batch (batch, height, width, channels) or "
+            "(batch, height, width) with known height, width and channels. "
+            f"Received: input_shape={shape}"
         )
     return ImageSpec(int(shape[1]), int(shape[2]), int(shape[3]))
 
 
 def load_model(path: str | os.PathLike[str] | None = None) -> LoadedModel:
-    """Load a ``.keras`` model in safe mode (no arbitrary code such as Lambda layers).
+    """Load a ``.keras`` or legacy ``.h5`` model in safe mode (no code such as Lambda layers).
 
     Args:
         path: The model file; ``None`` means ``$BATCHUQ_MODEL`` or else the bundled demo model.
@@ -112,10 +120,27 @@ def load_model(path: str | os.PathLike[str] | None = None) -> LoadedModel:
                 "The model holds code (e.g. a Lambda layer) that safe mode refuses to load; "
                 f"batchuq never runs code from a model file. Received: model={str(path)!r}"
             ) from exc
-        raise ModelError(f"Could not load the model: {exc}. Received: model={str(path)!r}") from exc
+        raise ModelError(_load_failure(path, exc)) from exc
     except Exception as exc:  # noqa: BLE001 - any loader failure is a model problem
-        raise ModelError(f"Could not load the model: {exc}. Received: model={str(path)!r}") from exc
+        raise ModelError(_load_failure(path, exc)) from exc
     return LoadedModel(model, path, file_sha256(path), bundled)
+
+
+def _load_failure(path: Path, exc: BaseException) -> str:
+    """The message for a model the loader refused, with a hint for legacy ``.h5`` files."""
+    hint = ""
+    if path.suffix.lower() == ".h5":
+        hint = (
+            " Keras 3's legacy .h5 loader refused it; convert it once where it loads (e.g. the "
+            'TensorFlow/Keras that saved it): python -c "import keras; '
+            f"keras.models.load_model('{path}').save('{path.with_suffix('.keras')}')\"."
+        )
+    if "Unknown layer" in str(exc) or "Could not locate" in str(exc):
+        hint += (
+            " If it uses custom layers, register them with "
+            "@keras.saving.register_keras_serializable() in a module and pass --import MODULE."
+        )
+    return f"Could not load the model: {exc}.{hint} Received: model={str(path)!r}"
 
 
 def as_loaded_model(
@@ -161,9 +186,9 @@ def resolve_class_names(
 ) -> tuple[list[str], str]:
     """Work out the model's class names.
 
-    Order of precedence: the sidecar written by ``batchuq train``; ``class_names`` given by the
-    user; the discovered class folders when their count equals the model's outputs;
-    ``0 .. C-1``.
+    Order of precedence: ``class_names`` given by the user (with a warning when it overrides a
+    sidecar); the sidecar written by ``batchuq train``; the discovered class folders when their
+    count equals the model's outputs; ``0 .. C-1``.
 
     Returns:
         The names and where they came from (``sidecar``, ``option``, ``folders``, ``index``).
@@ -173,10 +198,17 @@ def resolve_class_names(
     """
     classes = loaded.num_classes
     sidecar = read_sidecar(loaded.path).get("class_names")
-    if sidecar:
-        names, source = [str(n) for n in sidecar], "sidecar"
-    elif class_names:
+    if class_names:
         names, source = list(class_names), "option"
+        if sidecar and [str(n) for n in sidecar] != names:
+            logger.warning(
+                "--class-names %s overrides the names in the model's sidecar %s (%s).",
+                ",".join(names),
+                ",".join(str(n) for n in sidecar),
+                sidecar_path(loaded.path),
+            )
+    elif sidecar:
+        names, source = [str(n) for n in sidecar], "sidecar"
     elif folder_names and len(folder_names) == classes:
         names, source = list(folder_names), "folders"
     else:
@@ -189,3 +221,55 @@ def resolve_class_names(
     if len(set(names)) != len(names):
         raise ModelError(f"Class names must be unique. Received: class_names={names}")
     return names, source
+
+
+# Layers that scale raw pixels inside the model (keras.applications' EfficientNet, MobileNetV3
+# with include_preprocessing, ConvNeXt ...). Given such a model, pixels must stay 0..255.
+_PREPROCESSING_LAYERS = (keras.layers.Rescaling, keras.layers.Normalization)
+
+
+def preprocessing_layer(model: keras.Model, depth: int = 8) -> str | None:
+    """The name of a pixel-scaling layer among the model's first layers, or ``None``.
+
+    Looks through the layers before the first one with weights, descending into nested models
+    (a ``keras.applications`` model inside a Sequential, say).
+
+    Args:
+        model: The model.
+        depth: How many leading layers to look at, nested ones included.
+
+    Returns:
+        ``"outer/inner"``-style name of the first ``Rescaling`` or ``Normalization`` layer.
+    """
+    for layer in getattr(model, "layers", [])[:depth]:
+        if isinstance(layer, _PREPROCESSING_LAYERS):
+            return layer.name
+        if isinstance(layer, keras.Model):
+            inner = preprocessing_layer(layer, depth)
+            return None if inner is None else f"{layer.name}/{inner}"
+        if layer.weights:
+            return None
+    return None
+
+
+def resolve_rescale(
+    loaded: LoadedModel, rescale: float | None, default: float
+) -> tuple[float, str]:
+    """The pixel scale factor and where it came from.
+
+    Order: ``rescale`` given by the user; the sidecar written by ``batchuq train``; 1 when the
+    model scales pixels itself (``preprocessing_layer``); ``default``.
+
+    Returns:
+        ``(rescale, source)``, source being ``option``, ``sidecar``, ``model layer NAME`` or
+        ``default``.
+    """
+    if rescale is not None:
+        return float(rescale), "option"
+    stored = read_sidecar(loaded.path).get("rescale")
+    if stored is not None:
+        return float(stored), "sidecar"
+    layer = preprocessing_layer(loaded.model)
+    if layer is not None:
+        return 1.0, f"model layer {layer}"
+    return default, "default"

@@ -79,7 +79,8 @@ seed_option = click.option(
     type=int,
     default=0,
     show_default=True,
-    help="Seed for augmentation and dropout masks; same seed, same output.",
+    help="Seed for augmentation and dropout masks; same seed, same draws (see the README on "
+    "what is bitwise).",
 )
 
 batch_size_option = click.option(
@@ -88,7 +89,7 @@ batch_size_option = click.option(
     type=click.IntRange(min=1),
     default=DEFAULT_BATCH_SIZE,
     show_default=True,
-    help="Images per batch. Results do not depend on it.",
+    help="Images per batch. Results do not depend on it beyond float32 rounding.",
 )
 
 class_names_options = _compose(
@@ -104,6 +105,15 @@ class_names_options = _compose(
         default=None,
         help="monkey_labels.txt-style file mapping folder ids (n0...) to readable names.",
     ),
+)
+
+import_option = click.option(
+    "--import",
+    "imports",
+    multiple=True,
+    metavar="MODULE",
+    help="Import MODULE (a module name or a .py file) before loading the model, so that its "
+    "registered custom layers load. Repeatable.",
 )
 
 progress_option = click.option(

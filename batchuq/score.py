@@ -23,8 +23,8 @@ import tensorflow as tf
 from tqdm.auto import tqdm
 
 from batchuq import __version__
-from batchuq.augment import TTAConfig
-from batchuq.calibrate import Calibration, apply_temperature, prediction_sets
+from batchuq.augment import CopyMaker, TTAConfig
+from batchuq.calibrate import Calibration, apply_temperature, predictor_mismatch_message
 from batchuq.decide import UNCLASSIFIED, UNCLASSIFIED_NAME, DecisionRule, decide
 from batchuq.decode import OK, make_dataset
 from batchuq.defaults import (
@@ -34,13 +34,14 @@ from batchuq.defaults import (
     DEFAULT_PASSES,
     DEFAULT_RESCALE,
 )
-from batchuq.discover import discover_images, read_labels_file
+from batchuq.discover import IMAGE_EXTENSIONS, Discovery, discover_images, read_labels_file
 from batchuq.models import (
     LoadedModel,
     ModelError,
     as_loaded_model,
     read_sidecar,
     resolve_class_names,
+    resolve_rescale,
 )
 from batchuq.sample import MCSampler, cpu_has_bf16
 from batchuq.seeds import image_keys, mix
@@ -68,6 +69,8 @@ class ScoreReport:
         seconds: Wall time of the run.
         error_paths: Relative paths of the images that failed (first 1000).
         demo_model: Whether the run used the bundled demo model because none was given.
+        skipped: Files left out because their extension is not an image's (see
+            ``include_all``).
     """
 
     output: Path
@@ -77,6 +80,7 @@ class ScoreReport:
     seconds: float = 0.0
     error_paths: list[str] = field(default_factory=list)
     demo_model: bool = False
+    skipped: int = 0
 
     @property
     def images_per_second(self) -> float:
@@ -93,7 +97,8 @@ class ScoreReport:
         demo = " (bundled demo model)" if self.demo_model else ""
         return (
             f"{self.images} images, {self.unclassified} unclassified, {self.errors} errors, "
-            f"{self.seconds:.1f} s, {self.images_per_second:.1f} images/s -> {self.output}{demo}"
+            f"{self.skipped} skipped, {self.seconds:.1f} s, {self.images_per_second:.1f} "
+            f"images/s -> {self.output}{demo}"
         )
 
 
@@ -173,8 +178,11 @@ def score_directory(
     save_samples: bool = False,
     calibration: str | os.PathLike[str] | Calibration | None = None,
     temperature: bool = False,
+    allow_predictor_mismatch: bool = False,
     progress: bool = False,
     settings: dict[str, Any] | None = None,
+    include_all: bool = False,
+    exif_transpose: bool | None = None,
 ) -> ScoreReport:
     """Score every image in a folder and write one Parquet row per image.
 
@@ -188,12 +196,15 @@ def score_directory(
         seed: Seed of all randomness; the same seed gives the same output.
         batch_size: Images per batch (results do not depend on it).
         rule: Decision rule (default: the MC median rule with ``min_median=0.5``).
-        class_names: Names of the model outputs, when the model has no sidecar.
+        class_names: Names of the model outputs; they override the model's sidecar (with a
+            warning).
         labels: A ``monkey_labels.txt``-style file (or dict) mapping folder ids to names.
         rescale: Factor applied to pixel values ``0..255``; ``None`` takes the value stored
-            by ``batchuq train`` or else ``1/255``.
+            by ``batchuq train``, else 1 when the model starts with its own ``Rescaling`` or
+            ``Normalization`` layer, else ``1/255`` (the metadata's ``rescale_source`` says).
         sample_layers: Name patterns of the dropout layers to sample (default: all).
-        memory_budget_mb: Memory budget for one chunk of tiled passes.
+        memory_budget_mb: Memory budget for one chunk of rows (images x TTA copies) and its tiled
+            passes; peak memory grows with neither T nor K.
         max_pixels: Images with more pixels are refused (error row) before decoding.
         precision: ``float32``, or ``bfloat16`` for the sampled part of the network. On a
             CPU whose flags show no native bfloat16, ``bfloat16`` falls back to ``float32``
@@ -222,9 +233,16 @@ def score_directory(
         temperature: Rescale the MC mean with the calibration's temperature (``mean_*``,
             ``pred``, ``confidence``, ``margin``, ``entropy``); median, std, mutual information
             and variation ratio always describe the raw samples.
+        allow_predictor_mismatch: Use a calibration fitted on another predictor (passes, TTA,
+            augmentation, rescale, precision, sampled layers, logits, EXIF) than this run's,
+            with a warning; by default that is a ``PredictorMismatchError`` (a ValueError).
         progress: Show a tqdm progress bar on stderr.
         settings: Where each setting came from, stored as the metadata's ``settings`` (the CLI
             passes ``{option: {"value": ..., "source": ...}}``; see ``config.settings_provenance``).
+        include_all: Try every file, not only those with an image extension; files that are
+            not images become error rows. Otherwise such files are counted as skipped.
+        exif_transpose: Turn images upright by their EXIF orientation; ``None`` follows the
+            model's sidecar (``batchuq train`` records its choice), else off, as Keras's loader.
 
     Returns:
         A ``ScoreReport``.
@@ -244,7 +262,10 @@ def score_directory(
         raise ValueError(f"`batch_size` must be at least 1. Received: batch_size={batch_size}")
     tta_config = tta if isinstance(tta, TTAConfig) else TTAConfig(copies=int(tta))
     rule = rule or DecisionRule()
-    discovery = discover_images(images, follow_symlinks=follow_symlinks)
+    discovery = discover_images(
+        images, None if include_all else IMAGE_EXTENSIONS, follow_symlinks=follow_symlinks
+    )
+    _log_discovery(discovery)
     loaded = _as_loaded(model)
     spec = loaded.image_spec  # refuses a model without one image input before any work
     if calibration is not None and not isinstance(calibration, Calibration):
@@ -257,14 +278,22 @@ def score_directory(
     names, names_source = resolve_class_names(loaded, class_names, discovery.class_folders)
     label_map = read_labels_file(labels) if isinstance(labels, (str, os.PathLike)) else labels
     label_map = label_map or {}
+    check_labels_match(label_map, discovery.class_folders or names)
     display = [label_map.get(name, name) for name in names]
     index_of = {name: i for i, name in enumerate(names)} | {n: i for i, n in enumerate(display)}
     file_labels = [f.folder_label for f in discovery.files]
     labels_out = [None if lab is None else label_map.get(lab, lab) for lab in file_labels]
     label_indices = [index_of.get(lab) if lab is not None else None for lab in file_labels]
-    if rescale is None:
-        sidecar_rescale = read_sidecar(loaded.path).get("rescale")
-        rescale = float(sidecar_rescale) if sidecar_rescale is not None else DEFAULT_RESCALE
+    rescale, rescale_source = resolve_rescale(loaded, rescale, DEFAULT_RESCALE)
+    if rescale_source.startswith("model layer"):
+        logger.warning(
+            "The model scales pixels itself (%s): using --rescale 1, pixels 0..255. "
+            "Pass --rescale to override.",
+            rescale_source,
+            extra={"event": "notice"},
+        )
+    if exif_transpose is None:
+        exif_transpose = bool(read_sidecar(loaded.path).get("exif_transpose", False))
 
     requested_precision = precision
     if precision == "bfloat16" and cpu_has_bf16() is False:
@@ -298,6 +327,11 @@ def score_directory(
         "augmentation": tta_config.as_metadata(),
         "seed": seed,
         "rescale": rescale,
+        "rescale_source": rescale_source,
+        "exif_transpose": exif_transpose,
+        "images_root": discovery.root,
+        "skipped_files": len(discovery.skipped),
+        "include_all": include_all,
         "precision": precision,
         "precision_requested": requested_precision,
         "sampled_layers": [layer.name for layer in sampler.dropout_layers],
@@ -311,11 +345,24 @@ def score_directory(
             "temperature": calibration.temperature if temperature else None,
             "fitted_temperature": calibration.temperature,
             "conformal_alpha": calibration.settings.get("alpha"),
+            "conformal_method": calibration.conformal_method,
             "created": calibration.created,
         },
         "settings": settings,
     }
-    report = ScoreReport(output=out_path, images=len(discovery.files), demo_model=loaded.bundled)
+    if calibration is not None:  # conformal sets and temperature hold for one predictor only
+        mismatch = calibration.check_predictor(metadata, allow=allow_predictor_mismatch)
+        if mismatch:
+            logger.warning("%s (--allow-predictor-mismatch).", predictor_mismatch_message(mismatch))
+        metadata["calibration"]["predictor_mismatch"] = [
+            {"setting": name, "calibration": a, "run": b} for name, a, b in mismatch
+        ] or None
+    report = ScoreReport(
+        output=out_path,
+        images=len(discovery.files),
+        demo_model=loaded.bundled,
+        skipped=len(discovery.skipped),
+    )
     schema = output_schema(
         display,
         metadata,
@@ -359,15 +406,18 @@ def score_directory(
         todo = [i for i, path in enumerate(relative_paths) if path not in done]
         if done:
             logger.info("resuming: %d of %d images already scored", len(done), report.images)
+        # The pipeline decodes; the test-time copies are made below a chunk of rows at a time
+        # (augment.CopyMaker), so that memory stays within the budget however large K is.
         dataset = make_dataset(
             [discovery.files[i].path for i in todo],
             image_keys(seed, [relative_paths[i] for i in todo]),
             spec,
-            tta_config,
+            TTAConfig(copies=1),
             batch_size,
-            rescale=rescale,
+            rescale=1.0,
             max_pixels=max_pixels,
             problems=[discovery.files[i].problem for i in todo],
+            exif_transpose=exif_transpose,
         )
         bar = tqdm(
             total=report.images,
@@ -377,22 +427,34 @@ def score_directory(
             desc="scoring",
             leave=False,
         )
+        copy_maker = CopyMaker(tta_config, tuple(dataset.element_spec["images"].shape[2:]), rescale)
         batches = iter(dataset)
         try:
             with bar:
                 for batch in batches:
                     _stop_if_asked(should_stop)
-                    stack = batch["images"]  # (B, K, H, W, C)
+                    stack = batch["images"][:, 0]  # (B, H, W, C), pixel values 0..255
                     b = int(tf.shape(stack)[0])
                     rows_keys = tf.reshape(mix(batch["keys"][:, None], copy_index[None, :]), [-1])
-                    flat = tf.reshape(stack, tf.concat([[b * copies], tf.shape(stack)[2:]], 0))
-                    samples = sampler.sample(flat, rows_keys)  # (T, B*K, C)
+                    # Row r is copy r % K of image r // K. Each chunk of rows is augmented, then
+                    # sampled, so neither the copies nor their activations grow with K.
+                    parts = []
+                    for start, stop in sampler.row_chunks(b * copies):
+                        chunk = copy_maker.rows(stack, batch["keys"], start, stop)
+                        if not spec.channel_axis:  # an (H, W) model: drop the one channel
+                            chunk = chunk[..., 0]
+                        parts.append(sampler.sample(chunk, rows_keys[start:stop]))
+                        del chunk
+                    samples = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+                    del parts  # samples: (T, B*K, C)
                     _stop_if_asked(should_stop)
                     samples = samples.reshape(passes, b, copies, -1).transpose(1, 2, 0, 3)
                     samples = samples.reshape(b, copies * passes, -1)
                     status = batch["status"].numpy()
                     check_probabilities(samples[status == OK.encode()], loaded.path)
                     summary = summarise(samples)
+                    # Conformal sets from the MC mean before any temperature, as calibrated.
+                    sets = calibration.prediction_sets(summary.mean) if calibration else None
                     if temperature:
                         summary = _with_temperature(summary, calibration.temperature)
                     decisions = decide(summary, rule)
@@ -410,8 +472,8 @@ def score_directory(
                         display,
                         samples if save_samples else None,
                     )
-                    if calibration is not None:
-                        _add_prediction_sets(rows, summary, calibration, temperature, display)
+                    if sets is not None:
+                        _add_prediction_sets(rows, sets, display)
                     _count(report, [r["status"] for r in rows], [r.get("decision") for r in rows])
                     for row in rows:
                         if row["status"] != OK:
@@ -436,10 +498,56 @@ def score_directory(
                 "images_per_second": round(report.images_per_second, 3),
                 "output": str(out_path),
                 "demo_model": report.demo_model,
+                "skipped": report.skipped,
             },
         },
     )
     return report
+
+
+def _log_discovery(discovery: Discovery) -> None:
+    """Say what discovery decided about the layout, and what it left out."""
+    for notice in discovery.notices:
+        logger.warning(notice, extra={"event": "notice"})
+    if discovery.skipped:
+        examples = ", ".join(discovery.skipped[:3])
+        count = len(discovery.skipped)
+        logger.warning(
+            "skipped %d %s whose extension is not an image's (e.g. %s); --include-all tries "
+            "every file",
+            count,
+            "file" if count == 1 else "files",
+            examples,
+            extra={"event": "skipped", "data": {"skipped": len(discovery.skipped)}},
+        )
+
+
+def check_labels_match(label_map: dict[str, str], class_folders: list[str]) -> None:
+    """Refuse a labels file that names none of the classes; warn when it misses some.
+
+    Args:
+        label_map: Folder id -> readable name, from ``--labels``.
+        class_folders: The class folders found (or the model's class names when unlabelled).
+
+    Raises:
+        ValueError: If ``label_map`` is not empty and matches none of ``class_folders``.
+    """
+    if not label_map or not class_folders:
+        return
+    missing = [name for name in class_folders if name not in label_map]
+    if len(missing) == len(class_folders):
+        raise ValueError(
+            "The labels file names none of the class folders "
+            f"({', '.join(class_folders[:5])}{', ...' if len(class_folders) > 5 else ''}); "
+            f"it names {', '.join(list(label_map)[:5])}. Received: labels with "
+            f"{len(label_map)} entries"
+        )
+    if missing:
+        logger.warning(
+            "The labels file does not name %d class folders, which keep their folder names: %s",
+            len(missing),
+            ", ".join(missing),
+        )
 
 
 class StopRequested(BaseException):
@@ -458,19 +566,11 @@ def _with_temperature(summary: Summary, temperature: float) -> Summary:
     return dataclasses.replace(summary, mean=mean.astype(np.float32), **mean_statistics(mean))
 
 
-def _add_prediction_sets(
-    rows: list[dict],
-    summary: Summary,
-    calibration: Calibration,
-    tempered: bool,
-    class_names: list[str],
-) -> None:
-    """Add the conformal set (quantiles were fitted on temperature-scaled MC means)."""
-    mean = summary.mean if tempered else apply_temperature(summary.mean, calibration.temperature)
-    members = prediction_sets(mean, np.asarray(calibration.conformal_quantiles, float))
+def _add_prediction_sets(rows: list[dict], sets: np.ndarray, class_names: list[str]) -> None:
+    """Add the conformal sets (``(batch, classes)`` membership) to the readable rows."""
     for i, row in enumerate(rows):
         if row["status"] == OK:
-            row["pred_set"] = [class_names[c] for c in np.flatnonzero(members[i])]
+            row["pred_set"] = [class_names[c] for c in np.flatnonzero(sets[i])]
 
 
 def _count(report: ScoreReport, statuses: list[str], decisions: list[str | None]) -> None:

@@ -67,11 +67,13 @@ class TrainReport:
     val_accuracy: float | None
 
 
-def _load_arrays(files: list, spec: ImageSpec, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+def _load_arrays(
+    files: list, spec: ImageSpec, classes: list[str], exif_transpose: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     images, labels = [], []
     for f in files:
         try:
-            images.append(load_image(f.path, spec))
+            images.append(load_image(f.path, spec, exif_transpose=exif_transpose))
         except Exception as exc:  # noqa: BLE001 - skip unreadable training images
             logger.warning("skipping %s: %s", f.relative_path, describe_error(exc))
             continue
@@ -93,6 +95,7 @@ def train_directory(
     rescale: float = 1.0 / 255.0,
     seed: int = 0,
     verbose: int = 2,
+    exif_transpose: bool = False,
 ) -> TrainReport:
     """Train the reference CNN on a class-folder tree and save it with its sidecar.
 
@@ -109,6 +112,8 @@ def train_directory(
         rescale: Factor applied to pixel values ``0..255``; stored in the sidecar.
         seed: Seed for the split, initial weights, shuffling and augmentation.
         verbose: Keras ``fit`` verbosity.
+        exif_transpose: Turn training images upright by their EXIF orientation; recorded in
+            the sidecar, so that ``batchuq score`` reads images the same way.
 
     Returns:
         A ``TrainReport``.
@@ -131,7 +136,7 @@ def train_directory(
         )
     spec = ImageSpec(image_size[0], image_size[1], channels)
     labelled = [f for f in discovery.files if f.folder_label is not None]
-    x, y = _load_arrays(labelled, spec, classes)
+    x, y = _load_arrays(labelled, spec, classes, exif_transpose)
     keras.utils.set_random_seed(seed)
     rng = np.random.default_rng(seed)
     val_mask = np.zeros(len(y), bool)
@@ -189,6 +194,7 @@ def train_directory(
         model_path,
         classes,
         rescale=rescale,
+        exif_transpose=exif_transpose,
         image_size=[spec.height, spec.width],
         channels=spec.channels,
         trained_on=str(images),

@@ -79,3 +79,51 @@ def test_invalid_tta_settings_name_the_argument() -> None:
         TTAConfig(copies=0)
     with pytest.raises(ValueError, match="tta_zoom"):
         TTAConfig(copies=2, zoom=1.5)
+
+
+def _gradient(height: int = 12, width: int = 20) -> Image.Image:
+    """An RGB image whose red channel grows left to right: its orientation is visible."""
+    red = np.tile(np.linspace(0, 255, width, dtype=np.uint8), (height, 1))
+    return Image.fromarray(np.stack([red, np.zeros_like(red), np.zeros_like(red)], axis=-1))
+
+
+@pytest.mark.parametrize(
+    ("suffix", "options"),
+    [
+        (".webp", {"lossless": True}),
+        (".tif", {}),
+        (".tiff", {"compression": "tiff_lzw"}),
+        (".jfif", {"format": "JPEG", "quality": 100}),
+        (".ppm", {}),
+        (".ico", {"sizes": [(20, 20)]}),
+    ],
+)
+def test_more_formats_decode_to_the_same_pixels(tmp_path: Path, suffix: str, options) -> None:
+    image = _gradient(20, 20)
+    path = tmp_path / f"img{suffix}"
+    image.save(path, **options)
+    array = load_image(str(path), ImageSpec(20, 20, 3))
+    tolerance = 16 if suffix == ".jfif" else 0  # JPEG is lossy even at quality 100
+    assert np.abs(array.astype(int) - np.asarray(image, dtype=int)).max() <= tolerance
+
+
+def test_multi_page_tiff_uses_first_page(tmp_path: Path) -> None:
+    pages = [Image.new("L", (8, 8), 30), Image.new("L", (8, 8), 220)]
+    pages[0].save(tmp_path / "a.tif", save_all=True, append_images=pages[1:])
+    assert int(load_image(str(tmp_path / "a.tif"), ImageSpec(8, 8, 1)).mean()) == 30
+
+
+def test_exif_orientation_6_is_turned_upright_only_when_asked(tmp_path: Path) -> None:
+    # A phone held upright stores the picture rotated and sets orientation 6 ("rotate 90 CW to
+    # view"). The stored pixels are 12 x 20 (wide); upright, the picture is 20 x 12 (tall).
+    upright = _gradient(20, 12)  # tall: red grows left to right
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # what the camera writes
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "phone.jpg"
+    stored.save(path, exif=exif, quality=100)
+    spec = ImageSpec(20, 12, 3)
+    turned = load_image(str(path), spec, exif_transpose=True)
+    assert np.abs(turned.astype(int) - np.asarray(upright, dtype=int)).max() <= 16  # JPEG
+    as_stored = load_image(str(path), spec, exif_transpose=False)  # like keras's loader
+    assert np.abs(as_stored.astype(int) - np.asarray(upright, dtype=int)).max() > 100

@@ -6,7 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from batchuq.discover import NoImagesFoundError, discover_images, natural_key, read_labels_file
+from batchuq.discover import (
+    LayoutError,
+    NoImagesFoundError,
+    discover_images,
+    natural_key,
+    read_labels_file,
+)
 
 
 def touch(path: Path) -> None:
@@ -87,3 +93,73 @@ def test_monkey_labels_file(tmp_path: Path) -> None:
     (tmp_path / "empty.txt").write_text("")
     with pytest.raises(ValueError, match="header"):
         read_labels_file(tmp_path / "empty.txt")
+
+
+def test_image_dataset_from_directory_layout_is_class_folders(tmp_path: Path) -> None:
+    # The layout keras.utils.image_dataset_from_directory reads: main_directory/class_x/*.jpg.
+    for name in ["class_a/a_image_1.jpg", "class_a/a_image_2.jpg", "class_b/b_image_1.jpg"]:
+        touch(tmp_path / "main_directory" / name)
+    found = discover_images(tmp_path / "main_directory")
+    assert found.class_folders == ["class_a", "class_b"] and found.notices == []
+    assert [f.folder_label for f in found.files] == ["class_a", "class_a", "class_b"]
+
+
+def test_kaggle_nested_archive_is_descended_into_with_a_notice(tmp_path: Path) -> None:
+    # 10-monkey-species unpacks as training/training/n0..n9 and validation/validation/n0..n9.
+    for split in ("training", "validation"):
+        for c in range(10):
+            touch(tmp_path / split / split / f"n{c}" / f"n{c}18.jpg")
+    (tmp_path / "monkey_labels.txt").write_text("Label, Latin Name, Common Name\n")
+    found = discover_images(tmp_path / "training")
+    assert found.root == str(tmp_path / "training" / "training")
+    assert found.class_folders == [f"n{c}" for c in range(10)]
+    assert found.files[0].relative_path == "n0/n018.jpg"
+    assert len(found.notices) == 1 and "holds only the folder 'training'" in found.notices[0]
+
+
+def test_folder_of_dataset_splits_is_refused_naming_the_splits(tmp_path: Path) -> None:
+    for split in ("training", "validation"):
+        for c in range(3):
+            touch(tmp_path / split / split / f"n{c}" / "x.jpg")
+    with pytest.raises(LayoutError, match="dataset splits") as info:
+        discover_images(tmp_path)
+    assert str(tmp_path / "training") in str(info.value)
+    assert str(tmp_path / "validation") in str(info.value)
+    # The same with flat splits of class folders (train/cat, test/cat ...).
+    flat = tmp_path / "flat"
+    for split in ("train", "val", "test"):
+        touch(flat / split / "cat" / "1.png")
+    with pytest.raises(LayoutError, match="'train'|train"):
+        discover_images(flat)
+
+
+def test_classes_named_like_splits_but_flat_are_classes(tmp_path: Path) -> None:
+    # A "test" folder of images (no class folders inside) is an ordinary class folder.
+    touch(tmp_path / "test" / "1.jpg")
+    touch(tmp_path / "other" / "2.jpg")
+    assert discover_images(tmp_path).class_folders == ["other", "test"]
+
+
+def test_imagenet_style_synset_folders(tmp_path: Path) -> None:
+    synsets = ["n01440764", "n01443537", "n02102040"]
+    for i, synset in enumerate(synsets):
+        touch(tmp_path / synset / f"{synset}_{i}.JPEG")
+    found = discover_images(tmp_path)
+    assert found.class_folders == synsets and len(found.files) == 3
+
+
+def test_single_class_folder_is_not_descended_into(tmp_path: Path) -> None:
+    touch(tmp_path / "n0" / "a.jpg")
+    found = discover_images(tmp_path)
+    assert found.class_folders == ["n0"] and found.notices == []
+
+
+def test_files_with_other_extensions_are_counted_or_included(tmp_path: Path) -> None:
+    for name in ["a.webp", "b.TIF", "c.tiff", "d.jfif", "e.ppm", "f.pgm", "g.ico", "h.png"]:
+        touch(tmp_path / name)
+    touch(tmp_path / "notes.txt")
+    touch(tmp_path / "raw.cr2")
+    found = discover_images(tmp_path)
+    assert len(found.files) == 8 and found.skipped == ["notes.txt", "raw.cr2"]
+    everything = discover_images(tmp_path, extensions=None)
+    assert len(everything.files) == 10 and everything.skipped == []
