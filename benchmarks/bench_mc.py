@@ -302,6 +302,36 @@ class CpuMonitor:
         self.others = max(0.0, busy - own) / total if total > 0 else None
 
 
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+def cpu_info(cpuinfo: str | None = None) -> dict:
+    """The CPU the figures come from: model name and the flags that decide the kernels.
+
+    ``flags`` maps each of ``CPU_FLAGS`` to whether ``/proc/cpuinfo`` lists it (``None`` off
+    Linux); ``bf16_native`` is AVX512-BF16, AMX-BF16 or Arm BF16, as ``batchuq`` checks it.
+    """
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            cpuinfo = ""
+    name, flags = None, None
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip().lower()
+        if key == "model name" and name is None:
+            name = value.strip()
+        elif key in ("flags", "features") and flags is None:
+            flags = set(value.split())
+    return {
+        "model_name": name or platform.processor() or platform.machine(),
+        "flags": {flag: (None if flags is None else flag in flags) for flag in CPU_FLAGS},
+        "bf16_native": None if flags is None else bool(flags & {"avx512_bf16", "amx_bf16", "bf16"}),
+        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+    }
+
+
 def supports_precision() -> bool:
     from batchuq import score_directory
     from batchuq.sample import MCSampler
@@ -520,6 +550,8 @@ def main(argv: list[str] | None = None) -> int:
             "cpu_count": os.cpu_count(),
             "machine": platform.machine(),
             "bf16_supported_by_batchuq": bf16,
+            "cpu": cpu_info(),
+            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         },
     }
     try:
