@@ -8,8 +8,10 @@ machine. A script, not a test: the runs take a minute or two on 2 cores.
 
     python benchmarks/memory_tta.py --tta 10 100 --passes 1 --calibrate
 
-To measure another checkout (e.g. a `git worktree` of an older commit), put it first on
-PYTHONPATH: the children import `batchuq` from wherever this interpreter finds it.
+To measure another checkout (e.g. a `git worktree` or `git archive` of an older commit), run
+this script from inside that checkout's folder: the children import `batchuq` from their working
+directory first (it comes before PYTHONPATH on `sys.path`), so from this repository's root they
+always measure the current code.
 """
 
 from __future__ import annotations
