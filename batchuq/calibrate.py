@@ -4,7 +4,7 @@
 two predictors and fits three things, stored in one JSON file with the model's sha256:
 
 * the **threshold predictor** (``--tta`` copies, default 100, ``--passes`` per copy, default 1:
-  the recipe of METHODS.md, method 3) gives the validation thresholds;
+  the recipe in docs/methods.md, "Validation thresholds") gives the validation thresholds;
 * the **scoring predictor** (``--score-passes``, default 100, ``--score-tta``, default 1: what
   ``batchuq score`` computes by default, or what the ``[score]`` table of the same config file
   says) gives the temperature and the conformal quantiles. They are fitted on exactly the
@@ -13,7 +13,7 @@ two predictors and fits three things, stored in one JSON file with the model's s
   another predictor (e.g. 100 augmented copies instead of 100 dropout passes) are not.
   When both predictors are the same, one run over the folder serves both.
 
-1. **Validation thresholds** (METHODS.md "Validation thresholds"): every augmented copy of
+1. **Validation thresholds** (docs/methods.md, "Calibration"): every augmented copy of
    every validation image gives one probability vector (the mean of its ``passes`` MC samples;
    with the default ``passes=1`` simply the TTA prediction). Copies are grouped by the class
    they *predict* (argmax of the copy's vector) and, per class, the ``percentile`` (default 10)
@@ -216,7 +216,7 @@ def class_thresholds(copy_probs: np.ndarray, percentile: float = 10.0) -> np.nda
     Args:
         copy_probs: ``(n, K, C)``: ``n`` images, ``K`` augmented copies, ``C`` classes (one
             probability vector per copy, e.g. the mean of that copy's MC passes).
-        percentile: Percentile in ``[0, 100]`` (METHODS.md: 10).
+        percentile: Percentile in ``[0, 100]`` (docs/methods.md: 10).
 
     Returns:
         ``(C,)`` float64 thresholds in ``[0, 1]``; ``NaN`` for a class that no copy predicts
@@ -894,7 +894,7 @@ def calibrate_directory(
         output_json: Where to write the calibration JSON (``None``: do not write).
         model: ``.keras`` path, Keras model, ``LoadedModel``, or ``None`` for
             ``$BATCHUQ_MODEL`` or the bundled demo model.
-        tta: Augmented copies per image for the thresholds (default 100, as in METHODS.md).
+        tta: Augmented copies per image for the thresholds (default 100, as in docs/methods.md).
         passes: MC dropout passes per copy for the thresholds (default 1: plain TTA).
         score_passes: MC passes of the scoring predictor (default: ``score``'s, 100).
         score_tta: TTA copies of the scoring predictor (default: ``score``'s, 1).

@@ -2,10 +2,10 @@
 
 Rules:
 
-* ``median`` (default, METHODS.md "MC median rule"): recommend the class whose median probability
-  over the samples is strictly higher than every other class's median and at least
+* ``median`` (default, docs/methods.md "Decision rules"): recommend the class whose median
+  probability over the samples is strictly higher than every other class's median and at least
   ``min_median``; otherwise ``unclassified``.
-* ``threshold`` (METHODS.md "validation thresholds"): recommend ``pred`` unless its MC-mean
+* ``threshold`` (docs/methods.md "Calibration"): recommend ``pred`` unless its MC-mean
   probability is below the class's threshold from ``batchuq calibrate`` (needs a calibration).
 * ``confidence``: recommend ``pred`` when the mean probability of ``pred`` is at least
   ``min_confidence``.

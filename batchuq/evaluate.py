@@ -2,7 +2,7 @@
 uncertainty scores flag wrong predictions and out-of-distribution images.
 
 All labelled metrics are computed on the rows whose ``status`` is ``ok`` and whose label is one
-of the model's classes (``label_index`` not null); formulas are those of ``METHODS.md`` (see
+of the model's classes (``label_index`` not null); formulas are those of ``docs/methods.md`` (see
 ``batchuq.metrics``). The result is a plain dict of numbers, strings, lists and ``None`` (for
 undefined values), so it can be printed as JSON.
 """

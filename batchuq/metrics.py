@@ -1,6 +1,6 @@
 """Metrics over a labelled set of scored images, in plain NumPy.
 
-Formulas follow ``METHODS.md`` ("Metrics over a labelled set") exactly, so that the numbers can
+Formulas follow ``docs/methods.md`` ("Metrics over a labelled set") exactly, so that the numbers can
 be compared with other tools:
 
 * ``accuracy``, ``coverage`` (accepted / N) and ``selective_accuracy`` (accuracy on accepted).
@@ -351,7 +351,7 @@ def ece(confidence: ArrayLike, correct: ArrayLike, n_bins: int = DEFAULT_ECE_BIN
     Args:
         confidence: Confidence of each prediction, shape ``(n,)``, values in [0, 1].
         correct: Whether each prediction is right, boolean shape ``(n,)``.
-        n_bins: Number of bins (METHODS.md: 15).
+        n_bins: Number of bins (docs/methods.md: 15).
 
     Returns:
         The ECE in [0, 1].

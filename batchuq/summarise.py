@@ -1,10 +1,11 @@
 """Step 4 of the data flow: per-image statistics over the Monte Carlo samples.
 
-Formulas follow ``METHODS.md``: for samples ``p_s`` (S = passes x TTA copies x members) of one
-image, ``mean``, ``median`` and population ``std`` per class; ``pred`` = argmax of the mean,
-``confidence`` = max of the mean, ``margin`` = top-1 minus top-2 of the mean, ``entropy`` of the
-mean in nats, ``mutual_info`` (BALD) = H[mean] - mean of H[p_s] clamped at 0, and
-``variation_ratio`` = 1 - share of samples whose argmax is ``pred``.
+Formulas follow ``docs/methods.md`` ("Per-image statistics"): for samples ``p_s``
+(S = passes x TTA copies x members) of one image, ``mean``, ``median`` and population ``std``
+per class; ``pred`` = argmax of the mean, ``confidence`` = max of the mean, ``margin`` = top-1
+minus top-2 of the mean, ``entropy`` of the mean in nats, ``mutual_info`` (BALD) = H[mean] -
+mean of H[p_s] clamped at 0, and ``variation_ratio`` = 1 - share of samples whose argmax is
+``pred``.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Tests of batchuq.metrics against direct loop implementations of METHODS.md and references."""
+"""batchuq.metrics against plain-loop implementations of docs/methods.md, and references."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from sklearn.metrics import roc_auc_score
 from batchuq import metrics
 
 # ------------------------------------------------------------------------------------------
-# Direct implementations of the METHODS.md definitions (plain Python loops).
+# Direct implementations of the docs/methods.md definitions (plain Python loops).
 # ------------------------------------------------------------------------------------------
 
 

@@ -1,4 +1,4 @@
-"""Every statistic against a plain reference written from METHODS.md, one image at a time."""
+"""Every statistic against a plain reference written from docs/methods.md, one image at a time."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from batchuq.summarise import summarise
 
 
 def reference(samples: np.ndarray) -> dict[str, object]:
-    """METHODS.md, literally, for one image: samples of shape (S, C)."""
+    """docs/methods.md, literally, for one image: samples of shape (S, C)."""
     s_count, classes = samples.shape
     mean = [sum(samples[s, c] for s in range(s_count)) / s_count for c in range(classes)]
     std = [
