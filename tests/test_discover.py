@@ -62,10 +62,14 @@ def test_any_class_names_and_mixed_layout(tmp_path: Path) -> None:
     }
 
 
-def test_order_is_deterministic(tmp_path: Path) -> None:
-    for i in range(30):
-        touch(tmp_path / f"n{i % 3}" / f"img{i}.jpg")
-    assert discover_images(tmp_path) == discover_images(tmp_path)
+def test_order_does_not_depend_on_creation_order(tmp_path: Path) -> None:
+    names = [f"n{i % 3}/img{i}.jpg" for i in range(30)]
+    expected = sorted(names, key=lambda n: (natural_key(n.split("/")[0]), natural_key(n)))
+    for folder, order in (("a", names), ("b", names[::-1]), ("c", names[1::2] + names[::2])):
+        for name in order:  # the file system may list files in creation order
+            touch(tmp_path / folder / name)
+        found = discover_images(tmp_path / folder)
+        assert [f.relative_path for f in found.files] == expected
 
 
 def test_zero_images_is_a_loud_error_naming_folder_and_extensions(tmp_path: Path) -> None:

@@ -269,16 +269,16 @@ def test_signal_leaves_no_partial_output(
 ) -> None:
     out = tmp_path / "out.parquet"
     out.write_bytes(b"previous run")
-    process = _score_process(many_digits, out)
+    # 400 passes: the run takes seconds after "scoring", so the signal always lands mid-run
+    # (a run that finished first would make this test pass without testing anything).
+    process = _score_process(many_digits, out, "-T", "400")
     _wait_for_start(process)
     time.sleep(delay)
     process.send_signal(sent)
     output, _ = process.communicate(timeout=120)
-    if "images/s" in output:  # the run completed before the signal: a complete file
-        assert pd.read_parquet(out).shape[0] == 120
-    else:
-        assert process.returncode == expected, output
-        assert out.read_bytes() == b"previous run"
+    assert "images/s" not in output, "the run finished before the signal"
+    assert process.returncode == expected, output
+    assert out.read_bytes() == b"previous run"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["many", "out.parquet"]
 
 
