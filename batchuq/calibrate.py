@@ -81,9 +81,14 @@ from batchuq.options import (
     augmentation_options,
     batch_size_option,
     class_names_options,
+    exif_transpose_option,
     import_option,
+    logits_option,
     model_option,
+    precision_option,
     progress_option,
+    rescale_option,
+    sample_layers_option,
     seed_option,
     split_csv,
 )
@@ -1286,40 +1291,13 @@ _FROM_SCORE_TABLE = {
     "(needs about 10/alpha images per class); aps = adaptive sets, never empty.",
 )
 @augmentation_options
-@click.option(
-    "--rescale",
-    type=float,
-    default=None,
-    help="As score's --rescale (both predictors). Default: rescale in the config's [score] "
-    "table, else as score decides it.",
-)
-@click.option(
-    "--sample-layers",
-    type=str,
-    default=None,
-    help="As score's --sample-layers (both predictors). Default: from the config's [score] "
-    "table, else all dropout layers.",
-)
-@click.option(
-    "--precision",
-    type=click.Choice(["float32", "bfloat16"]),
-    default="float32",
-    show_default=True,
-    help="As score's --precision (both predictors). Default: from the config's [score] table.",
-)
-@click.option(
-    "--logits",
-    is_flag=True,
-    default=False,
-    show_default=True,
-    help="As score's --logits: the model outputs logits. Default: from the config's [score] table.",
-)
-@click.option(
-    "--exif-transpose/--no-exif-transpose",
-    default=None,
-    help="As score's --exif-transpose (both predictors). Default: from the config's [score] "
-    "table, else the model's sidecar, else off.",
-)
+# The predictor options, shared with score; defaults come from the config's [score] table
+# when it has them (see _FROM_SCORE_TABLE), else they are score's defaults.
+@rescale_option
+@sample_layers_option
+@precision_option
+@logits_option
+@exif_transpose_option
 @class_names_options
 @seed_option
 @batch_size_option

@@ -32,9 +32,14 @@ from batchuq.options import (
     augmentation_options,
     batch_size_option,
     class_names_options,
+    exif_transpose_option,
     import_option,
+    logits_option,
     model_option,
+    precision_option,
     progress_option,
+    rescale_option,
+    sample_layers_option,
     seed_option,
     split_csv,
 )
@@ -364,20 +369,8 @@ def cli() -> None:
     help="Confidence rule: smallest mean probability that is accepted.",
 )
 @class_names_options
-@click.option(
-    "--rescale",
-    type=float,
-    default=None,
-    help="Multiply pixel values 0..255 by this. Default: the value the model was "
-    "trained with (sidecar), else 1/255.",
-)
-@click.option(
-    "--sample-layers",
-    type=str,
-    default=None,
-    help="Comma-separated name patterns (e.g. 'dropout*') of the dropout layers to "
-    "sample. Default: all Dropout, SpatialDropout, GaussianDropout, AlphaDropout.",
-)
+@rescale_option
+@sample_layers_option
 @click.option(
     "--memory-budget",
     type=click.FloatRange(min=1),
@@ -387,15 +380,7 @@ def cli() -> None:
     "bounds the memory that would grow with --passes and --tta (peak RSS rose by about 1.5x "
     "this on the reference CNN). Larger chunks were not faster there.",
 )
-@click.option(
-    "--precision",
-    type=click.Choice(["float32", "bfloat16"]),
-    default="float32",
-    show_default=True,
-    help="Arithmetic of the sampled passes. bfloat16 is faster on CPUs with AVX512-BF16 "
-    "or AMX (elsewhere it falls back to float32 with a warning); probabilities and "
-    "statistics stay float32.",
-)
+@precision_option
 @click.option(
     "--max-pixels",
     type=click.IntRange(min=1),
@@ -410,13 +395,7 @@ def cli() -> None:
     show_default=True,
     help="Share of unreadable images tolerated before the exit code is 1.",
 )
-@click.option(
-    "--logits",
-    is_flag=True,
-    default=False,
-    show_default=True,
-    help="The model outputs logits: apply a softmax to every pass.",
-)
+@logits_option
 @click.option(
     "--save-samples",
     is_flag=True,
@@ -463,12 +442,7 @@ def cli() -> None:
     help="Try every file, not only image extensions (.jpg .png .webp .tif ...): files that are "
     "not images become error rows. Otherwise they are counted as skipped.",
 )
-@click.option(
-    "--exif-transpose/--no-exif-transpose",
-    default=None,
-    help="Turn images upright by their EXIF orientation tag. Default: what the model's "
-    "sidecar says (batchuq train records it), else off, as Keras's own loader.",
-)
+@exif_transpose_option
 @import_option
 @click.option(
     "--missing-ok",

@@ -107,6 +107,49 @@ class_names_options = _compose(
     ),
 )
 
+# The options that define the predictor (with --passes, --tta and the --tta-* options): score
+# and calibrate read images and run the model the same way, and calibrate records them.
+rescale_option = click.option(
+    "--rescale",
+    type=float,
+    default=None,
+    help="Multiply pixel values 0..255 by this. Default: the value the model was trained with "
+    "(sidecar), else 1 when the model scales pixels itself (Rescaling/Normalization), else 1/255.",
+)
+
+sample_layers_option = click.option(
+    "--sample-layers",
+    type=str,
+    default=None,
+    help="Comma-separated name patterns (e.g. 'dropout*') of the dropout layers to "
+    "sample. Default: all Dropout, SpatialDropout, GaussianDropout, AlphaDropout.",
+)
+
+precision_option = click.option(
+    "--precision",
+    type=click.Choice(["float32", "bfloat16"]),
+    default="float32",
+    show_default=True,
+    help="Arithmetic of the sampled passes. bfloat16 is faster on CPUs with AVX512-BF16 "
+    "or AMX (elsewhere it falls back to float32 with a warning); probabilities and "
+    "statistics stay float32.",
+)
+
+logits_option = click.option(
+    "--logits",
+    is_flag=True,
+    default=False,
+    show_default=True,
+    help="The model outputs logits: apply a softmax to every pass.",
+)
+
+exif_transpose_option = click.option(
+    "--exif-transpose/--no-exif-transpose",
+    default=None,
+    help="Turn images upright by their EXIF orientation tag. Default: what the model's "
+    "sidecar says (batchuq train records it), else off, as Keras's own loader.",
+)
+
 import_option = click.option(
     "--import",
     "imports",
