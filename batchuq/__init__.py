@@ -1,24 +1,31 @@
 """batchuq: per-image uncertainty for image classifiers, in batch, written to Parquet.
 
-``score_directory`` is imported lazily so that ``import batchuq`` (and the CLI's ``--help``)
-does not pay for importing TensorFlow.
+The jobs are imported lazily so that ``import batchuq`` (and the CLI's ``--help``) does not pay
+for importing TensorFlow.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from batchuq._version import __version__
 
 if TYPE_CHECKING:
-    from batchuq.score import ScoreReport, score_directory
+    from batchuq.jobs.calibrate import calibrate_directory
+    from batchuq.jobs.score import ScoreReport, score_directory
 
-__all__ = ["ScoreReport", "__version__", "score_directory"]
+__all__ = ["ScoreReport", "__version__", "calibrate_directory", "score_directory"]
+
+_LAZY = {
+    "score_directory": "batchuq.jobs.score",
+    "ScoreReport": "batchuq.jobs.score",
+    "calibrate_directory": "batchuq.jobs.calibrate",
+}
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("score_directory", "ScoreReport"):
-        from batchuq import score
+    if name in _LAZY:
+        import importlib
 
-        return getattr(score, name)
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'batchuq' has no attribute {name!r}")

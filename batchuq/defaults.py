@@ -1,4 +1,4 @@
-"""Default settings shared by the library and the CLI.
+"""Every default setting batchuq has, defined once and shared by the library and the CLI.
 
 Kept free of TensorFlow imports, so that ``batchuq --help`` and option parsing stay fast while
 the CLI's defaults are the library's own values.
@@ -6,10 +6,46 @@ the CLI's defaults are the library's own values.
 
 from __future__ import annotations
 
+# The `status` of a row whose image was read and scored (error rows hold "error: ...").
+STATUS_OK = "ok"
+
+# Scoring.
 DEFAULT_PASSES = 100
+DEFAULT_TTA = 1
+DEFAULT_SEED = 0
 DEFAULT_BATCH_SIZE = 32
 DEFAULT_RESCALE = 1.0 / 255.0
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb limit (about 0.25 GiB RGBA)
 # 64-1024 MB ran at the same speed on the reference CNN (128x128x3, T = 100); peak RSS rose by
 # about 1.5 MB per MB of budget (0.97 GB at 64 MB, 1.44 at 256, 1.89 at 512, 2.45 at 1024).
 DEFAULT_MEMORY_BUDGET_MB = 256
+DEFAULT_CHECKPOINT_ROWS = 1024
+DEFAULT_PRECISION = "float32"
+
+# Test-time augmentation of each copy (see augment.TTAConfig).
+DEFAULT_TTA_ROTATION = 15.0  # degrees
+DEFAULT_TTA_ZOOM = 0.1
+DEFAULT_TTA_SHIFT = 0.1
+DEFAULT_TTA_CONTRAST = 0.1
+DEFAULT_TTA_FLIP = False
+
+# Decision rules.
+DEFAULT_RULE = "median"
+DEFAULT_MIN_MEDIAN = 0.5
+DEFAULT_MIN_CONFIDENCE = 0.5
+
+# Calibration (docs/methods.md, "Calibration" and "Conformal prediction sets").
+DEFAULT_CALIBRATION_TTA = 100
+DEFAULT_CALIBRATION_PASSES = 1
+DEFAULT_PERCENTILE = 10.0
+DEFAULT_ALPHA = 0.1
+DEFAULT_CONFORMAL = "lac"
+
+# Training the reference CNN.
+DEFAULT_TRAIN_BATCH_SIZE = 32
+DEFAULT_EPOCHS = 30
+DEFAULT_IMAGE_SIZE = 128
+
+# The `decision` of an image the rule leaves undecided: index -1, written as "unclassified".
+UNCLASSIFIED = -1
+UNCLASSIFIED_NAME = "unclassified"

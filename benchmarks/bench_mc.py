@@ -28,7 +28,7 @@ script with ``--rss-child`` and report the peak resident set size as ``VmHWM`` (
 also printed, but Linux carries it over from the parent across fork+execve, so in a child it can
 show the parent's peak).
 
-Model: the reference CNN (``batchuq.train.reference_cnn``), 128x128x3 input, 5 classes, random
+Model: the reference CNN (``batchuq.jobs.train.reference_cnn``), 128x128x3 input, 5 classes, random
 (Glorot) weights, saved to a temporary ``.keras`` file for the end-to-end runs.
 
 Usage::
@@ -526,7 +526,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from batchuq.decode import ImageSpec
     from batchuq.seeds import image_keys
-    from batchuq.train import reference_cnn
+    from batchuq.jobs.train import reference_cnn
 
     bf16 = supports_precision()
     tmp = Path(tempfile.mkdtemp(prefix="bench_mc_"))

@@ -11,7 +11,7 @@ Sources of the figures:
 * the bundled digits (``sample_data``): this script runs the README's own ``batchuq score`` and
   ``batchuq calibrate`` commands in fresh processes, in a temporary folder where
   ``sample_data`` links to the repository's, and evaluates the Parquet files with
-  ``batchuq.evaluate.evaluate_parquet`` (the metrics of ``batchuq evaluate``);
+  ``batchuq.jobs.evaluate.evaluate_parquet`` (the metrics of ``batchuq evaluate``);
 * speed: ``benchmarks/results/bench_mc.json``, written by
   ``python benchmarks/bench_mc.py --json benchmarks/results/bench_mc.json`` (``--bench`` runs it);
   it records the CPU it ran on, and the README names that CPU;
@@ -163,7 +163,7 @@ def sample_files() -> dict:
 
 def evaluated(work: Path, name: str, ood: str | None = None) -> dict:
     """``batchuq evaluate NAME [--ood OOD]`` as a dict, with file names relative to ``work``."""
-    from batchuq.evaluate import evaluate_parquet
+    from batchuq.jobs.evaluate import evaluate_parquet
 
     result = evaluate_parquet(work / name, None if ood is None else work / ood)
     return result | {"file": name, "ood_file": ood}
@@ -223,7 +223,7 @@ def mapie_agreement(val_parquet: Path, calibrations: dict[str, dict], alpha: flo
     """
     import numpy as np
 
-    from batchuq.calibrate import conformal_quantiles
+    from batchuq.postprocess.calibration import conformal_quantiles
 
     df = read_rows(val_parquet)
     df = df[(df.status == "ok") & df.label_index.notna()]
@@ -280,7 +280,7 @@ def _mapie_quantile(probs, labels, alpha: float, method: str) -> float:
 
 def digits_figures() -> dict:
     """Run the README's commands on the bundled digits and collect every figure."""
-    from batchuq.calibrate import conformal_level, min_images_per_class
+    from batchuq.postprocess.calibration import conformal_level, min_images_per_class
     from batchuq.write import read_metadata
 
     with tempfile.TemporaryDirectory(prefix="readme_figures_") as tmp:

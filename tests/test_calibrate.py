@@ -1,4 +1,4 @@
-"""Tests of ``batchuq.calibrate``: thresholds, temperature, conformal sets, the JSON file."""
+"""Tests of ``batchuq.jobs.calibrate``: thresholds, temperature, conformal sets, the JSON file."""
 
 from __future__ import annotations
 
@@ -12,26 +12,26 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from batchuq.calibrate import (
+from batchuq.cli.calibrate import calibrate_command
+from batchuq.jobs.calibrate import calibrate_directory
+from batchuq.metrics import nll
+from batchuq.postprocess.calibration import (
     CALIBRATION_FORMAT,
-    UNCLASSIFIED,
     Calibration,
     CalibrationWarning,
     PredictorMismatchError,
     apply_temperature,
-    calibrate_command,
-    calibrate_directory,
     class_thresholds,
     conformal_level,
     conformal_quantiles,
     conformal_scores,
     fit_temperature,
-    nll,
     prediction_sets,
     predictor_differences,
     predictor_from_metadata,
     threshold_decisions,
 )
+from batchuq.postprocess.rules import UNCLASSIFIED
 from batchuq.cli import EXIT_OK, EXIT_USAGE, cli
 from batchuq.write import read_metadata
 
@@ -481,7 +481,7 @@ def test_calibrate_directory_fits_conformal_on_the_scoring_predictor(
     scoring predictor (3 passes, no TTA): `score` with that predictor on the same folder
     reproduces the calibration's in-sample coverage and set sizes exactly."""
     from batchuq.models import load_model
-    from batchuq.score import score_directory
+    from batchuq.jobs.score import score_directory
 
     loaded = load_model(None)
     out = tmp_path / "calibration.json"
@@ -594,7 +594,7 @@ def digits_lac(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     """LAC at alpha 0.1 fitted on sample_data/digits/val with score's default predictor (one
     run: the thresholds use the same predictor here), then `score --calibration` on test."""
     from batchuq.models import load_model
-    from batchuq.score import score_directory
+    from batchuq.jobs.score import score_directory
 
     folder = tmp_path_factory.mktemp("digits")
     loaded = load_model(None)

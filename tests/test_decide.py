@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from batchuq.decide import UNCLASSIFIED, DecisionRule, decide, median_rule
+from batchuq.postprocess.rules import UNCLASSIFIED, DecisionRule, decide, median_rule
 from batchuq.summarise import summarise
 
 

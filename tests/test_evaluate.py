@@ -1,4 +1,4 @@
-"""Tests of batchuq.evaluate and batchuq.report on small hand-made Parquet files."""
+"""Tests of batchuq.jobs.evaluate and batchuq.jobs.report on small hand-made Parquet files."""
 
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from batchuq import metrics, report
-from batchuq.evaluate import evaluate_command, evaluate_frame, evaluate_parquet, format_table
-from batchuq.report import write_report
+from batchuq import metrics
+from batchuq.jobs import report
+from batchuq.jobs.evaluate import evaluate_command, evaluate_frame, evaluate_parquet, format_table
+from batchuq.jobs.report import write_report
 from batchuq.write import output_schema
 
 CLASSES = ["cat", "dog", "fox"]

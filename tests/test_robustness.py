@@ -373,7 +373,7 @@ def test_tensorflow_import_notices_are_filtered_and_other_output_kept(
 def test_resumed_run_reports_the_counts_of_an_uninterrupted_run(
     digits_subset: Path, tmp_path: Path
 ) -> None:
-    from batchuq.score import StopRequested
+    from batchuq.jobs.score import StopRequested
 
     (digits_subset / "n0" / "aaa_bad.jpg").write_text("not an image")  # first: checkpointed
     (digits_subset / "n9" / "zzz_bad.jpg").write_text("not an image")  # last: after resuming

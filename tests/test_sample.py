@@ -260,7 +260,7 @@ def test_bfloat16_tail_agrees_with_float32(bn_model: keras.Model) -> None:
 @pytest.mark.numerics
 def test_bfloat16_frontier_cast_before_tiling_changes_nothing() -> None:
     from batchuq.decode import ImageSpec
-    from batchuq.train import reference_cnn
+    from batchuq.jobs.train import reference_cnn
 
     keras.utils.set_random_seed(3)
     model = reference_cnn(ImageSpec(48, 48, 3), 4)

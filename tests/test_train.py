@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from batchuq.cli import cli
 from batchuq.decode import ImageSpec
 from batchuq.models import load_model, read_sidecar
-from batchuq.train import reference_cnn
+from batchuq.jobs.train import reference_cnn
 
 
 def test_reference_cnn_architecture() -> None:

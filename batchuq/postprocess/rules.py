@@ -118,7 +118,7 @@ def decide(summary: Summary, rule: DecisionRule) -> np.ndarray:
     if rule.name == "median":
         return median_rule(summary.median, rule.min_median)
     if rule.name == "threshold":
-        from batchuq.calibrate import threshold_decisions
+        from batchuq.postprocess.calibration import threshold_decisions
 
         return threshold_decisions(summary.pred, summary.confidence, rule.thresholds)
     if rule.name == "confidence":

@@ -22,10 +22,14 @@ import numpy as np
 import tensorflow as tf
 from tqdm.auto import tqdm
 
-from batchuq import __version__
+from batchuq._version import __version__
 from batchuq.augment import CopyMaker, TTAConfig
-from batchuq.calibrate import Calibration, apply_temperature, predictor_mismatch_message
-from batchuq.decide import UNCLASSIFIED, UNCLASSIFIED_NAME, DecisionRule, decide
+from batchuq.postprocess.calibration import (
+    Calibration,
+    apply_temperature,
+    predictor_mismatch_message,
+)
+from batchuq.postprocess.rules import UNCLASSIFIED, UNCLASSIFIED_NAME, DecisionRule, decide
 from batchuq.decode import OK, make_dataset
 from batchuq.defaults import (
     DEFAULT_BATCH_SIZE,

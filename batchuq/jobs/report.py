@@ -31,7 +31,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from batchuq import metrics
-from batchuq.evaluate import (
+from batchuq.jobs.evaluate import (
     SCORE_NAMES,
     LabelledRows,
     evaluate_parquet,

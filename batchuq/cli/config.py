@@ -30,7 +30,7 @@ from click.core import ParameterSource
 
 CONFIG_ENV = "BATCHUQ_CONFIG"
 CONFIG_NAME = "batchuq.toml"
-_META_KEY = "batchuq.config"  # ctx.meta entry: (path, how it was found)
+_META_KEY = "batchuq.cli.config"  # ctx.meta entry: (path, how it was found)
 _NOT_SETTINGS = {"config", "help"}
 
 

@@ -22,8 +22,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from batchuq import metrics
-from batchuq.config import config_option
-from batchuq.decide import UNCLASSIFIED_NAME
+from batchuq.cli.config import config_option
+from batchuq.postprocess.rules import UNCLASSIFIED_NAME
 from batchuq.write import read_metadata
 
 OK_STATUS = "ok"
@@ -462,7 +462,7 @@ def evaluate_command(out: Path, ood: Path | None, report_dir: Path | None, as_js
     try:
         results = evaluate_parquet(out, ood)
         if report_dir is not None:
-            from batchuq.report import write_report
+            from batchuq.jobs.report import write_report
 
             index = write_report(out, report_dir, ood_path=ood)
             results["report"] = str(index)

@@ -26,9 +26,9 @@ from pathlib import Path
 
 import click
 
-from batchuq.config import config_option, settings_provenance
+from batchuq.cli.config import config_option, settings_provenance
 from batchuq.defaults import DEFAULT_MAX_PIXELS, DEFAULT_MEMORY_BUDGET_MB, DEFAULT_PASSES
-from batchuq.options import (
+from batchuq.cli.options import (
     augmentation_options,
     batch_size_option,
     class_names_options,
@@ -251,11 +251,11 @@ class LazyGroup(click.Group):
     # name -> (module:attribute, the first line of its docstring for `batchuq --help`)
     lazy_commands = {
         "calibrate": (
-            "batchuq.calibrate:calibrate_command",
+            "batchuq.cli.calibrate:calibrate_command",
             "Fit validation thresholds, a temperature and conformal sets on VAL_IMAGES.",
         ),
         "evaluate": (
-            "batchuq.evaluate:evaluate_command",
+            "batchuq.jobs.evaluate:evaluate_command",
             "Evaluate OUT.parquet, written by `batchuq score` on a labelled folder.",
         ),
     }
@@ -525,11 +525,11 @@ def score(
     _check_score_arguments(images, output, model, calibration, missing_ok, no_clobber, include_all)
     import_tensorflow_quietly(log_format)
     from batchuq.augment import TTAConfig
-    from batchuq.decide import DecisionRule
+    from batchuq.postprocess.rules import DecisionRule
     from batchuq.discover import NoImagesFoundError
     from batchuq.model_files import import_user_modules
     from batchuq.models import ModelError
-    from batchuq.score import score_directory
+    from batchuq.jobs.score import score_directory
 
     received: list[int] = []
 
@@ -706,7 +706,7 @@ def train(
     _setup_logging()
     import_tensorflow_quietly()
     from batchuq.discover import NoImagesFoundError
-    from batchuq.train import train_directory
+    from batchuq.jobs.train import train_directory
 
     try:
         report = train_directory(
