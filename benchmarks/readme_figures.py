@@ -223,7 +223,7 @@ def mapie_agreement(val_parquet: Path, calibrations: dict[str, dict], alpha: flo
     """
     import numpy as np
 
-    from batchuq.postprocess.calibration import conformal_quantiles
+    from batchuq.postprocess.conformal import conformal_quantiles
 
     df = read_rows(val_parquet)
     df = df[(df.status == "ok") & df.label_index.notna()]
@@ -280,7 +280,7 @@ def _mapie_quantile(probs, labels, alpha: float, method: str) -> float:
 
 def digits_figures() -> dict:
     """Run the README's commands on the bundled digits and collect every figure."""
-    from batchuq.postprocess.calibration import conformal_level, min_images_per_class
+    from batchuq.postprocess.conformal import conformal_level, min_images_per_class
     from batchuq.write import read_metadata
 
     with tempfile.TemporaryDirectory(prefix="readme_figures_") as tmp:

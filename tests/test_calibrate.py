@@ -12,27 +12,29 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
+from batchuq.cli import cli
 from batchuq.cli.calibrate import calibrate_command
+from batchuq.cli.runtime import EXIT_OK, EXIT_USAGE
+from batchuq.errors import CalibrationError, UsageError
 from batchuq.jobs.calibrate import calibrate_directory
 from batchuq.metrics import nll
-from batchuq.postprocess.calibration import (
+from batchuq.postprocess.calibration_file import (
     CALIBRATION_FORMAT,
     Calibration,
     CalibrationWarning,
     PredictorMismatchError,
-    apply_temperature,
-    class_thresholds,
+    predictor_differences,
+    predictor_from_metadata,
+)
+from batchuq.postprocess.conformal import (
     conformal_level,
     conformal_quantiles,
     conformal_scores,
-    fit_temperature,
     prediction_sets,
-    predictor_differences,
-    predictor_from_metadata,
-    threshold_decisions,
 )
-from batchuq.postprocess.rules import UNCLASSIFIED
-from batchuq.cli import EXIT_OK, EXIT_USAGE, cli
+from batchuq.postprocess.rules import UNCLASSIFIED, threshold_decisions
+from batchuq.postprocess.temperature import apply_temperature, fit_temperature
+from batchuq.postprocess.thresholds import class_thresholds
 from batchuq.write import read_metadata
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,7 +81,9 @@ def test_class_thresholds_group_by_copy_prediction_not_image() -> None:
 
 
 def test_class_thresholds_refuse_bad_input() -> None:
-    with pytest.raises(ValueError, match=r"Received: copy_probs.shape=\(2, 3\)"):
+    with pytest.raises(
+        UsageError, match=r"\(n, copies, classes\).*Received: copy_probs=.*shape=\(2, 3\)"
+    ):
         class_thresholds(np.ones((2, 3)) / 3)
     with pytest.raises(ValueError, match="Received: percentile=150"):
         class_thresholds(np.ones((1, 1, 2)) / 2, 150)
@@ -92,7 +96,9 @@ def test_threshold_decisions_hand_cases() -> None:
     got = threshold_decisions(pred, conf, thresholds)
     np.testing.assert_array_equal(got, [0, UNCLASSIFIED, 1, UNCLASSIFIED, 2])
     assert got.dtype == np.int64
-    with pytest.raises(ValueError, match="Received: pred with range"):
+    with pytest.raises(
+        UsageError, match=r"class indices in \[0, 3\), but pred\[0\] = 3\. Received: pred="
+    ):
         threshold_decisions(np.array([3]), np.array([0.9]), thresholds)
 
 
@@ -392,21 +398,25 @@ def test_calibration_json_round_trip(tmp_path: Path) -> None:
     assert back.settings == {"tta": 100, "passes": 1} and back.predictor == PREDICTOR
     lac = Calibration.from_json(make_calibration("lac").to_json(tmp_path / "lac.json"))
     assert lac.conformal_method == "lac" and lac.conformal_quantiles.tolist() == [0.4]
-    with pytest.raises(ValueError, match=r"must have shape \(1,\) for conformal method 'aps'"):
+    with pytest.raises(
+        CalibrationError, match=r"must have shape \(1,\) for conformal method 'aps'"
+    ):
         Calibration(["a", "b"], [0.1, 0.2], 1.0, [0.1, 0.2], "ab", conformal_method="aps")
 
 
 def test_calibration_check_model_refuses_other_model_and_old_files(tmp_path: Path) -> None:
     calibration = make_calibration()
     calibration.check_model("ab" * 32)
-    with pytest.raises(ValueError, match=r"made for another model.*Received: model_sha256='cd"):
+    with pytest.raises(
+        CalibrationError, match=r"made for another model.*Received: model_sha256='cd"
+    ):
         calibration.check_model("cd" * 32)
     (tmp_path / "other.json").write_text('{"format": "something-else"}')
-    with pytest.raises(ValueError, match="Not a batchuq calibration file"):
+    with pytest.raises(CalibrationError, match="Not a batchuq calibration file"):
         Calibration.from_json(tmp_path / "other.json")
     old = make_calibration().as_dict() | {"format": "batchuq-calibration/1"}
     (tmp_path / "old.json").write_text(json.dumps(old))
-    with pytest.raises(ValueError, match=r"older batchuq.*Run `batchuq calibrate` again"):
+    with pytest.raises(CalibrationError, match=r"older batchuq.*Run `batchuq calibrate` again"):
         Calibration.from_json(tmp_path / "old.json")
 
 
@@ -480,8 +490,8 @@ def test_calibrate_directory_fits_conformal_on_the_scoring_predictor(
     """Thresholds from 4 augmented copies x 1 pass; temperature and conformal sets from the
     scoring predictor (3 passes, no TTA): `score` with that predictor on the same folder
     reproduces the calibration's in-sample coverage and set sizes exactly."""
-    from batchuq.models import load_model
     from batchuq.jobs.score import score_directory
+    from batchuq.models import load_model
 
     loaded = load_model(None)
     out = tmp_path / "calibration.json"
@@ -562,28 +572,72 @@ def test_calibrate_directory_fits_conformal_on_the_scoring_predictor(
         score_directory(val_subset, scored, model=loaded, passes=3, tta=2, calibration=out)
 
 
-def test_calibrate_one_run_when_both_predictors_agree_and_class_warns(
-    val_subset: Path, tmp_path: Path
+# --conformal class at alpha 0.4: k = ceil((n + 1) * 0.6) is 3 of 4 images (a finite quantile
+# with a score on either side of it) and 2 of 1 image (no quantile: the class is in every set).
+CLASS_ALPHA = 0.4
+
+
+@pytest.fixture
+def val_uneven(tmp_path: Path) -> Path:
+    """Four validation images of digits 0-4 and one of digits 5-9 (25 images)."""
+    root = tmp_path / "val_uneven"
+    for index, folder in enumerate(sorted(SAMPLE_VAL.iterdir())):
+        (root / folder.name).mkdir(parents=True)
+        for image in sorted(folder.iterdir())[: 4 if index < 5 else 1]:
+            shutil.copy(image, root / folder.name / image.name)
+    return root
+
+
+def test_calibrate_class_quantiles_are_the_kth_smallest_scores_of_the_scored_means(
+    val_uneven: Path, tmp_path: Path
 ) -> None:
+    """One run when both predictors agree; each class's quantile is its k-th smallest score
+    1 - p_y, recomputed here from the mean_* columns `score` writes with the same predictor."""
+    from batchuq.jobs.score import score_directory
     from batchuq.models import load_model
 
-    with pytest.warns(CalibrationWarning, match=r"10 of 10 classes have fewer than 100"):
+    loaded = load_model(None)
+    out = tmp_path / "class.json"
+    same = {"tta": 1, "passes": 2, "score_passes": 2, "score_tta": 1, "seed": 7}
+    with pytest.warns(CalibrationWarning, match=r"10 of 10 classes have fewer than 25"):
         calibration = calibrate_directory(
-            val_subset,
-            None,
-            model=load_model(None),
-            tta=1,
-            passes=2,
-            score_passes=2,
-            score_tta=1,
-            conformal="class",
+            val_uneven, out, model=loaded, conformal="class", alpha=CLASS_ALPHA, **same
         )
     assert calibration.stats["runs"] == 1
     assert calibration.predictor == calibration.threshold_predictor
-    # 2 images per class: level ceil(3 * 0.9) / 2 = 3/2 > 1 -> every quantile is inf
-    assert np.isinf(calibration.conformal_quantiles).all()
-    assert calibration.stats["mean_set_size"] == 10
-    assert "get no quantile" in calibration.stats["warnings"][0]
+
+    scored = tmp_path / "val.parquet"
+    score_directory(val_uneven, scored, model=loaded, passes=2, seed=7)
+    frame = pd.read_parquet(scored)
+    means = frame[[f"mean_n{i}" for i in range(10)]].to_numpy(np.float64)
+    labels = frame.label_index.to_numpy()
+    scores = 1.0 - means[np.arange(len(frame)), labels]
+    quantiles = calibration.conformal_quantiles
+    for y in range(10):
+        own = np.sort(scores[labels == y])
+        k = math.ceil((len(own) + 1) * (1 - CLASS_ALPHA))
+        if y < 5:
+            assert (len(own), k) == (4, 3)
+            assert quantiles[y] == pytest.approx(own[k - 1], rel=1e-6, abs=1e-9), (y, own)
+            assert np.mean(own <= quantiles[y]) >= 1 - CLASS_ALPHA
+        else:
+            assert (len(own), k) == (1, 2)
+            assert np.isinf(quantiles[y])
+    # In some class the 3rd of 4 scores differs from its neighbours, so that a quantile of the
+    # wrong rank would fail above.
+    assert any(
+        np.sort(scores[labels == y])[1] < quantiles[y] < np.sort(scores[labels == y])[3]
+        for y in range(5)
+    )
+    raw = json.loads(out.read_text())["conformal_quantiles"]
+    assert raw[5:] == [None] * 5 and all(isinstance(q, float) for q in raw[:5])
+    # A class-conditional set holds every class c with 1 - p_c <= q_c.
+    in_set = 1.0 - means <= quantiles[None, :]
+    assert calibration.stats["conformal_coverage"] == pytest.approx(
+        in_set[np.arange(25), labels].mean()
+    )
+    assert calibration.stats["mean_set_size"] == pytest.approx(in_set.sum(axis=1).mean())
+    assert "n5, n6, n7, n8, n9 get no quantile" in calibration.stats["warnings"][0]
 
 
 DIGITS_PASSES = 100  # score's default predictor: T = 100 passes, no TTA
@@ -593,8 +647,8 @@ DIGITS_PASSES = 100  # score's default predictor: T = 100 passes, no TTA
 def digits_lac(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     """LAC at alpha 0.1 fitted on sample_data/digits/val with score's default predictor (one
     run: the thresholds use the same predictor here), then `score --calibration` on test."""
-    from batchuq.models import load_model
     from batchuq.jobs.score import score_directory
+    from batchuq.models import load_model
 
     folder = tmp_path_factory.mktemp("digits")
     loaded = load_model(None)

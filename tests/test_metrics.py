@@ -1,4 +1,5 @@
-"""batchuq.metrics against plain-loop implementations of docs/methods.md, and references."""
+"""batchuq.metrics against plain-loop implementations of docs/methods.md, and references;
+the input checks it shares with batchuq.postprocess."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ from hypothesis import strategies as st
 from sklearn.metrics import roc_auc_score
 
 from batchuq import metrics
+from batchuq.errors import UsageError
+from batchuq.postprocess.conformal import conformal_quantiles, conformal_scores
+from batchuq.postprocess.temperature import apply_temperature, fit_temperature
 
 # ------------------------------------------------------------------------------------------
 # Direct implementations of the docs/methods.md definitions (plain Python loops).
@@ -282,3 +286,46 @@ def test_accuracy_coverage_selective_accuracy():
 def test_bad_input_raises_value_error(call, pattern):
     with pytest.raises(ValueError, match=pattern):
         call()
+
+
+# ------------------------------------------------------------------------------------------
+# One set of input checks (batchuq.checks), shared with the post-processing
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("metric_call", "postprocess_call", "pattern"),
+    [
+        (
+            lambda: metrics.nll([[0.5, 1.5]], [0]),
+            lambda: conformal_scores(np.array([[0.5, 1.5]]), [0]),
+            r"^`(probs|mean_probs)` must hold probabilities in \[0, 1\], but "
+            r"\1\[0, 1\] = 1\.5\. Received: \1=array\(",
+        ),
+        (
+            lambda: metrics.brier([[0.5, 0.5]], [2]),
+            lambda: fit_temperature(np.array([[0.5, 0.5]]), [2]),
+            r"^`labels` must be class indices in \[0, 2\), but labels\[0\] = 2\. "
+            r"Received: labels=array\(",
+        ),
+        (
+            lambda: metrics.nll([[0.5, 0.5]], [0.5]),
+            lambda: conformal_quantiles(np.array([[0.5, 0.5]]), [0.5]),
+            r"^`labels` must hold integer class indices, but labels\[0\] = 0\.5\. "
+            r"Received: labels=array\(",
+        ),
+    ],
+)
+def test_metrics_and_postprocess_share_their_input_checks(metric_call, postprocess_call, pattern):
+    for call in (metric_call, postprocess_call):
+        with pytest.raises(UsageError, match=pattern) as caught:
+            call()
+        assert isinstance(caught.value, ValueError)  # still a ValueError for Python callers
+
+
+def test_float32_rounding_above_one_is_clipped_not_refused():
+    probs = np.array([[1.0000001, 0.0]], np.float32)  # float32 MC means may overshoot by rounding
+    assert metrics.nll(probs, [0]) == pytest.approx(0.0, abs=1e-9)
+    np.testing.assert_allclose(apply_temperature(probs, 1.0), [[1.0, 0.0]], atol=1e-11)
+    with pytest.raises(UsageError, match=r"probs\[0, 0\] = 1\.01"):
+        apply_temperature(np.array([[1.01, 0.0]]), 1.0)

@@ -1,15 +1,19 @@
-"""Step 5 of the data flow: turn statistics into a decision (a class or ``unclassified``).
+"""Every decision rule: turn a batch's statistics into a decision (a class or ``unclassified``).
 
-Rules:
+Rules (docs/methods.md, "Decision rules"):
 
-* ``median`` (default, docs/methods.md "Decision rules"): recommend the class whose median
+* ``median`` (default): recommend the class whose median
   probability over the samples is strictly higher than every other class's median and at least
   ``min_median``; otherwise ``unclassified``.
-* ``threshold`` (docs/methods.md "Calibration"): recommend ``pred`` unless its MC-mean
-  probability is below the class's threshold from ``batchuq calibrate`` (needs a calibration).
+* ``threshold``: recommend ``pred`` unless its MC-mean probability is below the class's
+  validation threshold from ``batchuq calibrate`` (docs/methods.md, "Calibration"; needs a
+  calibration). ``threshold_decisions`` applies them.
 * ``confidence``: recommend ``pred`` when the mean probability of ``pred`` is at least
   ``min_confidence``.
 * ``none``: always recommend ``pred``.
+
+``UNCLASSIFIED`` (-1, written as ``UNCLASSIFIED_NAME``) is defined in ``batchuq.defaults`` and
+re-exported here. NumPy only: nothing here imports TensorFlow.
 """
 
 from __future__ import annotations
@@ -19,10 +23,27 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from batchuq import checks
+from batchuq.defaults import (
+    DEFAULT_MIN_CONFIDENCE,
+    DEFAULT_MIN_MEDIAN,
+    DEFAULT_RULE,
+    UNCLASSIFIED,
+    UNCLASSIFIED_NAME,
+)
+from batchuq.errors import UsageError
 from batchuq.summarise import Summary
 
-UNCLASSIFIED = -1
-UNCLASSIFIED_NAME = "unclassified"  # what the Parquet `decision` column holds for UNCLASSIFIED
+__all__ = [
+    "RULES",
+    "UNCLASSIFIED",
+    "UNCLASSIFIED_NAME",
+    "DecisionRule",
+    "decide",
+    "median_rule",
+    "threshold_decisions",
+]
+
 RULES = ("median", "threshold", "confidence", "none")
 
 
@@ -34,21 +55,25 @@ class DecisionRule:
         name: One of ``RULES``.
         min_median: Threshold of the median rule.
         min_confidence: Threshold of the confidence rule.
+        thresholds: ``(classes,)`` per-class thresholds of the threshold rule (``NaN`` = none),
+            usually filled in from a calibration by ``with_thresholds``.
+        extra: More entries for the Parquet metadata.
+
+    Raises:
+        UsageError: If ``name`` is not one of ``RULES`` or a threshold is outside ``[0, 1]``.
     """
 
-    name: str = "median"
-    min_median: float = 0.5
-    min_confidence: float = 0.5
+    name: str = DEFAULT_RULE
+    min_median: float = DEFAULT_MIN_MEDIAN
+    min_confidence: float = DEFAULT_MIN_CONFIDENCE
     thresholds: np.ndarray | None = None
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.name not in RULES:
-            raise ValueError(f"`rule` must be one of {RULES}. Received: rule={self.name!r}")
-        for attr in ("min_median", "min_confidence"):
-            value = getattr(self, attr)
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"`{attr}` must be in [0, 1]. Received: {attr}={value}")
+        checks.one_of(self.name, "rule", RULES)
+        # Checked, not converted: the metadata records the values as the caller gave them.
+        checks.in_range(self.min_median, "min_median", 0.0, 1.0)
+        checks.in_range(self.min_confidence, "min_confidence", 0.0, 1.0)
 
     def with_thresholds(self, thresholds: np.ndarray | None) -> DecisionRule:
         """This rule with calibration thresholds filled in where it has none of its own.
@@ -60,13 +85,13 @@ class DecisionRule:
             The rule, ready to ``decide``.
 
         Raises:
-            ValueError: If the threshold rule ends up without thresholds.
+            UsageError: If the threshold rule ends up without thresholds.
         """
         rule = self
         if self.thresholds is None and thresholds is not None and self.name == "threshold":
             rule = dataclasses.replace(self, thresholds=np.asarray(thresholds, float))
         if rule.name == "threshold" and rule.thresholds is None:
-            raise ValueError(
+            raise UsageError(
                 "The threshold rule needs per-class thresholds: pass --calibration "
                 "calibration.json (made by `batchuq calibrate`). Received: calibration=None"
             )
@@ -105,6 +130,43 @@ def median_rule(median: np.ndarray, min_median: float) -> np.ndarray:
     return np.where(beats_all & (top_value >= min_median), top, UNCLASSIFIED).astype(np.int64)
 
 
+def threshold_decisions(
+    pred: np.ndarray, confidence_of_pred: np.ndarray, thresholds: np.ndarray
+) -> np.ndarray:
+    """Apply validation thresholds: reject a prediction whose probability is below its class's.
+
+    The thresholds come from ``batchuq.postprocess.thresholds.class_thresholds`` (docs/methods.md,
+    "Calibration").
+
+    Args:
+        pred: ``(b,)`` predicted class indices.
+        confidence_of_pred: ``(b,)`` probability of the predicted class (e.g. ``confidence``).
+        thresholds: ``(C,)`` per-class thresholds; ``NaN`` = no threshold (always accept).
+
+    Returns:
+        ``(b,)`` int64: ``pred``, or ``UNCLASSIFIED`` (-1) where
+        ``confidence_of_pred < thresholds[pred]``.
+
+    Raises:
+        UsageError: If the shapes differ or ``pred`` holds indices outside ``[0, C)``.
+    """
+    thresholds = checks.float_vector(thresholds, "thresholds", allow_nan=True)
+    confidence = checks.vector(confidence_of_pred, "confidence_of_pred", allow_empty=True)
+    # NaN confidences are kept as they are (NaN < limit is false: such a prediction stands).
+    confidence = confidence.astype(np.float64)
+    pred = checks.labels(
+        pred,
+        thresholds.size,
+        "pred",
+        rows=len(confidence),
+        rows_of="confidence_of_pred",
+        allow_empty=True,
+    )
+    limit = thresholds[pred]
+    reject = ~np.isnan(limit) & (confidence < limit)
+    return np.where(reject, UNCLASSIFIED, pred).astype(np.int64)
+
+
 def decide(summary: Summary, rule: DecisionRule) -> np.ndarray:
     """Decide every image of a batch.
 
@@ -118,8 +180,6 @@ def decide(summary: Summary, rule: DecisionRule) -> np.ndarray:
     if rule.name == "median":
         return median_rule(summary.median, rule.min_median)
     if rule.name == "threshold":
-        from batchuq.postprocess.calibration import threshold_decisions
-
         return threshold_decisions(summary.pred, summary.confidence, rule.thresholds)
     if rule.name == "confidence":
         keep = summary.confidence >= rule.min_confidence

@@ -1,0 +1,432 @@
+"""The calibration file: what ``batchuq calibrate`` fitted, for ``batchuq score`` to use.
+
+One JSON file (format ``CALIBRATION_FORMAT``) holds the per-class validation thresholds
+(``batchuq.postprocess.thresholds``), the temperature (``batchuq.postprocess.temperature``) and
+the conformal quantiles (``batchuq.postprocess.conformal``), with the model's sha256 and the
+predictors they were fitted on:
+
+* ``predictor``: the *scoring predictor* (``--score-passes``, ``--score-tta``, ...), on whose
+  per-image MC means the temperature and the conformal quantiles were fitted;
+* ``threshold_predictor``: the predictor of the thresholds (``--tta`` copies, ``--passes``).
+
+A conformal set covers the true class only when the calibration and the test images are scored
+by the same predictor (docs/methods.md, "Conformal prediction sets"), so ``score
+--calibration`` compares its own settings (``PREDICTOR_KEYS``, read by
+``predictor_from_metadata``) with ``predictor`` and refuses a run that differs
+(``PredictorMismatchError``) unless it is told to allow it. A file that cannot be read, is not
+of this format, or was made for another model raises ``CalibrationError``.
+
+NumPy only: nothing here imports TensorFlow.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from batchuq._version import __version__
+from batchuq.defaults import DEFAULT_CONFORMAL
+from batchuq.errors import CalibrationError, PredictorMismatchError
+from batchuq.postprocess.conformal import check_method, prediction_sets
+
+__all__ = [
+    "CALIBRATION_FORMAT",
+    "PREDICTOR_KEYS",
+    "Calibration",
+    "CalibrationWarning",
+    "PredictorMismatchError",
+    "format_summary",
+    "predictor_differences",
+    "predictor_from_metadata",
+    "predictor_mismatch_message",
+]
+
+CALIBRATION_FORMAT = "batchuq-calibration/2"
+# What decides the per-image MC-mean probabilities of `batchuq score` for a given model file and
+# image, as recorded in its Parquet metadata (see ``predictor_from_metadata``). The seed is not
+# one of them: another seed is another draw of the same random predictor (every image gets its
+# own random stream either way). Batch size and memory budget do not change the results.
+PREDICTOR_KEYS = (
+    "passes",
+    "tta",
+    "augmentation",
+    "rescale",
+    "precision",
+    "sampled_layers",
+    "logits",
+    "exif_transpose",
+)
+
+
+# --------------------------------------------------------------------------------------------
+# The predictor a calibration was fitted on.
+
+
+def predictor_from_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
+    """The settings of ``PREDICTOR_KEYS`` from a ``score`` run's Parquet metadata.
+
+    ``augmentation`` is ``None`` with one TTA copy (the image is used as it is, so the
+    augmentation settings change nothing), else the settings without ``copies``. A
+    ``rescale`` given as ``{"value": ...}`` is reduced to its value. Keys that the metadata
+    does not record are left out.
+    """
+    predictor = {key: metadata[key] for key in PREDICTOR_KEYS if key in metadata}
+    rescale = predictor.get("rescale")
+    if isinstance(rescale, dict):
+        predictor["rescale"] = rescale.get("value")
+    augmentation = predictor.get("augmentation")
+    if predictor.get("tta") == 1 or not isinstance(augmentation, dict):
+        predictor["augmentation"] = None
+    else:
+        predictor["augmentation"] = {k: v for k, v in augmentation.items() if k != "copies"}
+    return predictor
+
+
+# The score (and calibrate) option that sets each predictor setting, for messages.
+_OPTION_OF = {
+    "passes": "--passes",
+    "tta": "--tta",
+    "rescale": "--rescale",
+    "precision": "--precision",
+    "sampled_layers": "--sample-layers",
+    "logits": "--logits",
+    "exif_transpose": "--exif-transpose",
+}
+_NOT_RECORDED = "<not recorded>"
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Whether two predictor settings agree (numbers up to rounding, bools only with bools)."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return isinstance(a, bool) and isinstance(b, bool) and a == b
+    if isinstance(a, int | float) and isinstance(b, int | float):
+        return math.isclose(float(a), float(b), rel_tol=1e-9)
+    return a == b
+
+
+def predictor_differences(
+    calibrated: dict[str, Any], run: dict[str, Any]
+) -> list[tuple[str, Any, Any]]:
+    """The settings in which two predictors differ: ``(name, calibrated value, run value)``.
+
+    Augmentation settings are compared one by one (``augmentation.rotation``, ...) when both
+    predictors augment; when only one does, ``tta`` already differs.
+    """
+    differences = []
+    for key in PREDICTOR_KEYS:
+        if key not in calibrated and key not in run:
+            continue
+        a, b = calibrated.get(key, _NOT_RECORDED), run.get(key, _NOT_RECORDED)
+        if key == "augmentation":
+            if isinstance(a, dict) and isinstance(b, dict):
+                for name in sorted(set(a) | set(b)):
+                    x, y = a.get(name, _NOT_RECORDED), b.get(name, _NOT_RECORDED)
+                    if not _same(x, y):
+                        differences.append((f"augmentation.{name}", x, y))
+            continue
+        if not _same(a, b):
+            differences.append((key, a, b))
+    return differences
+
+
+def _show(value: Any) -> str:
+    """A predictor setting as the mismatch message shows it."""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, str):
+        return value
+    return json.dumps(value)
+
+
+def _option(name: str) -> str:
+    """The option(s) that set predictor setting ``name``, for messages."""
+    if name.startswith("augmentation."):
+        return f"--tta-{name.split('.', 1)[1]}"
+    if name in ("passes", "tta"):  # calibrate's --passes/--tta are the thresholds' predictor
+        return f"score {_OPTION_OF[name]}, calibrate --score-{name}"
+    return _OPTION_OF.get(name, name)
+
+
+class CalibrationWarning(UserWarning):
+    """Something weak in a calibration that the user should know (printed by the CLI)."""
+
+
+def predictor_mismatch_message(differences: list[tuple[str, Any, Any]]) -> str:
+    """One sentence naming each differing setting, its option and both values."""
+    listed = "; ".join(
+        f"{name} ({_option(name)}): {_show(a)} in the calibration, {_show(b)} in this run"
+        for name, a, b in differences
+    )
+    return (
+        "The calibration was fitted on another predictor than this run's, so its conformal sets "
+        f"and temperature do not apply here: {listed}"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The calibration file.
+
+
+def _json_floats(values: np.ndarray) -> list[float | None]:
+    """Floats for JSON, non-finite ones as ``None``."""
+    # Full precision: rounding a quantile or threshold would move borderline decisions.
+    return [float(v) if math.isfinite(v) else None for v in np.asarray(values)]
+
+
+def _array(values: list[float | None], missing: float) -> np.ndarray:
+    """JSON numbers as float64, ``None`` read as ``missing``."""
+    return np.array([missing if v is None else float(v) for v in values], dtype=np.float64)
+
+
+@dataclass
+class Calibration:
+    """Everything ``batchuq calibrate`` fits, with what it was fitted on.
+
+    Attributes:
+        class_names: The model's class names (``C``).
+        thresholds: ``(C,)`` validation thresholds; ``NaN`` = no threshold (JSON ``null``).
+        temperature: Fitted temperature ``T``.
+        conformal_quantiles: Quantiles of ``conformal_scores`` of the MC mean (no
+            temperature): shape ``(1,)`` for ``lac`` and ``aps``, ``(C,)`` for ``class``;
+            ``inf`` = every class in the set (JSON ``null``).
+        model_sha256: sha256 of the ``.keras`` file calibrated.
+        conformal_method: ``lac``, ``class`` or ``aps`` (see ``prediction_sets``).
+        predictor: The scoring predictor that the temperature and the conformal quantiles were
+            fitted on, as ``predictor_from_metadata`` describes a ``score`` run (``passes``,
+            ``tta``, ``augmentation``, ``rescale``, ``precision``, ``sampled_layers``,
+            ``logits``). ``score`` refuses a run whose predictor differs.
+        threshold_predictor: The same for the predictor the thresholds were fitted on.
+        model_path: Where the model file was.
+        settings: ``tta``, ``passes``, ``score_passes``, ``score_tta``, ``percentile``,
+            ``alpha``, ``conformal``, ``seed``, ``augmentation``, ``rescale``,
+            ``sample_layers``, the temperature bounds and, from the CLI, ``options``: every
+            option's value and source.
+        stats: Figures on the validation set: ``images``, ``skipped``, ``accuracy``,
+            ``nll_before``, ``nll_after``, ``temperature_at_bound``, per-class
+            ``copies_predicted`` and ``images_per_class``,
+            ``threshold_coverage``/``threshold_accuracy`` (image level, scoring predictor's MC
+            mean), ``conformal_coverage`` and ``mean_set_size`` (in-sample), ``runs`` (1 when
+            one run served both predictors, else 2) and ``warnings``.
+        created: ISO time of the run (UTC).
+        batchuq_version: Version that wrote the file.
+
+    Raises:
+        CalibrationError: If ``thresholds`` or ``conformal_quantiles`` do not fit the classes
+            and the conformal method.
+        UsageError: If ``conformal_method`` is not one of ``CONFORMAL_METHODS``.
+    """
+
+    class_names: list[str]
+    thresholds: np.ndarray
+    temperature: float
+    conformal_quantiles: np.ndarray
+    model_sha256: str
+    conformal_method: str = DEFAULT_CONFORMAL
+    predictor: dict[str, Any] = field(default_factory=dict)
+    threshold_predictor: dict[str, Any] = field(default_factory=dict)
+    model_path: str = ""
+    settings: dict[str, Any] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)
+    created: str = ""
+    batchuq_version: str = __version__
+
+    def __post_init__(self) -> None:
+        self.thresholds = np.asarray(self.thresholds, dtype=np.float64)
+        self.conformal_quantiles = np.atleast_1d(
+            np.asarray(self.conformal_quantiles, dtype=np.float64)
+        )
+        check_method(self.conformal_method)
+        classes = len(self.class_names)
+        if self.thresholds.shape != (classes,):
+            raise CalibrationError(
+                f"`thresholds` must have one value per class ({classes}). Received: "
+                f"thresholds.shape={self.thresholds.shape}"
+            )
+        expected = (classes,) if self.conformal_method == "class" else (1,)
+        if self.conformal_quantiles.shape != expected:
+            raise CalibrationError(
+                f"`conformal_quantiles` must have shape {expected} for conformal method "
+                f"{self.conformal_method!r}. Received: conformal_quantiles.shape="
+                f"{self.conformal_quantiles.shape}"
+            )
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (``NaN`` thresholds and ``inf`` quantiles become ``None``)."""
+        data = asdict(self)
+        data["thresholds"] = _json_floats(self.thresholds)
+        data["conformal_quantiles"] = _json_floats(self.conformal_quantiles)
+        return {"format": CALIBRATION_FORMAT, **data}
+
+    def to_json(self, path: str | os.PathLike[str]) -> Path:
+        """Write the calibration to ``path`` (through a temporary file renamed into place)."""
+        out = Path(path)
+        text = json.dumps(self.as_dict(), indent=2, allow_nan=False) + "\n"
+        handle, temp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent or Path("."))
+        try:
+            with os.fdopen(handle, "w", encoding="utf-8") as stream:
+                stream.write(text)
+            os.replace(temp, out)
+        except BaseException:
+            Path(temp).unlink(missing_ok=True)
+            raise
+        return out
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike[str]) -> Calibration:
+        """Read a file written by ``to_json``.
+
+        Raises:
+            CalibrationError: If the file is unreadable, incomplete, or not a batchuq
+                calibration file of this format (a file of the first format, which recorded no
+                predictor, is refused with a request to run ``batchuq calibrate`` again).
+        """
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise CalibrationError(
+                f"Could not read the calibration file: {exc}. Received: path={str(path)!r}"
+            ) from exc
+        found = data.get("format") if isinstance(data, dict) else type(data).__name__
+        if found == "batchuq-calibration/1":
+            raise CalibrationError(
+                "This calibration file was written by an older batchuq: it does not record the "
+                "predictor its conformal sets were fitted on (and fitted them on 100 augmented "
+                "copies, not on what `batchuq score` computes). Run `batchuq calibrate` again. "
+                f"Received: path={str(path)!r}, format={found!r}"
+            )
+        if found != CALIBRATION_FORMAT:
+            raise CalibrationError(
+                f"Not a batchuq calibration file (expected format {CALIBRATION_FORMAT!r}). "
+                f"Received: path={str(path)!r}, format={found!r}"
+            )
+        try:
+            return cls(
+                class_names=list(data["class_names"]),
+                thresholds=_array(data["thresholds"], np.nan),
+                temperature=float(data["temperature"]),
+                conformal_quantiles=_array(data["conformal_quantiles"], np.inf),
+                model_sha256=str(data["model_sha256"]),
+                conformal_method=str(data["conformal_method"]),
+                predictor=dict(data["predictor"]),
+                threshold_predictor=dict(data.get("threshold_predictor") or {}),
+                model_path=str(data.get("model_path", "")),
+                settings=dict(data.get("settings", {})),
+                stats=dict(data.get("stats", {})),
+                created=str(data.get("created", "")),
+                batchuq_version=str(data.get("batchuq_version", "")),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CalibrationError(
+                f"The calibration file is incomplete or malformed ({exc}). "
+                f"Received: path={str(path)!r}"
+            ) from exc
+
+    @property
+    def alpha(self) -> float | None:
+        """The conformal miscoverage the quantiles were fitted for."""
+        return self.settings.get("alpha")
+
+    def prediction_sets(self, mean_probs: np.ndarray) -> np.ndarray:
+        """Conformal sets (``(b, C)`` bool) for the scoring predictor's MC mean ``mean_probs``
+        (without temperature)."""
+        probs = np.clip(np.asarray(mean_probs, dtype=np.float64), 0.0, 1.0)  # as calibrated
+        return prediction_sets(probs, self.conformal_quantiles, self.conformal_method)
+
+    def check_model(self, sha256: str) -> None:
+        """Refuse to use the calibration with a model other than the one it was fitted on.
+
+        Raises:
+            CalibrationError: If ``sha256`` differs from ``model_sha256``.
+        """
+        if sha256 != self.model_sha256:
+            raise CalibrationError(
+                "calibration.json was made for another model (sha256 "
+                f"{self.model_sha256[:12] or '<unknown>'}...); run `batchuq calibrate` with this "
+                f"model. Received: model_sha256={sha256!r}"
+            )
+
+    def check_predictor(
+        self, run_metadata: dict[str, Any], allow: bool = False
+    ) -> list[tuple[str, Any, Any]]:
+        """Compare the calibration's predictor with a ``score`` run's.
+
+        Args:
+            run_metadata: The run's Parquet metadata (or a ``predictor_from_metadata`` dict).
+            allow: Return the differences instead of raising (``--allow-predictor-mismatch``).
+
+        Returns:
+            The differences, ``(name, calibrated value, run value)``; empty when they agree.
+
+        Raises:
+            PredictorMismatchError: If they differ and ``allow`` is false.
+        """
+        differences = predictor_differences(self.predictor, predictor_from_metadata(run_metadata))
+        if differences and not allow:
+            raise PredictorMismatchError(
+                f"{predictor_mismatch_message(differences)}. Run `batchuq calibrate` again with "
+                "this run's settings (the options named; they default to the [score] table of "
+                "the config file), score with the calibration's settings, or pass "
+                "--allow-predictor-mismatch to score anyway. "
+                f"Received: allow_predictor_mismatch={allow}"
+            )
+        return differences
+
+
+def _quantile_text(q: float) -> str:
+    """A conformal quantile for the summary."""
+    return "inf" if np.isinf(q) else f"{q:.4f}"
+
+
+def format_summary(calibration: Calibration) -> str:
+    """A short human-readable summary of a calibration."""
+    stats = calibration.stats
+    per_class = calibration.conformal_method == "class"
+    width = max(len(name) for name in calibration.class_names)
+    lines = [
+        f"{'class':<{width}}  threshold"
+        + ("  conformal q" if per_class else "")
+        + "  copies  images",
+    ]
+    copies = stats.get("copies_predicted") or [None] * len(calibration.class_names)
+    images = stats.get("images_per_class") or [None] * len(calibration.class_names)
+    for i, name in enumerate(calibration.class_names):
+        t = calibration.thresholds[i]
+        t_text = "none" if np.isnan(t) else f"{t:.4f}"
+        q_text = f"  {_quantile_text(calibration.conformal_quantiles[i]):>11}" if per_class else ""
+        lines.append(f"{name:<{width}}  {t_text:>9}{q_text}  {copies[i]!s:>6}  {images[i]!s:>6}")
+    lines.append(
+        f"temperature {calibration.temperature:.4f}: NLL {stats.get('nll_before', math.nan):.4f}"
+        f" -> {stats.get('nll_after', math.nan):.4f}"
+        + (
+            " (at the search bound: the validation set is too easy or too small)"
+            if stats.get("temperature_at_bound")
+            else ""
+        )
+    )
+    p = calibration.predictor
+    quantile = (
+        "one quantile per class"
+        if per_class
+        else f"quantile {_quantile_text(calibration.conformal_quantiles[0])}"
+    )
+    lines.append(
+        f"conformal {calibration.conformal_method} at alpha {calibration.alpha}: {quantile}; "
+        f"fitted with the scoring predictor --passes {p.get('passes')} --tta {p.get('tta')}"
+    )
+    if "accuracy" in stats:
+        coverage, sel = stats.get("threshold_coverage"), stats.get("threshold_accuracy")
+        sel_text = "n/a" if sel is None else f"{sel:.4f}"
+        lines.append(
+            f"validation: {stats['images']} images ({stats['skipped']} skipped), accuracy "
+            f"{stats['accuracy']:.4f}; thresholds accept {coverage:.1%} (accuracy {sel_text}); "
+            f"conformal coverage {stats['conformal_coverage']:.1%}, mean set size "
+            f"{stats['mean_set_size']:.2f}"
+        )
+    return "\n".join(lines)
