@@ -33,7 +33,18 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from batchuq.defaults import DEFAULT_MEMORY_BUDGET_MB
+from batchuq.defaults import DEFAULT_MEMORY_BUDGET_MB, DEFAULT_PRECISION
+from batchuq.errors import NoDropoutError, UsageError
+from batchuq.keras_private import (
+    GraphNode,
+    flatten_layers,
+    graph_model,
+    graph_nodes,
+    override_call,
+    restore_call,
+    run_node,
+    spatial_noise_shape,
+)
 from batchuq.seeds import mix, uniform_from_keys
 
 DROPOUT_TYPES: tuple[type, ...] = (
@@ -72,10 +83,6 @@ def cpu_has_bf16(cpuinfo: str | None = None) -> bool | None:
     return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
-class NoDropoutError(ValueError):
-    """Raised when MC sampling is asked of a model without a dropout layer to sample."""
-
-
 def find_dropout_layers(
     model: keras.Model, patterns: tuple[str, ...] | list[str] | None = None
 ) -> list[keras.layers.Layer]:
@@ -89,11 +96,7 @@ def find_dropout_layers(
     Returns:
         The layers, in the model's layer order.
     """
-    layers = [
-        layer
-        for layer in model._flatten_layers(include_self=False, recursive=True)
-        if isinstance(layer, DROPOUT_TYPES)
-    ]
+    layers = [layer for layer in flatten_layers(model) if isinstance(layer, DROPOUT_TYPES)]
     if patterns:
         layers = [
             layer for layer in layers if any(fnmatch.fnmatchcase(layer.name, p) for p in patterns)
@@ -104,8 +107,9 @@ def find_dropout_layers(
 def _noise_shape(layer: keras.layers.Layer, inputs: tf.Tensor) -> tf.Tensor:
     """The mask shape of ``layer`` for ``inputs``, always one mask row per input row."""
     shape = tf.shape(inputs)
-    if hasattr(layer, "_get_noise_shape"):  # SpatialDropout*
-        noise = [shape[i] if d is None else d for i, d in enumerate(layer._get_noise_shape(inputs))]
+    spatial = spatial_noise_shape(layer, inputs)  # SpatialDropout*: one mask per feature map
+    if spatial is not None:
+        noise = [shape[i] if d is None else d for i, d in enumerate(spatial)]
     elif getattr(layer, "noise_shape", None) is not None:
         noise = [shape[i] if d is None else d for i, d in enumerate(layer.noise_shape)]
     else:
@@ -185,13 +189,12 @@ def dropout_sampling(layers: list[keras.layers.Layer]) -> Iterator[None]:
                 raise RuntimeError("Dropout sampling needs row keys; call through MCSampler.")
             return sample_dropout(_layer, inputs, mix(keys, 0x1000 + _id))
 
-        object.__setattr__(layer, "call", call)
+        override_call(layer, call)
     try:
         yield
     finally:
         for layer in layers:
-            if "call" in layer.__dict__:
-                object.__delattr__(layer, "call")
+            restore_call(layer)
 
 
 @contextlib.contextmanager
@@ -231,7 +234,7 @@ def _contains(operation: object, targets: set[int]) -> bool:
     if id(operation) in targets:
         return True
     if isinstance(operation, keras.layers.Layer):
-        return any(id(inner) in targets for inner in operation._flatten_layers(include_self=False))
+        return any(id(inner) in targets for inner in flatten_layers(operation))
     return False
 
 
@@ -247,8 +250,8 @@ class GraphSplit:
     """
 
     graph: keras.Model
-    prefix: list = field(default_factory=list)
-    tail: list = field(default_factory=list)
+    prefix: list[GraphNode] = field(default_factory=list)
+    tail: list[GraphNode] = field(default_factory=list)
     frontier: list[int] = field(default_factory=list)
     tail_bytes_per_row: int = 0
     prefix_bytes_per_row: int = 0
@@ -259,16 +262,6 @@ def _row_bytes(tensor: object) -> int:
     return 4 * math.prod(d or 1 for d in tensor.shape[1:])
 
 
-def _execution_order(graph: keras.Model) -> list:
-    """The operation nodes of a functional graph, inputs first."""
-    return [
-        node
-        for depth in sorted(graph._nodes_by_depth, reverse=True)
-        for node in graph._nodes_by_depth[depth]
-        if node.operation and not node.is_input
-    ]
-
-
 def _inner_peak_bytes(operation: object) -> int:
     """Peak activation bytes per row inside a nested functional or Sequential model, else 0."""
     if not isinstance(operation, keras.Model):
@@ -277,10 +270,10 @@ def _inner_peak_bytes(operation: object) -> int:
     if graph is None:
         return 0
     keep = {id(t) for t in graph.outputs}
-    return _peak_live_bytes(graph.inputs, _execution_order(graph), keep)
+    return _peak_live_bytes(graph.inputs, graph_nodes(graph), keep)
 
 
-def _peak_live_bytes(inputs: list, nodes: list, keep: set[int]) -> int:
+def _peak_live_bytes(inputs: list, nodes: list[GraphNode], keep: set[int]) -> int:
     """Estimated peak float32 bytes per row alive while ``nodes`` run in order.
 
     A tensor lives from the node that makes it to its last reader; ids in ``keep`` (tensors
@@ -305,13 +298,11 @@ def _peak_live_bytes(inputs: list, nodes: list, keep: set[int]) -> int:
 
 
 def _functional_graph(model: keras.Model) -> keras.Model | None:
-    if isinstance(model, keras.Sequential):
-        model = getattr(model, "_functional", None)
-    if model is None or not hasattr(model, "_nodes_by_depth"):
+    """The walkable graph of a model with one input and one output, else ``None``."""
+    graph = graph_model(model)
+    if graph is None or len(graph.inputs) != 1 or len(graph.outputs) != 1:
         return None
-    if len(model.inputs) != 1 or len(model.outputs) != 1:
-        return None
-    return model
+    return graph
 
 
 def split_graph(model: keras.Model, sampled: list[keras.layers.Layer]) -> GraphSplit | None:
@@ -330,24 +321,21 @@ def split_graph(model: keras.Model, sampled: list[keras.layers.Layer]) -> GraphS
     targets = {id(layer) for layer in sampled}
     stochastic: set[int] = set()
     split = GraphSplit(graph=graph)
-    for depth in sorted(graph._nodes_by_depth, reverse=True):
-        for node in graph._nodes_by_depth[depth]:
-            if not node.operation or node.is_input:
-                continue
-            inputs = [id(t) for t in node.input_tensors]
-            if _contains(node.operation, targets) or any(i in stochastic for i in inputs):
-                split.tail.append(node)
-                stochastic.update(id(t) for t in node.outputs)
-                for tensor in node.input_tensors:
-                    if id(tensor) not in stochastic and id(tensor) not in split.frontier:
-                        split.frontier.append(id(tensor))
-                # A nested model (e.g. a keras.applications base with its own dropout) counts
-                # with the activations inside it, not just its output.
-                split.tail_bytes_per_row += max(
-                    sum(_row_bytes(t) for t in node.outputs), _inner_peak_bytes(node.operation)
-                )
-            else:
-                split.prefix.append(node)
+    for node in graph_nodes(graph):
+        inputs = [id(t) for t in node.input_tensors]
+        if _contains(node.operation, targets) or any(i in stochastic for i in inputs):
+            split.tail.append(node)
+            stochastic.update(id(t) for t in node.outputs)
+            for tensor in node.input_tensors:
+                if id(tensor) not in stochastic and id(tensor) not in split.frontier:
+                    split.frontier.append(id(tensor))
+            # A nested model (e.g. a keras.applications base with its own dropout) counts
+            # with the activations inside it, not just its output.
+            split.tail_bytes_per_row += max(
+                sum(_row_bytes(t) for t in node.outputs), _inner_peak_bytes(node.operation)
+            )
+        else:
+            split.prefix.append(node)
     output = graph.outputs[0]
     if id(output) not in stochastic and id(output) not in split.frontier:
         split.frontier.append(id(output))
@@ -355,16 +343,10 @@ def split_graph(model: keras.Model, sampled: list[keras.layers.Layer]) -> GraphS
     return split
 
 
-def _run_nodes(nodes: list, tensors: dict[int, tf.Tensor]) -> None:
+def _run_nodes(nodes: list[GraphNode], tensors: dict[int, tf.Tensor]) -> None:
     """Run functional-graph nodes in inference mode, writing outputs into ``tensors``."""
     for node in nodes:
-        args, kwargs = node.arguments.fill_in(tensors)
-        operation = node.operation
-        if "training" in getattr(operation, "_call_context_args", ()):
-            kwargs = {**kwargs, "training": False}
-        outputs = operation(*args, **kwargs)
-        for symbolic, value in zip(node.outputs, tf.nest.flatten(outputs), strict=True):
-            tensors[id(symbolic)] = value
+        run_node(node, tensors)
 
 
 class MCSampler:
@@ -395,17 +377,17 @@ class MCSampler:
         sample_layers: tuple[str, ...] | list[str] | None = None,
         memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
         split: bool = True,
-        precision: str = "float32",
+        precision: str = DEFAULT_PRECISION,
         logits: bool = False,
     ) -> None:
         if precision not in PRECISIONS:
-            raise ValueError(
+            raise UsageError(
                 f"`precision` must be one of {PRECISIONS}. Received: precision={precision!r}"
             )
         if passes < 1:
-            raise ValueError(f"`passes` must be at least 1. Received: passes={passes}")
+            raise UsageError(f"`passes` must be at least 1. Received: passes={passes}")
         if memory_budget_mb <= 0:
-            raise ValueError(
+            raise UsageError(
                 "`memory_budget_mb` must be positive. "
                 f"Received: memory_budget_mb={memory_budget_mb}"
             )
@@ -458,7 +440,7 @@ class MCSampler:
         softmax stay float32, so probabilities are not rounded to bf16's 8 bits.
         """
         if self.split is None:
-            layers = self.model._flatten_layers(include_self=False, recursive=True)
+            layers = flatten_layers(self.model)
             last = self.model.layers[-1] if self.model.layers else None
             return [layer for layer in layers if layer is not last and not _applies_softmax(layer)]
         output_id = id(self.split.graph.outputs[0])
@@ -475,7 +457,7 @@ class MCSampler:
                 float32_tensors.update(outputs)
                 continue
             if isinstance(operation, keras.layers.Layer):
-                for layer in operation._flatten_layers(include_self=True, recursive=True):
+                for layer in flatten_layers(operation, include_self=True):
                     found.setdefault(id(layer), layer)
         return list(found.values())
 

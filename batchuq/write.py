@@ -1,22 +1,39 @@
-"""Step 6 of the data flow: write one Parquet row per image, atomically.
+"""Step 6 of the data flow: write one Parquet row per image, by columns and atomically.
 
-Rows are buffered and written in row groups to a hidden temporary file beside the output; the
-file is renamed into place only when the run completes, so a reader never sees a truncated
-``out.parquet`` and an interrupted run leaves the previous output untouched.
+Rows reach Arrow as record batches built from the NumPy arrays of a whole batch
+(``score_record_batch``), never as one Python dict per image. ``ParquetSink`` writes them in
+row groups to a hidden temporary file beside the output and renames it into place only when the
+run completes, so a reader never sees a truncated ``out.parquet`` and an interrupted run leaves
+the previous output untouched. With a ``Checkpoint`` (``--resume``) finished rows are kept as
+part files instead, and a later run with the same settings skips them.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from batchuq.defaults import (
+    DEFAULT_CHECKPOINT_ROWS,
+    DEFAULT_ROW_GROUP_SIZE,
+    STATUS_OK,
+    UNCLASSIFIED,
+    UNCLASSIFIED_NAME,
+)
+from batchuq.errors import CheckpointError, OutputError, UsageError
+
 METADATA_KEY = b"batchuq"
 SCORE_COLUMNS = ("confidence", "margin", "entropy", "mutual_info", "variation_ratio")
+CLASS_STATISTICS = ("mean", "median", "std")
+_COMPRESSION = "zstd"
 
 
 def output_schema(
@@ -49,7 +66,7 @@ def output_schema(
     ]
     if pred_set:
         fields.append(pa.field("pred_set", pa.list_(pa.string())))
-    for stat in ("mean", "median", "std"):
+    for stat in CLASS_STATISTICS:
         fields.extend(pa.field(f"{stat}_{name}", pa.float32()) for name in class_names)
     if samples_per_image:
         per_sample = pa.list_(pa.float32(), len(class_names))
@@ -58,169 +75,373 @@ def output_schema(
     return pa.schema(fields, metadata=encoded)
 
 
-def check_output_path(path: str | os.PathLike[str]) -> Path:
-    """Check that ``path`` can be written before any work is done.
+# --------------------------------------------------------------------------------------------
+# Record batches, by columns
+# --------------------------------------------------------------------------------------------
+
+
+def score_record_batch(
+    schema: pa.Schema,
+    class_names: Sequence[str],
+    *,
+    paths: Sequence[str],
+    labels: Sequence[str | None],
+    label_indices: Sequence[int | None],
+    statuses: Sequence[str],
+    pred_index: np.ndarray,
+    decision_index: np.ndarray,
+    stats: Mapping[str, np.ndarray],
+    pred_sets: np.ndarray | None = None,
+    samples: np.ndarray | None = None,
+) -> pa.RecordBatch:
+    """Build the output rows of one batch of images as an Arrow record batch.
+
+    Rows whose status is not ``STATUS_OK`` hold nulls in every column computed from the model
+    (``pred``, ``pred_index``, ``decision``, the float columns, ``pred_set``, ``samples``):
+    their array values are whatever the model made of an unreadable image, and are dropped.
+
+    Args:
+        schema: The output schema (``output_schema``); it says which optional columns exist.
+        class_names: Output names of the classes, in model output order (``classes`` of them).
+        paths: Relative path of each image, ``batch`` of them.
+        labels: Readable label of each image, or ``None`` when unlabelled.
+        label_indices: Class index of each label, or ``None``.
+        statuses: ``STATUS_OK`` or ``"error: ..."`` per image.
+        pred_index: Predicted class index, int ``(batch,)``.
+        decision_index: Decided class index, int ``(batch,)``; ``UNCLASSIFIED`` (-1) is
+            written as ``UNCLASSIFIED_NAME``.
+        stats: float arrays: each of ``SCORE_COLUMNS`` ``(batch,)`` and ``mean``, ``median``,
+            ``std`` ``(batch, classes)`` (other keys are ignored). float64 values are rounded
+            to float32, as Arrow rounds Python floats.
+        pred_sets: Conformal set membership, bool ``(batch, classes)``; required when the
+            schema has ``pred_set``.
+        samples: Raw samples, float32 ``(batch, S, classes)``; required when the schema has
+            ``samples``.
+
+    Returns:
+        A record batch with ``schema``, one row per image.
 
     Raises:
-        ValueError: If the parent folder does not exist or the path is a folder.
+        ValueError: If the optional arrays do not match the schema's optional columns (a bug
+            of the caller, not of its user).
+    """
+    _check_optional_columns(schema, pred_sets, samples)
+    names = np.asarray(list(class_names), dtype=object)
+    ok = np.asarray([status == STATUS_OK for status in statuses], dtype=bool)
+    null = ~ok
+    pred_index = np.where(ok, np.asarray(pred_index, dtype=np.int64), 0)
+    decision_index = np.where(ok, np.asarray(decision_index, dtype=np.int64), 0)
+    decisions = np.where(
+        decision_index == UNCLASSIFIED, UNCLASSIFIED_NAME, names[np.maximum(decision_index, 0)]
+    )
+    columns = [
+        pa.array(list(paths), pa.string()),
+        pa.array(list(labels), pa.string()),
+        pa.array(list(label_indices), pa.int64()),
+        pa.array(names[pred_index], pa.string(), mask=null),
+        pa.array(pred_index, pa.int64(), mask=null),
+        pa.array(decisions, pa.string(), mask=null),
+        *[_float_column(stats[name], ok) for name in SCORE_COLUMNS],
+        pa.array(list(statuses), pa.string()),
+    ]
+    if pred_sets is not None:
+        columns.append(_pred_set_column(pred_sets, ok, names))
+    for stat in CLASS_STATISTICS:
+        per_class = _zero_where_not_ok(stats[stat], ok).T  # (classes, batch)
+        columns.extend(pa.array(np.ascontiguousarray(v), mask=null) for v in per_class)
+    if samples is not None:
+        columns.append(_samples_column(samples, ok))
+    return pa.RecordBatch.from_arrays(columns, schema=schema)
+
+
+def _check_optional_columns(
+    schema: pa.Schema, pred_sets: np.ndarray | None, samples: np.ndarray | None
+) -> None:
+    """Refuse optional arrays that the schema has no column for, and missing ones it has."""
+    for column, values in (("pred_set", pred_sets), ("samples", samples)):
+        in_schema = schema.get_field_index(column) >= 0
+        if in_schema and values is None:
+            raise ValueError(f"The schema has a `{column}` column: pass its values.")
+        if values is not None and not in_schema:
+            raise ValueError(f"The schema has no `{column}` column for the values passed.")
+
+
+def _zero_where_not_ok(values: np.ndarray, ok: np.ndarray) -> np.ndarray:
+    """float32 copy of ``values`` (``(batch, ...)``) with the rows that are not ok zeroed.
+
+    Always a fresh array, so that a buffered record batch never shares memory with the
+    caller's arrays (Arrow wraps NumPy buffers without copying).
+    """
+    values = np.asarray(values)
+    ok = ok.reshape(ok.shape + (1,) * (values.ndim - 1))
+    return np.where(ok, values, 0).astype(np.float32)
+
+
+def _float_column(values: np.ndarray, ok: np.ndarray) -> pa.Array:
+    """A float32 column from ``(batch,)`` values, null where the row is not ok."""
+    return pa.array(_zero_where_not_ok(values, ok), pa.float32(), mask=~ok)
+
+
+def _pred_set_column(pred_sets: np.ndarray, ok: np.ndarray, names: np.ndarray) -> pa.Array:
+    """``list<string>`` of the member class names per row, in class order; null if not ok.
+
+    An ok row with an empty set holds an empty list, not a null.
+    """
+    members = np.asarray(pred_sets, dtype=bool) & ok[:, None]
+    offsets = np.concatenate([[0], np.cumsum(members.sum(axis=1))]).astype(np.int32)
+    _, classes = np.nonzero(members)  # row-major: each row's members in class order
+    values = pa.array(names[classes], pa.string())
+    return pa.ListArray.from_arrays(
+        pa.array(offsets), values, type=pa.list_(pa.string()), mask=pa.array(~ok)
+    )
+
+
+def _samples_column(samples: np.ndarray, ok: np.ndarray) -> pa.Array:
+    """Fixed-size list (``S``) of fixed-size lists (``classes``) of float32; null if not ok."""
+    samples = _zero_where_not_ok(samples, ok)
+    batch, per_image, classes = samples.shape
+    flat = pa.array(samples.reshape(-1), pa.float32())
+    per_sample = pa.FixedSizeListArray.from_arrays(flat, classes)
+    return pa.FixedSizeListArray.from_arrays(per_sample, per_image, mask=pa.array(~ok))
+
+
+# --------------------------------------------------------------------------------------------
+# Output path and metadata
+# --------------------------------------------------------------------------------------------
+
+
+def check_output_path(path: str | os.PathLike[str], suffix: str | None = None) -> Path:
+    """Check that ``path`` can be written before any work is done.
+
+    Args:
+        path: The output file.
+        suffix: When given (e.g. ``".parquet"``), the only suffix accepted (any case).
+
+    Returns:
+        ``path`` as a ``Path``.
+
+    Raises:
+        OutputError: If the path is a folder, its folder does not exist or is not writable,
+            or it does not end in ``suffix``.
     """
     out = Path(path)
     if out.is_dir():
-        raise ValueError(f"The output path is a folder, not a file. Received: output={str(path)!r}")
+        raise OutputError(
+            f"The output path is a folder, not a file. Received: output={str(path)!r}"
+        )
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
-        raise ValueError(
+        raise OutputError(
             f"The output folder {str(parent)!r} does not exist. Received: output={str(path)!r}"
         )
     if not os.access(parent, os.W_OK):
-        raise ValueError(
+        raise OutputError(
             f"The output folder {str(parent)!r} is not writable. Received: output={str(path)!r}"
+        )
+    if suffix is not None and out.suffix.lower() != suffix.lower():
+        kind = suffix.lstrip(".").capitalize()
+        raise OutputError(
+            f"The output must end in {suffix}: batchuq writes {kind}. "
+            f"Received: output={str(path)!r}"
         )
     return out
 
 
-class AtomicParquetWriter:
-    """Write rows to ``path`` through a temporary file that is renamed into place on success.
+def read_metadata(path: str | os.PathLike[str]) -> dict:
+    """Return the batchuq run metadata stored in a Parquet file written by ``score``.
 
-    Use as a context manager; on an exception (including ``KeyboardInterrupt``) the temporary
-    file is removed and ``path`` is left as it was.
+    Raises:
+        UsageError: If the file holds no batchuq metadata.
+    """
+    return metadata_of(pq.read_schema(path), path)
+
+
+def metadata_of(schema: pa.Schema, path: str | os.PathLike[str]) -> dict:
+    """The batchuq run metadata held by the schema of ``path`` (already opened).
+
+    Raises:
+        UsageError: If the schema holds no batchuq metadata.
+    """
+    raw = (schema.metadata or {}).get(METADATA_KEY)
+    if raw is None:
+        raise UsageError(f"The file has no batchuq metadata. Received: path={str(path)!r}")
+    return json.loads(raw)
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoint and sink
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DoneRows:
+    """The rows a checkpoint already holds.
+
+    Attributes:
+        paths: Relative paths of the images already scored.
+        statuses: The ``status`` of each row, in part order.
+        decisions: The ``decision`` of each row (``None`` for error rows), in the same order.
+    """
+
+    paths: set[str] = field(default_factory=set)
+    statuses: list[str] = field(default_factory=list)
+    decisions: list[str | None] = field(default_factory=list)
+
+    def add(self, table: pa.Table) -> None:
+        """Add the rows of a part (it needs the ``path``, ``status``, ``decision`` columns)."""
+        self.paths.update(table.column("path").to_pylist())
+        self.statuses.extend(table.column("status").to_pylist())
+        self.decisions.extend(table.column("decision").to_pylist())
+
+
+class Checkpoint:
+    """The resume state of one output: finished rows kept as part files in a folder.
+
+    The folder is ``OUTPUT.checkpoint/``: ``run.json`` holds the fingerprint of the run that
+    made it, and ``part-NNNNNN.parquet`` files hold finished rows. Each part is written to a
+    hidden temporary name and renamed, so a kill never leaves half a part.
+
+    Args:
+        output_path: The final output file.
+        fingerprint: JSON-serialisable description of the run (settings and file list); a
+            checkpoint made by another run is refused.
+        rows_per_part: Rows buffered before a part is written.
+    """
+
+    def __init__(
+        self,
+        output_path: str | os.PathLike[str],
+        fingerprint: dict,
+        rows_per_part: int = DEFAULT_CHECKPOINT_ROWS,
+    ) -> None:
+        self.output_path = Path(output_path)
+        # Compared after a JSON round trip: that is what run.json gives back.
+        self.fingerprint = json.loads(json.dumps(fingerprint, sort_keys=True))
+        self.rows_per_part = rows_per_part
+        self.folder = self.output_path.with_name(self.output_path.name + ".checkpoint")
+        self.done = DoneRows()
+        self._next_part = 0
+
+    @property
+    def run_file(self) -> Path:
+        """The ``run.json`` holding the fingerprint."""
+        return self.folder / "run.json"
+
+    def open(self) -> DoneRows:
+        """Load the rows of a checkpoint made by this run, or create an empty one.
+
+        Returns:
+            What the checkpoint already holds (also kept as ``self.done``).
+
+        Raises:
+            CheckpointError: If the folder was made by a run with other settings or files.
+        """
+        self.done = DoneRows()
+        if self.folder.is_dir() and self.run_file.is_file():
+            if json.loads(self.run_file.read_text()) != self.fingerprint:
+                raise CheckpointError(
+                    f"The checkpoint {str(self.folder)!r} was made by a run with other "
+                    "settings or other files; delete it or run without --resume."
+                )
+            for part in self.parts():
+                self.done.add(pq.read_table(part, columns=["path", "status", "decision"]))
+        else:
+            self.folder.mkdir(exist_ok=True)
+            self.run_file.write_text(json.dumps(self.fingerprint, sort_keys=True))
+        for stray in self.folder.glob(".part-*"):  # a part a kill interrupted
+            stray.unlink()
+        parts = self.parts()
+        self._next_part = int(parts[-1].name[5:11]) + 1 if parts else 0
+        return self.done
+
+    def parts(self) -> list[Path]:
+        """The finished part files, in the order they were written."""
+        return sorted(self.folder.glob("part-*.parquet"))
+
+    def write_part(self, table: pa.Table) -> Path:
+        """Write ``table`` as the next part file, atomically.
+
+        Returns:
+            The part's path.
+        """
+        name = f"part-{self._next_part:06d}.parquet"
+        temp = self.folder / f".{name}.tmp-{os.getpid()}"
+        try:
+            pq.write_table(table, temp, compression=_COMPRESSION)
+            os.replace(temp, self.folder / name)
+        except BaseException:
+            temp.unlink(missing_ok=True)
+            raise
+        self._next_part += 1
+        return self.folder / name
+
+    def remove(self) -> None:
+        """Delete the folder and everything in it (after a successful merge)."""
+        for item in self.folder.iterdir():
+            item.unlink()
+        self.folder.rmdir()
+
+
+class ParquetSink:
+    """Write record batches to ``path`` atomically, resumably with a ``Checkpoint``.
+
+    Use as a context manager. Batches are buffered and written a row group at a time (a group
+    holds the batches buffered when ``row_group_size`` rows are reached) to the hidden file
+    ``.NAME.tmp-PID`` beside ``path``, renamed into place on success. With a checkpoint, the
+    buffered rows become a part every ``min(row_group_size, rows_per_part)`` rows, and on
+    success the parts are merged one at a time into the temporary file, renamed into place and
+    the checkpoint removed. On any exception (``KeyboardInterrupt`` and other
+    ``BaseException`` too) the temporary file is removed and ``path`` is left as it was; with a
+    checkpoint, the rows buffered so far are first kept as a part.
 
     Args:
         path: Final output file.
         schema: Arrow schema of the rows (see ``output_schema``).
         row_group_size: Rows buffered before a row group is written.
-    """
+        checkpoint: Keep finished rows there (``--resume``).
 
-    def __init__(self, path: str | os.PathLike[str], schema: pa.Schema, row_group_size: int = 4096):
-        self.path = Path(path)
-        self.schema = schema
-        self.row_group_size = row_group_size
-        self.temp_path = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        self._buffer: list[dict] = []
-        self._writer: pq.ParquetWriter | None = None
-        self.rows_written = 0
-
-    def __enter__(self) -> AtomicParquetWriter:
-        self._writer = pq.ParquetWriter(self.temp_path, self.schema, compression="zstd")
-        return self
-
-    def write_rows(self, rows: list[dict]) -> None:
-        """Queue rows (dicts keyed by column name); full row groups are written at once."""
-        self._buffer.extend(rows)
-        if len(self._buffer) >= self.row_group_size:
-            self._flush()
-
-    def _flush(self) -> None:
-        if self._buffer and self._writer is not None:
-            table = pa.Table.from_pylist(self._buffer, schema=self.schema)
-            self._writer.write_table(table)
-            self.rows_written += len(self._buffer)
-            self._buffer = []
-
-    def abort(self) -> None:
-        """Discard everything written so far."""
-        if self._writer is not None:
-            try:
-                self._writer.close()
-            finally:
-                self._writer = None
-        self.temp_path.unlink(missing_ok=True)
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        if exc_type is not None:
-            self.abort()
-            return
-        try:
-            self._flush()
-            assert self._writer is not None
-            self._writer.close()
-            self._writer = None
-            os.replace(self.temp_path, self.path)
-        except BaseException:
-            self.abort()
-            raise
-
-
-def read_metadata(path: str | os.PathLike[str]) -> dict:
-    """Return the batchuq run metadata stored in a Parquet file written by ``score``."""
-    schema = pq.read_schema(path)
-    raw = (schema.metadata or {}).get(METADATA_KEY)
-    if raw is None:
-        raise ValueError(f"The file has no batchuq metadata. Received: path={str(path)!r}")
-    return json.loads(raw)
-
-
-class CheckpointedParquetWriter(AtomicParquetWriter):
-    """An ``AtomicParquetWriter`` that keeps finished rows in a checkpoint folder for ``--resume``.
-
-    Rows are written every ``checkpoint_rows`` rows as complete Parquet part files in
-    ``OUTPUT.checkpoint/`` (each part renamed into place, so a kill never leaves half a part).
-    A later run with the same fingerprint skips the images already there; on success the parts
-    are merged into ``OUTPUT`` and the checkpoint folder is removed.
-
-    Args:
-        path: Final output file.
-        schema: Arrow schema of the rows.
-        fingerprint: JSON-serialisable description of the run (settings and file list); a
-            checkpoint made by a different run is refused.
-        checkpoint_rows: Rows per part file.
+    Attributes:
+        done: What the checkpoint already held when the sink was entered (empty without one).
+        rows_written: Rows this sink has written (to the file or to parts).
 
     Raises:
-        ValueError: On entering, if the checkpoint belongs to a different run.
+        CheckpointError: On entering, if the checkpoint belongs to another run.
     """
 
     def __init__(
         self,
         path: str | os.PathLike[str],
         schema: pa.Schema,
-        fingerprint: dict,
-        checkpoint_rows: int = 1024,
-    ):
-        super().__init__(path, schema, row_group_size=checkpoint_rows)
-        self.fingerprint = json.loads(json.dumps(fingerprint, sort_keys=True))
-        self.checkpoint = self.path.with_name(self.path.name + ".checkpoint")
-        self.done_paths: set[str] = set()
-        self.done_statuses: list[str] = []  # status of each row already in the checkpoint
-        self.done_decisions: list[str | None] = []  # and its decision
-        self._parts = 0
+        *,
+        row_group_size: int = DEFAULT_ROW_GROUP_SIZE,
+        checkpoint: Checkpoint | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.schema = schema
+        self.checkpoint = checkpoint
+        self.row_group_size = row_group_size
+        if checkpoint is not None:
+            self.row_group_size = min(row_group_size, checkpoint.rows_per_part)
+        self.temp_path = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        self.done = DoneRows()
+        self.rows_written = 0
+        self._buffer: list[pa.RecordBatch] = []
+        self._buffered_rows = 0
+        self._writer: pq.ParquetWriter | None = None
 
-    def __enter__(self) -> CheckpointedParquetWriter:
-        run_file = self.checkpoint / "run.json"
-        if self.checkpoint.is_dir() and run_file.is_file():
-            if json.loads(run_file.read_text()) != self.fingerprint:
-                raise ValueError(
-                    f"The checkpoint {str(self.checkpoint)!r} was made by a run with other "
-                    "settings or other files; delete it or run without --resume."
-                )
-            for part in sorted(self.checkpoint.glob("part-*.parquet")):
-                done = pq.read_table(part, columns=["path", "status", "decision"])
-                self.done_paths.update(done.column("path").to_pylist())
-                self.done_statuses.extend(done.column("status").to_pylist())
-                self.done_decisions.extend(done.column("decision").to_pylist())
-                self._parts += 1
+    def __enter__(self) -> ParquetSink:
+        if self.checkpoint is not None:
+            self.done = self.checkpoint.open()
         else:
-            self.checkpoint.mkdir(exist_ok=True)
-            run_file.write_text(json.dumps(self.fingerprint, sort_keys=True))
-        for stray in self.checkpoint.glob(".part-*"):
-            stray.unlink()
+            self._writer = self._open_temp()
         return self
 
-    def _flush(self) -> None:
-        if not self._buffer:
-            return
-        table = pa.Table.from_pylist(self._buffer, schema=self.schema)
-        name = f"part-{self._parts:06d}.parquet"
-        temp = self.checkpoint / f".{name}.tmp-{os.getpid()}"
-        pq.write_table(table, temp, compression="zstd")
-        os.replace(temp, self.checkpoint / name)
-        self._parts += 1
-        self.rows_written += len(self._buffer)
-        self._buffer = []
+    def write(self, batch: pa.RecordBatch) -> None:
+        """Queue a record batch with the sink's schema; full row groups are written at once."""
+        self._buffer.append(batch)
+        self._buffered_rows += batch.num_rows
+        if self._buffered_rows >= self.row_group_size:
+            self._flush()
 
     def __exit__(
         self,
@@ -229,20 +450,59 @@ class CheckpointedParquetWriter(AtomicParquetWriter):
         traceback: TracebackType | None,
     ) -> None:
         if exc_type is not None:
-            try:
-                self._flush()  # finished rows are kept, whatever stopped the run
-            finally:
-                self.temp_path.unlink(missing_ok=True)
+            self._abort()
             return
-        self._flush()
         try:
-            with pq.ParquetWriter(self.temp_path, self.schema, compression="zstd") as writer:
-                for part in sorted(self.checkpoint.glob("part-*.parquet")):
-                    writer.write_table(pq.read_table(part, schema=self.schema))
+            self._flush()
+            if self.checkpoint is not None:
+                self._merge_parts()
+            else:
+                self._close_writer()
             os.replace(self.temp_path, self.path)
         except BaseException:
+            self._close_writer()
             self.temp_path.unlink(missing_ok=True)
             raise
-        for item in self.checkpoint.iterdir():
-            item.unlink()
-        self.checkpoint.rmdir()
+        if self.checkpoint is not None:
+            self.checkpoint.remove()
+
+    def _open_temp(self) -> pq.ParquetWriter:
+        return pq.ParquetWriter(self.temp_path, self.schema, compression=_COMPRESSION)
+
+    def _flush(self) -> None:
+        """Write the buffered batches as one row group, or as one checkpoint part."""
+        if not self._buffer:
+            return
+        table = pa.Table.from_batches(self._buffer, schema=self.schema)
+        if self.checkpoint is not None:
+            self.checkpoint.write_part(table)
+        else:
+            assert self._writer is not None, "write() outside the `with` block"
+            # One row group: write_table splits only above 1Mi rows, far above a group's size.
+            self._writer.write_table(table)
+        self.rows_written += self._buffered_rows
+        self._buffer = []
+        self._buffered_rows = 0
+
+    def _merge_parts(self) -> None:
+        """Stream every part, one at a time, into the temporary file."""
+        assert self.checkpoint is not None
+        with self._open_temp() as writer:
+            for part in self.checkpoint.parts():
+                writer.write_table(pq.read_table(part, schema=self.schema))
+
+    def _close_writer(self) -> None:
+        if self._writer is not None:
+            try:
+                self._writer.close()
+            finally:
+                self._writer = None
+
+    def _abort(self) -> None:
+        """Remove the temporary file; with a checkpoint, first keep the buffered rows."""
+        try:
+            if self.checkpoint is not None:
+                self._flush()  # finished rows are kept, whatever stopped the run
+        finally:
+            self._close_writer()
+            self.temp_path.unlink(missing_ok=True)

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from conftest import ROUNDING, bn_dropout_model
 
-from batchuq.sample import MCSampler, NoDropoutError, find_dropout_layers, sample_dropout
+from batchuq.errors import NoDropoutError, UsageError
+from batchuq.sample import MCSampler, find_dropout_layers, sample_dropout
 from batchuq.seeds import mix
 from batchuq.summarise import summarise
 
@@ -310,8 +311,73 @@ def test_cpu_bf16_detection_reads_the_feature_flags() -> None:
 
 
 def test_cli_memory_budget_default_is_the_samplers() -> None:
-    from batchuq.cli import score
+    from batchuq.cli.score import score
     from batchuq.sample import DEFAULT_MEMORY_BUDGET_MB
 
     (option,) = [p for p in score.params if p.name == "memory_budget"]
     assert option.default == DEFAULT_MEMORY_BUDGET_MB
+
+
+def test_bad_sampler_arguments_are_usage_errors(bn_model: keras.Model) -> None:
+    with pytest.raises(UsageError, match="Received: precision='float16'"):
+        MCSampler(bn_model, passes=5, precision="float16")
+    with pytest.raises(UsageError, match="Received: memory_budget_mb=0"):
+        MCSampler(bn_model, passes=5, memory_budget_mb=0)
+    with pytest.raises(UsageError, match="Received: passes=0"):
+        MCSampler(bn_model, passes=0)
+    assert issubclass(NoDropoutError, UsageError) and issubclass(UsageError, ValueError)
+
+
+def test_sample_uses_private_keras_apis_only_through_keras_private() -> None:
+    """Every private Keras attribute sits in batchuq/keras_private.py, so that a Keras upgrade
+    is checked in one place; sample.py names none (its own ``self._x`` attributes aside)."""
+    import re
+    from pathlib import Path
+
+    import batchuq.sample
+
+    source = Path(batchuq.sample.__file__).read_text()
+    # Attribute access (x._name), names passed as strings (getattr(x, "_name")), internals.
+    pattern = (
+        r"(?<!self)\._[a-z]\w*|[\"']_[a-z]\w*[\"']|keras\.src|__setattr__|__delattr__|__dict__"
+    )
+    private = re.findall(pattern, source)
+    assert private == []
+
+
+def test_keras_private_functions_on_the_apis_they_wrap() -> None:
+    import tensorflow as tf
+
+    from batchuq import keras_private
+
+    inner = keras.Sequential([keras.Input((6,)), keras.layers.Dense(4), keras.layers.Dropout(0.2)])
+    inputs = keras.Input((6,))
+    outputs = keras.layers.Dense(2, activation="softmax", name="head")(inner(inputs))
+    model = keras.Model(inputs, outputs)
+    names = [layer.name for layer in keras_private.flatten_layers(model)]
+    nested = {layer.name for layer in inner.layers}
+    assert nested <= set(names) and len(names) == len(set(names))  # nested layers, each once
+    assert not nested & {layer.name for layer in keras_private.flatten_layers(model, False, False)}
+    assert keras_private.flatten_layers(model, include_self=True)[0] is model
+    # A built Sequential walks through its functional graph; a subclassed model has none.
+    assert keras_private.graph_model(inner) is not None
+    assert keras_private.graph_model(_Subclassed()) is None
+    nodes = keras_private.graph_nodes(model)
+    assert [node.operation for node in nodes] == [inner, model.get_layer("head")]
+    data = np.random.default_rng(0).random((3, 6), dtype=np.float32)
+    tensors = {id(model.inputs[0]): tf.constant(data)}
+    for node in nodes:
+        keras_private.run_node(node, tensors)  # dropout off: training=False reaches it
+    np.testing.assert_allclose(
+        tensors[id(model.outputs[0])], model.predict(data, verbose=0), **ROUNDING
+    )
+    x = tf.ones((2, 5, 5, 3))
+    assert keras_private.spatial_noise_shape(keras.layers.SpatialDropout2D(0.5), x) == (2, 1, 1, 3)
+    assert keras_private.spatial_noise_shape(keras.layers.Dropout(0.5), x) is None
+    layer = keras.layers.Dropout(0.5)
+    keras_private.override_call(layer, lambda inputs, **kwargs: inputs * 0)
+    assert float(tf.reduce_sum(layer(tf.ones((2, 2))))) == 0.0
+    keras_private.restore_call(layer)
+    keras_private.restore_call(layer)  # a no-op the second time
+    assert float(tf.reduce_sum(layer(tf.ones((2, 2)), training=False))) == 4.0
+    assert "call" not in layer.__dict__
