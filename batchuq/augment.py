@@ -13,6 +13,16 @@ from dataclasses import asdict, dataclass
 
 import tensorflow as tf
 
+from batchuq.defaults import (
+    DEFAULT_TTA,
+    DEFAULT_TTA_CONTRAST,
+    DEFAULT_TTA_FLIP,
+    DEFAULT_TTA_ROTATION,
+    DEFAULT_TTA_SHIFT,
+    DEFAULT_TTA_ZOOM,
+)
+from batchuq.errors import UsageError
+
 _AUGMENT_SALT = 0x7A11
 
 
@@ -28,25 +38,29 @@ class TTAConfig:
         contrast: Maximum contrast change, factor drawn in ``[1 - contrast, 1 + contrast]``.
         flip: Whether to flip half of the copies horizontally (off by default, since a flip
             turns some classes into others, e.g. digits or text).
+
+    Raises:
+        UsageError: If ``copies`` is below 1, a range is negative, or zoom or contrast is 1 or
+            more.
     """
 
-    copies: int = 1
-    rotation: float = 15.0
-    zoom: float = 0.1
-    shift: float = 0.1
-    contrast: float = 0.1
-    flip: bool = False
+    copies: int = DEFAULT_TTA
+    rotation: float = DEFAULT_TTA_ROTATION
+    zoom: float = DEFAULT_TTA_ZOOM
+    shift: float = DEFAULT_TTA_SHIFT
+    contrast: float = DEFAULT_TTA_CONTRAST
+    flip: bool = DEFAULT_TTA_FLIP
 
     def __post_init__(self) -> None:
         if self.copies < 1:
-            raise ValueError(f"`tta` must be at least 1. Received: tta={self.copies}")
+            raise UsageError(f"`tta` must be at least 1. Received: tta={self.copies}")
         for name in ("rotation", "zoom", "shift", "contrast"):
             if getattr(self, name) < 0:
-                raise ValueError(
+                raise UsageError(
                     f"`tta_{name}` must be >= 0. Received: tta_{name}={getattr(self, name)}"
                 )
         if self.zoom >= 1 or self.contrast >= 1:
-            raise ValueError(
+            raise UsageError(
                 "`tta_zoom` and `tta_contrast` must be below 1. "
                 f"Received: tta_zoom={self.zoom}, tta_contrast={self.contrast}"
             )

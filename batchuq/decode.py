@@ -18,9 +18,8 @@ import tensorflow as tf
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from batchuq.augment import TTAConfig, augment_copies
-from batchuq.defaults import DEFAULT_MAX_PIXELS
-
-OK = "ok"
+from batchuq.defaults import DEFAULT_MAX_PIXELS, STATUS_OK
+from batchuq.errors import ModelError
 
 _MODE_FOR_CHANNELS = {1: "L", 3: "RGB", 4: "RGBA"}
 
@@ -39,6 +38,9 @@ class ImageSpec:
     ``channel_axis=False`` is a one-channel model whose input is ``(batch, height, width)``
     (MNIST-style ``Input(shape=(28, 28))``): images are decoded and augmented with one channel,
     which the scoring loop drops just before the model.
+
+    Raises:
+        ModelError: If ``channels`` is not 1, 3 or 4 (the model's input cannot be fed images).
     """
 
     height: int
@@ -48,7 +50,7 @@ class ImageSpec:
 
     def __post_init__(self) -> None:
         if self.channels not in _MODE_FOR_CHANNELS:
-            raise ValueError(
+            raise ModelError(
                 f"The model input must have 1, 3 or 4 channels. Received: channels={self.channels}"
             )
 
@@ -141,7 +143,7 @@ def _safe_load(
         blank = np.zeros((spec.height, spec.width, spec.channels), np.uint8)
         return blank, b"error: " + problem
     try:
-        return load_image(name, spec, max_pixels, exif_transpose), OK.encode()
+        return load_image(name, spec, max_pixels, exif_transpose), STATUS_OK.encode()
     except Exception as exc:  # noqa: BLE001 - every failure becomes an error row
         blank = np.zeros((spec.height, spec.width, spec.channels), np.uint8)
         return blank, f"error: {describe_error(exc)}".encode()

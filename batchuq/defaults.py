@@ -20,6 +20,7 @@ DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb limit (about 
 # about 1.5 MB per MB of budget (0.97 GB at 64 MB, 1.44 at 256, 1.89 at 512, 2.45 at 1024).
 DEFAULT_MEMORY_BUDGET_MB = 256
 DEFAULT_CHECKPOINT_ROWS = 1024
+DEFAULT_ROW_GROUP_SIZE = 4096  # Parquet rows per row group (fewer with raw samples: ~64 MiB)
 DEFAULT_PRECISION = "float32"
 
 # Test-time augmentation of each copy (see augment.TTAConfig).
@@ -45,6 +46,7 @@ DEFAULT_CONFORMAL = "lac"
 DEFAULT_TRAIN_BATCH_SIZE = 32
 DEFAULT_EPOCHS = 30
 DEFAULT_IMAGE_SIZE = 128
+DEFAULT_VAL_SPLIT = 0.1  # stratified share held out to report validation accuracy
 
 # The `decision` of an image the rule leaves undecided: index -1, written as "unclassified".
 UNCLASSIFIED = -1

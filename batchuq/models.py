@@ -6,7 +6,7 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import keras
@@ -26,12 +26,15 @@ class LoadedModel:
         path: The ``.keras`` file it was loaded from.
         sha256: Hex digest of that file.
         bundled: Whether it is batchuq's bundled demo model.
+        sidecar: The sidecar ``batchuq train`` wrote beside the file (class names, rescale,
+            EXIF handling), read once when the model is loaded; empty when there is none.
     """
 
     model: keras.Model
     path: Path
     sha256: str
     bundled: bool
+    sidecar: dict = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
@@ -123,7 +126,7 @@ def load_model(path: str | os.PathLike[str] | None = None) -> LoadedModel:
         raise ModelError(_load_failure(path, exc)) from exc
     except Exception as exc:  # noqa: BLE001 - any loader failure is a model problem
         raise ModelError(_load_failure(path, exc)) from exc
-    return LoadedModel(model, path, file_sha256(path), bundled)
+    return LoadedModel(model, path, file_sha256(path), bundled, read_sidecar(path))
 
 
 def _load_failure(path: Path, exc: BaseException) -> str:
@@ -197,7 +200,7 @@ def resolve_class_names(
         ModelError: If the names given do not match the model's output size.
     """
     classes = loaded.num_classes
-    sidecar = read_sidecar(loaded.path).get("class_names")
+    sidecar = loaded.sidecar.get("class_names")
     if class_names:
         names, source = list(class_names), "option"
         if sidecar and [str(n) for n in sidecar] != names:
@@ -266,7 +269,7 @@ def resolve_rescale(
     """
     if rescale is not None:
         return float(rescale), "option"
-    stored = read_sidecar(loaded.path).get("rescale")
+    stored = loaded.sidecar.get("rescale")
     if stored is not None:
         return float(stored), "sidecar"
     layer = preprocessing_layer(loaded.model)

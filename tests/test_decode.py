@@ -10,7 +10,8 @@ import tensorflow as tf
 from PIL import Image
 
 from batchuq.augment import TTAConfig, augment_copies
-from batchuq.decode import OK, ImageSpec, load_image, make_dataset
+from batchuq.decode import ImageSpec, load_image, make_dataset
+from batchuq.defaults import STATUS_OK as OK
 
 
 @pytest.mark.parametrize("channels", [1, 3, 4])

@@ -26,7 +26,8 @@ from conftest import (
 )
 
 from batchuq import score_directory
-from batchuq.cli import EXIT_IMAGE_ERRORS, EXIT_OK, EXIT_USAGE, cli
+from batchuq.cli import cli
+from batchuq.cli.runtime import EXIT_IMAGE_ERRORS, EXIT_OK, EXIT_USAGE
 from batchuq.discover import NoImagesFoundError
 from batchuq.write import read_metadata
 
@@ -289,10 +290,10 @@ def test_subclassed_model_is_refused_clearly_and_scores_once_wrapped(tmp_path: P
 def test_bfloat16_falls_back_to_float32_on_a_cpu_without_it(
     digits_subset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog
 ) -> None:
-    import batchuq.jobs.score
+    import batchuq.methods.mc_dropout
 
     # Stand in for a CPU without native bfloat16, whatever this one has.
-    monkeypatch.setattr(batchuq.jobs.score, "cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(batchuq.methods.mc_dropout, "cpu_has_bf16", lambda: False)
     # An earlier CLI test may have set up the batchuq logger not to propagate to caplog.
     monkeypatch.setattr(logging.getLogger("batchuq"), "propagate", True)
     out, reference = tmp_path / "out.parquet", tmp_path / "fp32.parquet"

@@ -21,7 +21,16 @@ import numpy as np
 import tensorflow as tf
 
 from batchuq.decode import ImageSpec, describe_error, load_image
+from batchuq.defaults import (
+    DEFAULT_EPOCHS,
+    DEFAULT_IMAGE_SIZE,
+    DEFAULT_RESCALE,
+    DEFAULT_SEED,
+    DEFAULT_TRAIN_BATCH_SIZE,
+    DEFAULT_VAL_SPLIT,
+)
 from batchuq.discover import discover_images
+from batchuq.errors import UsageError
 from batchuq.models import write_sidecar
 
 logger = logging.getLogger("batchuq")
@@ -85,15 +94,15 @@ def train_directory(
     images: str | os.PathLike[str],
     model_path: str | os.PathLike[str],
     *,
-    epochs: int = 30,
-    image_size: tuple[int, int] = (128, 128),
+    epochs: int = DEFAULT_EPOCHS,
+    image_size: tuple[int, int] = (DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE),
     channels: int = 3,
-    val_split: float = 0.1,
-    batch_size: int = 32,
+    val_split: float = DEFAULT_VAL_SPLIT,
+    batch_size: int = DEFAULT_TRAIN_BATCH_SIZE,
     learning_rate: float = 1e-3,
     augment: bool = True,
-    rescale: float = 1.0 / 255.0,
-    seed: int = 0,
+    rescale: float = DEFAULT_RESCALE,
+    seed: int = DEFAULT_SEED,
     verbose: int = 2,
     exif_transpose: bool = False,
 ) -> TrainReport:
@@ -119,18 +128,13 @@ def train_directory(
         A ``TrainReport``.
 
     Raises:
-        ValueError: If the folder has fewer than two classes or the arguments are invalid.
+        UsageError: If the folder has fewer than two classes or the arguments are invalid.
     """
-    if not 0.0 <= val_split < 1.0:
-        raise ValueError(f"`val_split` must be in [0, 1). Received: val_split={val_split}")
-    if epochs < 1:
-        raise ValueError(f"`epochs` must be at least 1. Received: epochs={epochs}")
-    if not str(model_path).endswith(".keras"):
-        raise ValueError(f"The model path must end in .keras. Received: model={str(model_path)!r}")
+    _check_train_arguments(model_path, epochs, val_split)
     discovery = discover_images(images)
     classes = discovery.class_folders
     if len(classes) < 2:
-        raise ValueError(
+        raise UsageError(
             "Training needs a folder with at least two class subfolders. "
             f"Received: images={str(images)!r} with classes={classes}"
         )
@@ -138,42 +142,10 @@ def train_directory(
     labelled = [f for f in discovery.files if f.folder_label is not None]
     x, y = _load_arrays(labelled, spec, classes, exif_transpose)
     keras.utils.set_random_seed(seed)
-    rng = np.random.default_rng(seed)
-    val_mask = np.zeros(len(y), bool)
-    for c in range(len(classes)):
-        members = rng.permutation(np.flatnonzero(y == c))
-        val_mask[members[: int(round(len(members) * val_split))]] = True
-    x_train, y_train = x[~val_mask], y[~val_mask]
-    x_val, y_val = x[val_mask], y[val_mask]
-
-    augmenter = keras.Sequential(
-        [
-            keras.layers.RandomRotation(15 / 360, fill_mode="reflect", seed=seed),
-            keras.layers.RandomZoom(0.1, fill_mode="reflect", seed=seed + 1),
-            keras.layers.RandomTranslation(0.1, 0.1, fill_mode="reflect", seed=seed + 2),
-        ]
+    val_mask = _stratified_holdout(y, len(classes), val_split, seed)
+    train_ds, val_ds = _datasets(
+        x, y, val_mask, len(classes), batch_size, augment=augment, rescale=rescale, seed=seed
     )
-
-    def prepare(image: tf.Tensor, label: tf.Tensor, training: bool) -> tuple:
-        image = tf.cast(image, tf.float32)
-        if training and augment:
-            image = augmenter(image, training=True)
-        return image * rescale, tf.one_hot(label, len(classes))
-
-    train_ds = (
-        tf.data.Dataset.from_tensor_slices((x_train, y_train))
-        .shuffle(len(y_train), seed=seed, reshuffle_each_iteration=True)
-        .batch(batch_size)
-        .map(lambda a, b: prepare(a, b, True), num_parallel_calls=tf.data.AUTOTUNE)
-        .prefetch(tf.data.AUTOTUNE)
-    )
-    val_ds = None
-    if len(y_val):
-        val_ds = (
-            tf.data.Dataset.from_tensor_slices((x_val, y_val))
-            .batch(batch_size)
-            .map(lambda a, b: prepare(a, b, False))
-        )
     model = reference_cnn(spec, len(classes))
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate),
@@ -200,4 +172,70 @@ def train_directory(
         trained_on=str(images),
         val_accuracy=val_accuracy,
     )
-    return TrainReport(Path(model_path), classes, int(len(y_train)), int(len(y_val)), val_accuracy)
+    n_val = int(val_mask.sum())
+    return TrainReport(Path(model_path), classes, len(y) - n_val, n_val, val_accuracy)
+
+
+def _check_train_arguments(
+    model_path: str | os.PathLike[str], epochs: int, val_split: float
+) -> None:
+    if not 0.0 <= val_split < 1.0:
+        raise UsageError(f"`val_split` must be in [0, 1). Received: val_split={val_split}")
+    if epochs < 1:
+        raise UsageError(f"`epochs` must be at least 1. Received: epochs={epochs}")
+    if not str(model_path).endswith(".keras"):
+        raise UsageError(f"The model path must end in .keras. Received: model={str(model_path)!r}")
+
+
+def _stratified_holdout(y: np.ndarray, classes: int, val_split: float, seed: int) -> np.ndarray:
+    """``(images,)`` bool: the images held out for validation, ``val_split`` of each class."""
+    rng = np.random.default_rng(seed)
+    val_mask = np.zeros(len(y), bool)
+    for c in range(classes):
+        members = rng.permutation(np.flatnonzero(y == c))
+        val_mask[members[: int(round(len(members) * val_split))]] = True
+    return val_mask
+
+
+def _datasets(
+    x: np.ndarray,
+    y: np.ndarray,
+    val_mask: np.ndarray,
+    classes: int,
+    batch_size: int,
+    *,
+    augment: bool,
+    rescale: float,
+    seed: int,
+) -> tuple[tf.data.Dataset, tf.data.Dataset | None]:
+    """The shuffled, augmented training dataset and the validation one (None if empty)."""
+    augmenter = keras.Sequential(
+        [
+            keras.layers.RandomRotation(15 / 360, fill_mode="reflect", seed=seed),
+            keras.layers.RandomZoom(0.1, fill_mode="reflect", seed=seed + 1),
+            keras.layers.RandomTranslation(0.1, 0.1, fill_mode="reflect", seed=seed + 2),
+        ]
+    )
+
+    def prepare(image: tf.Tensor, label: tf.Tensor, training: bool) -> tuple:
+        image = tf.cast(image, tf.float32)
+        if training and augment:
+            image = augmenter(image, training=True)
+        return image * rescale, tf.one_hot(label, classes)
+
+    x_train, y_train = x[~val_mask], y[~val_mask]
+    train_ds = (
+        tf.data.Dataset.from_tensor_slices((x_train, y_train))
+        .shuffle(len(y_train), seed=seed, reshuffle_each_iteration=True)
+        .batch(batch_size)
+        .map(lambda a, b: prepare(a, b, True), num_parallel_calls=tf.data.AUTOTUNE)
+        .prefetch(tf.data.AUTOTUNE)
+    )
+    if not val_mask.any():
+        return train_ds, None
+    val_ds = (
+        tf.data.Dataset.from_tensor_slices((x[val_mask], y[val_mask]))
+        .batch(batch_size)
+        .map(lambda a, b: prepare(a, b, False))
+    )
+    return train_ds, val_ds

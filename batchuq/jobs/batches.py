@@ -1,0 +1,168 @@
+"""Steps 2-3 of a job: decode, augment and sample, yielding each batch with its samples.
+
+``iter_sampled_batches`` is shared by ``score`` (which summarises, decides and writes the
+samples) and ``calibrate`` (which fits on them). The test-time copies are made a chunk of rows
+at a time (``augment.CopyMaker``), each chunk sized by the method (``row_chunks``), so that
+memory stays within the method's budget however many copies an image has.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+from tqdm.auto import tqdm
+
+from batchuq.augment import CopyMaker, TTAConfig
+from batchuq.decode import make_dataset
+from batchuq.defaults import STATUS_OK
+from batchuq.errors import ModelError, StopRequested
+from batchuq.jobs.run import RunPlan
+from batchuq.seeds import image_keys, mix
+
+
+@dataclass(frozen=True)
+class SampledBatch:
+    """One decoded batch and its samples.
+
+    Attributes:
+        positions: ``(batch,)`` indices of the images in ``plan.discovery.files``.
+        statuses: ``(batch,)`` ``ok`` or ``error: ...`` per image.
+        samples: float32 ``(batch, K * S, classes)``, copy-major (all S samples of TTA copy 0,
+            then copy 1, ...); the rows of unreadable images hold meaningless values.
+    """
+
+    positions: list[int]
+    statuses: list[str]
+    samples: np.ndarray
+
+    @property
+    def ok(self) -> np.ndarray:
+        """``(batch,)`` bool: the image was read and scored."""
+        return np.array([status == STATUS_OK for status in self.statuses], dtype=bool)
+
+
+def iter_sampled_batches(
+    plan: RunPlan,
+    positions: Sequence[int] | None = None,
+    *,
+    should_stop: Callable[[], bool] | None = None,
+    progress: bool = False,
+    desc: str = "scoring",
+) -> Iterator[SampledBatch]:
+    """Decode, augment and sample the plan's images, a batch at a time, in order.
+
+    Args:
+        plan: The run.
+        positions: Indices into ``plan.discovery.files`` to score (default: all of them).
+        should_stop: Polled before and after each batch's sampling; when it returns True,
+            ``StopRequested`` is raised there.
+        progress: Show a tqdm progress bar on stderr (counting the images left out too).
+        desc: The progress bar's label.
+
+    Yields:
+        ``SampledBatch`` per decoded batch.
+
+    Raises:
+        ModelError: If the model's outputs are not probabilities.
+        StopRequested: When ``should_stop`` asks.
+    """
+    files = plan.discovery.files
+    todo = list(range(len(files))) if positions is None else list(positions)
+    paths = [files[i].relative_path for i in todo]
+    dataset = make_dataset(
+        [files[i].path for i in todo],
+        image_keys(plan.seed, paths),
+        plan.spec,
+        TTAConfig(copies=1),  # copies are made below, a chunk of rows at a time
+        plan.batch_size,
+        rescale=1.0,
+        max_pixels=plan.max_pixels,
+        problems=[files[i].problem for i in todo],
+        exif_transpose=plan.exif_transpose,
+    )
+    copies = CopyMaker(plan.tta, tuple(dataset.element_spec["images"].shape[2:]), plan.rescale)
+    bar = tqdm(
+        total=len(files),
+        initial=len(files) - len(todo),
+        unit="img",
+        disable=not progress,
+        desc=desc,
+        leave=False,
+    )
+    batches = iter(dataset)
+    try:
+        with bar:
+            for batch in batches:
+                _stop_if_asked(should_stop)
+                samples = sample_batch(plan, copies, batch["images"][:, 0], batch["keys"])
+                _stop_if_asked(should_stop)
+                statuses = [status.decode() for status in batch["status"].numpy()]
+                ok = np.array([status == STATUS_OK for status in statuses], dtype=bool)
+                check_probabilities(samples[ok], plan.loaded.path)
+                yield SampledBatch(
+                    [todo[int(i)] for i in batch["index"].numpy()], statuses, samples
+                )
+                bar.update(len(statuses))
+    finally:
+        # Stop the input pipeline here, while Python is fully alive. Left to the traceback
+        # of an interrupt, it would be torn down at interpreter exit, where its decode
+        # threads calling back into Python can crash the process.
+        del batches
+
+
+def sample_batch(plan: RunPlan, copies: CopyMaker, stack: tf.Tensor, keys: tf.Tensor) -> np.ndarray:
+    """Augment a batch of decoded images and sample every copy with the plan's method.
+
+    Args:
+        plan: The run.
+        copies: Makes the test-time copies of a range of rows.
+        stack: ``(batch, H, W, C)`` pixel values 0..255.
+        keys: ``(batch,)`` uint32 image keys.
+
+    Returns:
+        float32 ``(batch, K * S, classes)``, copy-major.
+    """
+    b, k = int(tf.shape(stack)[0]), plan.tta.copies
+    # Row r is copy r % K of image r // K; each copy has its own key.
+    copy_index = tf.cast(tf.range(k), tf.uint32)
+    row_keys = tf.reshape(mix(keys[:, None], copy_index[None, :]), [-1])
+    parts = []
+    for start, stop in plan.method.row_chunks(b * k):
+        chunk = copies.rows(stack, keys, start, stop)
+        if not plan.spec.channel_axis:  # an (H, W) model: drop the one channel
+            chunk = chunk[..., 0]
+        parts.append(plan.method.sample(chunk, row_keys[start:stop]))
+        del chunk
+    samples = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)  # (B*K, S, C)
+    return samples.reshape(b, k * samples.shape[1], samples.shape[2])
+
+
+def _stop_if_asked(should_stop: Callable[[], bool] | None) -> None:
+    if should_stop is not None and should_stop():
+        raise StopRequested()
+
+
+def check_probabilities(samples: np.ndarray, model_path: Path) -> None:
+    """Refuse model outputs that are not probability vectors.
+
+    Args:
+        samples: ``(batch, samples, classes)`` model outputs of readable images.
+        model_path: For the message.
+
+    Raises:
+        ModelError: If values leave ``[0, 1]`` or do not sum to 1.
+    """
+    if samples.size == 0:
+        return
+    sums = samples.sum(axis=-1)
+    if samples.min() < -1e-4 or samples.max() > 1 + 1e-4 or np.abs(sums - 1).max() > 1e-3:
+        raise ModelError(
+            "The model's outputs are not probabilities (values outside [0, 1] or rows not "
+            "summing to 1); if it ends in logits, pass --logits to apply a softmax. "
+            f"Received: model={str(model_path)!r}, output range=[{samples.min():.3g}, "
+            f"{samples.max():.3g}]"
+        )

@@ -1,0 +1,410 @@
+"""Step 0 of a job: resolve every setting of a run into one frozen ``RunPlan``.
+
+``prepare_run`` turns what the caller gave (a folder, a model path or ``None``, class names,
+labels, rescale, calibration file, method settings) into what the other steps need: the
+discovered files, the loaded model, the class names and each file's label, the pixel scale, the
+calibration, the uncertainty method and the Parquet metadata. The model's sidecar is read once
+(``LoadedModel.sidecar``) and a discovery can be shared by several plans (``calibrate`` runs
+two predictors over one folder).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from batchuq._version import __version__
+from batchuq.augment import TTAConfig
+from batchuq.decode import ImageSpec
+from batchuq.defaults import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MEMORY_BUDGET_MB,
+    DEFAULT_PASSES,
+    DEFAULT_PRECISION,
+    DEFAULT_RESCALE,
+    DEFAULT_SEED,
+    DEFAULT_TTA,
+)
+from batchuq.discover import IMAGE_EXTENSIONS, Discovery, discover_images, read_labels_file
+from batchuq.errors import UsageError
+from batchuq.methods.base import MethodFactory, UncertaintyMethod
+from batchuq.methods.mc_dropout import MCDropout
+from batchuq.models import LoadedModel, as_loaded_model, resolve_class_names, resolve_rescale
+from batchuq.postprocess.calibration_file import Calibration, predictor_mismatch_message
+from batchuq.postprocess.rules import DecisionRule
+
+logger = logging.getLogger("batchuq")
+
+ModelArg = str | os.PathLike[str] | keras.Model | LoadedModel | None
+
+
+@dataclass(frozen=True)
+class ScoreOptions:
+    """What decides a scoring run's rows (see ``score_directory`` for each field)."""
+
+    model: ModelArg = None
+    passes: int = DEFAULT_PASSES
+    tta: TTAConfig | int = DEFAULT_TTA
+    seed: int = DEFAULT_SEED
+    batch_size: int = DEFAULT_BATCH_SIZE
+    rule: DecisionRule | None = None
+    class_names: list[str] | None = None
+    labels: str | os.PathLike[str] | dict[str, str] | None = None
+    rescale: float | None = None
+    sample_layers: list[str] | None = None
+    memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    precision: str = DEFAULT_PRECISION
+    logits: bool = False
+    save_samples: bool = False
+    calibration: str | os.PathLike[str] | Calibration | None = None
+    temperature: bool = False
+    allow_predictor_mismatch: bool = False
+    settings: dict[str, Any] | None = None
+    include_all: bool = False
+    exif_transpose: bool | None = None
+    follow_symlinks: bool = False
+    method: UncertaintyMethod | MethodFactory | None = None
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise UsageError(
+                f"`batch_size` must be at least 1. Received: batch_size={self.batch_size}"
+            )
+
+    @property
+    def tta_config(self) -> TTAConfig:
+        """The TTA settings (``tta`` may be given as just the number of copies)."""
+        return self.tta if isinstance(self.tta, TTAConfig) else TTAConfig(copies=int(self.tta))
+
+
+@dataclass(frozen=True)
+class FileLabels:
+    """Class names as written and every file's label.
+
+    Attributes:
+        class_names: Display names of the model outputs (``--labels`` applied).
+        texts: Per discovered file, its label as written to the ``label`` column, or None.
+        indices: Per discovered file, the index of its label among the classes, or None.
+    """
+
+    class_names: list[str]
+    texts: list[str | None]
+    indices: list[int | None]
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """Everything a run needs, resolved once; the steps only read it.
+
+    Attributes:
+        images: The images folder as given.
+        discovery: The files to score, natural-sorted, with layout notices.
+        loaded: The model and where it came from.
+        spec: The model's input size and channels.
+        labels: Class names and each file's label.
+        class_names_source: Where the class names came from.
+        tta: Test-time augmentation settings.
+        seed: Seed of all randomness.
+        batch_size: Images decoded per batch.
+        max_pixels: Larger images become error rows.
+        rescale: Factor applied to pixel values 0..255.
+        exif_transpose: Whether images are turned upright by their EXIF orientation.
+        rule: The decision rule, with calibration thresholds filled in.
+        calibration: The calibration, when one was given.
+        temperature: Whether the MC mean is temperature-scaled.
+        method: The uncertainty method.
+        save_samples: Whether rows keep their raw samples.
+        metadata: The Parquet metadata of the run.
+    """
+
+    images: str
+    discovery: Discovery
+    loaded: LoadedModel
+    spec: ImageSpec
+    labels: FileLabels
+    class_names_source: str
+    tta: TTAConfig
+    seed: int
+    batch_size: int
+    max_pixels: int
+    rescale: float
+    exif_transpose: bool
+    rule: DecisionRule
+    calibration: Calibration | None
+    temperature: bool
+    method: UncertaintyMethod
+    save_samples: bool
+    metadata: dict[str, Any] = field(repr=False)
+
+    @property
+    def relative_paths(self) -> list[str]:
+        """Each discovered file's path relative to the images folder."""
+        return [f.relative_path for f in self.discovery.files]
+
+    @property
+    def samples_per_image(self) -> int:
+        """S x K: the method's samples per row times the TTA copies."""
+        return self.method.samples_per_row * self.tta.copies
+
+
+def load_for_run(model: ModelArg) -> LoadedModel:
+    """Load the model of a run; warn when it is the bundled demo model because none was given."""
+    loaded = as_loaded_model(model)
+    if loaded.bundled:
+        logger.warning(
+            "No --model given (nor BATCHUQ_MODEL, nor model in batchuq.toml): using the bundled "
+            "demo digits model (%s), which knows only handwritten digits.",
+            loaded.path,
+        )
+    return loaded
+
+
+def discover(images: str | os.PathLike[str], options: ScoreOptions) -> Discovery:
+    """Find the images to score and say what discovery decided (layout notices, skipped files).
+
+    Raises:
+        ImagesFolderError, NoImagesFoundError, LayoutError: If there is nothing to score.
+    """
+    extensions = None if options.include_all else IMAGE_EXTENSIONS
+    discovery = discover_images(images, extensions, follow_symlinks=options.follow_symlinks)
+    for notice in discovery.notices:
+        logger.warning(notice, extra={"event": "notice"})
+    if discovery.skipped:
+        count = len(discovery.skipped)
+        logger.warning(
+            "skipped %d %s whose extension is not an image's (e.g. %s); --include-all tries "
+            "every file",
+            count,
+            "file" if count == 1 else "files",
+            ", ".join(discovery.skipped[:3]),
+            extra={"event": "skipped", "data": {"skipped": count}},
+        )
+    return discovery
+
+
+def prepare_run(
+    images: str | os.PathLike[str],
+    options: ScoreOptions,
+    *,
+    discovery: Discovery | None = None,
+    loaded: LoadedModel | None = None,
+) -> RunPlan:
+    """Resolve a run's settings into a ``RunPlan``.
+
+    Args:
+        images: The images folder.
+        options: The run's options.
+        discovery: Files already discovered in ``images`` (default: discover them now).
+        loaded: The model already loaded (default: load ``options.model``).
+
+    Returns:
+        The frozen plan.
+
+    Raises:
+        UsageError: For unusable options, models, class names, labels or calibrations.
+    """
+    discovery = discovery if discovery is not None else discover(images, options)
+    loaded = loaded if loaded is not None else load_for_run(options.model)
+    spec = loaded.image_spec  # refuses a model without one image input before any work
+    calibration = _calibration(options, loaded)
+    rule = (options.rule or DecisionRule()).with_thresholds(
+        None if calibration is None else calibration.thresholds
+    )
+    names, names_source = resolve_class_names(loaded, options.class_names, discovery.class_folders)
+    labels = resolve_labels(discovery, names, options.labels)
+    rescale, rescale_source = _rescale(loaded, options.rescale)
+    exif = options.exif_transpose
+    if exif is None:  # follow the model's sidecar: `batchuq train` records its choice
+        exif = bool(loaded.sidecar.get("exif_transpose", False))
+    method = _method(options, loaded)
+    plan = RunPlan(
+        images=str(images),
+        discovery=discovery,
+        loaded=loaded,
+        spec=spec,
+        labels=labels,
+        class_names_source=names_source,
+        tta=options.tta_config,
+        seed=options.seed,
+        batch_size=options.batch_size,
+        max_pixels=options.max_pixels,
+        rescale=rescale,
+        exif_transpose=exif,
+        rule=rule,
+        calibration=calibration,
+        temperature=options.temperature,
+        method=method,
+        save_samples=options.save_samples,
+        metadata={},
+    )
+    plan.metadata.update(run_metadata(plan, options, rescale_source))
+    _check_predictor(plan, options.allow_predictor_mismatch)
+    return plan
+
+
+def _calibration(options: ScoreOptions, loaded: LoadedModel) -> Calibration | None:
+    """The run's calibration, checked against the model; None without one."""
+    calibration = options.calibration
+    if calibration is not None and not isinstance(calibration, Calibration):
+        calibration = Calibration.from_json(calibration)
+    if calibration is not None:
+        calibration.check_model(loaded.sha256)
+    if options.temperature and calibration is None:
+        raise UsageError("--temperature needs --calibration. Received: calibration=None")
+    return calibration
+
+
+def _rescale(loaded: LoadedModel, rescale: float | None) -> tuple[float, str]:
+    """The pixel scale and its source; says so when the model scales pixels itself."""
+    rescale, source = resolve_rescale(loaded, rescale, DEFAULT_RESCALE)
+    if source.startswith("model layer"):
+        logger.warning(
+            "The model scales pixels itself (%s): using --rescale 1, pixels 0..255. "
+            "Pass --rescale to override.",
+            source,
+            extra={"event": "notice"},
+        )
+    return rescale, source
+
+
+def _method(options: ScoreOptions, loaded: LoadedModel) -> UncertaintyMethod:
+    """The uncertainty method: the one given (or built by the factory given), else MC dropout."""
+    if isinstance(options.method, UncertaintyMethod):
+        return options.method
+    if options.method is not None:
+        return options.method(loaded)
+    return MCDropout(
+        loaded.model,
+        options.passes,
+        options.sample_layers,
+        options.memory_budget_mb,
+        precision=options.precision,
+        logits=options.logits,
+    )
+
+
+def resolve_labels(
+    discovery: Discovery,
+    class_names: list[str],
+    labels: str | os.PathLike[str] | dict[str, str] | None,
+) -> FileLabels:
+    """Apply a labels file (folder id -> readable name) to the class names and file labels.
+
+    Args:
+        discovery: The discovered files (a file's label is its class folder).
+        class_names: The model's class names.
+        labels: A ``monkey_labels.txt``-style file, a dict, or None.
+
+    Returns:
+        The display class names and every file's label text and class index.
+
+    Raises:
+        UsageError: If the labels file names none of the classes.
+    """
+    label_map = read_labels_file(labels) if isinstance(labels, (str, os.PathLike)) else labels
+    label_map = label_map or {}
+    check_labels_match(label_map, discovery.class_folders or class_names)
+    display = [label_map.get(name, name) for name in class_names]
+    index_of = {name: i for i, name in enumerate(class_names)}
+    index_of |= {name: i for i, name in enumerate(display)}
+    folders = [f.folder_label for f in discovery.files]
+    return FileLabels(
+        class_names=display,
+        texts=[None if lab is None else label_map.get(lab, lab) for lab in folders],
+        indices=[None if lab is None else index_of.get(lab) for lab in folders],
+    )
+
+
+def check_labels_match(label_map: dict[str, str], class_folders: list[str]) -> None:
+    """Refuse a labels file that names none of the classes; warn when it misses some.
+
+    Args:
+        label_map: Folder id -> readable name, from ``--labels``.
+        class_folders: The class folders found (or the model's class names when unlabelled).
+
+    Raises:
+        UsageError: If ``label_map`` is not empty and matches none of ``class_folders``.
+    """
+    if not label_map or not class_folders:
+        return
+    missing = [name for name in class_folders if name not in label_map]
+    if len(missing) == len(class_folders):
+        raise UsageError(
+            "The labels file names none of the class folders "
+            f"({', '.join(class_folders[:5])}{', ...' if len(class_folders) > 5 else ''}); "
+            f"it names {', '.join(list(label_map)[:5])}. Received: labels with "
+            f"{len(label_map)} entries"
+        )
+    if missing:
+        logger.warning(
+            "The labels file does not name %d class folders, which keep their folder names: %s",
+            len(missing),
+            ", ".join(missing),
+        )
+
+
+def run_metadata(plan: RunPlan, options: ScoreOptions, rescale_source: str) -> dict[str, Any]:
+    """The Parquet metadata of a run: versions, inputs, every setting and the method's own."""
+    return {
+        "batchuq_version": __version__,
+        "tensorflow_version": tf.__version__,
+        "keras_version": keras.__version__,
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "images": plan.images,
+        "model_path": str(plan.loaded.path),
+        "model_sha256": plan.loaded.sha256,
+        "demo_model": plan.loaded.bundled,
+        "class_names": plan.labels.class_names,
+        "class_names_source": plan.class_names_source,
+        "tta": plan.tta.copies,
+        "augmentation": plan.tta.as_metadata(),
+        "seed": plan.seed,
+        "rescale": plan.rescale,
+        "rescale_source": rescale_source,
+        "exif_transpose": plan.exif_transpose,
+        "images_root": plan.discovery.root,
+        "skipped_files": len(plan.discovery.skipped),
+        "include_all": options.include_all,
+        "decision_rule": plan.rule.as_metadata(),
+        "samples_per_image": plan.samples_per_image,
+        "samples_saved": plan.save_samples,
+        "calibration": _calibration_metadata(plan),
+        "settings": options.settings,
+        **plan.method.metadata(),
+    }
+
+
+def _calibration_metadata(plan: RunPlan) -> dict[str, Any] | None:
+    calibration = plan.calibration
+    if calibration is None:
+        return None
+    return {
+        "temperature": calibration.temperature if plan.temperature else None,
+        "fitted_temperature": calibration.temperature,
+        "conformal_alpha": calibration.settings.get("alpha"),
+        "conformal_method": calibration.conformal_method,
+        "created": calibration.created,
+    }
+
+
+def _check_predictor(plan: RunPlan, allow: bool) -> None:
+    """Refuse (or, if allowed, record) a calibration fitted on another predictor.
+
+    Conformal sets and the temperature hold for the predictor they were fitted on only.
+    """
+    if plan.calibration is None:
+        return
+    mismatch = plan.calibration.check_predictor(plan.metadata, allow=allow)
+    if mismatch:
+        logger.warning("%s (--allow-predictor-mismatch).", predictor_mismatch_message(mismatch))
+    plan.metadata["calibration"]["predictor_mismatch"] = [
+        {"setting": name, "calibration": a, "run": b} for name, a, b in mismatch
+    ] or None

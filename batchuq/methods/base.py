@@ -1,0 +1,68 @@
+"""The method seam: the interface every uncertainty method implements.
+
+The score job feeds a method *rows*: decoded, rescaled images (or test-time copies of them),
+each with its own random key. The method returns ``samples_per_row`` probability vectors per
+row. The job then groups the rows of each image (all samples of TTA copy 0, then copy 1, ...),
+summarises, decides and writes; it knows nothing else about the method.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import tensorflow as tf
+
+    from batchuq.models import LoadedModel
+
+
+class UncertaintyMethod(ABC):
+    """Draws samples of class probabilities for rows of images.
+
+    Subclasses set ``samples_per_row`` and implement ``sample`` and ``metadata``; they may
+    override ``row_chunks`` to bound the memory of one call.
+    """
+
+    #: S: probability vectors returned per row (e.g. MC passes T; 1 for a deterministic net).
+    samples_per_row: int = 1
+
+    @abstractmethod
+    def sample(self, rows: tf.Tensor, row_keys: tf.Tensor) -> np.ndarray:
+        """Draw the samples of a chunk of rows.
+
+        Args:
+            rows: float32 images after rescaling, shape ``(rows, H, W, C)`` (or ``(rows, H,
+                W)`` for a model without a channel axis).
+            row_keys: uint32 keys, shape ``(rows,)``: a row's random draws must depend only
+                on its key (and the sample index), never on its position in the chunk, so
+                that results do not depend on batch size.
+
+        Returns:
+            float32 probabilities, shape ``(rows, samples_per_row, classes)``.
+        """
+
+    @abstractmethod
+    def metadata(self) -> dict[str, Any]:
+        """What describes the samples, merged into the Parquet metadata (JSON-serialisable).
+
+        Keys already used by the job's own metadata must not be returned, except those the
+        method decides (``passes``, ``precision``, ``precision_requested``, ``sampled_layers``,
+        ``logits``).
+        """
+
+    def row_chunks(self, rows: int) -> list[tuple[int, int]]:
+        """How to cut ``rows`` rows into calls of ``sample``: ``(start, stop)`` ranges.
+
+        The job builds each chunk's rows (augmented copies) just before sampling it, so that
+        memory stays within the method's budget however many copies an image has. The default
+        is one chunk.
+        """
+        return [(0, rows)] if rows > 0 else []
+
+
+#: Builds a method for a loaded model (what ``score_directory(method=...)`` accepts).
+MethodFactory = Callable[["LoadedModel"], UncertaintyMethod]

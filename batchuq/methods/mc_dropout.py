@@ -1,0 +1,77 @@
+"""Monte Carlo dropout (docs/methods.md, "MC dropout"): T passes with only dropout sampled.
+
+A thin adapter of ``batchuq.sample.MCSampler`` (which holds the numerics: the prefix before the
+first dropout layer runs once, the passes are tiled inside one compiled function) to the
+``UncertaintyMethod`` interface.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from batchuq.defaults import DEFAULT_MEMORY_BUDGET_MB, DEFAULT_PASSES, DEFAULT_PRECISION
+from batchuq.methods.base import UncertaintyMethod
+from batchuq.sample import MCSampler, cpu_has_bf16
+
+logger = logging.getLogger("batchuq")
+
+
+class MCDropout(UncertaintyMethod):
+    """T stochastic forward passes per row, only the dropout layers switched on.
+
+    Args:
+        model: Keras model mapping images to probabilities (or logits, with ``logits``).
+        passes: T, passes per row (1 = the deterministic softmax).
+        sample_layers: Name patterns of the dropout layers to sample (default: all).
+        memory_budget_mb: Bound on the activations of one chunk of rows and their passes.
+        precision: ``float32``, or ``bfloat16`` for the sampled part; falls back to float32
+            with a warning on a CPU without native bfloat16.
+        logits: The model outputs logits: apply a softmax to every pass.
+
+    Raises:
+        NoDropoutError: If ``passes > 1`` and no dropout layer is there to sample.
+    """
+
+    def __init__(
+        self,
+        model: keras.Model,
+        passes: int = DEFAULT_PASSES,
+        sample_layers: list[str] | None = None,
+        memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
+        precision: str = DEFAULT_PRECISION,
+        logits: bool = False,
+    ) -> None:
+        self.precision_requested = precision
+        if precision == "bfloat16" and cpu_has_bf16() is False:
+            logger.warning(
+                "--precision bfloat16: this CPU has no native bfloat16 (AVX512-BF16, AMX or "
+                "Arm BF16), where it would be emulated and slower; using float32."
+            )
+            precision = "float32"
+        self.sampler = MCSampler(
+            model, passes, sample_layers, memory_budget_mb, precision=precision, logits=logits
+        )
+        self.samples_per_row = passes
+
+    def row_chunks(self, rows: int) -> list[tuple[int, int]]:
+        """Chunks whose prefix activations and tiled passes fit the memory budget."""
+        return self.sampler.row_chunks(rows)
+
+    def sample(self, rows: tf.Tensor, row_keys: tf.Tensor) -> np.ndarray:
+        """``(rows, passes, classes)`` probabilities; see ``UncertaintyMethod.sample``."""
+        return self.sampler.sample(rows, row_keys).transpose(1, 0, 2)  # from (passes, rows, C)
+
+    def metadata(self) -> dict[str, Any]:
+        """Passes, precision (used and requested), sampled layers and the logits flag."""
+        return {
+            "passes": self.sampler.passes,
+            "precision": self.sampler.precision,
+            "precision_requested": self.precision_requested,
+            "sampled_layers": [layer.name for layer in self.sampler.dropout_layers],
+            "logits": self.sampler.logits,
+        }

@@ -1,0 +1,135 @@
+"""The method seam: a second uncertainty method runs through the score job unchanged."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+import tensorflow as tf
+from conftest import ROUNDING, assert_frames_equal_to_rounding
+
+from batchuq import score_directory
+from batchuq.decode import load_image
+from batchuq.jobs.batches import iter_sampled_batches
+from batchuq.jobs.run import ScoreOptions, prepare_run
+from batchuq.methods import UncertaintyMethod
+from batchuq.methods.mc_dropout import MCDropout
+from batchuq.models import BUNDLED_MODEL, LoadedModel, load_model
+from batchuq.postprocess.rules import UNCLASSIFIED, median_rule
+from batchuq.write import read_metadata
+
+
+class OnePassSoftmax(UncertaintyMethod):
+    """The tiny deterministic method: the softmax output of one pass, dropout off."""
+
+    samples_per_row = 1
+
+    def __init__(self, loaded: LoadedModel) -> None:
+        self.model = loaded.model
+        self.rows_seen = 0
+
+    def sample(self, rows: tf.Tensor, row_keys: tf.Tensor) -> np.ndarray:
+        self.rows_seen += int(rows.shape[0])
+        probs = self.model(rows, training=False)  # (rows, classes)
+        return np.asarray(probs, dtype=np.float32)[:, None, :]  # (rows, 1, classes)
+
+    def metadata(self) -> dict[str, Any]:
+        return {"method": "one_pass_softmax", "passes": 1}
+
+
+def _reference_probs(folder: Path, loaded: LoadedModel) -> pd.DataFrame:
+    """The model's softmax for every image, decoded and scaled independently of the job."""
+    rows = {}
+    spec = loaded.image_spec
+    for path in sorted(folder.rglob("*.png")):
+        pixels = load_image(str(path), spec).astype(np.float32) * loaded.sidecar["rescale"]
+        if not spec.channel_axis:
+            pixels = pixels[..., 0]
+        rows[f"{path.parent.name}/{path.name}"] = np.asarray(
+            loaded.model(pixels[None], training=False)
+        )[0]
+    return pd.DataFrame.from_dict(rows, orient="index")
+
+
+def test_a_second_method_runs_through_score_directory(digits_subset: Path, tmp_path: Path) -> None:
+    loaded = load_model(BUNDLED_MODEL)
+    built: list[OnePassSoftmax] = []
+
+    def factory(model: LoadedModel) -> OnePassSoftmax:
+        built.append(OnePassSoftmax(model))
+        return built[-1]
+
+    out = tmp_path / "one_pass.parquet"
+    report = score_directory(digits_subset, out, model=loaded, method=factory, batch_size=7)
+    assert report.images == 30 and report.errors == 0
+    assert built[0].rows_seen == 30  # one row per image: TTA K = 1, S = 1
+
+    frame = pd.read_parquet(out).set_index("path")
+    names = [f"n{i}" for i in range(10)]
+    mean = frame[[f"mean_{n}" for n in names]].to_numpy()
+    median = frame[[f"median_{n}" for n in names]].to_numpy()
+    std = frame[[f"std_{n}" for n in names]].to_numpy()
+    assert (std == 0).all()  # one sample per image: no spread
+    np.testing.assert_array_equal(mean, median)
+    reference = _reference_probs(digits_subset, loaded).loc[frame.index].to_numpy()
+    np.testing.assert_allclose(mean, reference, **ROUNDING)
+    decisions = median_rule(reference, 0.5)
+    expected = ["unclassified" if d == UNCLASSIFIED else names[d] for d in decisions]
+    assert frame["decision"].tolist() == expected
+
+    metadata = read_metadata(out)
+    assert metadata["method"] == "one_pass_softmax"
+    assert metadata["samples_per_image"] == 1
+
+
+def test_one_pass_of_mc_dropout_equals_the_one_pass_method(
+    digits_subset: Path, tmp_path: Path
+) -> None:
+    """passes=1 of the default method is the deterministic softmax too: same rows."""
+    loaded = load_model(BUNDLED_MODEL)
+    a, b = tmp_path / "mc.parquet", tmp_path / "one.parquet"
+    score_directory(digits_subset, a, model=loaded, passes=1, tta=2, save_samples=True, seed=3)
+    score_directory(
+        digits_subset, b, model=loaded, method=OnePassSoftmax, tta=2, save_samples=True, seed=3
+    )
+    frame_a, frame_b = pd.read_parquet(a), pd.read_parquet(b)
+    samples_a = np.stack([np.stack(s) for s in frame_a.pop("samples")])
+    samples_b = np.stack([np.stack(s) for s in frame_b.pop("samples")])
+    assert samples_a.shape == samples_b.shape == (30, 2, 10)  # K x S = 2 x 1, copy-major
+    np.testing.assert_allclose(samples_a, samples_b, **ROUNDING)
+    assert_frames_equal_to_rounding(frame_a, frame_b)
+    # TTA stayed the job's business: the two copies of an image differ.
+    assert np.abs(samples_a[:, 0] - samples_a[:, 1]).max() > 1e-3
+
+
+def test_mc_dropout_method_returns_rows_by_passes_by_classes() -> None:
+    loaded = load_model(BUNDLED_MODEL)
+    method = MCDropout(loaded.model, passes=5)
+    spec = loaded.image_spec
+    shape = (3, spec.height, spec.width) + ((spec.channels,) if spec.channel_axis else ())
+    rows = tf.random.stateless_uniform(shape, seed=(1, 2))
+    samples = method.sample(rows, tf.constant([1, 2, 3], tf.uint32))
+    assert samples.shape == (3, 5, 10)
+    assert samples.std(axis=1).max() > 0  # dropout sampled: passes differ
+    assert method.metadata()["passes"] == 5
+    assert method.metadata()["sampled_layers"]
+
+
+def test_prepare_run_reads_the_sidecar_once_and_iter_sampled_batches_covers_every_image(
+    digits_subset: Path,
+) -> None:
+    loaded = load_model(BUNDLED_MODEL)
+    assert loaded.sidecar["class_names"] == [f"n{i}" for i in range(10)]
+    plan = prepare_run(digits_subset, ScoreOptions(model=loaded, passes=4, tta=3, batch_size=8))
+    assert plan.rescale == pytest.approx(1 / 255)
+    assert plan.metadata["rescale_source"] == "sidecar"
+    assert plan.samples_per_image == 12
+    positions = []
+    for batch in iter_sampled_batches(plan):
+        assert batch.samples.shape == (len(batch.positions), 12, 10)
+        assert batch.ok.all()
+        positions.extend(batch.positions)
+    assert positions == list(range(30))  # every image once, in discovery order
