@@ -15,9 +15,17 @@ from click.testing import CliRunner
 from PIL import Image
 
 from batchuq import metrics
-from batchuq.jobs import report
-from batchuq.jobs.evaluate import evaluate_command, evaluate_frame, evaluate_parquet, format_table
-from batchuq.jobs.report import write_report
+from batchuq.cli.evaluate import evaluate_command
+from batchuq.errors import OutputError, UsageError
+from batchuq.jobs import evaluate, report
+from batchuq.jobs.evaluate import (
+    RiskCoverage,
+    evaluate_file,
+    evaluate_frame,
+    evaluate_parquet,
+    format_table,
+)
+from batchuq.jobs.report import write_evaluation_report, write_report
 from batchuq.write import output_schema
 
 CLASSES = ["cat", "dog", "fox"]
@@ -211,10 +219,32 @@ def test_evaluate_rejects_mismatched_ood(tmp_path, files):
     other = tmp_path / "other.parquet"
     schema = output_schema(["a", "b", "c"], {"class_names": ["a", "b", "c"]})
     pq.write_table(pa.Table.from_pylist([], schema=schema), other)
-    with pytest.raises(ValueError, match="other class names.*Received: ood_class_names="):
+    with pytest.raises(UsageError, match="other class names.*Received: ood_class_names="):
         evaluate_parquet(files["out"], other)
-    with pytest.raises(ValueError, match="class_names"):
+    with pytest.raises(UsageError, match="class_names"):
         evaluate_frame(pq.read_table(files["out"]).to_pandas(), [])
+
+
+def test_bad_input_is_a_usage_error(tmp_path, files):
+    """Bad files are the caller's input: UsageError (exit 2), still a ValueError in Python."""
+    not_parquet = tmp_path / "text.parquet"
+    not_parquet.write_text("hello")
+    with pytest.raises(UsageError, match="Received: path="):
+        evaluate_parquet(not_parquet)
+    plain = tmp_path / "plain.parquet"
+    pq.write_table(pa.table({"x": [1, 2]}), plain)
+    with pytest.raises(ValueError, match="no batchuq metadata. Received: path="):
+        evaluate_parquet(plain)
+    no_entropy = tmp_path / "no_entropy.parquet"
+    pq.write_table(pq.read_table(files["out"]).drop_columns(["entropy"]), no_entropy)
+    with pytest.raises(UsageError, match="no column 'entropy'.*Received: columns="):
+        evaluate_parquet(no_entropy)
+    with pytest.raises(OutputError, match="not a folder. Received: report_dir="):
+        write_report(files["out"], not_parquet)
+
+    result = CliRunner().invoke(evaluate_command, [str(not_parquet)])
+    assert result.exit_code == 2 and "Error: " in result.stderr, result.output
+    assert "Traceback" not in result.output
 
 
 def check_report(index: Path) -> list[str]:
@@ -364,7 +394,7 @@ def test_risk_coverage_zooms_to_where_it_changes():
     correct = np.ones(200, bool)
     correct[[189, 194, 198]] = False  # errors only among the least confident
     results = {"coverage": 0.97, "selective_accuracy": 0.99, "aurc": 0.001}
-    whole, zoomed = report._draw_risk_coverage(confidence, correct, results).axes
+    whole, zoomed = report._draw_risk_coverage(curve_of(confidence, correct), correct, results).axes
     assert whole.get_xlim()[0] == 0.0
     start = zoomed.get_xlim()[0]
     assert start == pytest.approx(0.95 - 0.005 - 0.1 * 0.055)  # just before the first error
@@ -378,11 +408,16 @@ def test_risk_coverage_zooms_to_where_it_changes():
 
     # An error among the most confident images: the curve changes everywhere, no zoom.
     correct[0] = False
-    (ax,) = report._draw_risk_coverage(confidence, correct, results).axes
+    (ax,) = report._draw_risk_coverage(curve_of(confidence, correct), correct, results).axes
     assert ax.get_xlim()[0] == 0.0
     # No errors at all: nothing to zoom to.
-    (ax,) = report._draw_risk_coverage(confidence, np.ones(200, bool), results).axes
+    right = np.ones(200, bool)
+    (ax,) = report._draw_risk_coverage(curve_of(confidence, right), right, results).axes
     assert ax.get_xlim()[0] == 0.0
+
+
+def curve_of(confidence: np.ndarray, correct: np.ndarray) -> RiskCoverage:
+    return RiskCoverage(*metrics.risk_coverage_curve(confidence, correct))
 
 
 def test_uncertain_image_titles_say_correct_or_wrong(files, tmp_path, monkeypatch):
@@ -441,3 +476,130 @@ def test_report_draws_saved_samples_as_box_plots(digits_subset, tmp_path, monkey
     plain = pq.read_table(without).to_pandas().set_index("path").loc[first["path"]]
     heights = [bar.get_height() for bar in bar_chart.patches]
     np.testing.assert_allclose(heights, [plain[f"mean_{c}"] for c in names], atol=1e-6)
+
+
+TABLE = """\
+Input
+---------------------------------
+file                     out.parquet
+decision rule            median (min_median=0.5)
+passes x tta             20 x 2
+rows                     7
+  ok                     6
+  errors                 1
+  unlabelled             1
+  label not a class      1
+
+Labelled ok rows (N = 4)
+---------------------------------
+accuracy (pred)          0.5000
+coverage (accepted / N)  0.7500
+selective accuracy       0.6667
+NLL (nats)               0.6355
+Brier                    0.3672
+ECE (15 bins)            0.3200
+AURC                     0.1458
+
+AUROC, wrong vs right prediction
+---------------------------------
+1 - confidence           1.0000
+entropy                  0.7500
+mutual_info              0.3750
+mean_std                 1.0000
+variation_ratio          0.7500
+
+AUROC, OOD (2) vs in-distribution (6)
+-------------------------------------
+1 - confidence           0.8333
+entropy                  0.6667
+mutual_info              0.7083
+mean_std                 0.5000
+variation_ratio          0.8750
+
+Conformal prediction sets (N = 4)
+---------------------------------
+empirical coverage       0.7500
+mean set size            1.5000"""
+
+
+def test_format_table_text(files):
+    """The whole table, character for character (as printed before it was split into steps)."""
+    results = evaluate_parquet(files["out"], files["ood"]) | {"file": "out.parquet"}
+    assert format_table(results) == TABLE
+
+
+def test_cli_reads_each_file_once(files, tmp_path, monkeypatch):
+    """`evaluate --ood --report` opens each Parquet file once, for the metrics and the plots."""
+    opened = []
+
+    class CountingParquetFile(pq.ParquetFile):
+        def __init__(self, source, *args, **kwargs):
+            opened.append(Path(source).name)
+            super().__init__(source, *args, **kwargs)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a second way of reading the file")
+
+    monkeypatch.setattr(pq, "ParquetFile", CountingParquetFile)
+    for name in ("read_table", "read_schema", "read_metadata", "read_pandas"):
+        monkeypatch.setattr(pq, name, refuse)
+    report_dir = tmp_path / "report"
+    args = [str(files["out"]), "--ood", str(files["ood"]), "--report", str(report_dir)]
+    result = CliRunner().invoke(evaluate_command, args)
+    assert result.exit_code == 0, result.output
+    assert sorted(opened) == ["ood.parquet", "out.parquet"]
+    check_report(report_dir / "index.html")
+
+
+def test_report_draws_what_evaluate_computed(files, tmp_path, monkeypatch):
+    """The report reads no file and recomputes no score, mask, bin, curve or metric."""
+    evaluation = evaluate_file(files["out"], files["ood"], samples=True)
+    files["out"].unlink()  # nothing left to read again
+    files["ood"].unlink()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("recomputed by the report")
+
+    for name in ("uncertainty_scores", "labelled_rows", "read_scored_file", "evaluate_file"):
+        monkeypatch.setattr(evaluate, name, refuse)
+        monkeypatch.setattr(report, name, refuse, raising=False)  # if imported by name
+    for name in ("reliability_bins", "ece", "auroc", "accuracy", "nll", "brier"):
+        monkeypatch.setattr(metrics, name, refuse)
+    curves = []  # the only curve the report computes is its oracle: right predictions first
+    original_curve = metrics.risk_coverage_curve
+
+    def curve(confidence, correct):
+        curves.append((np.asarray(confidence), np.asarray(correct)))
+        return original_curve(confidence, correct)
+
+    monkeypatch.setattr(metrics, "risk_coverage_curve", curve)
+    bins = spy(monkeypatch, "_draw_reliability")
+    risk = spy(monkeypatch, "_draw_risk_coverage")
+    index = write_evaluation_report(evaluation, tmp_path / "report", images_root=files["images"])
+
+    check_report(index)
+    assert curves and all((c == k.astype(np.float64)).all() for c, k in curves)
+    (fig,) = bins
+    assert "ECE = 0.3200" in fig.axes[0].get_title()
+    (fig,) = risk
+    (line, *_) = fig.axes[0].lines
+    np.testing.assert_array_equal(line.get_xdata(), evaluation.risk_coverage.coverage)
+    np.testing.assert_array_equal(line.get_ydata(), evaluation.risk_coverage.risk)
+    assert evaluation.results["ood"]["auroc"]["entropy"] == pytest.approx(8 / 12)
+
+
+def test_evaluate_never_imports_the_report_or_the_commands():
+    """One direction: the report imports the evaluate job, never the reverse (not even inside a
+    function), and no job imports the command layer."""
+    import ast
+
+    tree = ast.parse(Path(evaluate.__file__).read_text(encoding="utf-8"))
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            imported.add(node.module or "")
+            imported.update(f"{node.module}.{alias.name}" for alias in node.names)
+    assert not {name for name in imported if "report" in name or name.startswith("batchuq.cli")}
+    assert "matplotlib" not in " ".join(imported)

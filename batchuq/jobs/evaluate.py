@@ -3,50 +3,156 @@ uncertainty scores flag wrong predictions and out-of-distribution images.
 
 All labelled metrics are computed on the rows whose ``status`` is ``ok`` and whose label is one
 of the model's classes (``label_index`` not null); formulas are those of ``docs/methods.md`` (see
-``batchuq.metrics``). The result is a plain dict of numbers, strings, lists and ``None`` (for
-undefined values), so it can be printed as JSON.
+``batchuq.metrics``). The results are a plain dict of numbers, strings, lists and ``None`` (for
+undefined values), so they can be printed as JSON.
+
+Each file is read once (``read_scored_file``) and evaluated once (``evaluate_file``); the
+``Evaluation`` it returns keeps the arrays the metrics were computed from (labelled rows,
+uncertainty scores, reliability bins, risk-coverage curve), which is all that
+``batchuq.jobs.report`` draws from. This module never imports the report: the report imports it.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import math
 import os
-import sys
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-import click
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batchuq import metrics
-from batchuq.cli.config import config_option
-from batchuq.postprocess.rules import UNCLASSIFIED_NAME
-from batchuq.write import read_metadata
-
-OK_STATUS = "ok"
-EXIT_USAGE = 2
+from batchuq.defaults import STATUS_OK, UNCLASSIFIED_NAME
+from batchuq.errors import UsageError
+from batchuq.write import metadata_of
 
 # Uncertainty scores compared by AUROC; higher = more uncertain.
 SCORE_NAMES = ("1 - confidence", "entropy", "mutual_info", "mean_std", "variation_ratio")
 
+# The raw samples column of `batchuq score --save-samples`: large, and only the report uses it.
+SAMPLES_COLUMN = "samples"
+
 __all__ = [
     "SCORE_NAMES",
-    "evaluate_command",
+    "Evaluation",
+    "LabelledRows",
+    "RiskCoverage",
+    "ScoredFile",
+    "evaluate_file",
     "evaluate_frame",
     "evaluate_parquet",
-    "LabelledRows",
     "format_table",
     "labelled_rows",
+    "read_scored_file",
     "uncertainty_scores",
 ]
 
 
+# --------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)  # holds DataFrames and arrays: compared by identity
+class ScoredFile:
+    """A Parquet file written by ``batchuq score``, read once.
+
+    Attributes:
+        path: The file, as the caller named it.
+        frame: Every column except ``samples``, one row per image.
+        metadata: The batchuq run metadata stored in the file (has ``class_names``).
+        samples: The ``samples`` column as Arrow (per row a ``(samples, classes)`` list), or
+            ``None`` when the file has none or it was not asked for.
+    """
+
+    path: str | os.PathLike[str]
+    frame: pd.DataFrame
+    metadata: dict
+    samples: pa.ChunkedArray | None = None
+
+    @property
+    def class_names(self) -> list[str]:
+        """The model's class names in output order."""
+        return list(self.metadata["class_names"])
+
+
+def _batchuq_metadata(schema: pa.Schema, path: str | os.PathLike[str]) -> dict:
+    """The batchuq metadata of a file's schema, checked to name the classes.
+
+    Raises:
+        UsageError: If the file has no batchuq metadata or it has no class names.
+    """
+    metadata = metadata_of(schema, path)
+    if not metadata.get("class_names"):
+        raise UsageError(
+            f"The file's batchuq metadata has no class_names. Received: path={str(path)!r}"
+        )
+    return metadata
+
+
+def read_scored_file(path: str | os.PathLike[str], *, samples: bool = False) -> ScoredFile:
+    """Read a file written by ``batchuq score``: its metadata and rows, in one pass.
+
+    Args:
+        path: The Parquet file.
+        samples: Also read the (large) ``samples`` column if the file has one; the report
+            draws the raw samples of a few images from it.
+
+    Returns:
+        The ``ScoredFile``.
+
+    Raises:
+        UsageError: If the file is not Parquet, cannot be read, or has no batchuq metadata
+            with class names.
+    """
+    try:
+        with pq.ParquetFile(path) as parquet:
+            schema = parquet.schema_arrow
+            metadata = _batchuq_metadata(schema, path)
+            wanted = [name for name in schema.names if samples or name != SAMPLES_COLUMN]
+            table = parquet.read(columns=wanted)
+    except (OSError, pa.ArrowException) as exc:
+        # A file that is not Parquet (or not readable) is the caller's input, not a crash.
+        raise UsageError(f"{exc}. Received: path={str(path)!r}") from exc
+    column = None
+    if SAMPLES_COLUMN in table.column_names:
+        column = table.column(SAMPLES_COLUMN)
+        table = table.drop_columns([SAMPLES_COLUMN])
+    return ScoredFile(path=path, frame=table.to_pandas(), metadata=metadata, samples=column)
+
+
+def _read_pair(
+    path: str | os.PathLike[str], ood_path: str | os.PathLike[str] | None, samples: bool
+) -> tuple[ScoredFile, ScoredFile | None]:
+    """Read a scored file and, optionally, its OOD counterpart (without its samples).
+
+    Raises:
+        UsageError: As ``read_scored_file``, or if the two files have different class names.
+    """
+    scored = read_scored_file(path, samples=samples)
+    if ood_path is None:
+        return scored, None
+    ood = read_scored_file(ood_path)
+    if ood.class_names != scored.class_names:
+        raise UsageError(
+            "The OOD file was scored with other class names than the in-distribution file "
+            f"({scored.class_names!r}). Received: ood_class_names={ood.metadata['class_names']!r}"
+        )
+    return scored, ood
+
+
+# --------------------------------------------------------------------------------------------
+# Columns
+# --------------------------------------------------------------------------------------------
+
+
 def _column(df: pd.DataFrame, name: str) -> pd.Series:
     if name not in df.columns:
-        raise ValueError(
+        raise UsageError(
             f"The table has no column {name!r}; was it written by `batchuq score`? "
             f"Received: columns={list(df.columns)}"
         )
@@ -60,11 +166,11 @@ def _floats(df: pd.DataFrame, name: str) -> np.ndarray:
 def _check_class_names(class_names: list[str]) -> list[str]:
     names = list(class_names)
     if not names or not all(isinstance(name, str) for name in names):
-        raise ValueError(
+        raise UsageError(
             f"`class_names` must be a non-empty list of strings. Received: class_names={names!r}"
         )
     if len(set(names)) != len(names):
-        raise ValueError(f"`class_names` must be unique. Received: class_names={names!r}")
+        raise UsageError(f"`class_names` must be unique. Received: class_names={names!r}")
     return names
 
 
@@ -81,7 +187,7 @@ def uncertainty_scores(df: pd.DataFrame, class_names: list[str]) -> dict[str, np
         ``std_<class>`` columns) and ``variation_ratio``. Rows without scores are NaN.
 
     Raises:
-        ValueError: If a column is missing.
+        UsageError: If a column is missing.
     """
     stds = np.column_stack([_floats(df, f"std_{name}") for name in class_names])
     return {
@@ -108,7 +214,7 @@ def _auroc_or_none(scores: np.ndarray, positives: np.ndarray) -> float | None:
 
 
 def _ok_mask(df: pd.DataFrame) -> np.ndarray:
-    return (_column(df, "status").astype("string") == OK_STATUS).fillna(False).to_numpy(bool)
+    return (_column(df, "status").astype("string") == STATUS_OK).fillna(False).to_numpy(bool)
 
 
 class LabelledRows(NamedTuple):
@@ -136,8 +242,15 @@ class LabelledRows(NamedTuple):
 def labelled_rows(df: pd.DataFrame, class_names: list[str]) -> LabelledRows:
     """Select the labelled ok rows of ``df`` and read what the labelled metrics need.
 
+    Args:
+        df: Rows of a ``batchuq score`` Parquet file.
+        class_names: The model's class names (output order).
+
+    Returns:
+        The ``LabelledRows``.
+
     Raises:
-        ValueError: If a column is missing.
+        UsageError: If a column is missing.
     """
     mask = _ok_mask(df) & np.isfinite(_floats(df, "label_index"))
     lab = df[mask]
@@ -157,10 +270,182 @@ def labelled_rows(df: pd.DataFrame, class_names: list[str]) -> LabelledRows:
     )
 
 
+# --------------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------------
+
+
+class RiskCoverage(NamedTuple):
+    """The risk-coverage curve of the labelled rows by ``confidence`` (``metrics``).
+
+    Attributes:
+        coverage: k / N for k = 1..N, float64 shape ``(n,)``.
+        risk: Error rate among the k most confident rows, float64 shape ``(n,)``.
+    """
+
+    coverage: np.ndarray
+    risk: np.ndarray
+
+
+@dataclass(frozen=True, eq=False)  # holds DataFrames and arrays: compared by identity
+class Evaluation:
+    """Scored rows, evaluated: the results and the arrays they were computed from.
+
+    The report draws from these, so that it computes nothing that evaluate computed.
+
+    Attributes:
+        results: The JSON-serialisable results (see ``evaluate_frame`` and ``evaluate_file``).
+        class_names: The model's class names (output order).
+        frame: The in-distribution rows.
+        ok: Which rows have ``status == "ok"``, boolean shape ``(rows,)``.
+        labelled: The labelled ok rows (``LabelledRows``).
+        scores: Each uncertainty score of every row, float64 shape ``(rows,)`` each.
+        reliability: The confidence bins of the labelled rows; ``None`` without any.
+        risk_coverage: Their risk-coverage curve; ``None`` without labelled rows.
+        ood_ok: Which OOD rows have ``status == "ok"``, boolean ``(ood rows,)``; or ``None``.
+        ood_scores: Each uncertainty score of every OOD row; ``None`` without OOD rows.
+        source: The file the rows were read from (``evaluate_file``); ``None`` for frames.
+        ood_source: The OOD file, if any.
+    """
+
+    results: dict
+    class_names: list[str]
+    frame: pd.DataFrame
+    ok: np.ndarray
+    labelled: LabelledRows
+    scores: dict[str, np.ndarray]
+    reliability: metrics.ReliabilityBins | None
+    risk_coverage: RiskCoverage | None
+    ood_ok: np.ndarray | None = None
+    ood_scores: dict[str, np.ndarray] | None = None
+    source: ScoredFile | None = None
+    ood_source: ScoredFile | None = None
+
+
+def _row_counts(df: pd.DataFrame, ok: np.ndarray, labelled: np.ndarray) -> dict[str, int]:
+    """How many rows are ok, failed, labelled, unlabelled, or labelled with a non-class."""
+    has_label = _column(df, "label").notna().to_numpy(bool)
+    return {
+        "total": len(df),
+        "ok": int(ok.sum()),
+        "errors": int((~ok).sum()),
+        "labelled": int(labelled.sum()),
+        "unlabelled": int((ok & ~has_label).sum()),
+        "unknown_label": int((ok & has_label & ~labelled).sum()),
+    }
+
+
+def _labelled_metrics(
+    df: pd.DataFrame, names: list[str], lab: LabelledRows
+) -> tuple[dict[str, Any], metrics.ReliabilityBins | None, RiskCoverage | None]:
+    """Accuracy, coverage, NLL, Brier, ECE and AURC of the labelled rows (``None`` if none).
+
+    Returns:
+        ``(metrics by result key, reliability bins, risk-coverage curve)``.
+    """
+    keys = ("accuracy", "accepted", "coverage", "selective_accuracy", "nll", "brier")
+    values: dict[str, Any] = dict.fromkeys(keys + ("ece", "aurc"))
+    if not lab.mask.any():
+        return values, None, None
+    y, correct, accepted = lab.labels, lab.correct, lab.accepted
+    probs = np.column_stack([_floats(df[lab.mask], f"mean_{name}") for name in names])
+    values.update(
+        accuracy=metrics.accuracy(lab.pred, y),
+        accepted=int(accepted.sum()),
+        coverage=metrics.coverage(accepted),
+        selective_accuracy=_number(metrics.selective_accuracy(lab.decision_correct, accepted)),
+        nll=metrics.nll(probs, y),
+        brier=metrics.brier(probs, y),
+        ece=metrics.ece(lab.confidence, correct, n_bins=metrics.DEFAULT_ECE_BINS),
+        aurc=metrics.aurc(lab.confidence, correct),
+    )
+    bins = metrics.reliability_bins(lab.confidence, correct, n_bins=metrics.DEFAULT_ECE_BINS)
+    curve = RiskCoverage(*metrics.risk_coverage_curve(lab.confidence, correct))
+    return values, bins, curve
+
+
+def _error_aurocs(scores: dict[str, np.ndarray], lab: LabelledRows) -> dict[str, float | None]:
+    """Per score, the AUROC for telling wrong from right predictions (wrong = positive)."""
+    if not lab.mask.any():
+        return dict.fromkeys(SCORE_NAMES)
+    return {name: _auroc_or_none(values[lab.mask], ~lab.correct) for name, values in scores.items()}
+
+
+def _ood_aurocs(
+    ok: np.ndarray,
+    scores: dict[str, np.ndarray],
+    ood_ok: np.ndarray,
+    ood_scores: dict[str, np.ndarray],
+) -> dict[str, Any]:
+    """Per score, the AUROC for telling ok OOD rows (positive) from ok in-distribution rows."""
+    n_in, n_ood = int(ok.sum()), int(ood_ok.sum())
+    positives = np.concatenate([np.zeros(n_in, bool), np.ones(n_ood, bool)])
+    both = {
+        name: np.concatenate([scores[name][ok], ood_scores[name][ood_ok]]) for name in SCORE_NAMES
+    }
+    auroc = {name: _auroc_or_none(both[name], positives) for name in SCORE_NAMES}
+    return {"n_in": n_in, "n_ood": n_ood, "auroc": auroc}
+
+
 def _set_members(value: Any) -> list[str] | None:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return None
     return [str(item) for item in value]
+
+
+def _conformal(df: pd.DataFrame, labelled: np.ndarray) -> dict[str, Any] | None:
+    """Empirical coverage and mean size of the ``pred_set`` column; ``None`` without one."""
+    if "pred_set" not in df.columns:
+        return None
+    sets = [_set_members(value) for value in df.loc[labelled, "pred_set"]]
+    labels = df.loc[labelled, "label"].astype(str).tolist()
+    pairs = [(s, label) for s, label in zip(sets, labels, strict=True) if s is not None]
+    return {
+        "n": len(pairs),
+        "coverage": _number(np.mean([label in s for s, label in pairs])) if pairs else None,
+        "mean_set_size": _number(np.mean([len(s) for s, _ in pairs])) if pairs else None,
+    }
+
+
+def _evaluate(
+    df: pd.DataFrame, class_names: list[str], ood_df: pd.DataFrame | None = None
+) -> Evaluation:
+    """Evaluate scored rows; what ``evaluate_frame`` returns the results of.
+
+    Raises:
+        UsageError: As ``evaluate_frame``.
+    """
+    names = _check_class_names(class_names)
+    ok = _ok_mask(df)
+    lab = labelled_rows(df, names)
+    rows = _row_counts(df, ok, lab.mask)
+    scores = uncertainty_scores(df, names)
+    values, bins, curve = _labelled_metrics(df, names, lab)
+    results: dict[str, Any] = {
+        "class_names": names,
+        "rows": rows,
+        "n": int(lab.mask.sum()),
+        **values,
+        "auroc_error": _error_aurocs(scores, lab),
+        "ood": None,
+    }
+    ood_ok = ood_scores = None
+    if ood_df is not None:
+        ood_ok, ood_scores = _ok_mask(ood_df), uncertainty_scores(ood_df, names)
+        results["ood"] = _ood_aurocs(ok, scores, ood_ok, ood_scores)
+    results["conformal"] = _conformal(df, lab.mask)
+    return Evaluation(
+        results=results,
+        class_names=names,
+        frame=df,
+        ok=ok,
+        labelled=lab,
+        scores=scores,
+        reliability=bins,
+        risk_coverage=curve,
+        ood_ok=ood_ok,
+        ood_scores=ood_scores,
+    )
 
 
 def evaluate_frame(
@@ -191,146 +476,74 @@ def evaluate_frame(
         ``coverage`` and ``mean_set_size``).
 
     Raises:
-        ValueError: If a column is missing or ``class_names`` is not a list of unique strings.
+        UsageError: If a column is missing or ``class_names`` is not a list of unique strings
+            (a ``ValueError`` too).
     """
-    names = _check_class_names(class_names)
-    ok = _ok_mask(df)
-    has_label = _column(df, "label").notna().to_numpy(bool)
-    lab = labelled_rows(df, names)
-    labelled = lab.mask
-    rows = {
-        "total": len(df),
-        "ok": int(ok.sum()),
-        "errors": int((~ok).sum()),
-        "labelled": int(labelled.sum()),
-        "unlabelled": int((ok & ~has_label).sum()),
-        "unknown_label": int((ok & has_label & ~labelled).sum()),
-    }
-    result: dict[str, Any] = {"class_names": names, "rows": rows, "n": int(labelled.sum())}
-    scores = uncertainty_scores(df, names)
-
-    keys = ("accuracy", "accepted", "coverage", "selective_accuracy", "nll", "brier")
-    result.update(dict.fromkeys(keys + ("ece", "aurc")))
-    result["auroc_error"] = dict.fromkeys(SCORE_NAMES)
-    if labelled.any():
-        y, correct, accepted = lab.labels, lab.correct, lab.accepted
-        probs = np.column_stack([_floats(df[labelled], f"mean_{name}") for name in names])
-        result.update(
-            accuracy=metrics.accuracy(lab.pred, y),
-            accepted=int(accepted.sum()),
-            coverage=metrics.coverage(accepted),
-            selective_accuracy=_number(metrics.selective_accuracy(lab.decision_correct, accepted)),
-            nll=metrics.nll(probs, y),
-            brier=metrics.brier(probs, y),
-            ece=metrics.ece(lab.confidence, correct, n_bins=metrics.DEFAULT_ECE_BINS),
-            aurc=metrics.aurc(lab.confidence, correct),
-        )
-        result["auroc_error"] = {
-            name: _auroc_or_none(values[labelled], ~correct) for name, values in scores.items()
-        }
-
-    result["ood"] = None
-    if ood_df is not None:
-        ood_ok = _ok_mask(ood_df)
-        ood_scores = uncertainty_scores(ood_df, names)
-        in_ok = ok
-        positives = np.concatenate(
-            [np.zeros(int(in_ok.sum()), bool), np.ones(int(ood_ok.sum()), bool)]
-        )
-        result["ood"] = {
-            "n_in": int(in_ok.sum()),
-            "n_ood": int(ood_ok.sum()),
-            "auroc": {
-                name: _auroc_or_none(
-                    np.concatenate([scores[name][in_ok], ood_scores[name][ood_ok]]), positives
-                )
-                for name in SCORE_NAMES
-            },
-        }
-
-    result["conformal"] = None
-    if "pred_set" in df.columns:
-        sets = [_set_members(value) for value in df.loc[labelled, "pred_set"]]
-        labels = df.loc[labelled, "label"].astype(str).tolist()
-        pairs = [(s, lab) for s, lab in zip(sets, labels, strict=True) if s is not None]
-        result["conformal"] = {
-            "n": len(pairs),
-            "coverage": _number(np.mean([lab in s for s, lab in pairs])) if pairs else None,
-            "mean_set_size": _number(np.mean([len(s) for s, _ in pairs])) if pairs else None,
-        }
-    return result
+    return _evaluate(df, class_names, ood_df).results
 
 
-def _read_frame(path: str | os.PathLike[str]) -> tuple[pd.DataFrame, dict]:
-    metadata = read_metadata(path)
-    if not metadata.get("class_names"):
-        raise ValueError(
-            f"The file's batchuq metadata has no class_names. Received: path={str(path)!r}"
-        )
-    # The (large) raw `samples` column is left out; the report reads it for a few rows only.
-    columns = [name for name in pq.read_schema(path).names if name != "samples"]
-    return pq.read_table(path, columns=columns).to_pandas(), metadata
+def evaluate_file(
+    path: str | os.PathLike[str],
+    ood_path: str | os.PathLike[str] | None = None,
+    *,
+    samples: bool = False,
+) -> Evaluation:
+    """Read a file written by ``batchuq score`` (and an OOD one) once, and evaluate it.
 
-
-def read_scored(
-    path: str | os.PathLike[str], ood_path: str | os.PathLike[str] | None = None
-) -> tuple[pd.DataFrame, dict, pd.DataFrame | None]:
-    """Read a scored file and, optionally, its OOD counterpart (without ``samples``).
+    Args:
+        path: The scored in-distribution file; class names come from its metadata.
+        ood_path: The same model's output on an out-of-distribution folder.
+        samples: Also keep the ``samples`` column (``score --save-samples``) of ``path``, for
+            the report's per-image box plots.
 
     Returns:
-        ``(df, metadata, ood_df)``; ``ood_df`` is ``None`` without ``ood_path``.
+        The ``Evaluation``, with ``source`` and ``ood_source`` set. Its ``results`` are those
+        of ``evaluate_frame`` preceded by ``file``, ``ood_file``, ``passes``, ``tta`` and
+        ``decision_rule`` from the metadata.
 
     Raises:
-        ValueError: If a file has no batchuq metadata, or the two files have different class
-            names.
-        OSError: If a file cannot be read.
+        UsageError: If a file is not a batchuq Parquet file or lacks a column, or the two
+            files have different class names (a ``ValueError`` too).
     """
-    df, metadata = _read_frame(path)
-    ood_df = None
-    if ood_path is not None:
-        ood_df, ood_metadata = _read_frame(ood_path)
-        if list(ood_metadata["class_names"]) != list(metadata["class_names"]):
-            raise ValueError(
-                "The OOD file was scored with other class names than the in-distribution file "
-                f"({list(metadata['class_names'])!r}). "
-                f"Received: ood_class_names={ood_metadata['class_names']!r}"
-            )
-    return df, metadata, ood_df
+    scored, ood = _read_pair(path, ood_path, samples)
+    metadata = scored.metadata
+    evaluation = _evaluate(scored.frame, scored.class_names, None if ood is None else ood.frame)
+    results = {
+        "file": str(path),
+        "ood_file": None if ood_path is None else str(ood_path),
+        "passes": metadata.get("passes"),
+        "tta": metadata.get("tta"),
+        "decision_rule": metadata.get("decision_rule"),
+        **evaluation.results,
+    }
+    return dataclasses.replace(evaluation, results=results, source=scored, ood_source=ood)
 
 
 def evaluate_parquet(
-    path: str | os.PathLike[str],
-    ood_path: str | os.PathLike[str] | None = None,
-    scored: tuple[pd.DataFrame, dict, pd.DataFrame | None] | None = None,
+    path: str | os.PathLike[str], ood_path: str | os.PathLike[str] | None = None
 ) -> dict:
     """Evaluate a Parquet file written by ``batchuq score`` (see ``evaluate_frame``).
 
     Args:
         path: The scored in-distribution file; class names come from its metadata.
         ood_path: The same model's output on an out-of-distribution folder.
-        scored: What ``read_scored(path, ood_path)`` returned, when the caller has read the
-            files already.
 
     Returns:
         The dict of ``evaluate_frame`` plus ``file``, ``ood_file``, ``passes``, ``tta`` and
         ``decision_rule`` from the metadata.
 
     Raises:
-        ValueError: If a file has no batchuq metadata or a column is missing, or the two files
-            have different class names.
-        OSError: If a file cannot be read.
+        UsageError: If a file has no batchuq metadata or a column is missing, or the two files
+            have different class names (a ``ValueError`` too).
     """
-    df, metadata, ood_df = scored or read_scored(path, ood_path)
-    class_names = list(metadata["class_names"])
-    result = {
-        "file": str(path),
-        "ood_file": None if ood_path is None else str(ood_path),
-        "passes": metadata.get("passes"),
-        "tta": metadata.get("tta"),
-        "decision_rule": metadata.get("decision_rule"),
-    }
-    result.update(evaluate_frame(df, class_names, ood_df))
-    return result
+    return evaluate_file(path, ood_path).results
+
+
+# --------------------------------------------------------------------------------------------
+# Table
+# --------------------------------------------------------------------------------------------
+
+_Section = tuple[str, list[tuple[str, Any]]]
 
 
 def _fmt(value: Any) -> str:
@@ -341,33 +554,29 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def format_table(results: dict) -> str:
-    """Render the results of ``evaluate_parquet`` / ``evaluate_frame`` as a plain-text table.
-
-    Args:
-        results: The dict returned by ``evaluate_parquet`` or ``evaluate_frame``.
-
-    Returns:
-        Lines of ``name  value`` grouped in sections, for a terminal.
-    """
-    sections: list[tuple[str, list[tuple[str, Any]]]] = []
+def _input_section(results: dict) -> _Section:
+    """The file, the run's settings and the row counts."""
     rows = results.get("rows", {})
-    header = [("file", results.get("file"))] if results.get("file") else []
+    items = [("file", results.get("file"))] if results.get("file") else []
     rule = results.get("decision_rule")
     if isinstance(rule, dict):
         params = ", ".join(f"{k}={v}" for k, v in rule.items() if k != "rule")
-        header.append(("decision rule", f"{rule.get('rule')}" + (f" ({params})" if params else "")))
+        items.append(("decision rule", f"{rule.get('rule')}" + (f" ({params})" if params else "")))
     if results.get("passes") is not None:
-        header.append(("passes x tta", f"{results.get('passes')} x {results.get('tta')}"))
-    header += [
+        items.append(("passes x tta", f"{results.get('passes')} x {results.get('tta')}"))
+    items += [
         ("rows", rows.get("total")),
         ("  ok", rows.get("ok")),
         ("  errors", rows.get("errors")),
         ("  unlabelled", rows.get("unlabelled")),
         ("  label not a class", rows.get("unknown_label")),
     ]
-    sections.append(("Input", header))
-    sections.append(
+    return "Input", items
+
+
+def _metric_sections(results: dict) -> list[_Section]:
+    """The labelled metrics, the AUROCs, and the OOD and conformal results when present."""
+    sections: list[_Section] = [
         (
             f"Labelled ok rows (N = {results.get('n')})",
             [
@@ -379,33 +588,25 @@ def format_table(results: dict) -> str:
                 ("ECE (15 bins)", results.get("ece")),
                 ("AURC", results.get("aurc")),
             ],
-        )
-    )
-    sections.append(
-        (
-            "AUROC, wrong vs right prediction",
-            list((results.get("auroc_error") or {}).items()),
-        )
-    )
+        ),
+        ("AUROC, wrong vs right prediction", list((results.get("auroc_error") or {}).items())),
+    ]
     ood = results.get("ood")
     if ood:
-        sections.append(
-            (
-                f"AUROC, OOD ({ood.get('n_ood')}) vs in-distribution ({ood.get('n_in')})",
-                list((ood.get("auroc") or {}).items()),
-            )
-        )
+        title = f"AUROC, OOD ({ood.get('n_ood')}) vs in-distribution ({ood.get('n_in')})"
+        sections.append((title, list((ood.get("auroc") or {}).items())))
     conformal = results.get("conformal")
     if conformal:
-        sections.append(
-            (
-                f"Conformal prediction sets (N = {conformal.get('n')})",
-                [
-                    ("empirical coverage", conformal.get("coverage")),
-                    ("mean set size", conformal.get("mean_set_size")),
-                ],
-            )
-        )
+        items = [
+            ("empirical coverage", conformal.get("coverage")),
+            ("mean set size", conformal.get("mean_set_size")),
+        ]
+        sections.append((f"Conformal prediction sets (N = {conformal.get('n')})", items))
+    return sections
+
+
+def _render(sections: list[_Section]) -> str:
+    """Sections as a title, a rule and aligned ``name  value`` lines, blank lines between."""
     width = max(len(name) for _, items in sections for name, _ in items)
     lines: list[str] = []
     for title, items in sections:
@@ -417,61 +618,13 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-@click.command("evaluate")
-@click.argument(
-    "out", metavar="OUT.parquet", type=click.Path(exists=True, dir_okay=False, path_type=Path)
-)
-@click.option(
-    "--ood",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    default=None,
-    show_default=True,
-    help="Parquet file from `batchuq score` on out-of-distribution images, scored by the same "
-    "model; adds the AUROC of each score for telling OOD from in-distribution images.",
-)
-@click.option(
-    "--report",
-    "report_dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    show_default=True,
-    help="Also write an HTML report with plots (index.html and PNGs) to this folder.",
-)
-@click.option(
-    "--json",
-    "as_json",
-    is_flag=True,
-    default=False,
-    show_default=True,
-    help="Print the results as JSON instead of a table.",
-)
-@config_option
-def evaluate_command(out: Path, ood: Path | None, report_dir: Path | None, as_json: bool) -> None:
-    """Evaluate OUT.parquet, written by `batchuq score` on a labelled folder.
+def format_table(results: dict) -> str:
+    """Render the results of ``evaluate_parquet`` / ``evaluate_frame`` as a plain-text table.
 
-    On the readable, labelled images: accuracy, coverage and selective accuracy of the
-    decision rule, NLL, Brier score, ECE (15 bins), AURC, and the AUROC with which each
-    uncertainty score (1 - confidence, entropy, mutual information, mean std, variation ratio)
-    tells wrong predictions from right ones. With --ood, also how well each score tells the
-    out-of-distribution images from the in-distribution ones.
+    Args:
+        results: The dict returned by ``evaluate_parquet`` or ``evaluate_frame``.
 
-    Example:
-
-        batchuq evaluate out.parquet --ood ood.parquet --report report/
+    Returns:
+        Lines of ``name  value`` grouped in sections, for a terminal.
     """
-    try:
-        results = evaluate_parquet(out, ood)
-        if report_dir is not None:
-            from batchuq.jobs.report import write_report
-
-            index = write_report(out, report_dir, ood_path=ood)
-            results["report"] = str(index)
-    except (ValueError, OSError) as exc:
-        click.echo(f"Error: {exc}", err=True)
-        sys.exit(EXIT_USAGE)
-    if as_json:
-        click.echo(json.dumps(results, indent=2, allow_nan=False))
-    else:
-        click.echo(format_table(results))
-        if report_dir is not None:
-            click.echo(f"\nreport: {results['report']}", err=True)
+    return _render([_input_section(results), *_metric_sections(results)])

@@ -14,39 +14,36 @@ Plots are drawn with Matplotlib's object-oriented API on the Agg canvas
 If the file has a ``samples`` column (``batchuq score --save-samples``), the per-image charts are
 box plots of each class's raw samples, which show whether the model is "flipping a coin";
 otherwise they are bars of the stored mean ± std with the median.
+
+The report draws from an ``Evaluation`` (``batchuq.jobs.evaluate.evaluate_file``): each file is
+read once, and the labelled rows, uncertainty scores, reliability bins, risk-coverage curve and
+every number on the page are those evaluate computed. This module imports the evaluate job,
+never the reverse.
 """
 
 from __future__ import annotations
 
 import html
-import logging
 import os
 import textwrap
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
+import pyarrow as pa
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from batchuq import metrics
-from batchuq.jobs.evaluate import (
-    SCORE_NAMES,
-    LabelledRows,
-    evaluate_parquet,
-    labelled_rows,
-    read_scored,
-    uncertainty_scores,
-)
-
-logger = logging.getLogger("batchuq")
+from batchuq.defaults import DEFAULT_MAX_PIXELS
+from batchuq.errors import OutputError
+from batchuq.jobs.evaluate import SCORE_NAMES, Evaluation, RiskCoverage, evaluate_file
 
 TOP_UNCERTAIN = 12
 MAX_BAR_CLASSES = 20
 MAX_ANNOTATED_CLASSES = 20
 THUMBNAIL_SIZE = 256
-MAX_THUMBNAIL_PIXELS = 89_478_485
+MAX_THUMBNAIL_PIXELS = DEFAULT_MAX_PIXELS  # what `score --max-pixels` refuses by default
 DPI = 100
 MIN_BIN_IMAGES = 5  # reliability bins with fewer images are drawn faded
 FADED_ALPHA = 0.3
@@ -60,7 +57,7 @@ PRED_COLOR = "#1864ab"  # the predicted class of an unlabelled image
 TRUE_COLOR = "#9775fa"  # the true class of a wrong prediction
 OTHER_COLOR = "#74c0fc"
 
-__all__ = ["write_report"]
+__all__ = ["write_evaluation_report", "write_report"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -87,11 +84,19 @@ def _fmt(value: float | int | None, digits: int = 4) -> str:
     return str(value)
 
 
-def _read_samples(out_path: Path, rows: np.ndarray) -> dict[int, np.ndarray]:
-    """Raw samples of the given rows, each ``(samples, classes)``; empty without the column."""
-    if "samples" not in pq.read_schema(out_path).names or not len(rows):
+def _read_samples(column: pa.ChunkedArray | None, rows: np.ndarray) -> dict[int, np.ndarray]:
+    """Raw samples of the given rows, each ``(samples, classes)``; empty without the column.
+
+    Args:
+        column: The ``samples`` column read with the rest of the file, or ``None``.
+        rows: Row indices, int shape ``(k,)``.
+
+    Returns:
+        Row index -> float64 array ``(samples, classes)``, for the rows that have samples.
+    """
+    if column is None or not len(rows):
         return {}
-    column = pq.read_table(out_path, columns=["samples"]).column("samples").take(rows)
+    column = column.take(rows)
     return {
         int(row): np.asarray(value, dtype=np.float64)
         for row, value in zip(rows, column.to_pylist(), strict=True)
@@ -100,14 +105,20 @@ def _read_samples(out_path: Path, rows: np.ndarray) -> dict[int, np.ndarray]:
 
 
 def _resolve_images_root(
-    out_path: Path, metadata: dict, images_root: str | os.PathLike[str] | None
+    out_path: Path | None, metadata: dict, images_root: str | os.PathLike[str] | None
 ) -> Path | None:
+    """The folder the ``path`` column is relative to: given, or the one in the metadata.
+
+    A relative ``images`` folder in the metadata is tried from the working directory, then
+    from the scored file's folder.
+    """
     if images_root is not None:
         return Path(images_root)
     scored = metadata.get("images")
     if not scored:
         return None
-    for candidate in (Path(scored), out_path.parent / scored):
+    candidates = [Path(scored)] + ([] if out_path is None else [out_path.parent / scored])
+    for candidate in candidates:
         if candidate.is_dir():
             return candidate
     return Path(scored)
@@ -252,13 +263,25 @@ def _zoom_start(coverage: np.ndarray, risk: np.ndarray, point: float | None) -> 
     return start if start >= ZOOM_MIN_START else None
 
 
-def _draw_risk_coverage(confidence: np.ndarray, correct: np.ndarray, results: dict) -> Figure:
-    """The risk-coverage curve, with a zoomed panel where it changes when that is narrow."""
-    if len(confidence) == 0:
+def _draw_risk_coverage(curve: RiskCoverage | None, correct: np.ndarray, results: dict) -> Figure:
+    """The risk-coverage curve, with a zoomed panel where it changes when that is narrow.
+
+    Args:
+        curve: The curve evaluate computed (``Evaluation.risk_coverage``); ``None`` without
+            labelled rows.
+        correct: Whether each labelled prediction is right, boolean shape ``(n,)``; gives the
+            oracle curve and the error rate.
+        results: The evaluation results (AURC, coverage and selective accuracy of the rule).
+
+    Returns:
+        The figure, one panel or two.
+    """
+    if curve is None:
         fig = Figure(figsize=(6.4, 4.6))
         _empty(fig.subplots(), "no labelled images")
         return fig
-    cov, risk = metrics.risk_coverage_curve(confidence, correct)
+    cov, risk = curve
+    # Only the oracle (right predictions first: the best order) is the report's own.
     oracle_scores = correct.astype(np.float64)  # right predictions first: the best order
     _, oracle = metrics.risk_coverage_curve(oracle_scores, correct)
     curves = {
@@ -319,55 +342,15 @@ def _risk_panel(
     ax.grid(alpha=0.3)
 
 
-def _plot_score_histograms(
-    folder: Path,
-    groups: list[tuple[str, str, dict[str, np.ndarray]]],
-    results: dict,
-) -> str:
+_Group = tuple[str, str, dict[str, np.ndarray]]  # (label, colour, scores of its images)
+
+
+def _plot_score_histograms(folder: Path, groups: list[_Group], results: dict) -> str:
+    """One histogram panel per uncertainty score (groups overlaid), and a legend panel."""
     fig = Figure(figsize=(13, 7.2))
     axes = fig.subplots(2, 3).ravel()
     for ax, name in zip(axes, SCORE_NAMES, strict=False):
-        present = [(label, color, values[name]) for label, color, values in groups]
-        present = [(lab, col, v[np.isfinite(v)]) for lab, col, v in present if np.isfinite(v).any()]
-        if not present:
-            _empty(ax, "no rows")
-            ax.set_title(name)
-            continue
-        everything = np.concatenate([v for _, _, v in present])
-        low, high = float(everything.min()), float(everything.max())
-        if high <= low:
-            high = low + 1e-6
-        edges = np.linspace(low, high, 31)
-        for label, color, values in present:
-            ax.hist(
-                values,
-                bins=edges,
-                density=True,
-                histtype="stepfilled",
-                alpha=0.25,
-                color=color,
-            )
-            ax.hist(
-                values,
-                bins=edges,
-                density=True,
-                histtype="step",
-                lw=1.6,
-                color=color,
-                label=f"{label} ({len(values)})",
-            )
-        notes = []
-        error_auc = (results.get("auroc_error") or {}).get(name)
-        if error_auc is not None:
-            notes.append(f"wrong vs right {error_auc:.3f}")
-        ood = results.get("ood") or {}
-        ood_auc = (ood.get("auroc") or {}).get(name)
-        if ood_auc is not None:
-            notes.append(f"OOD vs in {ood_auc:.3f}")
-        ax.set_title(name + ("\nAUROC " + ", ".join(notes) if notes else ""), fontsize=10)
-        ax.set_xlabel(f"{name} (higher = more uncertain)", fontsize=9)
-        ax.set_ylabel("density", fontsize=9)
-        ax.grid(alpha=0.3)
+        _draw_score_histogram(ax, name, groups, results)
     handles, labels = axes[0].get_legend_handles_labels()
     axes[-1].axis("off")
     if handles:
@@ -375,6 +358,51 @@ def _plot_score_histograms(
     fig.suptitle("Uncertainty scores by group (densities)")
     fig.tight_layout()
     return _save(fig, folder, "score_histograms.png")
+
+
+def _draw_score_histogram(ax: Axes, name: str, groups: list[_Group], results: dict) -> None:
+    """Densities of score ``name`` per group, titled with the AUROCs evaluate computed."""
+    present = [(label, color, values[name]) for label, color, values in groups]
+    present = [(lab, col, v[np.isfinite(v)]) for lab, col, v in present if np.isfinite(v).any()]
+    if not present:
+        _empty(ax, "no rows")
+        ax.set_title(name)
+        return
+    everything = np.concatenate([v for _, _, v in present])
+    low, high = float(everything.min()), float(everything.max())
+    if high <= low:
+        high = low + 1e-6
+    edges = np.linspace(low, high, 31)
+    for label, color, values in present:
+        ax.hist(
+            values,
+            bins=edges,
+            density=True,
+            histtype="stepfilled",
+            alpha=0.25,
+            color=color,
+        )
+        ax.hist(
+            values,
+            bins=edges,
+            density=True,
+            histtype="step",
+            lw=1.6,
+            color=color,
+            label=f"{label} ({len(values)})",
+        )
+    notes = []
+    error_auc = (results.get("auroc_error") or {}).get(name)
+    if error_auc is not None:
+        notes.append(f"wrong vs right {error_auc:.3f}")
+    ood = results.get("ood") or {}
+    ood_auc = (ood.get("auroc") or {}).get(name)
+    if ood_auc is not None:
+        notes.append(f"OOD vs in {ood_auc:.3f}")
+    ax.set_title(name + ("\nAUROC " + ", ".join(notes) if notes else ""), fontsize=10)
+    ax.set_xlabel(f"{name} (higher = more uncertain)", fontsize=9)
+    ax.set_ylabel("density", fontsize=9)
+    ax.grid(alpha=0.3)
 
 
 def _plot_confusion(folder: Path, labels: np.ndarray, preds: np.ndarray, names: list[str]) -> str:
@@ -494,33 +522,9 @@ def _draw_class_chart(
     styles = [_class_style(names[c], _row_label(row), str(row["pred"])) for c in order]
     colours = [colour for _, colour in styles]
     if samples is None:
-        median = np.array([row[f"median_{c}"] for c in names], dtype=np.float64)
-        std = np.array([row[f"std_{c}"] for c in names], dtype=np.float64)
-        ax.bar(
-            x,
-            mean[order],
-            yerr=std[order],
-            color=colours,
-            edgecolor="#1864ab",
-            capsize=3,
-            error_kw={"elinewidth": 1, "ecolor": "#343a40"},
-            label="mean ± std",
-        )
-        ax.scatter(x, median[order], marker="D", color="#f08c00", zorder=4, s=28, label="median")
+        _draw_class_bars(ax, row, names, order, colours)
     else:
-        boxes = ax.boxplot(
-            samples[:, order],
-            positions=x,
-            widths=0.6,
-            patch_artist=True,
-            medianprops={"color": "#f08c00", "linewidth": 2},
-            flierprops={"markersize": 2, "alpha": 0.4},
-        )
-        boxes["medians"][0].set_label("median")
-        for box, colour in zip(boxes["boxes"], colours, strict=True):
-            box.set_facecolor(colour)
-            box.set_edgecolor("#1864ab")
-        ax.scatter(x, mean[order], marker="_", color="#212529", zorder=4, s=120, label="mean")
+        _draw_class_boxes(ax, samples[:, order], mean[order], colours)
         note += f"; box plots of the {len(samples)} samples"
     rotate = len(order) > 8
     ax.set_xticks(x)
@@ -535,6 +539,46 @@ def _draw_class_chart(
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8, loc="upper right", ncol=2)
     return note
+
+
+def _draw_class_bars(
+    ax: Axes, row: pd.Series, names: list[str], order: np.ndarray, colours: list[str]
+) -> None:
+    """Bars of the stored mean ± std of the classes ``order``, and the median as diamonds."""
+    x = np.arange(len(order))
+    mean, median, std = (
+        np.array([row[f"{stat}_{c}"] for c in names], dtype=np.float64)[order]
+        for stat in ("mean", "median", "std")
+    )
+    ax.bar(
+        x,
+        mean,
+        yerr=std,
+        color=colours,
+        edgecolor="#1864ab",
+        capsize=3,
+        error_kw={"elinewidth": 1, "ecolor": "#343a40"},
+        label="mean ± std",
+    )
+    ax.scatter(x, median, marker="D", color="#f08c00", zorder=4, s=28, label="median")
+
+
+def _draw_class_boxes(ax: Axes, samples: np.ndarray, mean: np.ndarray, colours: list[str]) -> None:
+    """Box plots of raw ``samples`` of shape ``(S, classes shown)``, with the mean as a dash."""
+    x = np.arange(samples.shape[1])
+    boxes = ax.boxplot(
+        samples,
+        positions=x,
+        widths=0.6,
+        patch_artist=True,
+        medianprops={"color": "#f08c00", "linewidth": 2},
+        flierprops={"markersize": 2, "alpha": 0.4},
+    )
+    boxes["medians"][0].set_label("median")
+    for box, colour in zip(boxes["boxes"], colours, strict=True):
+        box.set_facecolor(colour)
+        box.set_edgecolor("#1864ab")
+    ax.scatter(x, mean, marker="_", color="#212529", zorder=4, s=120, label="mean")
 
 
 def _draw_uncertain_image(
@@ -760,35 +804,36 @@ def _page(
     return "\n".join(parts) + "\n"
 
 
-def _score_groups(
-    df: pd.DataFrame, ood_df: pd.DataFrame | None, names: list[str], lab: LabelledRows
-) -> list[tuple[str, str, dict[str, np.ndarray]]]:
-    """(label, colour, scores) of right / wrong (or all in-distribution) and OOD images."""
-    scores = uncertainty_scores(df, names)
-    groups: list[tuple[str, str, dict[str, np.ndarray]]] = []
+def _score_groups(evaluation: Evaluation) -> list[_Group]:
+    """(label, colour, scores) of right / wrong (or all in-distribution) and OOD images.
+
+    The scores are those evaluate computed, split by the masks it computed.
+    """
+    scores, lab = evaluation.scores, evaluation.labelled
+    groups: list[_Group] = []
     if lab.mask.any():
         right, wrong = lab.correct, ~lab.correct
         groups.append(("right", RIGHT_COLOR, {k: v[lab.mask][right] for k, v in scores.items()}))
         groups.append(("wrong", WRONG_COLOR, {k: v[lab.mask][wrong] for k, v in scores.items()}))
     else:
-        ok = (df["status"] == "ok").to_numpy(bool)
+        ok = evaluation.ok
         groups.append(("in-distribution", IN_COLOR, {k: v[ok] for k, v in scores.items()}))
-    if ood_df is not None:
-        ood_ok = (ood_df["status"] == "ok").to_numpy(bool)
-        ood_scores = uncertainty_scores(ood_df, names)
-        groups.append(("OOD", OOD_COLOR, {k: v[ood_ok] for k, v in ood_scores.items()}))
+    if evaluation.ood_scores is not None and evaluation.ood_ok is not None:
+        ood_ok = evaluation.ood_ok
+        groups.append(("OOD", OOD_COLOR, {k: v[ood_ok] for k, v in evaluation.ood_scores.items()}))
     return groups
 
 
 def _write_uncertain(
-    folder: Path, out_path: Path, df: pd.DataFrame, names: list[str], root: Path | None
+    folder: Path, evaluation: Evaluation, root: Path | None
 ) -> list[tuple[str, str]]:
     """Draw the ``TOP_UNCERTAIN`` ok rows with the highest entropy; ``(png, alt text)`` each."""
-    ok = (df["status"] == "ok").to_numpy(bool)
-    entropy = pd.to_numeric(df["entropy"]).to_numpy(dtype=np.float64, na_value=np.nan)
-    candidates = np.flatnonzero(ok & np.isfinite(entropy))
+    df, names = evaluation.frame, evaluation.class_names
+    entropy = evaluation.scores["entropy"]
+    candidates = np.flatnonzero(evaluation.ok & np.isfinite(entropy))
     top = candidates[np.argsort(-entropy[candidates], kind="stable")[:TOP_UNCERTAIN]]
-    samples = _read_samples(out_path, top)
+    source = evaluation.source
+    samples = _read_samples(None if source is None else source.samples, top)
     for stale in folder.glob("uncertain_*.png"):
         stale.unlink()
     uncertain = []
@@ -801,13 +846,81 @@ def _write_uncertain(
     return uncertain
 
 
+def _report_folder(report_dir: str | os.PathLike[str]) -> Path:
+    """The report folder, created if needed.
+
+    Raises:
+        OutputError: If it is an existing file or cannot be created.
+    """
+    folder = Path(report_dir)
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(
+            f"The report path is a file, not a folder. Received: report_dir={str(folder)!r}"
+        )
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(
+            f"Cannot create the report folder: {exc}. Received: report_dir={str(folder)!r}"
+        ) from exc
+    return folder
+
+
+def write_evaluation_report(
+    evaluation: Evaluation,
+    report_dir: str | os.PathLike[str],
+    images_root: str | os.PathLike[str] | None = None,
+) -> Path:
+    """Write ``index.html`` and its PNG plots for an evaluated file.
+
+    Args:
+        evaluation: What ``evaluate_file`` returned; the report reads no file again. Per-image
+            box plots need it made with ``samples=True`` (and a file with a ``samples``
+            column); otherwise they are bars of the stored statistics.
+        report_dir: Folder for the report; created if needed, existing files are replaced.
+        images_root: Folder the ``path`` column is relative to, for the thumbnails. Default:
+            the ``images`` folder stored in the file's metadata. Missing images get a
+            placeholder.
+
+    Returns:
+        The path of ``index.html``.
+
+    Raises:
+        OutputError: If ``report_dir`` is an existing file or cannot be created (a
+            ``UsageError``).
+        OSError: If the report cannot be written.
+    """
+    folder = _report_folder(report_dir)
+    results, lab, names = evaluation.results, evaluation.labelled, evaluation.class_names
+    source = evaluation.source
+    metadata = {} if source is None else source.metadata
+    reliability = _draw_reliability(evaluation.reliability, results["ece"])
+    risk_coverage = _draw_risk_coverage(evaluation.risk_coverage, lab.correct, results)
+    plots = {
+        "reliability": _save(reliability, folder, "reliability.png"),
+        "risk_coverage": _save(risk_coverage, folder, "risk_coverage.png"),
+        "scores": _plot_score_histograms(folder, _score_groups(evaluation), results),
+        "confusion": _plot_confusion(folder, lab.labels, lab.pred.astype(np.int64), names),
+    }
+    out_path = None if source is None else Path(source.path)
+    root = _resolve_images_root(out_path, metadata, images_root)
+    uncertain = _write_uncertain(folder, evaluation, root)
+
+    index = folder / "index.html"
+    index.write_text(_page(results, metadata, plots, uncertain), encoding="utf-8")
+    return index
+
+
 def write_report(
     out_path: str | os.PathLike[str],
     report_dir: str | os.PathLike[str],
     ood_path: str | os.PathLike[str] | None = None,
     images_root: str | os.PathLike[str] | None = None,
 ) -> Path:
-    """Write ``index.html`` and its PNG plots for a scored Parquet file.
+    """Evaluate a scored Parquet file and write ``index.html`` and its PNG plots.
+
+    Each file is read once (with the ``samples`` column, if any) by ``evaluate_file``; see
+    ``write_evaluation_report``.
 
     Args:
         out_path: Parquet file written by ``batchuq score`` (labelled rows give the metrics).
@@ -821,34 +934,11 @@ def write_report(
         The path of ``index.html``.
 
     Raises:
-        ValueError: If a file has no batchuq metadata or a column is missing, the OOD file
-            has other class names, or ``report_dir`` is an existing file.
-        OSError: If a file cannot be read or the report cannot be written.
+        UsageError: If a file is not a batchuq Parquet file or a column is missing, the OOD
+            file has other class names, or ``report_dir`` is an existing file (a
+            ``ValueError`` too).
+        OSError: If the report cannot be written.
     """
-    out_path = Path(out_path)
-    folder = Path(report_dir)
-    if folder.exists() and not folder.is_dir():
-        raise ValueError(
-            f"The report path is a file, not a folder. Received: report_dir={str(folder)!r}"
-        )
-    folder.mkdir(parents=True, exist_ok=True)
-
-    scored = read_scored(out_path, ood_path)  # each file read once, for metrics and plots
-    results = evaluate_parquet(out_path, ood_path, scored)
-    df, metadata, ood_df = scored
-    names = list(metadata["class_names"])
-    lab = labelled_rows(df, names)
-    bins = metrics.reliability_bins(lab.confidence, lab.correct) if lab.mask.any() else None
-    risk_coverage = _draw_risk_coverage(lab.confidence, lab.correct, results)
-    plots = {
-        "reliability": _save(_draw_reliability(bins, results["ece"]), folder, "reliability.png"),
-        "risk_coverage": _save(risk_coverage, folder, "risk_coverage.png"),
-        "scores": _plot_score_histograms(folder, _score_groups(df, ood_df, names, lab), results),
-        "confusion": _plot_confusion(folder, lab.labels, lab.pred.astype(np.int64), names),
-    }
-    root = _resolve_images_root(out_path, metadata, images_root)
-    uncertain = _write_uncertain(folder, out_path, df, names, root)
-
-    index = folder / "index.html"
-    index.write_text(_page(results, metadata, plots, uncertain), encoding="utf-8")
-    return index
+    _report_folder(report_dir)  # refuse a bad folder before reading the files
+    evaluation = evaluate_file(out_path, ood_path, samples=True)
+    return write_evaluation_report(evaluation, report_dir, images_root)
