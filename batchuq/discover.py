@@ -23,6 +23,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# The errors of this module, from the one hierarchy (also importable from here).
+from batchuq.errors import ImagesFolderError, LayoutError, NoImagesFoundError, UsageError
+
 # Formats Pillow reads (TIFF: first page; GIF: first frame; ICO: the largest size).
 IMAGE_EXTENSIONS: tuple[str, ...] = (
     ".jpg",
@@ -42,14 +45,6 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (
 )
 # Folder names that mean "a split of a dataset", not "a class".
 SPLIT_NAMES = frozenset({"train", "training", "val", "valid", "validation", "test", "testing"})
-
-
-class NoImagesFoundError(ValueError):
-    """Raised when a folder holds no image files."""
-
-
-class LayoutError(ValueError):
-    """Raised when a folder's layout is a mistake to score as it is (e.g. dataset splits)."""
 
 
 def natural_key(text: str) -> list[int | str]:
@@ -260,12 +255,12 @@ def discover_images(
         folder ``resolve_layout`` chose.
 
     Raises:
-        NotADirectoryError: If ``root`` is not a folder.
+        ImagesFolderError: If ``root`` is not a folder (a ``NotADirectoryError`` too).
         LayoutError: If ``root`` holds dataset splits rather than classes.
         NoImagesFoundError: If no file with an accepted extension is found.
     """
     if not Path(root).is_dir():
-        raise NotADirectoryError(
+        raise ImagesFolderError(
             f"The images folder does not exist or is not a folder. Received: images={str(root)!r}"
         )
     root_path, notices = resolve_layout(root, extensions, follow_symlinks)
@@ -310,12 +305,12 @@ def read_labels_file(path: str | os.PathLike[str]) -> dict[str, str]:
         A dict from folder id (e.g. ``"n0"``) to readable name (e.g. ``"mantled_howler"``).
 
     Raises:
-        ValueError: If the file has no header or no rows.
+        UsageError: If the file has no header or no rows.
     """
     with open(path, newline="", encoding="utf-8") as handle:
         rows = [[cell.strip() for cell in row] for row in csv.reader(handle) if row]
     if len(rows) < 2 or len(rows[0]) < 2:
-        raise ValueError(
+        raise UsageError(
             "The labels file needs a header line and one row per class, e.g. "
             f"'Label, Latin Name, Common Name'. Received: labels={str(path)!r}"
         )

@@ -9,12 +9,10 @@ import os
 import zipfile
 from pathlib import Path
 
+from batchuq.errors import ModelError  # also importable from here (and from batchuq.models)
+
 BUNDLED_MODEL = Path(__file__).parent / "data" / "digits_cnn.keras"
 MODEL_ENV = "BATCHUQ_MODEL"
-
-
-class ModelError(ValueError):
-    """Raised when a model cannot be used; the message says why."""
 
 
 def check_model_file(path: str | os.PathLike[str]) -> Path:

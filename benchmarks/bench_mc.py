@@ -525,8 +525,8 @@ def main(argv: list[str] | None = None) -> int:
     tf.get_logger().setLevel("ERROR")
 
     from batchuq.decode import ImageSpec
-    from batchuq.seeds import image_keys
     from batchuq.jobs.train import reference_cnn
+    from batchuq.seeds import image_keys
 
     bf16 = supports_precision()
     tmp = Path(tempfile.mkdtemp(prefix="bench_mc_"))

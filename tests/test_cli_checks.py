@@ -8,13 +8,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import click
 import pytest
+from click.testing import CliRunner
 from conftest import REPO, SAMPLE_TEST
 
-from batchuq.cli import EXIT_NO_IMAGES, EXIT_USAGE
+from batchuq.cli.runtime import EXIT_FATAL, EXIT_NO_IMAGES, EXIT_USAGE, exit_on_error, setup_logging
+from batchuq.errors import ModelError, NoImagesFoundError, UsageError
 
 # Runs the real CLI in a fresh interpreter and reports, on its last line, the exit code and
-# whether TensorFlow or Keras got imported: a check made before the import costs ~0.3 s, one
+# which heavy modules got imported: a check made before the TensorFlow import costs ~0.3 s, one
 # made after it ~8 s.
 _PROBE = """
 import sys
@@ -22,7 +25,7 @@ from batchuq.cli import main
 try:
     main()
 except SystemExit as exc:
-    heavy = sorted(m for m in ("tensorflow", "keras", "pandas") if m in sys.modules)
+    heavy = sorted(m for m in ("tensorflow", "keras", "pandas", "matplotlib") if m in sys.modules)
     print("PROBE", exc.code, ",".join(heavy) or "-")
 """
 
@@ -90,8 +93,51 @@ def test_json_log_format_reports_checks_as_json(folders: Path) -> None:
     assert [e["event"] for e in events] == ["no_images"]
 
 
-def test_help_imports_no_tensorflow() -> None:
-    for args in (["--help"], ["score", "--help"]):
-        got, heavy, output = _probe(*args, cwd=REPO)
-        assert got == 0 and "Usage: batchuq" in output
-        assert heavy == "-", f"batchuq {' '.join(args)} imported {heavy}"
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--help"],
+        ["score", "--help"],
+        ["calibrate", "--help"],
+        ["evaluate", "--help"],
+        ["train", "--help"],
+    ],
+)
+def test_help_imports_no_tensorflow(args: list[str]) -> None:
+    # Each command is loaded lazily: the group's help imports none of them, and a command's
+    # help imports only its own module, which keeps TensorFlow, Keras, pandas and matplotlib
+    # for the moment it runs.
+    got, heavy, output = _probe(*args, cwd=REPO)
+    assert got == 0 and "Usage: batchuq" in output, output
+    assert heavy == "-", f"batchuq {' '.join(args)} imported {heavy}"
+
+
+def _failing_command(exc: BaseException, **mapping: bool) -> click.Command:
+    @click.command()
+    def fail() -> None:
+        setup_logging()  # to this invocation's stderr
+        with exit_on_error(**mapping):
+            raise exc
+
+    return fail
+
+
+@pytest.mark.parametrize(
+    ("exc", "mapping", "code", "message"),
+    [
+        (UsageError("bad option. Received: x=1"), {}, EXIT_USAGE, "Error: bad option"),
+        (ModelError("no model. Received: model='m'"), {}, EXIT_USAGE, "Error: no model"),
+        (NoImagesFoundError("none in 'x'."), {}, EXIT_NO_IMAGES, "No images to score: none"),
+        (NoImagesFoundError("none in 'x'."), {"skip_on_no_images": False}, EXIT_USAGE, "Error:"),
+        (click.BadParameter("nope"), {}, EXIT_USAGE, "Invalid value: nope"),
+        # Not a usage error: a bug or a failure mid-run, with its traceback (never exit 2).
+        (ValueError("shapes (3,) and (4,) not aligned"), {}, EXIT_FATAL, "Traceback"),
+        (RuntimeError("disk on fire"), {}, EXIT_FATAL, "fatal error, no output written"),
+    ],
+)
+def test_one_mapping_from_exceptions_to_exit_codes(
+    exc: BaseException, mapping: dict[str, bool], code: int, message: str
+) -> None:
+    result = CliRunner().invoke(_failing_command(exc, **mapping), [])
+    assert result.exit_code == code, result.output
+    assert message in result.output

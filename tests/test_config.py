@@ -11,7 +11,8 @@ import pytest
 from click.testing import CliRunner
 from conftest import REPO
 
-from batchuq.cli import EXIT_OK, EXIT_USAGE, cli
+from batchuq.cli import cli
+from batchuq.cli.runtime import EXIT_OK, EXIT_USAGE
 from batchuq.write import read_metadata
 
 BUNDLED = REPO / "batchuq" / "data" / "digits_cnn.keras"

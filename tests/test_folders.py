@@ -12,7 +12,8 @@ from click.testing import CliRunner
 from conftest import SAMPLE_TEST
 from PIL import Image
 
-from batchuq.cli import EXIT_OK, EXIT_USAGE, cli
+from batchuq.cli import cli
+from batchuq.cli.runtime import EXIT_OK, EXIT_USAGE
 
 # Kaggle's monkey_labels.txt, with its ragged spacing and trailing tabs.
 MONKEY_LABELS = "Label,  Latin Name           , Common Name                   , Train Images\n" + (

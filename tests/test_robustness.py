@@ -23,7 +23,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from batchuq import score_directory
-from batchuq.cli import EXIT_IMAGE_ERRORS, EXIT_SIGINT, EXIT_SIGTERM, EXIT_USAGE, cli
+from batchuq.cli import cli
+from batchuq.cli.runtime import EXIT_IMAGE_ERRORS, EXIT_SIGINT, EXIT_SIGTERM, EXIT_USAGE
 from batchuq.models import ModelError, load_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -350,7 +351,7 @@ def test_tensorflow_import_notices_are_filtered_and_other_output_kept(
     )
     env = {**os.environ, "PYTHONPATH": f"{fake.parent}{os.pathsep}{REPO}", "TMPDIR": str(tmp_path)}
     code = (
-        "from batchuq.cli import import_tensorflow_quietly\n"
+        "from batchuq.cli.runtime import import_tensorflow_quietly\n"
         f"import_tensorflow_quietly({log_format!r})"
     )
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
@@ -373,7 +374,7 @@ def test_tensorflow_import_notices_are_filtered_and_other_output_kept(
 def test_resumed_run_reports_the_counts_of_an_uninterrupted_run(
     digits_subset: Path, tmp_path: Path
 ) -> None:
-    from batchuq.jobs.score import StopRequested
+    from batchuq.errors import StopRequested
 
     (digits_subset / "n0" / "aaa_bad.jpg").write_text("not an image")  # first: checkpointed
     (digits_subset / "n9" / "zzz_bad.jpg").write_text("not an image")  # last: after resuming

@@ -10,8 +10,8 @@ from click.testing import CliRunner
 
 from batchuq.cli import cli
 from batchuq.decode import ImageSpec
-from batchuq.models import load_model, read_sidecar
 from batchuq.jobs.train import reference_cnn
+from batchuq.models import load_model, read_sidecar
 
 
 def test_reference_cnn_architecture() -> None:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-import sys
 import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import click
+from click.core import ParameterSource
 
 from batchuq.cli.config import config_option, section_defaults, settings_provenance
 from batchuq.cli.options import (
@@ -24,12 +27,18 @@ from batchuq.cli.options import (
     seed_option,
     split_csv,
 )
-from batchuq.defaults import DEFAULT_PASSES
-from batchuq.postprocess.calibration import CONFORMAL_METHODS, CalibrationWarning
-
-
-# --------------------------------------------------------------------------------------------
-# Command line.
+from batchuq.cli.runtime import exit_on_error, import_tensorflow_quietly
+from batchuq.defaults import (
+    DEFAULT_ALPHA,
+    DEFAULT_CALIBRATION_PASSES,
+    DEFAULT_CALIBRATION_TTA,
+    DEFAULT_CONFORMAL,
+    DEFAULT_PASSES,
+    DEFAULT_PERCENTILE,
+    DEFAULT_TTA,
+)
+from batchuq.postprocess.calibration_file import CalibrationWarning
+from batchuq.postprocess.conformal import CONFORMAL_METHODS
 
 # calibrate option -> score option whose value in the config's [score] table becomes its
 # default: the scoring predictor (and the model) follow the scoring settings.
@@ -70,7 +79,7 @@ _FROM_SCORE_TABLE = {
     "--tta",
     "-K",
     type=click.IntRange(min=1),
-    default=100,
+    default=DEFAULT_CALIBRATION_TTA,
     show_default=True,
     help="Thresholds: augmented copies per validation image.",
 )
@@ -78,7 +87,7 @@ _FROM_SCORE_TABLE = {
     "--passes",
     "-T",
     type=click.IntRange(min=1),
-    default=1,
+    default=DEFAULT_CALIBRATION_PASSES,
     show_default=True,
     help="Thresholds: MC dropout passes per copy (a copy's vector is the mean of its passes).",
 )
@@ -93,7 +102,7 @@ _FROM_SCORE_TABLE = {
 @click.option(
     "--score-tta",
     type=click.IntRange(min=1),
-    default=1,
+    default=DEFAULT_TTA,
     show_default=True,
     help="Scoring predictor: TTA copies, as score's --tta. Default: tta in the config's "
     "[score] table, else score's default.",
@@ -101,21 +110,21 @@ _FROM_SCORE_TABLE = {
 @click.option(
     "--percentile",
     type=click.FloatRange(0, 100),
-    default=10.0,
+    default=DEFAULT_PERCENTILE,
     show_default=True,
     help="Percentile of the predicted-class probabilities taken as each class's threshold.",
 )
 @click.option(
     "--alpha",
     type=click.FloatRange(0, 1, min_open=True, max_open=True),
-    default=0.1,
+    default=DEFAULT_ALPHA,
     show_default=True,
     help="Conformal miscoverage: sets hold the true class with probability >= 1 - alpha.",
 )
 @click.option(
     "--conformal",
     type=click.Choice(CONFORMAL_METHODS),
-    default="lac",
+    default=DEFAULT_CONFORMAL,
     show_default=True,
     help="Conformal sets: lac = marginal, {c : 1 - p_c <= q}; class = one quantile per class "
     "(needs about 10/alpha images per class); aps = adaptive sets, never empty.",
@@ -134,35 +143,7 @@ _FROM_SCORE_TABLE = {
 @progress_option
 @config_option
 @click.pass_context
-def calibrate_command(
-    ctx: click.Context,
-    val_images: Path,
-    output: Path,
-    model: Path | None,
-    imports: tuple[str, ...],
-    tta: int,
-    passes: int,
-    score_passes: int,
-    score_tta: int,
-    percentile: float,
-    alpha: float,
-    conformal: str,
-    tta_rotation: float,
-    tta_zoom: float,
-    tta_shift: float,
-    tta_contrast: float,
-    tta_flip: bool,
-    rescale: float | None,
-    sample_layers: str | None,
-    precision: str,
-    logits: bool,
-    exif_transpose: bool | None,
-    class_names: str | None,
-    labels: Path | None,
-    seed: int,
-    batch_size: int,
-    progress: bool,
-) -> None:
+def calibrate_command(ctx: click.Context, val_images: Path, output: Path, **options: Any) -> None:
     """Fit validation thresholds, a temperature and conformal sets on VAL_IMAGES.
 
     VAL_IMAGES is a labelled folder with one subfolder per class. Thresholds: each image is
@@ -180,64 +161,105 @@ def calibrate_command(
 
         batchuq calibrate sample_data/digits/val -o calibration.json
     """
-    from click.core import ParameterSource
+    from batchuq.postprocess.calibration_file import format_summary
 
-    from batchuq.cli import EXIT_USAGE, import_tensorflow_quietly
-    from batchuq.jobs.calibrate import calibrate_directory
-    from batchuq.postprocess.calibration import format_summary
-    from batchuq.discover import NoImagesFoundError
+    values, settings = _with_score_table_defaults(ctx)
+    # Warnings after the error, as they were printed before: the outer block prints them.
+    with _calibration_warnings_printed(), exit_on_error(skip_on_no_images=False):
+        import_tensorflow_quietly()
+        from batchuq.jobs.calibrate import calibrate_directory
+        from batchuq.model_files import import_user_modules
 
+        import_user_modules(values["imports"])
+        calibration = calibrate_directory(
+            val_images, output, **_calibrate_keywords(values), settings=settings
+        )
+    click.echo(format_summary(calibration))
+    click.echo(f"-> {output}", err=True)
+
+
+# calibrate options that calibrate_directory takes under the same name and as they are.
+_AS_THEY_ARE = (
+    "tta",
+    "passes",
+    "score_passes",
+    "score_tta",
+    "conformal",
+    "percentile",
+    "alpha",
+    "seed",
+    "batch_size",
+    "progress",
+    "tta_rotation",
+    "tta_zoom",
+    "tta_shift",
+    "tta_contrast",
+    "tta_flip",
+    "labels",
+    "rescale",
+    "precision",
+    "logits",
+    "exif_transpose",
+)
+
+
+def _with_score_table_defaults(
+    ctx: click.Context,
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """The command's values and their provenance, with defaults from the ``[score]`` table.
+
+    An option left at its built-in default takes the value of its score counterpart
+    (``_FROM_SCORE_TABLE``) in the config file's ``[score]`` table, when the table has it.
+
+    Args:
+        ctx: The ``calibrate`` command's context, after parsing.
+
+    Returns:
+        ``(values, settings)``: the values by parameter name, and ``settings_provenance`` with
+        the values taken from ``[score]`` marked as such.
+    """
     values = dict(ctx.params)
-    options = settings_provenance(ctx)
+    settings = settings_provenance(ctx)
     score_table = section_defaults(ctx, "score")
     for name, key in _FROM_SCORE_TABLE.items():
         if key in score_table and ctx.get_parameter_source(name) == ParameterSource.DEFAULT:
             values[name] = score_table[key]
-            options[name] = {
+            settings[name] = {
                 "value": score_table[key],
-                "source": f"config file [score] ({options['config']['value']})",
+                "source": f"config file [score] ({settings['config']['value']})",
             }
-    model = None if values["model"] is None else Path(values["model"])
+    return values, settings
 
-    import_tensorflow_quietly()
-    from batchuq.model_files import import_user_modules
-    from batchuq.models import ModelError
 
+def _calibrate_keywords(values: Mapping[str, Any]) -> dict[str, Any]:
+    """The keyword arguments of ``calibrate_directory`` for the values of ``batchuq calibrate``.
+
+    Args:
+        values: The command's values by parameter name (``_with_score_table_defaults``).
+
+    Returns:
+        ``calibrate_directory``'s keywords, except ``settings``.
+    """
+    return {
+        **{name: values[name] for name in _AS_THEY_ARE},
+        "model": None if values["model"] is None else Path(values["model"]),
+        "class_names": split_csv(values["class_names"]),
+        "sample_layers": split_csv(values["sample_layers"]),
+    }
+
+
+@contextmanager
+def _calibration_warnings_printed() -> Iterator[None]:
+    """Print the ``CalibrationWarning``s raised in the block as ``Warning: ...`` on stderr.
+
+    They say what the user should know about the fit (a class with too few images for its
+    quantile, ...); other warnings are shown as Python shows them. They are printed when the
+    block ends, however it ends.
+    """
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", CalibrationWarning)
         try:
-            import_user_modules(values["imports"])
-            calibration = calibrate_directory(
-                val_images,
-                output,
-                model=model,
-                tta=tta,
-                passes=passes,
-                score_passes=values["score_passes"],
-                score_tta=values["score_tta"],
-                conformal=conformal,
-                percentile=percentile,
-                alpha=alpha,
-                seed=seed,
-                batch_size=batch_size,
-                progress=progress,
-                tta_rotation=values["tta_rotation"],
-                tta_zoom=values["tta_zoom"],
-                tta_shift=values["tta_shift"],
-                tta_contrast=values["tta_contrast"],
-                tta_flip=values["tta_flip"],
-                class_names=split_csv(class_names),
-                labels=labels,
-                rescale=values["rescale"],
-                sample_layers=split_csv(values["sample_layers"]),
-                precision=values["precision"],
-                logits=values["logits"],
-                exif_transpose=values["exif_transpose"],
-                settings=options,
-            )
-        except (NoImagesFoundError, NotADirectoryError, ModelError, ValueError) as exc:
-            click.echo(f"Error: {exc}", err=True)
-            sys.exit(EXIT_USAGE)
+            yield
         finally:
             for warning in caught:
                 if issubclass(warning.category, CalibrationWarning):
@@ -246,5 +268,3 @@ def calibrate_command(
                     warnings.showwarning(
                         warning.message, warning.category, warning.filename, warning.lineno
                     )
-    click.echo(format_summary(calibration))
-    click.echo(f"-> {output}", err=True)

@@ -12,7 +12,15 @@ from typing import Any
 
 import click
 
-from batchuq.defaults import DEFAULT_BATCH_SIZE
+from batchuq.defaults import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_SEED,
+    DEFAULT_TTA_CONTRAST,
+    DEFAULT_TTA_FLIP,
+    DEFAULT_TTA_ROTATION,
+    DEFAULT_TTA_SHIFT,
+    DEFAULT_TTA_ZOOM,
+)
 
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
 
@@ -41,34 +49,34 @@ augmentation_options = _compose(
     click.option(
         "--tta-rotation",
         type=click.FloatRange(min=0),
-        default=15.0,
+        default=DEFAULT_TTA_ROTATION,
         show_default=True,
         help="TTA: maximum rotation in degrees.",
     ),
     click.option(
         "--tta-zoom",
         type=click.FloatRange(0, 1, max_open=True),
-        default=0.1,
+        default=DEFAULT_TTA_ZOOM,
         show_default=True,
         help="TTA: maximum relative zoom in or out.",
     ),
     click.option(
         "--tta-shift",
         type=click.FloatRange(min=0),
-        default=0.1,
+        default=DEFAULT_TTA_SHIFT,
         show_default=True,
         help="TTA: maximum translation, as a fraction of width and height.",
     ),
     click.option(
         "--tta-contrast",
         type=click.FloatRange(0, 1, max_open=True),
-        default=0.1,
+        default=DEFAULT_TTA_CONTRAST,
         show_default=True,
         help="TTA: maximum relative contrast change.",
     ),
     click.option(
         "--tta-flip/--no-tta-flip",
-        default=False,
+        default=DEFAULT_TTA_FLIP,
         show_default=True,
         help="TTA: flip half the copies horizontally (off: flips turn some classes into others).",
     ),
@@ -77,7 +85,7 @@ augmentation_options = _compose(
 seed_option = click.option(
     "--seed",
     type=int,
-    default=0,
+    default=DEFAULT_SEED,
     show_default=True,
     help="Seed for augmentation and dropout masks; same seed, same draws (see the README on "
     "what is bitwise).",

@@ -1,0 +1,406 @@
+"""``batchuq score``: the command over ``batchuq.jobs.score.score_directory``.
+
+The module imports no TensorFlow: ``batchuq score --help`` and the usual mistakes (checked by
+``check_score_arguments``) are answered in a moment; TensorFlow is imported only to run.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import click
+
+from batchuq.cli.config import config_option, settings_provenance
+from batchuq.cli.options import (
+    augmentation_options,
+    batch_size_option,
+    class_names_options,
+    exif_transpose_option,
+    import_option,
+    logits_option,
+    model_option,
+    precision_option,
+    progress_option,
+    rescale_option,
+    sample_layers_option,
+    seed_option,
+    split_csv,
+)
+from batchuq.cli.runtime import (
+    EXIT_IMAGE_ERRORS,
+    StopOnSignal,
+    exit_on_error,
+    import_tensorflow_quietly,
+    say,
+    setup_logging,
+)
+from batchuq.defaults import (
+    DEFAULT_CHECKPOINT_ROWS,
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MEMORY_BUDGET_MB,
+    DEFAULT_MIN_CONFIDENCE,
+    DEFAULT_MIN_MEDIAN,
+    DEFAULT_PASSES,
+    DEFAULT_RULE,
+    DEFAULT_TTA,
+)
+from batchuq.errors import (
+    CalibrationError,
+    ImagesFolderError,
+    NoImagesFoundError,
+    OutputError,
+)
+
+
+@click.command("score")
+@click.argument("images", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("output", type=click.Path(dir_okay=False, path_type=Path))
+@model_option
+@click.option(
+    "--passes",
+    "-T",
+    type=click.IntRange(min=1),
+    default=DEFAULT_PASSES,
+    show_default=True,
+    help="MC dropout forward passes per (augmented) image. 1 = deterministic softmax.",
+)
+@click.option(
+    "--tta",
+    "-K",
+    type=click.IntRange(min=1),
+    default=DEFAULT_TTA,
+    show_default=True,
+    help="Test-time augmentation copies per image. 1 = no augmentation.",
+)
+@augmentation_options
+@seed_option
+@batch_size_option
+@click.option(
+    "--rule",
+    type=click.Choice(["median", "threshold", "confidence", "none"]),
+    default=DEFAULT_RULE,
+    show_default=True,
+    help="Decision rule: median = top median beats all others and >= --min-median; "
+    "threshold = pred unless below its class's threshold from --calibration; "
+    "confidence = mean probability of the prediction >= --min-confidence; none.",
+)
+@click.option(
+    "--calibration",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="calibration.json from `batchuq calibrate` for this model: thresholds for "
+    "--rule threshold, the temperature, and a conformal pred_set column.",
+)
+@click.option(
+    "--temperature/--no-temperature",
+    default=False,
+    show_default=True,
+    help="Rescale the MC mean with the calibration's fitted temperature.",
+)
+@click.option(
+    "--allow-predictor-mismatch",
+    is_flag=True,
+    default=False,
+    show_default=True,
+    help="Use a --calibration fitted on another predictor (passes, TTA, augmentation, rescale, "
+    "precision, sampled layers, logits, EXIF) than this run's, with a warning. Its conformal "
+    "sets and temperature then carry no guarantee. By default that is a usage error.",
+)
+@click.option(
+    "--min-median",
+    type=click.FloatRange(0, 1),
+    default=DEFAULT_MIN_MEDIAN,
+    show_default=True,
+    help="Median rule: smallest median probability that is accepted.",
+)
+@click.option(
+    "--min-confidence",
+    type=click.FloatRange(0, 1),
+    default=DEFAULT_MIN_CONFIDENCE,
+    show_default=True,
+    help="Confidence rule: smallest mean probability that is accepted.",
+)
+@class_names_options
+@rescale_option
+@sample_layers_option
+@click.option(
+    "--memory-budget",
+    type=click.FloatRange(min=1),
+    default=DEFAULT_MEMORY_BUDGET_MB,
+    show_default=True,
+    help="Estimated MB of activations for one chunk of augmented copies and tiled passes: "
+    "bounds the memory that would grow with --passes and --tta (peak RSS rose by about 1.5x "
+    "this on the reference CNN). Larger chunks were not faster there.",
+)
+@precision_option
+@click.option(
+    "--max-pixels",
+    type=click.IntRange(min=1),
+    default=DEFAULT_MAX_PIXELS,
+    show_default=True,
+    help="Refuse images with more pixels than this (decompression bombs).",
+)
+@click.option(
+    "--max-error-rate",
+    type=click.FloatRange(0, 1),
+    default=0.0,
+    show_default=True,
+    help="Share of unreadable images tolerated before the exit code is 1.",
+)
+@logits_option
+@click.option(
+    "--save-samples",
+    is_flag=True,
+    default=False,
+    show_default=True,
+    help="Add a `samples` column with every image's raw T x K samples per class (for "
+    "`evaluate --report` distribution plots); about 4*T*K*classes bytes per image.",
+)
+@click.option(
+    "--resume",
+    is_flag=True,
+    default=False,
+    show_default=True,
+    help="Keep finished rows in OUTPUT.checkpoint/ and, after an interrupted run with the "
+    "same settings, score only the images not done yet.",
+)
+@click.option(
+    "--checkpoint-rows",
+    type=click.IntRange(min=1),
+    default=DEFAULT_CHECKPOINT_ROWS,
+    show_default=True,
+    help="With --resume: rows per checkpoint part (work lost on a kill is at most this).",
+)
+@click.option(
+    "--follow-symlinks",
+    is_flag=True,
+    default=False,
+    show_default=True,
+    help="Follow symlinks that leave IMAGES (by default they become error rows).",
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="json: one JSON object per line on stderr for every event (start, image_error, "
+    "summary, usage_error, too_many_errors, interrupted).",
+)
+@click.option(
+    "--include-all",
+    is_flag=True,
+    default=False,
+    show_default=True,
+    help="Try every file, not only image extensions (.jpg .png .webp .tif ...): files that are "
+    "not images become error rows. Otherwise they are counted as skipped.",
+)
+@exif_transpose_option
+@import_option
+@click.option(
+    "--missing-ok",
+    is_flag=True,
+    default=False,
+    show_default=True,
+    help="A missing IMAGES folder counts as a night with no images: exit 4 (skip), not 2.",
+)
+@click.option(
+    "--no-clobber",
+    is_flag=True,
+    default=False,
+    show_default=True,
+    help="Refuse to replace an existing OUTPUT (exit 2). By default it is replaced "
+    "atomically when the run completes.",
+)
+@progress_option
+@config_option
+@click.pass_context
+def score(ctx: click.Context, images: Path, output: Path, **options: Any) -> None:
+    """Score every image in IMAGES and write one Parquet row per image to OUTPUT.
+
+    IMAGES is a folder with one subfolder per class (n0, n1, ... : rows get a label) or a flat
+    folder of images (unlabelled). Each image is augmented --tta times and each copy is run
+    --passes times with only the dropout layers switched on; the per-class mean, median and
+    std over those samples, the uncertainty scores and a decision go into OUTPUT. OUTPUT is
+    written to a temporary file and renamed into place only when the run completes.
+
+    Every option can also come from a config file (--config, $BATCHUQ_CONFIG or ./batchuq.toml,
+    table [score]); the command line and the environment win over it.
+
+    Exit codes: 0 ok, 1 too many unreadable images, 2 usage error, 3 failure during the run,
+    4 no images found, 130/143 interrupted.
+
+    Example:
+
+        batchuq score sample_data/digits/test out.parquet --passes 100 --tta 4
+    """
+    setup_logging(options["log_format"])
+    with exit_on_error():
+        check_score_arguments(
+            images,
+            output,
+            model=options["model"],
+            calibration=options["calibration"],
+            missing_ok=options["missing_ok"],
+            no_clobber=options["no_clobber"],
+            include_all=options["include_all"],
+        )
+        import_tensorflow_quietly(options["log_format"])
+        from batchuq.jobs.score import score_directory
+        from batchuq.model_files import import_user_modules
+
+        with StopOnSignal(output, options["resume"]) as stop:
+            import_user_modules(options["imports"])
+            report = score_directory(
+                images,
+                output,
+                **score_keywords(options),
+                should_stop=stop.should_stop,
+                settings=settings_provenance(ctx),
+            )
+    if report.errors and report.error_rate > options["max_error_rate"]:
+        say(
+            f"{report.errors} of {report.images} images could not be read "
+            f"({report.error_rate:.1%} > --max-error-rate {options['max_error_rate']:.1%}); "
+            "see rows whose status starts with 'error'.",
+            "too_many_errors",
+        )
+        sys.exit(EXIT_IMAGE_ERRORS)
+
+
+# score options that score_directory takes under the same name and as they are.
+_AS_THEY_ARE = (
+    "model",
+    "passes",
+    "seed",
+    "batch_size",
+    "calibration",
+    "temperature",
+    "allow_predictor_mismatch",
+    "labels",
+    "rescale",
+    "max_pixels",
+    "precision",
+    "logits",
+    "save_samples",
+    "resume",
+    "checkpoint_rows",
+    "follow_symlinks",
+    "include_all",
+    "exif_transpose",
+)
+
+
+def score_keywords(options: Mapping[str, Any]) -> dict[str, Any]:
+    """The keyword arguments of ``score_directory`` for the options of ``batchuq score``.
+
+    Imports TensorFlow (through ``batchuq.augment``): call it after
+    ``import_tensorflow_quietly``.
+
+    Args:
+        options: The command's parsed options, by parameter name.
+
+    Returns:
+        ``score_directory``'s keywords, except ``should_stop`` and ``settings``.
+
+    Raises:
+        UsageError: If the TTA or rule settings are out of range.
+    """
+    from batchuq.augment import TTAConfig
+    from batchuq.postprocess.rules import DecisionRule
+
+    return {
+        **{name: options[name] for name in _AS_THEY_ARE},
+        "tta": TTAConfig(
+            options["tta"],
+            options["tta_rotation"],
+            options["tta_zoom"],
+            options["tta_shift"],
+            options["tta_contrast"],
+            options["tta_flip"],
+        ),
+        "rule": DecisionRule(options["rule"], options["min_median"], options["min_confidence"]),
+        "class_names": split_csv(options["class_names"]),
+        "sample_layers": split_csv(options["sample_layers"]),
+        "memory_budget_mb": options["memory_budget"],
+        # The bar would break "one JSON object per line" on stderr.
+        "progress": options["progress"] and options["log_format"] == "text",
+    }
+
+
+def check_score_arguments(
+    images: Path,
+    output: Path,
+    *,
+    model: Path | None = None,
+    calibration: Path | None = None,
+    missing_ok: bool = False,
+    no_clobber: bool = False,
+    include_all: bool = False,
+) -> None:
+    """Catch the usual mistakes in a moment, before TensorFlow is imported (which takes seconds).
+
+    Args:
+        images: The images folder.
+        output: The Parquet file to write.
+        model: The ``--model`` file, if any.
+        calibration: The ``--calibration`` file, if any.
+        missing_ok: Whether a missing ``images`` folder means "nothing to score".
+        no_clobber: Whether an existing ``output`` is refused.
+        include_all: Whether every file counts, not only image extensions.
+
+    Raises:
+        NoImagesFoundError: If there is nothing to score (exit 4).
+        UsageError: For a missing images folder, a bad output path, model or calibration
+            file, or a folder of dataset splits (exit 2).
+    """
+    from batchuq.discover import IMAGE_EXTENSIONS, has_images, resolve_layout
+    from batchuq.model_files import check_model_file
+    from batchuq.write import check_output_path
+
+    if not images.exists() and missing_ok:
+        raise NoImagesFoundError(f"{str(images)!r} does not exist (--missing-ok).")
+    if not images.is_dir():
+        raise ImagesFolderError(
+            f"The images folder does not exist or is not a folder. Received: images={str(images)!r}"
+        )
+    if output.suffix.lower() != ".parquet":
+        raise OutputError(
+            "OUTPUT must end in .parquet: batchuq writes Parquet files. "
+            f"Received: output={str(output)!r}"
+        )
+    check_output_path(output)
+    if model is not None:
+        check_model_file(model)
+    if calibration is not None:
+        check_calibration_file(calibration)
+    if no_clobber and output.exists():
+        raise OutputError(
+            f"The output exists and --no-clobber is set. Received: output={str(output)!r}"
+        )
+    extensions = None if include_all else IMAGE_EXTENSIONS
+    if not has_images(images, extensions):
+        raise NoImagesFoundError(f"none found in {str(images)!r}.")
+    resolve_layout(images, extensions)
+
+
+def check_calibration_file(path: Path) -> None:
+    """Refuse a file that is not JSON from ``batchuq calibrate`` (full checks come later).
+
+    Raises:
+        CalibrationError: If the file cannot be read as JSON, or lacks the calibration keys.
+    """
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeError, json.JSONDecodeError) as exc:
+        raise CalibrationError(
+            f"Could not read the calibration file: {exc}. Received: calibration={str(path)!r}"
+        ) from None
+    if not isinstance(data, dict) or "conformal_quantiles" not in data:
+        raise CalibrationError(
+            "Not a calibration file written by `batchuq calibrate`. "
+            f"Received: calibration={str(path)!r}"
+        )
