@@ -10,6 +10,7 @@ from __future__ import annotations
 STATUS_OK = "ok"
 
 # Scoring.
+DEFAULT_METHOD = "mc_dropout"  # the uncertainty method of a plain model (methods/)
 DEFAULT_PASSES = 100
 DEFAULT_TTA = 1
 DEFAULT_SEED = 0
@@ -34,6 +35,13 @@ DEFAULT_TTA_FLIP = False
 DEFAULT_RULE = "median"
 DEFAULT_MIN_MEDIAN = 0.5
 DEFAULT_MIN_CONFIDENCE = 0.5
+
+# SNGP (batchuq/sngp.py; docs/methods.md, "SNGP").
+DEFAULT_NUM_INDUCING = 1024  # M, random Fourier features of the GP head (P is M x M in the file)
+DEFAULT_RIDGE_PENALTY = 1.0
+DEFAULT_LENGTH_SCALE = 2.0  # l of the RBF kernel exp(-|h - h'|^2 / (2 l^2))
+DEFAULT_NORM_MULTIPLIER = 0.9  # bound on each hidden layer's spectral norm
+DEFAULT_MEAN_FIELD_LAMBDA = 0.39269908169872414  # pi / 8
 
 # Calibration (docs/methods.md, "Calibration" and "Conformal prediction sets").
 DEFAULT_CALIBRATION_TTA = 100

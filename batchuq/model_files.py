@@ -13,6 +13,9 @@ from batchuq.errors import ModelError  # also importable from here (and from bat
 
 BUNDLED_MODEL = Path(__file__).parent / "data" / "digits_cnn.keras"
 MODEL_ENV = "BATCHUQ_MODEL"
+# A deep ensemble is a folder holding its members and this manifest (``batchuq train --members``).
+ENSEMBLE_MANIFEST = "ensemble.json"
+ENSEMBLE_FORMAT = "batchuq-ensemble/1"
 
 
 def check_model_file(path: str | os.PathLike[str]) -> Path:
@@ -40,6 +43,51 @@ def check_model_file(path: str | os.PathLike[str]) -> Path:
         "The model must be a Keras 3 `.keras` file (a zip archive saved by model.save) or a "
         f"legacy `.h5` file (HDF5). Received: model={str(path)!r}"
     )
+
+
+def ensemble_members(folder: str | os.PathLike[str]) -> list[tuple[Path, str]]:
+    """The members listed by an ensemble folder's manifest, in its order, with their sha256.
+
+    Args:
+        folder: A folder written by ``batchuq train --members`` (it holds ``ensemble.json``).
+
+    Returns:
+        ``(member path, recorded sha256)`` per member; every path is checked to be a model file.
+
+    Raises:
+        ModelError: If the manifest is missing, unreadable or lists no member.
+    """
+    import json
+
+    folder = Path(folder)
+    manifest = folder / ENSEMBLE_MANIFEST
+    try:
+        data = json.loads(manifest.read_text(encoding="utf-8"))
+        members = [(folder / m["file"], str(m.get("sha256", ""))) for m in data["members"]]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelError(
+            f"A model folder must be a deep ensemble with an {ENSEMBLE_MANIFEST} written by "
+            f"`batchuq train --members` ({type(exc).__name__}: {exc}). "
+            f"Received: model={str(folder)!r}"
+        ) from None
+    if not members:
+        raise ModelError(f"The ensemble lists no member. Received: model={str(folder)!r}")
+    for path, _ in members:
+        check_model_file(path)
+    return members
+
+
+def check_model_arguments(models: list[str | os.PathLike[str]] | None) -> None:
+    """Check every ``--model`` (files, or ensemble folders with their members) without TensorFlow.
+
+    Raises:
+        ModelError: If one of them is not a usable model file or ensemble folder.
+    """
+    for model in models or ():
+        if Path(model).is_dir():
+            ensemble_members(model)
+        else:
+            check_model_file(model)
 
 
 def _is_hdf5(path: Path) -> bool:

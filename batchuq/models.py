@@ -6,13 +6,24 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import keras
 
+import batchuq.sngp  # noqa: F401 (registers the SNGP layers, so SNGP models load in safe mode)
 from batchuq.decode import ImageSpec
-from batchuq.model_files import BUNDLED_MODEL, MODEL_ENV, ModelError, check_model_file
+from batchuq.model_files import (
+    BUNDLED_MODEL,
+    ENSEMBLE_FORMAT,
+    ENSEMBLE_MANIFEST,
+    MODEL_ENV,
+    ModelError,
+    check_model_file,
+    ensemble_members,
+)
 
 logger = logging.getLogger("batchuq")
 
@@ -158,6 +169,78 @@ def as_loaded_model(
     if isinstance(model, keras.Model):
         return LoadedModel(model, Path("<in-memory>"), "", False)
     return load_model(model)
+
+
+def load_models(
+    model: str | os.PathLike[str] | keras.Model | LoadedModel | Sequence[Any] | None,
+) -> list[LoadedModel]:
+    """Load the model of a run, or the members of a deep ensemble, in a fixed order.
+
+    Args:
+        model: A ``.keras`` path, an ensemble folder (``ensemble.json``: its members in the
+            manifest's order), a Keras model, a ``LoadedModel``, ``None`` (``$BATCHUQ_MODEL``
+            or the bundled demo model), or a sequence of these (members in the given order).
+
+    Returns:
+        One ``LoadedModel`` per member (one for a single model).
+
+    Raises:
+        ModelError: If a file cannot be loaded, or a member's sha256 differs from the manifest.
+    """
+    if model is None:
+        model = os.environ.get(MODEL_ENV) or None
+    if isinstance(model, (list, tuple)):
+        if not model:
+            raise ModelError("No model given. Received: model=[]")
+        return [member for item in model for member in load_models(item)]
+    if isinstance(model, (str, os.PathLike)) and Path(model).is_dir():
+        members = []
+        for path, recorded in ensemble_members(model):
+            member = load_model(path)
+            if recorded and member.sha256 != recorded:
+                raise ModelError(
+                    f"The ensemble member {path.name} changed since {ENSEMBLE_MANIFEST} was "
+                    f"written (sha256 {member.sha256[:12]}..., manifest {recorded[:12]}...). "
+                    f"Received: model={str(model)!r}"
+                )
+            members.append(member)
+        return members
+    return [as_loaded_model(model)]
+
+
+def write_ensemble_manifest(
+    folder: str | os.PathLike[str], member_files: Sequence[str | os.PathLike[str]], **extra: Any
+) -> Path:
+    """Write ``ensemble.json``: the members (file, sha256) in order, and ``extra`` fields.
+
+    Args:
+        folder: The ensemble folder; every member file lies in it.
+        member_files: The members' ``.keras`` files, in the order of the samples.
+        extra: More fields (e.g. ``class_names``, ``rescale``, ``seeds``).
+
+    Returns:
+        The manifest's path.
+    """
+    folder = Path(folder)
+    manifest = {
+        "format": ENSEMBLE_FORMAT,
+        **extra,
+        "members": [
+            {"file": str(Path(f).relative_to(folder)), "sha256": file_sha256(f)}
+            for f in member_files
+        ],
+    }
+    path = folder / ENSEMBLE_MANIFEST
+    path.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def combined_sha256(members: Sequence[LoadedModel]) -> str:
+    """The sha256 that identifies a run's model: the file's, or for an ensemble one over all
+    members' digests in order (so that a calibration is tied to the very members)."""
+    if len(members) == 1:
+        return members[0].sha256
+    return hashlib.sha256("\n".join(m.sha256 for m in members).encode()).hexdigest()
 
 
 def read_sidecar(model_path: str | os.PathLike[str]) -> dict:

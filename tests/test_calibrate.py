@@ -359,6 +359,7 @@ def test_lac_and_aps_quantiles_and_sets_match_mapie() -> None:
 
 
 PREDICTOR = {
+    "method": "mc_dropout",
     "passes": 100,
     "tta": 1,
     "augmentation": None,
@@ -435,6 +436,11 @@ def test_predictor_from_metadata_and_differences() -> None:
     }
     assert predictor_from_metadata(metadata) == PREDICTOR  # no seed; no augmentation at K = 1
     assert predictor_differences(PREDICTOR, predictor_from_metadata(metadata)) == []
+    # A calibration from before methods were recorded is an MC dropout one; an ensemble is not.
+    legacy = {k: v for k, v in PREDICTOR.items() if k != "method"}
+    assert predictor_differences(legacy, predictor_from_metadata(metadata)) == []
+    ensemble = predictor_from_metadata(metadata | {"method": "deep_ensemble"})
+    assert predictor_differences(legacy, ensemble) == [("method", "mc_dropout", "deep_ensemble")]
     augmented = metadata | {"tta": 4, "seed": 9}
     assert predictor_from_metadata(augmented)["augmentation"] == {
         "rotation": 15.0,

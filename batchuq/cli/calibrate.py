@@ -19,6 +19,7 @@ from batchuq.cli.options import (
     exif_transpose_option,
     import_option,
     logits_option,
+    model_argument,
     model_option,
     precision_option,
     progress_option,
@@ -242,7 +243,7 @@ def _calibrate_keywords(values: Mapping[str, Any]) -> dict[str, Any]:
     """
     return {
         **{name: values[name] for name in _AS_THEY_ARE},
-        "model": None if values["model"] is None else Path(values["model"]),
+        "model": model_argument(values["model"]),
         "class_names": split_csv(values["class_names"]),
         "sample_layers": split_csv(values["sample_layers"]),
     }

@@ -81,6 +81,11 @@ def _type_ok(param: click.Option, value: Any) -> bool:
     return isinstance(value, str)
 
 
+def _from(config: Path, value: str) -> str:
+    """A path written in the config file, resolved against the file's folder."""
+    return value if Path(value).is_absolute() else str(config.parent.resolve() / value)
+
+
 def _check_section(ctx: click.Context, section: str, table: Any, path: Path) -> dict[str, Any]:
     """Validate one command's table and return it as a ``default_map`` for that command."""
     where = f"{path}: [{section}]"
@@ -96,13 +101,15 @@ def _check_section(ctx: click.Context, section: str, table: Any, path: Path) -> 
             raise click.BadParameter(
                 f"{where} {key!r} is not an option of 'batchuq {section}'. Known: {known}."
             )
+        if param.multiple and isinstance(value, str):
+            value = [value]  # model = "digits.keras" for one of a repeatable option
         if not _type_ok(param, value):
             raise click.BadParameter(
                 f"{where} {key} = {value!r}: wrong type for {max(param.opts, key=len)} "
                 f"({param.type.name} expected)."
             )
-        if isinstance(param.type, click.Path) and not Path(value).is_absolute():
-            value = str(path.parent.resolve() / value)  # relative to the config file, not cwd
+        if isinstance(param.type, click.Path):  # relative to the config file, not the cwd
+            value = [_from(path, v) for v in value] if param.multiple else _from(path, value)
         try:
             param.type_cast_value(ctx, value)
         except click.BadParameter as exc:
@@ -179,7 +186,10 @@ def settings_provenance(ctx: click.Context) -> dict[str, dict[str, Any]]:
             label = f"environment ({param.envvar})"
         else:
             label = sources.get(source, str(source.name).lower() if source else "default")
-        settings[name] = {"value": _json_value(ctx.params.get(name)), "source": label}
+        value = _json_value(ctx.params.get(name))
+        if name == "model" and isinstance(value, list) and len(value) < 2:
+            value = value[0] if value else None  # one model is recorded as it always was
+        settings[name] = {"value": value, "source": label}
     return settings
 
 

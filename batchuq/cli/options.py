@@ -39,10 +39,13 @@ def _compose(*decorators: Decorator) -> Decorator:
 model_option = click.option(
     "--model",
     "-m",
+    "model",
     envvar="BATCHUQ_MODEL",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="Keras 3 .keras model (env BATCHUQ_MODEL). Default: the bundled digits demo model.",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="Keras 3 .keras model, or a deep-ensemble folder from `batchuq train --members`; "
+    "repeat it to score with an ensemble of these models (env BATCHUQ_MODEL, several separated "
+    "by ':'). Default: the bundled digits demo model.",
 )
 
 augmentation_options = _compose(
@@ -180,3 +183,13 @@ def split_csv(value: str | None) -> list[str] | None:
     if not value:
         return None
     return [part.strip() for part in value.split(",") if part.strip()]
+
+
+def model_argument(models: tuple[Path, ...] | list[str] | str | None) -> Any:
+    """``--model`` as the jobs take it: None (env or bundled), one model, or a list (ensemble)."""
+    if isinstance(models, (str, Path)):
+        models = [models]
+    models = [Path(m) for m in models or ()]
+    if not models:
+        return None
+    return models[0] if len(models) == 1 else models

@@ -122,6 +122,13 @@ _TENSORFLOW_NOTICES = (
 )
 
 
+class _NotRetracing(logging.Filter):
+    """Drops TensorFlow's "triggered tf.function retracing" warning."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "triggered tf.function retracing" not in record.getMessage()
+
+
 def import_tensorflow_quietly(log_format: str = "text") -> None:
     """Import TensorFlow with its start-up notices kept off stderr.
 
@@ -149,6 +156,9 @@ def import_tensorflow_quietly(log_format: str = "text") -> None:
             captured.seek(0)
             lines = captured.read().decode(errors="replace").splitlines()
     capture.unlink(missing_ok=True)
+    # Every ensemble member (and SNGP head) has its own compiled function, traced once each;
+    # TensorFlow counts them together and warns of "retracing" from the fifth on: not true here.
+    logging.getLogger("tensorflow").addFilter(_NotRetracing())
     for line in lines:
         if not line.strip() or any(notice in line for notice in _TENSORFLOW_NOTICES):
             continue

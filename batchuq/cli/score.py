@@ -22,6 +22,7 @@ from batchuq.cli.options import (
     exif_transpose_option,
     import_option,
     logits_option,
+    model_argument,
     model_option,
     precision_option,
     progress_option,
@@ -273,7 +274,6 @@ def score(ctx: click.Context, images: Path, output: Path, **options: Any) -> Non
 
 # score options that score_directory takes under the same name and as they are.
 _AS_THEY_ARE = (
-    "model",
     "passes",
     "seed",
     "batch_size",
@@ -314,6 +314,7 @@ def score_keywords(options: Mapping[str, Any]) -> dict[str, Any]:
 
     return {
         **{name: options[name] for name in _AS_THEY_ARE},
+        "model": model_argument(options["model"]),
         "tta": TTAConfig(
             options["tta"],
             options["tta_rotation"],
@@ -335,7 +336,7 @@ def check_score_arguments(
     images: Path,
     output: Path,
     *,
-    model: Path | None = None,
+    model: tuple[Path, ...] | None = None,
     calibration: Path | None = None,
     missing_ok: bool = False,
     no_clobber: bool = False,
@@ -346,7 +347,7 @@ def check_score_arguments(
     Args:
         images: The images folder.
         output: The Parquet file to write.
-        model: The ``--model`` file, if any.
+        model: The ``--model`` files or ensemble folders, if any.
         calibration: The ``--calibration`` file, if any.
         missing_ok: Whether a missing ``images`` folder means "nothing to score".
         no_clobber: Whether an existing ``output`` is refused.
@@ -358,7 +359,7 @@ def check_score_arguments(
             file, or a folder of dataset splits (exit 2).
     """
     from batchuq.discover import IMAGE_EXTENSIONS, has_images, resolve_layout
-    from batchuq.model_files import check_model_file
+    from batchuq.model_files import check_model_arguments
     from batchuq.write import check_output_path
 
     if not images.exists() and missing_ok:
@@ -373,8 +374,7 @@ def check_score_arguments(
             f"Received: output={str(output)!r}"
         )
     check_output_path(output)
-    if model is not None:
-        check_model_file(model)
+    check_model_arguments(list(model or ()))
     if calibration is not None:
         check_calibration_file(calibration)
     if no_clobber and output.exists():

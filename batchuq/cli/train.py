@@ -11,6 +11,7 @@ from batchuq.cli.runtime import exit_on_error, import_tensorflow_quietly, setup_
 from batchuq.defaults import (
     DEFAULT_EPOCHS,
     DEFAULT_IMAGE_SIZE,
+    DEFAULT_NUM_INDUCING,
     DEFAULT_SEED,
     DEFAULT_TRAIN_BATCH_SIZE,
     DEFAULT_VAL_SPLIT,
@@ -19,7 +20,7 @@ from batchuq.defaults import (
 
 @click.command("train")
 @click.argument("images", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("model", type=click.Path(path_type=Path))
 @click.option(
     "--epochs",
     type=click.IntRange(min=1),
@@ -75,6 +76,31 @@ from batchuq.defaults import (
     help="Turn training images upright by their EXIF orientation; recorded in the sidecar, so "
     "that `batchuq score` reads images the same way.",
 )
+@click.option(
+    "--members",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Train a deep ensemble of this many members (seeds SEED, SEED+1, ...): MODEL is then "
+    "a folder that gets member-0.keras ... and ensemble.json; score it with --model MODEL.",
+)
+@click.option(
+    "--method",
+    type=click.Choice(["reference", "sngp"]),
+    default="reference",
+    show_default=True,
+    help="reference: the reference CNN, scored with MC dropout; sngp: a spectral-normalised "
+    "residual CNN with a random-feature Gaussian-process head, scored with SNGP (detected "
+    "from the model, no flag needed at score time).",
+)
+@click.option(
+    "--num-inducing",
+    type=click.IntRange(min=1),
+    default=DEFAULT_NUM_INDUCING,
+    show_default=True,
+    help="--method sngp: random Fourier features of the Gaussian-process head (the model file "
+    "holds a num-inducing x num-inducing precision matrix: 4 MB at 1024).",
+)
 @config_option
 def train(
     images: Path,
@@ -87,6 +113,9 @@ def train(
     augment: bool,
     seed: int,
     exif_transpose: bool,
+    members: int,
+    method: str,
+    num_inducing: int,
 ) -> None:
     """Train the reference CNN on the class folders in IMAGES and save it to MODEL.
 
@@ -94,6 +123,9 @@ def train(
     Conv64-Pool-Conv64-Pool-Dropout0.5-Flatten-Dense512-Dropout0.3-Dense-softmax, Adam).
     A sidecar MODEL-stem.classes.json with the class names is written beside MODEL, so that
     `batchuq score --model MODEL` names its columns.
+
+    With --members M, MODEL is a folder and M members are trained, a deep ensemble. With
+    --method sngp the network is an SNGP model instead (docs/methods.md, "SNGP").
 
     Example:
 
@@ -103,20 +135,35 @@ def train(
     # The images are the training data: an empty folder is a usage error, not a "skip".
     with exit_on_error(skip_on_no_images=False):
         import_tensorflow_quietly()
-        from batchuq.jobs.train import train_directory
+        from batchuq.jobs.train import train_directory, train_ensemble
 
-        report = train_directory(
-            images,
-            model,
-            epochs=epochs,
-            image_size=(image_size, image_size),
-            channels=int(channels),
-            val_split=val_split,
-            batch_size=batch_size,
-            augment=augment,
-            seed=seed,
-            exif_transpose=exif_transpose,
+        options = {
+            "epochs": epochs,
+            "image_size": (image_size, image_size),
+            "channels": int(channels),
+            "val_split": val_split,
+            "batch_size": batch_size,
+            "augment": augment,
+            "seed": seed,
+            "exif_transpose": exif_transpose,
+            "method": method,
+            "num_inducing": num_inducing,
+        }
+        if members > 1:
+            ensemble = train_ensemble(images, model, members=members, **options)
+            report = ensemble.members[0]
+        else:
+            report = train_directory(images, model, **options)
+    if members > 1:
+        accuracies = [r.val_accuracy for r in ensemble.members]
+        shown = ", ".join("n/a" if a is None else f"{a:.4f}" for a in accuracies)
+        click.echo(
+            f"trained {members} members on {report.train_images} images "
+            f"({len(report.class_names)} classes), validation accuracy {shown} -> "
+            f"{ensemble.manifest}",
+            err=True,
         )
+        return
     accuracy = "n/a" if report.val_accuracy is None else f"{report.val_accuracy:.4f}"
     click.echo(
         f"trained on {report.train_images} images ({len(report.class_names)} classes), "

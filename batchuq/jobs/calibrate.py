@@ -240,16 +240,16 @@ def _plans(
 ) -> tuple[RunPlan, RunPlan]:
     """The two predictors' plans over one discovery and one loaded model (one plan if equal)."""
     discovery = discover(val_images, scoring)
-    loaded = load_for_run(scoring.model)
+    members = load_for_run(scoring.model)
     try:
-        scoring_plan = prepare_run(val_images, scoring, discovery=discovery, loaded=loaded)
+        scoring_plan = prepare_run(val_images, scoring, discovery=discovery, models=members)
     except NoDropoutError as exc:
         raise NoDropoutError(
             f"{exc} (for calibrate: --score-passes, the scoring predictor's passes)"
         ) from None
     if (threshold.passes, threshold.tta_config) == (scoring.passes, scoring.tta_config):
         return scoring_plan, scoring_plan
-    threshold_plan = prepare_run(val_images, threshold, discovery=discovery, loaded=loaded)
+    threshold_plan = prepare_run(val_images, threshold, discovery=discovery, models=members)
     return scoring_plan, threshold_plan
 
 
@@ -351,11 +351,11 @@ def fit_calibration(
         thresholds=thresholds,
         temperature=temperature,
         conformal_quantiles=quantiles,
-        model_sha256=scoring_plan.loaded.sha256,
+        model_sha256=scoring_plan.metadata["model_sha256"],
         conformal_method=conformal,
         predictor=predictor,
         threshold_predictor=predictor_from_metadata(_as_written(threshold_plan.metadata)),
-        model_path=str(scoring_plan.loaded.path),
+        model_path=scoring_plan.metadata["model_path"],
         settings=settings,
         stats=stats,
         created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),

@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,21 +36,32 @@ from batchuq.defaults import (
 from batchuq.discover import IMAGE_EXTENSIONS, Discovery, discover_images, read_labels_file
 from batchuq.errors import UsageError
 from batchuq.methods.base import MethodFactory, UncertaintyMethod
+from batchuq.methods.ensemble import DeepEnsemble
 from batchuq.methods.mc_dropout import MCDropout
-from batchuq.models import LoadedModel, as_loaded_model, resolve_class_names, resolve_rescale
+from batchuq.methods.sngp import SNGP
+from batchuq.models import (
+    LoadedModel,
+    combined_sha256,
+    load_models,
+    resolve_class_names,
+    resolve_rescale,
+)
 from batchuq.postprocess.calibration_file import Calibration, predictor_mismatch_message
 from batchuq.postprocess.rules import DecisionRule
+from batchuq.sngp import is_sngp_model
 
 logger = logging.getLogger("batchuq")
 
 ModelArg = str | os.PathLike[str] | keras.Model | LoadedModel | None
+# One model, an ensemble folder, or several models (the members of a deep ensemble, in order).
+ModelsArg = ModelArg | Sequence[ModelArg]
 
 
 @dataclass(frozen=True)
 class ScoreOptions:
     """What decides a scoring run's rows (see ``score_directory`` for each field)."""
 
-    model: ModelArg = None
+    model: ModelsArg = None
     passes: int = DEFAULT_PASSES
     tta: TTAConfig | int = DEFAULT_TTA
     seed: int = DEFAULT_SEED
@@ -107,7 +119,9 @@ class RunPlan:
     Attributes:
         images: The images folder as given.
         discovery: The files to score, natural-sorted, with layout notices.
-        loaded: The model and where it came from.
+        loaded: The model and where it came from (member 0 of an ensemble: its input size,
+            class names, rescale and sidecar are every member's).
+        members: Every model of the run, in order (one unless a deep ensemble).
         spec: The model's input size and channels.
         labels: Class names and each file's label.
         class_names_source: Where the class names came from.
@@ -128,6 +142,7 @@ class RunPlan:
     images: str
     discovery: Discovery
     loaded: LoadedModel
+    members: tuple[LoadedModel, ...]
     spec: ImageSpec
     labels: FileLabels
     class_names_source: str
@@ -155,16 +170,17 @@ class RunPlan:
         return self.method.samples_per_row * self.tta.copies
 
 
-def load_for_run(model: ModelArg) -> LoadedModel:
-    """Load the model of a run; warn when it is the bundled demo model because none was given."""
-    loaded = as_loaded_model(model)
-    if loaded.bundled:
+def load_for_run(model: ModelsArg) -> tuple[LoadedModel, ...]:
+    """Load the model (or ensemble members) of a run; warn when it is the bundled demo model
+    because none was given."""
+    members = tuple(load_models(model))
+    if members[0].bundled:
         logger.warning(
             "No --model given (nor BATCHUQ_MODEL, nor model in batchuq.toml): using the bundled "
             "demo digits model (%s), which knows only handwritten digits.",
-            loaded.path,
+            members[0].path,
         )
-    return loaded
+    return members
 
 
 def discover(images: str | os.PathLike[str], options: ScoreOptions) -> Discovery:
@@ -195,7 +211,7 @@ def prepare_run(
     options: ScoreOptions,
     *,
     discovery: Discovery | None = None,
-    loaded: LoadedModel | None = None,
+    models: Sequence[LoadedModel] | None = None,
 ) -> RunPlan:
     """Resolve a run's settings into a ``RunPlan``.
 
@@ -203,7 +219,8 @@ def prepare_run(
         images: The images folder.
         options: The run's options.
         discovery: Files already discovered in ``images`` (default: discover them now).
-        loaded: The model already loaded (default: load ``options.model``).
+        models: The model (or ensemble members) already loaded (default: load
+            ``options.model``).
 
     Returns:
         The frozen plan.
@@ -212,9 +229,10 @@ def prepare_run(
         UsageError: For unusable options, models, class names, labels or calibrations.
     """
     discovery = discovery if discovery is not None else discover(images, options)
-    loaded = loaded if loaded is not None else load_for_run(options.model)
+    members = tuple(models) if models else load_for_run(options.model)
+    loaded = members[0]
     spec = loaded.image_spec  # refuses a model without one image input before any work
-    calibration = _calibration(options, loaded)
+    calibration = _calibration(options, combined_sha256(members))
     rule = (options.rule or DecisionRule()).with_thresholds(
         None if calibration is None else calibration.thresholds
     )
@@ -224,11 +242,12 @@ def prepare_run(
     exif = options.exif_transpose
     if exif is None:  # follow the model's sidecar: `batchuq train` records its choice
         exif = bool(loaded.sidecar.get("exif_transpose", False))
-    method = _method(options, loaded)
+    method = _method(options, members)
     plan = RunPlan(
         images=str(images),
         discovery=discovery,
         loaded=loaded,
+        members=members,
         spec=spec,
         labels=labels,
         class_names_source=names_source,
@@ -250,13 +269,13 @@ def prepare_run(
     return plan
 
 
-def _calibration(options: ScoreOptions, loaded: LoadedModel) -> Calibration | None:
+def _calibration(options: ScoreOptions, model_sha256: str) -> Calibration | None:
     """The run's calibration, checked against the model; None without one."""
     calibration = options.calibration
     if calibration is not None and not isinstance(calibration, Calibration):
         calibration = Calibration.from_json(calibration)
     if calibration is not None:
-        calibration.check_model(loaded.sha256)
+        calibration.check_model(model_sha256)
     if options.temperature and calibration is None:
         raise UsageError("--temperature needs --calibration. Received: calibration=None")
     return calibration
@@ -275,14 +294,26 @@ def _rescale(loaded: LoadedModel, rescale: float | None) -> tuple[float, str]:
     return rescale, source
 
 
-def _method(options: ScoreOptions, loaded: LoadedModel) -> UncertaintyMethod:
-    """The uncertainty method: the one given (or built by the factory given), else MC dropout."""
+def _method(options: ScoreOptions, members: Sequence[LoadedModel]) -> UncertaintyMethod:
+    """The uncertainty method: the one given (or built by the factory given); else a deep
+    ensemble for several models; else SNGP for a model with a GP head; else MC dropout."""
     if isinstance(options.method, UncertaintyMethod):
         return options.method
     if options.method is not None:
-        return options.method(loaded)
+        return options.method(members[0])
+    if len(members) > 1:
+        return DeepEnsemble(
+            list(members),
+            options.passes,
+            options.sample_layers,
+            options.memory_budget_mb,
+            precision=options.precision,
+            logits=options.logits,
+        )
+    if is_sngp_model(members[0].model):
+        return SNGP(members[0].model, options.passes, memory_budget_mb=options.memory_budget_mb)
     return MCDropout(
-        loaded.model,
+        members[0].model,
         options.passes,
         options.sample_layers,
         options.memory_budget_mb,
@@ -359,8 +390,8 @@ def run_metadata(plan: RunPlan, options: ScoreOptions, rescale_source: str) -> d
         "keras_version": keras.__version__,
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "images": plan.images,
-        "model_path": str(plan.loaded.path),
-        "model_sha256": plan.loaded.sha256,
+        "model_path": _model_path(plan.members),
+        "model_sha256": combined_sha256(plan.members),
         "demo_model": plan.loaded.bundled,
         "class_names": plan.labels.class_names,
         "class_names_source": plan.class_names_source,
@@ -380,6 +411,14 @@ def run_metadata(plan: RunPlan, options: ScoreOptions, rescale_source: str) -> d
         "settings": options.settings,
         **plan.method.metadata(),
     }
+
+
+def _model_path(members: Sequence[LoadedModel]) -> str:
+    """The model file, or for an ensemble the folder its members share (each is listed in the
+    method's ``members``)."""
+    if len(members) == 1:
+        return str(members[0].path)
+    return os.path.commonpath([str(m.path.parent) for m in members])
 
 
 def _calibration_metadata(plan: RunPlan) -> dict[str, Any] | None:

@@ -11,10 +11,12 @@ lets ``batchuq score`` name the output columns.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import keras
 import numpy as np
@@ -24,6 +26,7 @@ from batchuq.decode import ImageSpec, describe_error, load_image
 from batchuq.defaults import (
     DEFAULT_EPOCHS,
     DEFAULT_IMAGE_SIZE,
+    DEFAULT_NUM_INDUCING,
     DEFAULT_RESCALE,
     DEFAULT_SEED,
     DEFAULT_TRAIN_BATCH_SIZE,
@@ -31,7 +34,8 @@ from batchuq.defaults import (
 )
 from batchuq.discover import discover_images
 from batchuq.errors import UsageError
-from batchuq.models import write_sidecar
+from batchuq.models import write_ensemble_manifest, write_sidecar
+from batchuq.sngp import SNGPCallback, sngp_cnn
 
 logger = logging.getLogger("batchuq")
 
@@ -63,6 +67,10 @@ def reference_cnn(spec: ImageSpec, num_classes: int) -> keras.Model:
     x = layers.Dropout(0.3, name="dropout3")(x)
     outputs = layers.Dense(num_classes, activation="softmax", name="probs")(x)
     return keras.Model(inputs, outputs, name="reference_cnn")
+
+
+#: The networks ``batchuq train`` can build, by ``--method``.
+ARCHITECTURES = {"reference": reference_cnn, "sngp": sngp_cnn}
 
 
 @dataclass(frozen=True)
@@ -105,6 +113,8 @@ def train_directory(
     seed: int = DEFAULT_SEED,
     verbose: int = 2,
     exif_transpose: bool = False,
+    method: str = "reference",
+    num_inducing: int = DEFAULT_NUM_INDUCING,
 ) -> TrainReport:
     """Train the reference CNN on a class-folder tree and save it with its sidecar.
 
@@ -123,6 +133,11 @@ def train_directory(
         verbose: Keras ``fit`` verbosity.
         exif_transpose: Turn training images upright by their EXIF orientation; recorded in
             the sidecar, so that ``batchuq score`` reads images the same way.
+        method: ``reference`` (the reference CNN, scored with MC dropout) or ``sngp`` (a
+            spectral-normalised residual CNN with a GP head, ``batchuq.sngp.sngp_cnn``; it
+            outputs logits and ``score`` detects it from its GP layer).
+        num_inducing: SNGP: random Fourier features of the GP head (its precision matrix,
+            saved in the file, has ``num_inducing**2`` entries).
 
     Returns:
         A ``TrainReport``.
@@ -131,6 +146,10 @@ def train_directory(
         UsageError: If the folder has fewer than two classes or the arguments are invalid.
     """
     _check_train_arguments(model_path, epochs, val_split)
+    if method not in ARCHITECTURES:
+        raise UsageError(
+            f"`method` must be one of {sorted(ARCHITECTURES)}. Received: method={method!r}"
+        )
     discovery = discover_images(images)
     classes = discovery.class_folders
     if len(classes) < 2:
@@ -146,25 +165,36 @@ def train_directory(
     train_ds, val_ds = _datasets(
         x, y, val_mask, len(classes), batch_size, augment=augment, rescale=rescale, seed=seed
     )
-    model = reference_cnn(spec, len(classes))
+    build = ARCHITECTURES[method]
+    if method == "sngp":
+        build = functools.partial(sngp_cnn, num_inducing=num_inducing)
+    model = build(spec, len(classes))
+    sngp = method == "sngp"  # its head outputs logits, and its GP precision needs a callback
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate),
-        loss="categorical_crossentropy",
+        loss=keras.losses.CategoricalCrossentropy(from_logits=sngp),
         metrics=["accuracy"],
     )
     # shuffle=False: train_ds shuffles itself (Keras ignores, and warns about, shuffle=True here).
     history = model.fit(
-        train_ds, validation_data=val_ds, epochs=epochs, verbose=verbose, shuffle=False
+        train_ds,
+        validation_data=val_ds,
+        epochs=epochs,
+        verbose=verbose,
+        shuffle=False,
+        callbacks=[SNGPCallback()] if sngp else None,
     )
     val_accuracy = history.history.get("val_accuracy", [None])[-1]
 
-    # Save an uncompiled copy: no optimizer state, a smaller file, nothing to trust but weights.
-    export = reference_cnn(spec, len(classes))
+    # Save an uncompiled copy: no optimizer state, a smaller file, nothing to trust but weights
+    # (and, for SNGP, the GP precision of the last epoch, a non-trainable weight).
+    export = build(spec, len(classes))
     export.set_weights(model.get_weights())
     export.save(model_path)
     write_sidecar(
         model_path,
         classes,
+        method=method,
         rescale=rescale,
         exif_transpose=exif_transpose,
         image_size=[spec.height, spec.width],
@@ -239,3 +269,64 @@ def _datasets(
         .map(lambda a, b: prepare(a, b, False))
     )
     return train_ds, val_ds
+
+
+@dataclass
+class EnsembleReport:
+    """What ``train_ensemble`` did: one ``TrainReport`` per member and the manifest."""
+
+    folder: Path
+    members: list[TrainReport]
+    manifest: Path
+
+
+def train_ensemble(
+    images: str | os.PathLike[str],
+    folder: str | os.PathLike[str],
+    *,
+    members: int,
+    seed: int = DEFAULT_SEED,
+    **options: Any,
+) -> EnsembleReport:
+    """Train a deep ensemble: ``members`` reference CNNs that differ in seed, hence in initial
+    weights, data order, augmentation and validation split.
+
+    Writes ``folder/member-0.keras`` ... (each with its sidecar) and ``folder/ensemble.json``
+    (the members in order with their sha256, the class names and rescale), which
+    ``batchuq score --model folder`` reads.
+
+    Args:
+        images: Folder with one subfolder per class.
+        folder: The ensemble folder (created; must not hold another ensemble's files).
+        members: M, at least 2.
+        seed: Member ``i`` is trained with seed ``seed + i``.
+        options: Passed on to ``train_directory`` (epochs, image_size, channels, ...).
+
+    Returns:
+        An ``EnsembleReport``.
+
+    Raises:
+        UsageError: If ``members`` < 2, ``folder`` is a file, or the training arguments are bad.
+    """
+    if members < 2:
+        raise UsageError(f"An ensemble needs at least 2 members. Received: members={members}")
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(
+            f"With --members, MODEL is the ensemble's folder. Received: model={str(folder)!r}"
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    reports = []
+    for i in range(members):
+        logger.info("training ensemble member %d of %d", i + 1, members)
+        path = folder / f"member-{i}.keras"
+        reports.append(train_directory(images, path, seed=seed + i, **options))
+    manifest = write_ensemble_manifest(
+        folder,
+        [r.model_path for r in reports],
+        class_names=reports[0].class_names,
+        rescale=options.get("rescale", DEFAULT_RESCALE),
+        seeds=[seed + i for i in range(members)],
+        trained_on=str(images),
+    )
+    return EnsembleReport(folder, reports, manifest)

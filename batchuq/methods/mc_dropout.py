@@ -14,7 +14,12 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from batchuq.defaults import DEFAULT_MEMORY_BUDGET_MB, DEFAULT_PASSES, DEFAULT_PRECISION
+from batchuq.defaults import (
+    DEFAULT_MEMORY_BUDGET_MB,
+    DEFAULT_METHOD,
+    DEFAULT_PASSES,
+    DEFAULT_PRECISION,
+)
 from batchuq.methods.base import UncertaintyMethod
 from batchuq.sample import MCSampler, cpu_has_bf16
 
@@ -67,8 +72,9 @@ class MCDropout(UncertaintyMethod):
         return self.sampler.sample(rows, row_keys).transpose(1, 0, 2)  # from (passes, rows, C)
 
     def metadata(self) -> dict[str, Any]:
-        """Passes, precision (used and requested), sampled layers and the logits flag."""
+        """The method's name, passes, precision (used and requested), sampled layers, logits."""
         return {
+            "method": DEFAULT_METHOD,
             "passes": self.sampler.passes,
             "precision": self.sampler.precision,
             "precision_requested": self.precision_requested,

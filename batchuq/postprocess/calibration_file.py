@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from batchuq._version import __version__
-from batchuq.defaults import DEFAULT_CONFORMAL
+from batchuq.defaults import DEFAULT_CONFORMAL, DEFAULT_METHOD
 from batchuq.errors import CalibrationError, PredictorMismatchError
 from batchuq.postprocess.conformal import check_method, prediction_sets
 
@@ -54,6 +54,7 @@ CALIBRATION_FORMAT = "batchuq-calibration/2"
 # one of them: another seed is another draw of the same random predictor (every image gets its
 # own random stream either way). Batch size and memory budget do not change the results.
 PREDICTOR_KEYS = (
+    "method",
     "passes",
     "tta",
     "augmentation",
@@ -78,6 +79,7 @@ def predictor_from_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
     does not record are left out.
     """
     predictor = {key: metadata[key] for key in PREDICTOR_KEYS if key in metadata}
+    predictor.setdefault("method", DEFAULT_METHOD)  # runs before methods were recorded
     rescale = predictor.get("rescale")
     if isinstance(rescale, dict):
         predictor["rescale"] = rescale.get("value")
@@ -91,6 +93,7 @@ def predictor_from_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
 
 # The score (and calibrate) option that sets each predictor setting, for messages.
 _OPTION_OF = {
+    "method": "--model (the method follows the model)",
     "passes": "--passes",
     "tta": "--tta",
     "rescale": "--rescale",
@@ -123,7 +126,8 @@ def predictor_differences(
     for key in PREDICTOR_KEYS:
         if key not in calibrated and key not in run:
             continue
-        a, b = calibrated.get(key, _NOT_RECORDED), run.get(key, _NOT_RECORDED)
+        missing = DEFAULT_METHOD if key == "method" else _NOT_RECORDED  # older files
+        a, b = calibrated.get(key, missing), run.get(key, missing)
         if key == "augmentation":
             if isinstance(a, dict) and isinstance(b, dict):
                 for name in sorted(set(a) | set(b)):
