@@ -31,6 +31,9 @@ from batchuq.defaults import (
 from batchuq.errors import CheckpointError, OutputError, UsageError
 
 METADATA_KEY = b"batchuq"
+# How the run went (wall time, images/s), known only at its end: a key of the file's footer
+# added when the file is closed, read back by ``read_metadata`` as the metadata's ``run``.
+RUN_METADATA_KEY = b"batchuq.run"
 SCORE_COLUMNS = ("confidence", "margin", "entropy", "mutual_info", "variation_ratio")
 CLASS_STATISTICS = ("mean", "median", "std")
 _COMPRESSION = "zstd"
@@ -250,22 +253,33 @@ def check_output_path(path: str | os.PathLike[str], suffix: str | None = None) -
 def read_metadata(path: str | os.PathLike[str]) -> dict:
     """Return the batchuq run metadata stored in a Parquet file written by ``score``.
 
+    Its ``run`` entry (wall time, images/s) is added from the file's footer when recorded.
+
     Raises:
         UsageError: If the file holds no batchuq metadata.
     """
-    return metadata_of(pq.read_schema(path), path)
+    return metadata_of(pq.read_metadata(path).metadata, path)
 
 
-def metadata_of(schema: pa.Schema, path: str | os.PathLike[str]) -> dict:
-    """The batchuq run metadata held by the schema of ``path`` (already opened).
+def metadata_of(
+    key_values: pa.Schema | dict[bytes, bytes] | None, path: str | os.PathLike[str]
+) -> dict:
+    """The batchuq run metadata of ``path`` (already opened), from its schema or its footer's
+    key-value metadata (the footer also holds the ``run`` record).
 
     Raises:
-        UsageError: If the schema holds no batchuq metadata.
+        UsageError: If it holds no batchuq metadata.
     """
-    raw = (schema.metadata or {}).get(METADATA_KEY)
+    if isinstance(key_values, pa.Schema):
+        key_values = key_values.metadata
+    key_values = key_values or {}
+    raw = key_values.get(METADATA_KEY)
     if raw is None:
         raise UsageError(f"The file has no batchuq metadata. Received: path={str(path)!r}")
-    return json.loads(raw)
+    metadata = json.loads(raw)
+    if RUN_METADATA_KEY in key_values:
+        metadata["run"] = json.loads(key_values[RUN_METADATA_KEY])
+    return metadata
 
 
 # --------------------------------------------------------------------------------------------
@@ -428,6 +442,11 @@ class ParquetSink:
         self._buffer: list[pa.RecordBatch] = []
         self._buffered_rows = 0
         self._writer: pq.ParquetWriter | None = None
+        self.run_record: dict | None = None
+
+    def record_run(self, record: dict) -> None:
+        """Store ``record`` (JSON-serialisable) in the footer, as the metadata's ``run``."""
+        self.run_record = record
 
     def __enter__(self) -> ParquetSink:
         if self.checkpoint is not None:
@@ -457,6 +476,7 @@ class ParquetSink:
             if self.checkpoint is not None:
                 self._merge_parts()
             else:
+                self._add_run_record(self._writer)
                 self._close_writer()
             os.replace(self.temp_path, self.path)
         except BaseException:
@@ -490,6 +510,11 @@ class ParquetSink:
         with self._open_temp() as writer:
             for part in self.checkpoint.parts():
                 writer.write_table(pq.read_table(part, schema=self.schema))
+            self._add_run_record(writer)
+
+    def _add_run_record(self, writer: pq.ParquetWriter | None) -> None:
+        if writer is not None and self.run_record is not None:
+            writer.add_key_value_metadata({RUN_METADATA_KEY: json.dumps(self.run_record)})
 
     def _close_writer(self) -> None:
         if self._writer is not None:

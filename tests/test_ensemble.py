@@ -171,7 +171,7 @@ def test_one_member_ensemble_is_mc_dropout_of_that_member(
     assert_parquet_bitwise_equal(a, b)
     meta_a, meta_b = read_metadata(a), read_metadata(b)
     differ = {key for key in meta_a.keys() | meta_b.keys() if meta_a.get(key) != meta_b.get(key)}
-    assert differ <= {"created", "method", "members", "sampled_layers"}
+    assert differ <= {"created", "run", "method", "members", "sampled_layers"}
     assert meta_b["sampled_layers"] == [meta_a["sampled_layers"]] == [[]]
 
     rows, keys = _rows()

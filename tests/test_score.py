@@ -77,6 +77,7 @@ def test_scores_labelled_folder_with_all_columns(digits_subset: Path, tmp_path: 
 def _contents(path: Path) -> tuple[pd.DataFrame, dict]:
     meta = read_metadata(path)
     meta.pop("created")
+    meta.pop("run")  # wall time and images/s of that run
     return pd.read_parquet(path), meta
 
 

@@ -280,3 +280,24 @@ def test_read_metadata_refuses_a_foreign_file(tmp_path: Path) -> None:
     pq.write_table(pa.table({"a": [1]}), path)
     with pytest.raises(UsageError, match="has no batchuq metadata. Received: path="):
         read_metadata(path)
+
+
+@pytest.mark.parametrize("resumable", [False, True])
+def test_the_run_record_goes_into_the_footer_and_read_metadata_returns_it(
+    tmp_path: Path, resumable: bool
+) -> None:
+    out = tmp_path / "out.parquet"
+    batches = _batches(3)
+    schema = batches[0].schema.with_metadata({b"batchuq": b'{"class_names": ["cat"]}'})
+    checkpoint = Checkpoint(out, {"files": "x"}, rows_per_part=2) if resumable else None
+    with ParquetSink(out, schema, checkpoint=checkpoint) as sink:
+        for batch in batches:
+            sink.write(batch.replace_schema_metadata(schema.metadata))
+        sink.record_run({"seconds": 1.25, "images_per_second": 4.8})
+    metadata = read_metadata(out)
+    assert metadata["class_names"] == ["cat"]
+    assert metadata["run"] == {"seconds": 1.25, "images_per_second": 4.8}
+    assert pq.read_table(out).num_rows == 6
+    # A file without a run record (written before there was one) has no `run`.
+    pq.write_table(pq.read_table(out), tmp_path / "old.parquet")
+    assert "run" not in read_metadata(tmp_path / "old.parquet")

@@ -80,13 +80,16 @@ class ScoredFile:
         return list(self.metadata["class_names"])
 
 
-def _batchuq_metadata(schema: pa.Schema, path: str | os.PathLike[str]) -> dict:
-    """The batchuq metadata of a file's schema, checked to name the classes.
+def _batchuq_metadata(
+    key_values: pa.Schema | dict[bytes, bytes] | None, path: str | os.PathLike[str]
+) -> dict:
+    """The batchuq metadata of a file (its schema or footer key-values), checked to name the
+    classes.
 
     Raises:
         UsageError: If the file has no batchuq metadata or it has no class names.
     """
-    metadata = metadata_of(schema, path)
+    metadata = metadata_of(key_values, path)
     if not metadata.get("class_names"):
         raise UsageError(
             f"The file's batchuq metadata has no class_names. Received: path={str(path)!r}"
@@ -112,7 +115,7 @@ def read_scored_file(path: str | os.PathLike[str], *, samples: bool = False) -> 
     try:
         with pq.ParquetFile(path) as parquet:
             schema = parquet.schema_arrow
-            metadata = _batchuq_metadata(schema, path)
+            metadata = _batchuq_metadata(parquet.metadata.metadata, path)
             wanted = [name for name in schema.names if samples or name != SAMPLES_COLUMN]
             table = parquet.read(columns=wanted)
     except (OSError, pa.ArrowException) as exc:
@@ -407,7 +410,7 @@ def _conformal(df: pd.DataFrame, labelled: np.ndarray) -> dict[str, Any] | None:
     }
 
 
-def _evaluate(
+def evaluate_scored(
     df: pd.DataFrame, class_names: list[str], ood_df: pd.DataFrame | None = None
 ) -> Evaluation:
     """Evaluate scored rows; what ``evaluate_frame`` returns the results of.
@@ -479,7 +482,7 @@ def evaluate_frame(
         UsageError: If a column is missing or ``class_names`` is not a list of unique strings
             (a ``ValueError`` too).
     """
-    return _evaluate(df, class_names, ood_df).results
+    return evaluate_scored(df, class_names, ood_df).results
 
 
 def evaluate_file(
@@ -507,7 +510,9 @@ def evaluate_file(
     """
     scored, ood = _read_pair(path, ood_path, samples)
     metadata = scored.metadata
-    evaluation = _evaluate(scored.frame, scored.class_names, None if ood is None else ood.frame)
+    evaluation = evaluate_scored(
+        scored.frame, scored.class_names, None if ood is None else ood.frame
+    )
     results = {
         "file": str(path),
         "ood_file": None if ood_path is None else str(ood_path),

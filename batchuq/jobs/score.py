@@ -258,7 +258,15 @@ def score_directory(
             report.count(batch.statuses, decisions)
             _log_errors(report, plan, batch)
             sink.write(columns)
-    report.seconds = time.perf_counter() - started
+        report.seconds = time.perf_counter() - started
+        sink.record_run(
+            {
+                "seconds": round(report.seconds, 3),
+                "images_per_second": round(report.images_per_second, 3),
+                "images": report.images,
+                "errors": report.errors,
+            }
+        )
     _log_summary(report)
     return report
 
