@@ -1,6 +1,7 @@
 """The ``batchuq`` command line: the group of commands, each loaded only when it is run.
 
-One module per command (``score``, ``calibrate``, ``evaluate``, ``train``), each a thin layer
+One module per command (``score``, ``calibrate``, ``evaluate``, ``compare``, ``shift``,
+``train``), each a thin layer
 that parses options, calls one library function and turns its report into an exit code;
 ``runtime`` holds what they share (logging, the quiet TensorFlow import, signals and the one
 mapping from exceptions to exit codes, documented there and in the README); ``options`` and
@@ -39,9 +40,17 @@ class LazyGroup(click.Group):
             "batchuq.cli.evaluate:evaluate_command",
             "Evaluate OUT.parquet, written by `batchuq score` on a labelled folder.",
         ),
+        "compare": (
+            "batchuq.cli.compare:compare_command",
+            "Compare files scored by `batchuq score` on the same folder, one row per file.",
+        ),
         "train": (
             "batchuq.cli.train:train",
             "Train the reference CNN on the class folders in IMAGES and save it to MODEL.",
+        ),
+        "shift": (
+            "batchuq.cli.shift:shift",
+            "Write corrupted copies of IMAGES to OUT_DIR, one folder per corruption and severity.",
         ),
     }
 

@@ -846,7 +846,7 @@ def _write_uncertain(
     return uncertain
 
 
-def _report_folder(report_dir: str | os.PathLike[str]) -> Path:
+def report_folder(report_dir: str | os.PathLike[str]) -> Path:
     """The report folder, created if needed.
 
     Raises:
@@ -890,7 +890,7 @@ def write_evaluation_report(
             ``UsageError``).
         OSError: If the report cannot be written.
     """
-    folder = _report_folder(report_dir)
+    folder = report_folder(report_dir)
     results, lab, names = evaluation.results, evaluation.labelled, evaluation.class_names
     source = evaluation.source
     metadata = {} if source is None else source.metadata
@@ -939,6 +939,6 @@ def write_report(
             ``ValueError`` too).
         OSError: If the report cannot be written.
     """
-    _report_folder(report_dir)  # refuse a bad folder before reading the files
+    report_folder(report_dir)  # refuse a bad folder before reading the files
     evaluation = evaluate_file(out_path, ood_path, samples=True)
     return write_evaluation_report(evaluation, report_dir, images_root)
