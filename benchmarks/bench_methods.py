@@ -49,6 +49,8 @@ CONFIGS = {
     "sngp_t100": (DATA / "digits_sngp.keras", 100),
     "one_member": (DATA / "digits_ensemble" / "member-0.keras", 1),
 }
+
+
 def run(name: str, work: Path) -> dict:
     """Score test (warm-up, then timed) and OOD with one configuration and evaluate."""
     from batchuq import score_directory

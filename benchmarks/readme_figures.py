@@ -1053,6 +1053,77 @@ def render_methods(f: dict) -> str:
     return "\n".join(lines)
 
 
+def _series_cell(series: list[dict], name: str, severity: int, key: str) -> str:
+    for row in series:
+        if row["name"] == name and row["severity"] == severity and row.get(key) is not None:
+            return pct(row[key]) if key == "accuracy" else f"{row[key]:.4f}"
+    return "n/a"
+
+
+def render_compare_methods(f: dict) -> str:
+    m = f.get("compare_methods")
+    if not m:
+        return "Not measured yet: run `python benchmarks/compare_methods.py`."
+    rows, series = m["clean"]["rows"], m["series"]
+    n, shown = rows[0]["n"], [s for s in (3, 5) if s in m["severities"]]
+    lines = [
+        para(
+            f"On a {cpu_name(m['cpu'])} ({isa(m['cpu'])}), `python benchmarks/compare_methods.py`",
+            f"({m['date']}, {m['seconds'] / 60:.0f} min) scored the {n} test digits, their",
+            f"shift series ({len(m['corruptions'])} corruptions at severities",
+            f"{', '.join(map(str, m['severities']))}) and `sample_data/ood` with every method.",
+            "In distribution, with the OOD AUROC of entropy and the clean run's end-to-end",
+            "images/s (model loading included):",
+        ),
+        "",
+        "| method | samples per image | accuracy | NLL | ECE | AURC | OOD AUROC | images/s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        ips = "n/a" if r.get("images_per_second") is None else f"{r['images_per_second']:.1f}"
+        lines.append(
+            f"| {r['name']} | {r['samples_per_image']} | {pct(r['accuracy'])} | {r['nll']:.4f} | "
+            f"{r['ece']:.4f} | {sci(r['aurc'])} | {r['ood_auroc']:.4f} | {ips} |"
+        )
+    head = " | ".join(f"accuracy sev. {s} | ECE sev. {s}" for s in shown)
+    lines += [
+        "",
+        "Under shift, the mean over the corruptions:",
+        "",
+        f"| method | {head} |",
+        "|---|" + "---:|" * (2 * len(shown)),
+    ]
+    for r in rows:
+        cells = " | ".join(
+            f"{_series_cell(series, r['name'], s, 'accuracy')} | "
+            f"{_series_cell(series, r['name'], s, 'ece')}"
+            for s in shown
+        )
+        lines.append(f"| {r['name']} | {cells} |")
+    worst = max(shown)
+
+    def best(key: str, high: bool = False, severity: int | None = None) -> str:
+        if severity is None:
+            values = {r["name"]: r[key] for r in rows if r.get(key) is not None}
+        else:
+            values = {
+                s["name"]: s[key]
+                for s in series
+                if s["severity"] == severity and s.get(key) is not None
+            }
+        return (max if high else min)(values, key=values.get)
+
+    lines += [
+        "",
+        para(
+            f"Best in distribution: NLL {best('nll')}, ECE {best('ece')}, AURC {best('aurc')};",
+            f"best OOD AUROC: {best('ood_auroc', high=True)}; at severity {worst}: accuracy",
+            f"{best('accuracy', high=True, severity=worst)}, ECE {best('ece', severity=worst)}.",
+        ),
+    ]
+    return "\n".join(lines)
+
+
 BLOCKS: dict[str, Callable[[dict], str]] = {
     "setup": render_setup,
     "calibration": render_calibration,
@@ -1065,6 +1136,7 @@ BLOCKS: dict[str, Callable[[dict], str]] = {
     "memory-flat": render_memory_flat,
     "memory-tta": render_memory_tta,
     "methods": render_methods,
+    "compare-methods": render_compare_methods,
 }
 
 

@@ -1,0 +1,160 @@
+"""Which method should I trust? Every method on the bundled digits, in distribution, under shift
+and out of distribution, with its cost (issue 12's benchmark).
+
+In one run:
+
+1. ``batchuq shift`` writes the corruption series of ``sample_data/digits/test``;
+2. ``batchuq calibrate`` fits a temperature on ``sample_data/digits/val`` (for the
+   temperature-scaled row);
+3. every configuration below scores the clean test set (timed: images/s), each corrupted copy,
+   and ``sample_data/ood``;
+4. ``batchuq compare`` makes the tables (the clean files with their OOD files; then the whole
+   series, whose mean over corruptions per severity is the Ovadia et al. 2019 view) and the
+   accuracy/ECE-against-severity figure.
+
+Configurations: deterministic (one pass); MC dropout T = 100; TTA K = 10 with T = 10; the
+5-member ensemble; the ensemble with T = 20; SNGP mean-field; SNGP with T = 100 head samples;
+temperature-scaled MC dropout (T = 100).
+
+Writes ``benchmarks/results/compare_methods.json``, the figure
+``docs/figures/compare_series.png`` and the README block ``compare-methods``. Run from the
+repository root::
+
+    python benchmarks/compare_methods.py            # severities 1, 3, 5 (about 15 min, 2 cores)
+    python benchmarks/compare_methods.py --quick    # smoke run: 50 images, 2 corruptions
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+
+import readme_figures  # noqa: E402 (the README block machinery and the CPU record)
+
+TEST = REPO / "sample_data" / "digits" / "test"
+VAL = REPO / "sample_data" / "digits" / "val"
+OOD = REPO / "sample_data" / "ood"
+DATA = REPO / "batchuq" / "data"
+RESULTS_JSON = HERE / "results" / "compare_methods.json"
+FIGURE = REPO / "docs" / "figures" / "compare_series.png"
+CORRUPTIONS = ("gaussian_noise", "gaussian_blur", "contrast", "rotate", "pixelate", "jpeg")
+
+DEMO, ENSEMBLE, SNGP = (
+    DATA / "digits_cnn.keras",
+    DATA / "digits_ensemble",
+    DATA / "digits_sngp.keras",
+)
+# name -> score_directory keywords (the calibration is added for the temperature row)
+CONFIGS: dict[str, dict] = {
+    "deterministic": {"model": DEMO, "passes": 1},
+    "MC dropout T=100": {"model": DEMO, "passes": 100},
+    "TTA K=10 T=10": {"model": DEMO, "passes": 10, "tta": 10},
+    "ensemble M=5": {"model": ENSEMBLE, "passes": 1},
+    "ensemble M=5 T=20": {"model": ENSEMBLE, "passes": 20},
+    "SNGP mean-field": {"model": SNGP, "passes": 1},
+    "SNGP T=100": {"model": SNGP, "passes": 100},
+    "MC dropout T=100 + temperature": {"model": DEMO, "passes": 100, "temperature": True},
+}
+
+
+def subset(source: Path, target: Path, per_class: int) -> Path:
+    """The first ``per_class`` images of each class folder (for ``--quick``)."""
+    for folder in sorted(p for p in source.iterdir() if p.is_dir()):
+        (target / folder.name).mkdir(parents=True)
+        for image in sorted(folder.iterdir())[:per_class]:
+            shutil.copy(image, target / folder.name / image.name)
+    return target
+
+
+def score_config(name: str, options: dict, folders: dict[str, Path], work: Path) -> dict:
+    """Score every folder with one configuration; returns folder label -> Parquet file."""
+    from batchuq import score_directory
+
+    files = {}
+    slug = "".join(c if c.isalnum() else "_" for c in name)
+    for label, folder in folders.items():
+        out = work / "scores" / slug / (label.replace("/", "-") + ".parquet")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        score_directory(folder, out, seed=1, **options)
+        files[label] = out
+    return files
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="50 images, 2 corruptions, sev. 3")
+    parser.add_argument("--severities", default="1,3,5", help="severities of the series")
+    args = parser.parse_args(argv)
+    from batchuq import calibrate_directory
+    from batchuq.jobs.compare import compare_files, format_comparison, write_comparison_report
+    from batchuq.jobs.shift import shift_directory
+
+    started = time.perf_counter()
+    severities = [3] if args.quick else [int(s) for s in args.severities.split(",")]
+    corruptions = ("gaussian_noise", "rotate") if args.quick else CORRUPTIONS
+    with tempfile.TemporaryDirectory(prefix="compare_methods_") as tmp:
+        work = Path(tmp)
+        test = subset(TEST, work / "test", 5) if args.quick else TEST
+        shift_directory(test, work / "shift", corruptions=corruptions, severities=severities)
+        folders = {"clean": test, "ood": OOD}
+        for corruption in corruptions:
+            for severity in severities:
+                folders[f"{corruption}/{severity}"] = work / "shift" / corruption / str(severity)
+        calibration = work / "calibration.json"
+        calibrate_directory(VAL, calibration, model=DEMO, tta=1, passes=1, seed=1)
+        files = {}
+        for name, options in CONFIGS.items():
+            print(f"{name} ...", flush=True)
+            if options.get("temperature"):
+                options = {**options, "calibration": calibration}
+            files[name] = score_config(name, options, folders, work)
+        clean = compare_files(
+            [files[n]["clean"] for n in CONFIGS],
+            names=list(CONFIGS),
+            ood=[files[n]["ood"] for n in CONFIGS],
+        )
+        series_files = [(n, f) for n in CONFIGS for label, f in files[n].items() if label != "ood"]
+        series = compare_files(
+            [f for _, f in series_files], names=[n for n, _ in series_files], series=True
+        )
+        report = write_comparison_report(series, work / "report")
+        FIGURE.parent.mkdir(parents=True, exist_ok=True)
+        if not args.quick:
+            shutil.copy(report.parent / "series.png", FIGURE)
+        print(format_comparison(clean))
+        print(format_comparison(series))
+    result = {
+        "generated_by": "python benchmarks/compare_methods.py" + (" --quick" if args.quick else ""),
+        "date": readme_figures.now(),
+        "cpu": readme_figures.cpu_info(),
+        "versions": readme_figures.versions(),
+        "quick": args.quick,
+        "corruptions": list(corruptions),
+        "severities": severities,
+        "clean": clean.as_json(),
+        "series": series.series,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    print(f"compare_methods: {result['seconds']:.0f} s")
+    if args.quick:
+        return 0  # a smoke run records nothing
+    RESULTS_JSON.write_text(json.dumps(result, indent=2) + "\n")
+    figures = json.loads(readme_figures.FIGURES_JSON.read_text())
+    figures["compare_methods"] = result
+    readme_figures.FIGURES_JSON.write_text(json.dumps(figures, indent=2, ensure_ascii=False) + "\n")
+    text = readme_figures.README.read_text(encoding="utf-8")
+    readme_figures.README.write_text(readme_figures.rewrite(text, figures), encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
