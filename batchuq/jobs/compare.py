@@ -54,7 +54,6 @@ logger = logging.getLogger("batchuq")
 COMPARED_SCORE = "entropy"
 # The metrics a shift series averages over corruptions, per severity and method.
 SERIES_METRICS = ("accuracy", "ece", "nll", "brier")
-DPI = 100
 
 __all__ = [
     "COMPARED_SCORE",
@@ -562,11 +561,6 @@ def _new_figure(width: float, height: float) -> Figure:
     return Figure(figsize=(width, height))
 
 
-def _save(fig: Figure, folder: Path, name: str) -> str:
-    fig.savefig(folder / name, dpi=DPI, format="png", bbox_inches="tight")
-    return name
-
-
 def _plotted(comparison: Comparison) -> list[tuple[dict, Evaluation]]:
     """The files the overlays draw: all, or in a series the clean ones (if there are any)."""
     pairs = list(zip(comparison.rows, comparison.evaluations, strict=True))
@@ -756,20 +750,20 @@ def write_comparison_report(comparison: Comparison, report_dir: str | os.PathLik
             ``UsageError``).
         OSError: If the report cannot be written.
     """
-    from batchuq.jobs.report import report_folder
+    from batchuq.jobs.report import report_folder, save_figure
 
     folder = report_folder(report_dir)
     pairs = _plotted(comparison)
     plots = {
-        "reliability": _save(_draw_reliability(pairs), folder, "reliability.png"),
-        "risk_coverage": _save(_draw_risk_coverage(pairs), folder, "risk_coverage.png"),
-        "cost_quality": _save(
+        "reliability": save_figure(_draw_reliability(pairs), folder, "reliability.png"),
+        "risk_coverage": save_figure(_draw_risk_coverage(pairs), folder, "risk_coverage.png"),
+        "cost_quality": save_figure(
             _draw_cost_quality([row for row, _ in pairs]), folder, "cost_quality.png"
         ),
     }
     if comparison.series is not None:
         figure = _draw_series(comparison.series, comparison.rows)
-        plots["series"] = _save(figure, folder, "series.png")
+        plots["series"] = save_figure(figure, folder, "series.png")
     index = folder / "index.html"
     index.write_text(_page(comparison, plots), encoding="utf-8")
     return index

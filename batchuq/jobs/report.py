@@ -65,7 +65,8 @@ __all__ = ["write_evaluation_report", "write_report"]
 # --------------------------------------------------------------------------------------------
 
 
-def _save(fig: Figure, folder: Path, name: str) -> str:
+def save_figure(fig: Figure, folder: Path, name: str) -> str:
+    """Save ``fig`` as ``folder/name`` (PNG) and return ``name``, for the page to link."""
     fig.savefig(folder / name, dpi=DPI, format="png", bbox_inches="tight")
     return name
 
@@ -357,7 +358,7 @@ def _plot_score_histograms(folder: Path, groups: list[_Group], results: dict) ->
         axes[-1].legend(handles, labels, loc="center", fontsize=11, title="images")
     fig.suptitle("Uncertainty scores by group (densities)")
     fig.tight_layout()
-    return _save(fig, folder, "score_histograms.png")
+    return save_figure(fig, folder, "score_histograms.png")
 
 
 def _draw_score_histogram(ax: Axes, name: str, groups: list[_Group], results: dict) -> None:
@@ -412,7 +413,7 @@ def _plot_confusion(folder: Path, labels: np.ndarray, preds: np.ndarray, names: 
     ax = fig.subplots()
     if len(labels) == 0:
         _empty(ax, "no labelled images")
-        return _save(fig, folder, "confusion.png")
+        return save_figure(fig, folder, "confusion.png")
     matrix = np.zeros((n, n), dtype=np.int64)
     np.add.at(matrix, (labels, preds), 1)
     totals = matrix.sum(axis=1, keepdims=True)
@@ -440,7 +441,7 @@ def _plot_confusion(folder: Path, labels: np.ndarray, preds: np.ndarray, names: 
     ax.set_xlabel("predicted class (pred)")
     ax.set_ylabel("true class (label)")
     ax.set_title(f"Confusion matrix (N = {len(labels)}; counts, colour = row share)")
-    return _save(fig, folder, "confusion.png")
+    return save_figure(fig, folder, "confusion.png")
 
 
 def _verdict(label: str | None, pred: str) -> str:
@@ -842,7 +843,7 @@ def _write_uncertain(
         fig = _draw_uncertain_image(rank, row, names, root, samples.get(int(i)))
         verdict = _verdict(_row_label(row), str(row["pred"]))
         alt = f"uncertain image {rank}: {row['path']}, {verdict}"
-        uncertain.append((_save(fig, folder, f"uncertain_{rank:02d}.png"), alt))
+        uncertain.append((save_figure(fig, folder, f"uncertain_{rank:02d}.png"), alt))
     return uncertain
 
 
@@ -897,8 +898,8 @@ def write_evaluation_report(
     reliability = _draw_reliability(evaluation.reliability, results["ece"])
     risk_coverage = _draw_risk_coverage(evaluation.risk_coverage, lab.correct, results)
     plots = {
-        "reliability": _save(reliability, folder, "reliability.png"),
-        "risk_coverage": _save(risk_coverage, folder, "risk_coverage.png"),
+        "reliability": save_figure(reliability, folder, "reliability.png"),
+        "risk_coverage": save_figure(risk_coverage, folder, "risk_coverage.png"),
         "scores": _plot_score_histograms(folder, _score_groups(evaluation), results),
         "confusion": _plot_confusion(folder, lab.labels, lab.pred.astype(np.int64), names),
     }
