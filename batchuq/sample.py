@@ -349,6 +349,17 @@ def _run_nodes(nodes: list[GraphNode], tensors: dict[int, tf.Tensor]) -> None:
         run_node(node, tensors)
 
 
+def balanced_chunks(rows: int, largest: int) -> list[tuple[int, int]]:
+    """Cut ``rows`` rows into ``(start, stop)`` ranges of at most ``largest`` rows each, whose
+    sizes differ by at most one (e.g. 399 + 400 + 400, not 416 + 416 + 367), so that few
+    distinct shapes reach compiled code."""
+    if rows <= 0:
+        return []
+    count = -(-rows // largest)
+    bounds = [rows * i // count for i in range(count + 1)]
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
+
+
 class MCSampler:
     """Draws Monte Carlo dropout samples of a Keras model's class probabilities.
 
@@ -526,11 +537,7 @@ class MCSampler:
         399 + 400 + 400, not 416 + 416 + 367), so few distinct shapes reach the compiled code.
         Callers that build rows on the fly (test-time copies) use it to build one chunk at a time.
         """
-        if rows <= 0:
-            return []
-        count = -(-rows // self.max_chunk_rows)
-        bounds = [rows * i // count for i in range(count + 1)]
-        return list(zip(bounds[:-1], bounds[1:], strict=True))
+        return balanced_chunks(rows, self.max_chunk_rows)
 
     def sample(self, images: np.ndarray | tf.Tensor, keys: np.ndarray | tf.Tensor) -> np.ndarray:
         """Draw the samples for a batch of rows.

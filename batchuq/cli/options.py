@@ -14,6 +14,7 @@ import click
 
 from batchuq.defaults import (
     DEFAULT_BATCH_SIZE,
+    DEFAULT_PRECISION,
     DEFAULT_SEED,
     DEFAULT_TTA_CONTRAST,
     DEFAULT_TTA_FLIP,
@@ -139,7 +140,7 @@ sample_layers_option = click.option(
 precision_option = click.option(
     "--precision",
     type=click.Choice(["float32", "bfloat16"]),
-    default="float32",
+    default=DEFAULT_PRECISION,
     show_default=True,
     help="Arithmetic of the sampled passes. bfloat16 is faster on CPUs with AVX512-BF16 "
     "or AMX (elsewhere it falls back to float32 with a warning); probabilities and "

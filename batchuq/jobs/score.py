@@ -47,6 +47,8 @@ from batchuq.postprocess.rules import DecisionRule, decide
 from batchuq.postprocess.temperature import apply_temperature
 from batchuq.summarise import Summary, mean_statistics, summarise
 from batchuq.write import (
+    CLASS_STATISTICS,
+    SCORE_COLUMNS,
     Checkpoint,
     ParquetSink,
     check_output_path,
@@ -308,16 +310,7 @@ def score_rows(
     return columns, decisions
 
 
-_STAT_FIELDS = (
-    "mean",
-    "median",
-    "std",
-    "confidence",
-    "margin",
-    "entropy",
-    "mutual_info",
-    "variation_ratio",
-)
+_STAT_FIELDS = CLASS_STATISTICS + SCORE_COLUMNS  # the Summary fields written
 
 
 def with_temperature(summary: Summary, temperature: float) -> Summary:

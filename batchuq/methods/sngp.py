@@ -24,6 +24,7 @@ import tensorflow as tf
 from batchuq.defaults import DEFAULT_MEAN_FIELD_LAMBDA, DEFAULT_MEMORY_BUDGET_MB
 from batchuq.errors import ModelError, UsageError
 from batchuq.methods.base import UncertaintyMethod
+from batchuq.sample import balanced_chunks
 from batchuq.seeds import mix, uniform_from_keys
 from batchuq.sngp import (
     RandomFeatureGaussianProcess,
@@ -140,11 +141,7 @@ class SNGP(UncertaintyMethod):
 
     def row_chunks(self, rows: int) -> list[tuple[int, int]]:
         """Balanced chunks of at most ``max_chunk_rows`` rows (sizes differ by at most one)."""
-        if rows <= 0:
-            return []
-        count = -(-rows // self.max_chunk_rows)
-        bounds = [rows * i // count for i in range(count + 1)]
-        return list(zip(bounds[:-1], bounds[1:], strict=True))
+        return balanced_chunks(rows, self.max_chunk_rows)
 
     def sample(self, rows: tf.Tensor, row_keys: tf.Tensor) -> np.ndarray:
         """``(rows, passes, classes)`` probabilities; see ``UncertaintyMethod.sample``."""
