@@ -25,10 +25,13 @@ import pyarrow as pa
 
 from batchuq.augment import TTAConfig
 from batchuq.defaults import (
+    DEFAULT_ADAPTIVE_ALPHA,
     DEFAULT_BATCH_SIZE,
     DEFAULT_CHECKPOINT_ROWS,
+    DEFAULT_MAX_PASSES,
     DEFAULT_MAX_PIXELS,
     DEFAULT_MEMORY_BUDGET_MB,
+    DEFAULT_MIN_PASSES,
     DEFAULT_PASSES,
     DEFAULT_PRECISION,
     DEFAULT_ROW_GROUP_SIZE,
@@ -45,7 +48,7 @@ from batchuq.models import LoadedModel
 from batchuq.postprocess.calibration_file import Calibration
 from batchuq.postprocess.rules import DecisionRule, decide
 from batchuq.postprocess.temperature import apply_temperature
-from batchuq.summarise import Summary, mean_statistics, summarise
+from batchuq.summarise import Summary, mean_statistics, summarise_images
 from batchuq.write import (
     CLASS_STATISTICS,
     SCORE_COLUMNS,
@@ -118,7 +121,7 @@ def score_directory(
     output: str | os.PathLike[str],
     *,
     model: str | os.PathLike[str] | keras.Model | LoadedModel | None = None,
-    passes: int = DEFAULT_PASSES,
+    passes: int | str = DEFAULT_PASSES,
     tta: TTAConfig | int = DEFAULT_TTA,
     seed: int = DEFAULT_SEED,
     batch_size: int = DEFAULT_BATCH_SIZE,
@@ -144,6 +147,9 @@ def score_directory(
     include_all: bool = False,
     exif_transpose: bool | None = None,
     method: UncertaintyMethod | MethodFactory | None = None,
+    min_passes: int = DEFAULT_MIN_PASSES,
+    max_passes: int = DEFAULT_MAX_PASSES,
+    adaptive_alpha: float = DEFAULT_ADAPTIVE_ALPHA,
 ) -> ScoreReport:
     """Score every image in a folder and write one Parquet row per image.
 
@@ -152,7 +158,10 @@ def score_directory(
         output: Parquet file to write (replaced atomically when the run completes).
         model: ``.keras`` path, a Keras model, or ``None`` for ``$BATCHUQ_MODEL`` or the
             bundled demo model.
-        passes: MC dropout passes T per augmented copy (1 = deterministic).
+        passes: MC dropout passes T per augmented copy (1 = deterministic), or ``"auto"``:
+            rounds of ``min_passes`` per image until its decision is settled, at most
+            ``max_passes`` (docs/methods.md, "Adaptive passes"); the ``passes`` column says
+            how many each image got.
         tta: Test-time augmentation settings, or just the number of copies K.
         seed: Seed of all randomness; the same seed gives the same output.
         batch_size: Images per batch (results do not depend on it).
@@ -203,6 +212,10 @@ def score_directory(
         method: The uncertainty method (``batchuq.methods``), or a factory building it from
             the loaded model; default: MC dropout with ``passes``, ``sample_layers``,
             ``memory_budget_mb``, ``precision`` and ``logits``.
+        min_passes: With ``passes="auto"``, passes every image gets and the size of a round.
+        max_passes: With ``passes="auto"``, the most passes an image gets.
+        adaptive_alpha: With ``passes="auto"``, the bound on the share of decisions that
+            differ from those of unlimited passes.
 
     Returns:
         A ``ScoreReport``.
@@ -213,33 +226,10 @@ def score_directory(
             ``ModelError``, ``NoDropoutError``, ``OutputError``, ...: see ``batchuq.errors``).
         StopRequested: When ``should_stop`` asks.
     """
+    arguments = locals()  # the keywords, ScoreOptions' fields among them
     started = time.perf_counter()
     out_path = check_output_path(output, suffix=".parquet")
-    options = ScoreOptions(
-        model=model,
-        passes=passes,
-        tta=tta,
-        seed=seed,
-        batch_size=batch_size,
-        rule=rule,
-        class_names=class_names,
-        labels=labels,
-        rescale=rescale,
-        sample_layers=sample_layers,
-        memory_budget_mb=memory_budget_mb,
-        max_pixels=max_pixels,
-        precision=precision,
-        logits=logits,
-        save_samples=save_samples,
-        calibration=calibration,
-        temperature=temperature,
-        allow_predictor_mismatch=allow_predictor_mismatch,
-        settings=settings,
-        include_all=include_all,
-        exif_transpose=exif_transpose,
-        follow_symlinks=follow_symlinks,
-        method=method,
-    )
+    options = ScoreOptions(**{f.name: arguments[f.name] for f in dataclasses.fields(ScoreOptions)})
     plan = prepare_run(images, options)
     report = ScoreReport(
         output=out_path,
@@ -286,7 +276,7 @@ def score_rows(
     Returns:
         The record batch to write and the ``(batch,)`` decisions (``UNCLASSIFIED`` = -1).
     """
-    summary = summarise(batch.samples)
+    summary = summarise_images(batch.samples)
     calibration = plan.calibration
     # Conformal sets from the MC mean before any temperature, as calibrated.
     sets = calibration.prediction_sets(summary.mean) if calibration is not None else None
@@ -306,6 +296,7 @@ def score_rows(
         stats={name: getattr(summary, name) for name in _STAT_FIELDS},
         pred_sets=sets,
         samples=batch.samples if plan.save_samples else None,
+        passes=batch.passes,
     )
     return columns, decisions
 
@@ -326,6 +317,7 @@ def run_schema(plan: RunPlan) -> pa.Schema:
         plan.metadata,
         pred_set=plan.calibration is not None,
         samples_per_image=plan.samples_per_image if plan.save_samples else None,
+        variable_samples=plan.adaptive is not None,
     )
 
 
