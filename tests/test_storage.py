@@ -1,12 +1,14 @@
-"""Images in object storage: ``s3://`` against a local S3-compatible server (moto), started here.
+"""Images in object storage: ``s3://`` against a local S3-compatible server (moto) and ``gs://``
+against a local GCS emulator, both started here.
 
-The server listens on 127.0.0.1 only, the AWS variables point every S3 call at it (dummy
-credentials), and the bucket holds a copy of a local folder: scoring either must give the same
+The servers listen on 127.0.0.1 only, the environment points every call at them (dummy
+credentials), and the buckets hold a copy of a local folder: scoring either must give the same
 rows, since the relative paths, and so the per-image seeds, are the same.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -19,7 +21,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
-from conftest import SAMPLE_TEST, assert_frames_equal_to_rounding
+from conftest import ROUNDING, SAMPLE_TEST, assert_frames_equal_to_rounding
+from gcp_storage_emulator.server import create_server
 from moto.server import ThreadedMotoServer
 
 from batchuq.augment import TTAConfig
@@ -27,7 +30,7 @@ from batchuq.cli import cli
 from batchuq.decode import ImageSpec, make_dataset
 from batchuq.discover import discover_images
 from batchuq.errors import ImagesFolderError, LayoutError, NoImagesFoundError, UsageError
-from batchuq.storage import is_url, list_tree, normalise_url, read_bytes
+from batchuq.storage import filesystem, is_url, list_tree, normalise_url, read_bytes
 
 BUCKET = "batchuq-test"
 CORRUPT = b"this is not a PNG"
@@ -73,9 +76,8 @@ def _upload(client: object, folder: Path, prefix: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def digits(s3: object, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
-    """40 test digits in class folders, one corrupt PNG, a text file and a hidden image: as a
-    local folder and as its copy under ``s3://batchuq-test/digits``."""
+def local_digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """40 test digits in class folders, one corrupt PNG, a text file and a hidden image."""
     local = tmp_path_factory.mktemp("digits") / "digits"
     for folder in sorted(SAMPLE_TEST.iterdir()):
         for image in sorted(folder.iterdir())[:4]:
@@ -85,11 +87,22 @@ def digits(s3: object, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, P
     (local / "notes.txt").write_text("not an image")
     (local / ".cache").mkdir()
     shutil.copy(next((local / "n1").iterdir()), local / ".cache" / "hidden.png")
-    return _upload(s3, local, "digits"), local
+    return local
+
+
+@pytest.fixture(scope="module")
+def digits(s3: object, local_digits: Path) -> tuple[str, Path]:
+    """The local digits and the URL of their copy under ``s3://batchuq-test/digits``."""
+    return _upload(s3, local_digits, "digits"), local_digits
+
+
+def _run(*args: str) -> object:
+    env = {"BATCHUQ_MODEL": None, "BATCHUQ_CONFIG": None}
+    return CliRunner().invoke(cli, [*args, "--no-progress"], env=env, catch_exceptions=False)
 
 
 def _score(*args: str) -> object:
-    return CliRunner().invoke(cli, ["score", *args, "--no-progress"], catch_exceptions=False)
+    return _run("score", *args)
 
 
 def test_urls_are_told_from_paths() -> None:
@@ -178,6 +191,19 @@ def test_score_s3_gives_the_rows_of_the_local_folder(
     assert f'"images": "{url}"' in metadata and f'"images_root": "{url}"' in metadata
 
 
+def test_calibrate_reads_a_bucket_as_a_folder(digits: tuple[str, Path], tmp_path: Path) -> None:
+    url, local = digits
+    options = ["--tta", "2", "--score-passes", "5", "--batch-size", "16"]
+    for source, name in ((url, "s3.json"), (str(local), "local.json")):
+        result = _run("calibrate", source, "-o", str(tmp_path / name), *options)
+        assert result.exit_code == 0, result.output
+    s3_fit, local_fit = (json.loads((tmp_path / n).read_text()) for n in ("s3.json", "local.json"))
+    del s3_fit["stats"]["seconds"], local_fit["stats"]["seconds"]
+    assert s3_fit["stats"] == local_fit["stats"] and s3_fit["stats"]["images"] == 40
+    for key in ("thresholds", "temperature", "conformal_quantiles"):
+        np.testing.assert_allclose(s3_fit[key], local_fit[key], **ROUNDING)
+
+
 def test_empty_prefix_exits_4_and_a_missing_bucket_2(
     digits: tuple[str, Path], tmp_path: Path
 ) -> None:
@@ -200,3 +226,39 @@ def test_output_urls_and_other_schemes_are_refused_before_any_work(
     assert f"Received: output='s3://{BUCKET}/out.parquet'" in to_s3.output
     other = _score("ftp://host/images", "out.parquet")
     assert other.exit_code == 2 and "Received: images='ftp://host/images'" in other.output
+
+
+@pytest.fixture(scope="module")
+def gcs_digits(local_digits: Path) -> Iterator[str]:
+    """A GCS emulator on 127.0.0.1 (``STORAGE_EMULATOR_HOST``) holding a copy of the digits;
+    their ``gs://`` URL."""
+    port = _free_port()
+    server = create_server("127.0.0.1", port, in_memory=True, default_bucket=BUCKET)
+    server.start()
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")
+        fs, _ = filesystem(f"gs://{BUCKET}")
+        for path in sorted(local_digits.rglob("*")):
+            if path.is_file():
+                key = f"{BUCKET}/digits/{path.relative_to(local_digits).as_posix()}"
+                with fs.open_output_stream(key) as out:
+                    out.write(path.read_bytes())
+        try:
+            yield f"gs://{BUCKET}/digits"
+        finally:
+            server.stop()
+
+
+def test_gs_listing_and_reads_match_the_local_folder(gcs_digits: str, local_digits: Path) -> None:
+    remote, here = discover_images(gcs_digits), discover_images(local_digits)
+    assert [f.relative_path for f in remote.files] == [f.relative_path for f in here.files]
+    assert remote.class_folders == here.class_folders and remote.skipped == here.skipped
+    spec, keys = ImageSpec(16, 16, 1), np.arange(len(here.files), dtype=np.uint32)
+    batches = [
+        next(iter(make_dataset([f.path for f in found.files], keys, spec, TTAConfig(1), 64)))
+        for found in (remote, here)
+    ]
+    np.testing.assert_array_equal(batches[0]["images"].numpy(), batches[1]["images"].numpy())
+    assert list(batches[0]["status"].numpy()) == list(batches[1]["status"].numpy())
+    with pytest.raises(ImagesFolderError, match="bucket 'no-such-bucket' does not exist"):
+        discover_images("gs://no-such-bucket/images")
