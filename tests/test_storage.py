@@ -262,3 +262,13 @@ def test_gs_listing_and_reads_match_the_local_folder(gcs_digits: str, local_digi
     assert list(batches[0]["status"].numpy()) == list(batches[1]["status"].numpy())
     with pytest.raises(ImagesFolderError, match="bucket 'no-such-bucket' does not exist"):
         discover_images("gs://no-such-bucket/images")
+
+
+def test_an_unreachable_store_is_a_failure_not_a_skip(
+    digits: tuple[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url, _ = digits
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_free_port()}")  # nobody there
+    result = _score(url, str(tmp_path / "out.parquet"))
+    assert result.exit_code == 3, result.output
+    assert "NETWORK_CONNECTION" in result.output and not list(tmp_path.iterdir())
