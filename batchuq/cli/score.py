@@ -17,6 +17,7 @@ import click
 from batchuq.cli.config import config_option, settings_provenance
 from batchuq.cli.options import (
     PASSES,
+    PathOrURL,
     augmentation_options,
     batch_size_option,
     class_names_options,
@@ -62,8 +63,8 @@ from batchuq.errors import (
 
 
 @click.command("score")
-@click.argument("images", type=click.Path(file_okay=False, path_type=Path))
-@click.argument("output", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("images", type=PathOrURL(click.Path(file_okay=False, path_type=Path)))
+@click.argument("output", type=PathOrURL(click.Path(dir_okay=False, path_type=Path)))
 @model_option
 @click.option(
     "--passes",
@@ -249,14 +250,16 @@ from batchuq.errors import (
 @progress_option
 @config_option
 @click.pass_context
-def score(ctx: click.Context, images: Path, output: Path, **options: Any) -> None:
+def score(ctx: click.Context, images: Path | str, output: Path, **options: Any) -> None:
     """Score every image in IMAGES and write one Parquet row per image to OUTPUT.
 
     IMAGES is a folder with one subfolder per class (n0, n1, ... : rows get a label) or a flat
-    folder of images (unlabelled). Each image is augmented --tta times and each copy is run
-    --passes times with only the dropout layers switched on; the per-class mean, median and
-    std over those samples, the uncertainty scores and a decision go into OUTPUT. OUTPUT is
-    written to a temporary file and renamed into place only when the run completes.
+    folder of images (unlabelled), or the same layout under an s3:// or gs:// prefix
+    (credentials and endpoint from the environment, e.g. AWS_ENDPOINT_URL). Each image is
+    augmented --tta times and each copy is run --passes times with only the dropout layers
+    switched on; the per-class mean, median and std over those samples, the uncertainty scores
+    and a decision go into OUTPUT. OUTPUT is a local file, written to a temporary file and
+    renamed into place only when the run completes.
 
     Every option can also come from a config file (--config, $BATCHUQ_CONFIG or ./batchuq.toml,
     table [score]); the command line and the environment win over it.
@@ -368,8 +371,8 @@ def score_keywords(options: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def check_score_arguments(
-    images: Path,
-    output: Path,
+    images: Path | str,
+    output: Path | str,
     *,
     model: tuple[Path, ...] | None = None,
     calibration: Path | None = None,
@@ -380,8 +383,9 @@ def check_score_arguments(
     """Catch the usual mistakes in a moment, before TensorFlow is imported (which takes seconds).
 
     Args:
-        images: The images folder.
-        output: The Parquet file to write.
+        images: The images folder, or an object-storage URL (only its form is checked here:
+            listing it is discovery's work, after TensorFlow is imported).
+        output: The Parquet file to write (a URL is refused).
         model: The ``--model`` files or ensemble folders, if any.
         calibration: The ``--calibration`` file, if any.
         missing_ok: Whether a missing ``images`` folder means "nothing to score".
@@ -395,20 +399,24 @@ def check_score_arguments(
     """
     from batchuq.discover import IMAGE_EXTENSIONS, has_images, resolve_layout
     from batchuq.model_files import check_model_arguments
+    from batchuq.storage import is_url, normalise_url
     from batchuq.write import check_output_path
 
-    if not images.exists() and missing_ok:
+    if is_url(images):
+        normalise_url(images)
+    elif not images.exists() and missing_ok:
         raise NoImagesFoundError(f"{str(images)!r} does not exist (--missing-ok).")
-    if not images.is_dir():
+    elif not images.is_dir():
         raise ImagesFolderError(
             f"The images folder does not exist or is not a folder. Received: images={str(images)!r}"
         )
+    check_output_path(output)
+    output = Path(output)
     if output.suffix.lower() != ".parquet":
         raise OutputError(
             "OUTPUT must end in .parquet: batchuq writes Parquet files. "
             f"Received: output={str(output)!r}"
         )
-    check_output_path(output)
     check_model_arguments(list(model or ()))
     if calibration is not None:
         check_calibration_file(calibration)
@@ -417,6 +425,8 @@ def check_score_arguments(
             f"The output exists and --no-clobber is set. Received: output={str(output)!r}"
         )
     extensions = None if include_all else IMAGE_EXTENSIONS
+    if is_url(images):
+        return
     if not has_images(images, extensions):
         raise NoImagesFoundError(f"none found in {str(images)!r}.")
     resolve_layout(images, extensions)
