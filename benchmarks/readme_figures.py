@@ -1091,8 +1091,8 @@ def render_adaptive(f: dict) -> str:
             f"{d['cold_seconds']['fixed']:.1f} s for T = 100 and {d['cold_seconds']['auto']:.1f}",
             "s for auto, which compiles one shape per padded row count. The confidence rule's",
             "empirical-Bernstein test settles far later than the median rule's order-statistic",
-            "test, as docs/methods.md says. The trained reference CNN classifies the",
-            f"brightest of 5 bands with accuracy {pct(ref['accuracy_fixed'])} (T = 100) and",
+            "test, as docs/methods.md says. The trained reference CNN finds the brightened",
+            f"band of 5 with accuracy {pct(ref['accuracy_fixed'])} (T = 100) and",
             f"{pct(ref['accuracy_auto'])} (auto).",
         ),
     ]
