@@ -6,6 +6,7 @@ The module imports no TensorFlow: ``batchuq score --help`` and the usual mistake
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 from collections.abc import Mapping
@@ -41,6 +42,7 @@ from batchuq.cli.runtime import (
 )
 from batchuq.defaults import (
     DEFAULT_CHECKPOINT_ROWS,
+    DEFAULT_CPUS_PER_WORKER,
     DEFAULT_MAX_PIXELS,
     DEFAULT_MEMORY_BUDGET_MB,
     DEFAULT_MIN_CONFIDENCE,
@@ -54,12 +56,13 @@ from batchuq.errors import (
     ImagesFolderError,
     NoImagesFoundError,
     OutputError,
+    UsageError,
 )
 
 
 @click.command("score")
 @click.argument("images", type=click.Path(file_okay=False, path_type=Path))
-@click.argument("output", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("output", type=click.Path(path_type=str))
 @model_option
 @click.option(
     "--passes",
@@ -174,7 +177,9 @@ from batchuq.errors import (
     type=click.IntRange(min=1),
     default=DEFAULT_CHECKPOINT_ROWS,
     show_default=True,
-    help="With --resume: rows per checkpoint part (work lost on a kill is at most this).",
+    help="With --resume: rows per checkpoint part (work lost on a kill is at most this). "
+    "With --engine ray, with or without --resume: images per unit of work, and rows per file "
+    "of a folder OUTPUT.",
 )
 @click.option(
     "--follow-symlinks",
@@ -216,17 +221,55 @@ from batchuq.errors import (
     help="Refuse to replace an existing OUTPUT (exit 2). By default it is replaced "
     "atomically when the run completes.",
 )
+@click.option(
+    "--engine",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    show_default=True,
+    help="local: score in this process. ray: score on a Ray cluster (pip install "
+    '"batchuq[ray]"): a pool of actors, each loading the model once, scores parts of the '
+    "folder and writes them beside OUTPUT; the driver then compacts them into OUTPUT in path "
+    "order, or, for an OUTPUT ending in /, into a folder dataset. The rows are the same.",
+)
+@click.option(
+    "--ray-address",
+    envvar="RAY_ADDRESS",
+    default=None,
+    show_default=True,
+    help="With --engine ray: the cluster to run on, e.g. 10.0.0.5:6379 or ray://head:10001 "
+    "(env RAY_ADDRESS). Without it, a Ray is started on this machine for the run and stopped "
+    "after it (never one already running here).",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=None,
+    show_default=True,
+    help="With --engine ray: actors scoring at once, each holding a copy of the model. "
+    "Default: one per CPU of the cluster.",
+)
+@click.option(
+    "--cpus-per-worker",
+    type=click.FloatRange(min=0, min_open=True),
+    default=DEFAULT_CPUS_PER_WORKER,
+    show_default=True,
+    help="With --engine ray: CPUs Ray reserves for each actor; TensorFlow runs on that many "
+    "threads, rounded up. Below 1 leaves room for Ray's own tasks, which a whole CPU per "
+    "actor can starve on a small machine.",
+)
 @progress_option
 @config_option
 @click.pass_context
-def score(ctx: click.Context, images: Path, output: Path, **options: Any) -> None:
+def score(ctx: click.Context, images: Path, output: str, **options: Any) -> None:
     """Score every image in IMAGES and write one Parquet row per image to OUTPUT.
 
     IMAGES is a folder with one subfolder per class (n0, n1, ... : rows get a label) or a flat
     folder of images (unlabelled). Each image is augmented --tta times and each copy is run
     --passes times with only the dropout layers switched on; the per-class mean, median and
     std over those samples, the uncertainty scores and a decision go into OUTPUT. OUTPUT is
-    written to a temporary file and renamed into place only when the run completes.
+    written to a temporary file and renamed into place only when the run completes. With
+    --engine ray the same rows are scored on a Ray cluster, and an OUTPUT ending in / is a
+    folder of Parquet files that pandas, pyarrow and DuckDB read as one table.
 
     Every option can also come from a config file (--config, $BATCHUQ_CONFIG or ./batchuq.toml,
     table [score]); the command line and the environment win over it.
@@ -237,6 +280,8 @@ def score(ctx: click.Context, images: Path, output: Path, **options: Any) -> Non
     Example:
 
         batchuq score sample_data/digits/test out.parquet --passes 100 --tta 4
+
+        batchuq score sample_data/digits/test scores/ --engine ray --workers 2
     """
     setup_logging(options["log_format"])
     with exit_on_error():
@@ -248,12 +293,13 @@ def score(ctx: click.Context, images: Path, output: Path, **options: Any) -> Non
             missing_ok=options["missing_ok"],
             no_clobber=options["no_clobber"],
             include_all=options["include_all"],
+            engine=options["engine"],
         )
         import_tensorflow_quietly(options["log_format"])
         from batchuq.jobs.score import score_directory
         from batchuq.model_files import import_user_modules
 
-        with StopOnSignal(output, options["resume"]) as stop:
+        with StopOnSignal(Path(output), options["resume"]) as stop:
             import_user_modules(options["imports"])
             report = score_directory(
                 images,
@@ -261,6 +307,7 @@ def score(ctx: click.Context, images: Path, output: Path, **options: Any) -> Non
                 **score_keywords(options),
                 should_stop=stop.should_stop,
                 settings=settings_provenance(ctx),
+                worker_imports=tuple(options["imports"] or ()),
             )
     if report.errors and report.error_rate > options["max_error_rate"]:
         say(
@@ -291,6 +338,10 @@ _AS_THEY_ARE = (
     "follow_symlinks",
     "include_all",
     "exif_transpose",
+    "engine",
+    "ray_address",
+    "workers",
+    "cpus_per_worker",
 )
 
 
@@ -334,33 +385,36 @@ def score_keywords(options: Mapping[str, Any]) -> dict[str, Any]:
 
 def check_score_arguments(
     images: Path,
-    output: Path,
+    output: str | Path,
     *,
     model: tuple[Path, ...] | None = None,
     calibration: Path | None = None,
     missing_ok: bool = False,
     no_clobber: bool = False,
     include_all: bool = False,
+    engine: str = "local",
 ) -> None:
     """Catch the usual mistakes in a moment, before TensorFlow is imported (which takes seconds).
 
     Args:
         images: The images folder.
-        output: The Parquet file to write.
+        output: The Parquet file to write; with ``engine="ray"`` also a folder (ending in
+            ``/``).
         model: The ``--model`` files or ensemble folders, if any.
         calibration: The ``--calibration`` file, if any.
         missing_ok: Whether a missing ``images`` folder means "nothing to score".
         no_clobber: Whether an existing ``output`` is refused.
         include_all: Whether every file counts, not only image extensions.
+        engine: ``local`` or ``ray``; ``ray`` needs Ray installed (checked without importing
+            it).
 
     Raises:
         NoImagesFoundError: If there is nothing to score (exit 4).
         UsageError: For a missing images folder, a bad output path, model or calibration
-            file, or a folder of dataset splits (exit 2).
+            file, a folder of dataset splits, or the Ray engine without Ray (exit 2).
     """
     from batchuq.discover import IMAGE_EXTENSIONS, has_images, resolve_layout
     from batchuq.model_files import check_model_arguments
-    from batchuq.write import check_output_path
 
     if not images.exists() and missing_ok:
         raise NoImagesFoundError(f"{str(images)!r} does not exist (--missing-ok).")
@@ -368,16 +422,11 @@ def check_score_arguments(
         raise ImagesFolderError(
             f"The images folder does not exist or is not a folder. Received: images={str(images)!r}"
         )
-    if output.suffix.lower() != ".parquet":
-        raise OutputError(
-            "OUTPUT must end in .parquet: batchuq writes Parquet files. "
-            f"Received: output={str(output)!r}"
-        )
-    check_output_path(output)
+    check_output_argument(output, engine)
     check_model_arguments(list(model or ()))
     if calibration is not None:
         check_calibration_file(calibration)
-    if no_clobber and output.exists():
+    if no_clobber and Path(output).exists():
         raise OutputError(
             f"The output exists and --no-clobber is set. Received: output={str(output)!r}"
         )
@@ -385,6 +434,41 @@ def check_score_arguments(
     if not has_images(images, extensions):
         raise NoImagesFoundError(f"none found in {str(images)!r}.")
     resolve_layout(images, extensions)
+
+
+def check_output_argument(output: str | Path, engine: str) -> None:
+    """Refuse an OUTPUT the engine cannot write, and the Ray engine without Ray installed.
+
+    Args:
+        output: The OUTPUT argument as given (a trailing ``/`` makes it a folder dataset).
+        engine: ``local`` or ``ray``.
+
+    Raises:
+        OutputError: If OUTPUT does not end in ``.parquet`` (or, with ``ray``, in ``/``), or
+            cannot be written.
+        UsageError: If ``engine`` is ``ray`` and Ray is not installed.
+    """
+    from batchuq.write import check_output_folder, check_output_path, is_folder_output
+
+    if engine == "ray" and importlib.util.find_spec("ray") is None:
+        raise UsageError(
+            "The Ray engine needs Ray: pip install \"batchuq[ray]\". Received: engine='ray'"
+        )
+    if is_folder_output(str(output)):
+        if engine != "ray":
+            raise OutputError(
+                "An OUTPUT ending in / (a folder dataset) is written by --engine ray only; the "
+                f"local engine writes one .parquet file. Received: output={str(output)!r}"
+            )
+        check_output_folder(output)
+        return
+    if Path(output).suffix.lower() != ".parquet":
+        raise OutputError(
+            "OUTPUT must end in .parquet: batchuq writes Parquet files"
+            + (" (or, with --engine ray, in / for a folder)" if engine == "ray" else "")
+            + f". Received: output={str(output)!r}"
+        )
+    check_output_path(output)
 
 
 def check_calibration_file(path: Path) -> None:

@@ -82,11 +82,14 @@ class RaySettings:
         workers: Actors in the pool, each holding the model; ``None``: one per cluster CPU.
         cpus_per_worker: CPUs Ray reserves per actor; TensorFlow runs on the next whole number
             of threads.
+        imports: Modules each worker imports before loading the model (the CLI's
+            ``--import``: custom layers must be registered in the workers too).
     """
 
     address: str | None = None
     workers: int | None = None
     cpus_per_worker: float = DEFAULT_CPUS_PER_WORKER
+    imports: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.workers is not None and self.workers < 1:
@@ -181,9 +184,9 @@ def score_with_ray(
         done = checkpoint.done.paths
         todo = [i for i, path in enumerate(plan.relative_paths) if path not in done]
         log_resuming(len(done), report.images)
-        job = PartJob(
-            plan.images, options, plan.discovery, schema, checkpoint.fingerprint,
-            str(checkpoint.folder), threads_for(settings.cpus_per_worker),
+        job = PartJob.for_workers(
+            plan, options, schema, checkpoint.fingerprint, checkpoint.folder,
+            threads=threads_for(settings.cpus_per_worker), imports=settings.imports,
         )  # fmt: skip
         ray_record = run_parts(ray, job, plan, todo, settings, control, report)
         report.seconds = time.perf_counter() - control.started
@@ -264,8 +267,9 @@ def run_parts(
         workers = settings.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
         workers = min(workers, len(parts))
         dataset = parts_dataset(ray, job, parts, workers, settings.cpus_per_worker)
-        nodes = collect_parts(dataset, plan, len(todo), control, report)
+        nodes, processes = collect_parts(dataset, plan, len(todo), control, report)
     record |= {"workers": workers, "cpus_per_worker": settings.cpus_per_worker}
+    record["actor_processes"] = processes  # above workers when Ray restarted an actor
     record["parts_per_node"] = dict(sorted(nodes.items()))
     return record
 
@@ -293,11 +297,11 @@ def parts_dataset(
 
 def collect_parts(
     dataset: Any, plan: RunPlan, todo: int, control: RunControl, report: ScoreReport
-) -> Counter[str]:
+) -> tuple[Counter[str], int]:
     """Run the dataset, counting each finished part once into ``report``.
 
     Returns:
-        Parts scored per Ray node id.
+        Parts scored per Ray node id, and how many actor processes scored them.
 
     Raises:
         StopRequested: When ``control.should_stop`` asks (checked between parts).
@@ -305,6 +309,7 @@ def collect_parts(
     files = len(plan.discovery.files)
     nodes: Counter[str] = Counter()
     seen: set[int] = set()
+    pids: set[tuple[str, int]] = set()
     bar = tqdm(
         total=files, initial=files - todo, unit="img", disable=not control.progress,
         desc="scoring", leave=False,
@@ -322,11 +327,12 @@ def collect_parts(
                     report.unclassified += part["unclassified"]
                     log_image_errors(report, plan, part["error_positions"], part["error_statuses"])
                     nodes[part["node"]] += 1
+                    pids.add((part["node"], part["pid"]))
                     bar.update(part["rows"])
                 _stop_if_asked(control)
     finally:
         summaries.close()  # stops the pipeline and its actors now, also after a stop request
-    return nodes
+    return nodes, len(pids)
 
 
 def _stop_if_asked(control: RunControl) -> None:

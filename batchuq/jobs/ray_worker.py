@@ -13,9 +13,12 @@ This module imports no Ray: the actor is a plain class, and Ray Data makes it an
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
+import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +31,12 @@ from batchuq.defaults import STATUS_OK
 from batchuq.discover import Discovery
 from batchuq.jobs.batches import iter_sampled_batches
 from batchuq.jobs.rows import ScoreReport, checkpoint_fingerprint, score_rows
-from batchuq.jobs.run import ScoreOptions, prepare_run
+from batchuq.jobs.run import RunPlan, ScoreOptions, prepare_run
+from batchuq.model_files import MODEL_ENV, import_user_modules
+
+# Fingerprint entries that spell paths, which a worker may see under other names (its own
+# working directory, its own install of the bundled model): the model's sha256 covers the model.
+PATH_KEYS = ("images", "images_root", "model_path", "members")
 
 # What an actor returns for each part it scored: one row.
 PART_SUMMARY = pa.schema(
@@ -48,8 +56,10 @@ PART_SUMMARY = pa.schema(
 class PartJob:
     """What every actor of a run needs, sent once to each.
 
+    Every path in it is absolute: a worker's working directory is not the driver's.
+
     Attributes:
-        images: The images folder, as the driver was given it.
+        images: The images folder.
         options: What decides the rows (the model as a path, so that each actor loads it).
         discovery: The files the driver discovered, in path order (positions index them).
         schema: The output schema, the driver's metadata included: every part carries it.
@@ -57,6 +67,8 @@ class PartJob:
             model file, library version or CPU precision on its node) refuses to score.
         folder: Where the part files go (a folder every node can write, on a cluster).
         threads: TensorFlow threads per actor (intra-op), ``ceil(cpus_per_worker)``.
+        imports: Modules to import before loading the model (``--import``).
+        cwd: The driver's working directory, where module names of ``imports`` are looked up.
     """
 
     images: str
@@ -66,6 +78,54 @@ class PartJob:
     fingerprint: dict[str, Any]
     folder: str
     threads: int = 1
+    imports: tuple[str, ...] = ()
+    cwd: str = ""
+
+    @classmethod
+    def for_workers(
+        cls,
+        plan: RunPlan,
+        options: ScoreOptions,
+        schema: pa.Schema,
+        fingerprint: dict[str, Any],
+        folder: Path,
+        *,
+        threads: int = 1,
+        imports: Sequence[str] = (),
+    ) -> PartJob:
+        """The job of a run, every path made absolute (the model, calibration, labels and
+        images as the driver resolved them).
+
+        Args:
+            plan: The driver's plan.
+            options: The run's options.
+            schema: The output schema.
+            fingerprint: The driver's checkpoint fingerprint (after a JSON round trip).
+            folder: The parts folder.
+            threads: TensorFlow threads per actor.
+            imports: ``--import`` modules (names, or ``.py`` paths).
+
+        Returns:
+            The job.
+        """
+        files = [dataclasses.replace(f, path=os.path.abspath(f.path)) for f in plan.discovery.files]
+        discovery = dataclasses.replace(
+            plan.discovery, root=os.path.abspath(plan.discovery.root), files=files
+        )
+        model = options.model if options.model is not None else os.environ.get(MODEL_ENV)
+        worker_options = dataclasses.replace(
+            options,
+            model=_absolute(model),
+            calibration=_absolute(options.calibration),
+            labels=_absolute(options.labels),
+        )
+        modules = tuple(
+            os.path.abspath(m) if m.endswith(".py") or os.sep in m else m for m in imports
+        )
+        return cls(
+            os.path.abspath(plan.images), worker_options, discovery, schema, fingerprint,
+            str(folder.resolve()), threads, modules, os.getcwd(),
+        )  # fmt: skip
 
 
 class PartScorer:
@@ -80,11 +140,15 @@ class PartScorer:
 
     def __init__(self, job: PartJob) -> None:
         limit_tensorflow_threads(job.threads)
+        if job.cwd and job.cwd not in sys.path:
+            sys.path.append(job.cwd)
+        import_user_modules(job.imports)
         self.job = job
         self.plan = prepare_run(job.images, job.options, discovery=job.discovery)
         mine = json.loads(json.dumps(checkpoint_fingerprint(self.plan), sort_keys=True))
         theirs = job.fingerprint
-        differing = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+        keys = (mine.keys() | theirs.keys()) - set(PATH_KEYS)
+        differing = sorted(k for k in keys if mine.get(k) != theirs.get(k))
         if differing:
             raise RuntimeError(
                 "This Ray worker would score with other settings than the driver: "
@@ -133,6 +197,15 @@ class PartScorer:
             "node": self.node,
             "pid": os.getpid(),
         }
+
+
+def _absolute(value: Any) -> Any:
+    """``value`` with every path in it (one, or a list) made absolute; other values as they are."""
+    if isinstance(value, (list, tuple)):
+        return type(value)(_absolute(v) for v in value)
+    if isinstance(value, (str, os.PathLike)):
+        return os.path.abspath(value)
+    return value
 
 
 def limit_tensorflow_threads(threads: int) -> None:

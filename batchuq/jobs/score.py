@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +87,7 @@ def score_directory(
     ray_address: str | None = None,
     workers: int | None = None,
     cpus_per_worker: float = DEFAULT_CPUS_PER_WORKER,
+    worker_imports: Sequence[str] = (),
 ) -> ScoreReport:
     """Score every image in a folder and write one Parquet row per image.
 
@@ -158,6 +159,9 @@ def score_directory(
             one per CPU of the cluster.
         cpus_per_worker: With ``ray``: the CPUs Ray reserves for each actor. Fractional values
             leave room for Ray's own tasks (a whole CPU per actor can stall a 2-core machine).
+        worker_imports: With ``ray``: modules (names or ``.py`` paths) each worker imports
+            before loading the model, so that custom layers registered there load (the CLI
+            passes its ``--import``).
 
     Returns:
         A ``ScoreReport``.
@@ -197,7 +201,7 @@ def score_directory(
     if engine == "ray":
         from batchuq.jobs.ray_engine import RaySettings, score_with_ray
 
-        ray_settings = RaySettings(ray_address, workers, cpus_per_worker)
+        ray_settings = RaySettings(ray_address, workers, cpus_per_worker, tuple(worker_imports))
         return score_with_ray(images, output, options, control, ray_settings)
     if engine != "local":
         raise UsageError(f"`engine` must be local or ray. Received: engine={engine!r}")
