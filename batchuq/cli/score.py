@@ -253,9 +253,9 @@ from batchuq.errors import (
     type=click.FloatRange(min=0, min_open=True),
     default=DEFAULT_CPUS_PER_WORKER,
     show_default=True,
-    help="With --engine ray: CPUs Ray reserves for each actor; TensorFlow runs on that many "
-    "threads, rounded up. Below 1 leaves room for Ray's own tasks, which a whole CPU per "
-    "actor can starve on a small machine.",
+    help="With --engine ray: CPUs Ray books for each actor; TensorFlow runs on that many "
+    "threads, rounded up. Below 1, the default pool (one actor per CPU) never books every "
+    "CPU, which keeps some for Ray's own tasks and other jobs on the cluster.",
 )
 @progress_option
 @config_option

@@ -157,8 +157,9 @@ def score_directory(
             is used as it is.
         workers: With ``ray``: how many actors score, each loading the model once; default
             one per CPU of the cluster.
-        cpus_per_worker: With ``ray``: the CPUs Ray reserves for each actor. Fractional values
-            leave room for Ray's own tasks (a whole CPU per actor can stall a 2-core machine).
+        cpus_per_worker: With ``ray``: the CPUs Ray books for each actor (TensorFlow runs on
+            that many threads, rounded up). Below 1, actors never book every CPU, which keeps
+            CPUs for Ray's own tasks and other jobs on the cluster.
         worker_imports: With ``ray``: modules (names or ``.py`` paths) each worker imports
             before loading the model, so that custom layers registered there load (the CLI
             passes its ``--import``).
