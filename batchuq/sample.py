@@ -246,6 +246,7 @@ class GraphSplit:
         prefix: Nodes that run once per row, in execution order.
         tail: Nodes that run on rows tiled over passes, in execution order.
         frontier: Ids of prefix tensors the tail (or the output) reads.
+        frontier_shapes: Their symbolic shapes, ``(None, ...)``, in the same order.
         tail_bytes_per_row: Estimated float32 bytes of tail activations per row.
     """
 
@@ -253,6 +254,7 @@ class GraphSplit:
     prefix: list[GraphNode] = field(default_factory=list)
     tail: list[GraphNode] = field(default_factory=list)
     frontier: list[int] = field(default_factory=list)
+    frontier_shapes: list[tuple] = field(default_factory=list)
     tail_bytes_per_row: int = 0
     prefix_bytes_per_row: int = 0
 
@@ -329,6 +331,7 @@ def split_graph(model: keras.Model, sampled: list[keras.layers.Layer]) -> GraphS
             for tensor in node.input_tensors:
                 if id(tensor) not in stochastic and id(tensor) not in split.frontier:
                     split.frontier.append(id(tensor))
+                    split.frontier_shapes.append(tuple(tensor.shape))
             # A nested model (e.g. a keras.applications base with its own dropout) counts
             # with the activations inside it, not just its output.
             split.tail_bytes_per_row += max(
@@ -339,6 +342,7 @@ def split_graph(model: keras.Model, sampled: list[keras.layers.Layer]) -> GraphS
     output = graph.outputs[0]
     if id(output) not in stochastic and id(output) not in split.frontier:
         split.frontier.append(id(output))
+        split.frontier_shapes.append(tuple(output.shape))
     split.prefix_bytes_per_row = _peak_live_bytes(graph.inputs, split.prefix, set(split.frontier))
     return split
 
@@ -430,14 +434,34 @@ class MCSampler:
         self.largest_chunk_rows = 0  # the most rows one compiled call has run (for tests)
         self._low_precision_layers = self._tail_layers() if precision == "bfloat16" else []
         self._cast_before_tiling = self._frontier_read_only_in_low_precision()
-        if input_shape is not None:
-            signature = [
-                tf.TensorSpec((None, *input_shape[1:]), tf.float32),
-                tf.TensorSpec((None,), tf.uint32),
-            ]
-            self._function = tf.function(self._sample, input_signature=signature)
-        else:
+        self._compile(input_shape)
+
+    def _compile(self, input_shape: tuple | None) -> None:
+        """Wrap the sampling functions in ``tf.function``s that never retrace for a new number
+        of rows: every row axis is ``None`` in the signatures."""
+        if input_shape is None:  # a subclassed model without symbolic inputs
             self._function = tf.function(self._sample, reduce_retracing=True)
+            self._prefix_function = tf.function(self._prefix, reduce_retracing=True)
+            self._rows_function = tf.function(self._sample_rows, reduce_retracing=True)
+            return
+        images = tf.TensorSpec((None, *input_shape[1:]), tf.float32)
+        keys = tf.TensorSpec((None,), tf.uint32)
+        scalar = tf.TensorSpec((), tf.int32)
+        self._function = tf.function(self._sample, input_signature=[images, keys])
+        self._prefix_function = tf.function(self._prefix, input_signature=[images])
+        if self.split is None:
+            frontier = [images]
+        else:
+            frontier = [
+                tf.TensorSpec((None, *shape[1:]), tf.bfloat16 if cast else tf.float32)
+                for shape, cast in zip(
+                    self.split.frontier_shapes, self._cast_before_tiling, strict=True
+                )
+            ]
+        self._rows_function = tf.function(
+            self._sample_rows,
+            input_signature=[frontier, keys, tf.TensorSpec((None,), tf.int32), scalar, scalar],
+        )
 
     @property
     def uses_split(self) -> bool:
@@ -499,36 +523,64 @@ class MCSampler:
             _run_nodes(self.split.tail, tensors)
             return tensors[id(self.split.graph.outputs[0])]
 
-    def _sample(self, images: tf.Tensor, keys: tf.Tensor) -> tf.Tensor:
-        rows = tf.shape(images)[0]
+    def _prefix(self, images: tf.Tensor) -> list[tf.Tensor]:
+        """The mask-independent part: the frontier tensors the tail reads, one row per image."""
         if self.split is None:
-            frontier = [images]
-        else:
-            tensors = {id(self.split.graph.inputs[0]): images}
-            _run_nodes(self.split.prefix, tensors)
-            frontier = [
-                tf.cast(tensors[i], tf.bfloat16) if cast else tensors[i]
-                for i, cast in zip(self.split.frontier, self._cast_before_tiling, strict=True)
-            ]
-        largest = tf.minimum(tf.maximum(1, self.max_rows // tf.maximum(rows, 1)), self.passes)
-        chunks = (self.passes + largest - 1) // largest
+            return [images]
+        tensors = {id(self.split.graph.inputs[0]): images}
+        _run_nodes(self.split.prefix, tensors)
+        return [
+            tf.cast(tensors[i], tf.bfloat16) if cast else tensors[i]
+            for i, cast in zip(self.split.frontier, self._cast_before_tiling, strict=True)
+        ]
+
+    def _tail_passes(
+        self, frontier: list[tf.Tensor], keys: tf.Tensor, first_pass: tf.Tensor, passes: tf.Tensor
+    ) -> tf.Tensor:
+        """Passes ``first_pass .. first_pass + passes - 1`` of the tail on every frontier row.
+
+        Pass ``t`` of row ``i`` draws its masks from ``mix(keys[i], t)`` whatever else is in the
+        call, so a call for passes 10..19 gives the draws of those passes in a call for 0..99.
+
+        Returns:
+            float32 ``(passes, rows, classes)``.
+        """
+        rows = tf.shape(keys)[0]
+        largest = tf.minimum(tf.maximum(1, self.max_rows // tf.maximum(rows, 1)), passes)
+        chunks = (passes + largest - 1) // largest
         # Balanced chunks (e.g. 34+34+32, not 38+38+24): fewer distinct shapes to compile.
-        per_chunk = (self.passes + chunks - 1) // chunks
+        per_chunk = (passes + chunks - 1) // chunks
         results = tf.TensorArray(tf.float32, size=chunks, infer_shape=False)
         for chunk in tf.range(chunks):
             start = chunk * per_chunk
-            count = tf.minimum(per_chunk, self.passes - start)
+            count = tf.minimum(per_chunk, passes - start)
             tiled = [
                 tf.tile(t, tf.concat([[count], tf.ones([tf.rank(t) - 1], tf.int32)], 0))
                 for t in frontier
             ]
-            pass_index = tf.cast(tf.range(start, start + count), tf.uint32)
+            pass_index = tf.cast(
+                tf.range(first_pass + start, first_pass + start + count), tf.uint32
+            )
             pass_keys = tf.reshape(mix(keys[None, :], pass_index[:, None]), [-1])
             probs = tf.cast(self._forward_tail(tiled, pass_keys), tf.float32)
             if self.logits:
                 probs = tf.nn.softmax(probs, axis=-1)
             results = results.write(chunk, tf.reshape(probs, [count, rows, -1]))
         return results.concat()
+
+    def _sample(self, images: tf.Tensor, keys: tf.Tensor) -> tf.Tensor:
+        return self._tail_passes(self._prefix(images), keys, 0, self.passes)
+
+    def _sample_rows(
+        self,
+        frontier: list[tf.Tensor],
+        keys: tf.Tensor,
+        index: tf.Tensor,
+        first_pass: tf.Tensor,
+        passes: tf.Tensor,
+    ) -> tf.Tensor:
+        picked = [tf.gather(t, index) for t in frontier]
+        return self._tail_passes(picked, tf.gather(keys, index), first_pass, passes)
 
     def row_chunks(self, rows: int) -> list[tuple[int, int]]:
         """How ``sample`` cuts ``rows`` rows: ``(start, stop)`` ranges of balanced size.
@@ -538,6 +590,16 @@ class MCSampler:
         Callers that build rows on the fly (test-time copies) use it to build one chunk at a time.
         """
         return balanced_chunks(rows, self.max_chunk_rows)
+
+    @contextlib.contextmanager
+    def _sampling(self) -> Iterator[None]:
+        """Dropout layers sampling per-row masks, the tail in its precision (while tracing)."""
+        policy = "mixed_bfloat16" if self.precision == "bfloat16" else None
+        with (
+            dropout_sampling(self.dropout_layers),
+            _dtype_policy(self._low_precision_layers, policy),
+        ):
+            yield
 
     def sample(self, images: np.ndarray | tf.Tensor, keys: np.ndarray | tf.Tensor) -> np.ndarray:
         """Draw the samples for a batch of rows.
@@ -555,11 +617,7 @@ class MCSampler:
         images = tf.convert_to_tensor(images, tf.float32)
         keys = tf.convert_to_tensor(keys, tf.uint32)
         chunks = self.row_chunks(int(images.shape[0])) or [(0, 0)]
-        policy = "mixed_bfloat16" if self.precision == "bfloat16" else None
-        with (
-            dropout_sampling(self.dropout_layers),
-            _dtype_policy(self._low_precision_layers, policy),
-        ):
+        with self._sampling():
             parts = []
             for start, stop in chunks:
                 self.largest_chunk_rows = max(self.largest_chunk_rows, stop - start)
@@ -569,3 +627,78 @@ class MCSampler:
                     chunk_images, chunk_keys = images, keys
                 parts.append(self._function(chunk_images, chunk_keys).numpy())
         return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+
+    def prepare(self, images: np.ndarray | tf.Tensor, keys: np.ndarray | tf.Tensor) -> PreparedRows:
+        """Run the mask-independent prefix of rows once, for ``sample_rows`` to draw passes from.
+
+        Args:
+            images: ``float32`` images, shape ``(rows, H, W, C)``; at most ``max_chunk_rows``
+                rows keep the prefix's activations within the memory budget.
+            keys: ``uint32`` keys, shape ``(rows,)``.
+
+        Returns:
+            The rows' frontier tensors (what the tail reads) and keys.
+        """
+        images = tf.convert_to_tensor(images, tf.float32)
+        with self._sampling():
+            frontier = self._prefix_function(images)
+        return PreparedRows(list(frontier), tf.convert_to_tensor(keys, tf.uint32))
+
+    def sample_rows(
+        self, prepared: PreparedRows, index: np.ndarray, first_pass: int, passes: int
+    ) -> np.ndarray:
+        """Draw passes ``first_pass .. first_pass + passes - 1`` of some prepared rows.
+
+        The draws of pass ``t`` of a row are those ``sample`` makes for it (same keys), so
+        calls for passes 0..9 then 10..19 give the first 20 passes of a 100-pass ``sample``
+        (equal up to float32 rounding: other shapes can take other kernels). The rows are
+        padded to ``bucket_rows(len(index))`` so that a few shapes reach the compiled code.
+
+        Args:
+            prepared: What ``prepare`` returned.
+            index: ``(n,)`` indices of the rows to sample, into the prepared rows.
+            first_pass: Index of the first pass to draw.
+            passes: Number of passes to draw (at least 1).
+
+        Returns:
+            ``float32`` probabilities, shape ``(passes, n, classes)``.
+        """
+        index = np.asarray(index, dtype=np.int32)
+        if index.size == 0:
+            raise UsageError("`index` must name at least one row. Received: index=[]")
+        padded = np.full(bucket_rows(index.size), index[-1], dtype=np.int32)
+        padded[: index.size] = index
+        with self._sampling():
+            probs = self._rows_function(
+                prepared.frontier,
+                prepared.keys,
+                tf.constant(padded),
+                tf.constant(first_pass, tf.int32),
+                tf.constant(passes, tf.int32),
+            )
+        return probs.numpy()[:, : index.size]
+
+
+@dataclass(frozen=True)
+class PreparedRows:
+    """Rows after the mask-independent prefix (``MCSampler.prepare``).
+
+    Attributes:
+        frontier: The tensors the stochastic tail reads, each ``(rows, ...)``.
+        keys: ``uint32`` row keys, ``(rows,)``.
+    """
+
+    frontier: list[tf.Tensor]
+    keys: tf.Tensor
+
+
+def bucket_rows(rows: int) -> int:
+    """The padded number of rows for ``rows`` rows: the next of 1, 2, 3, 4, 6, 8, 12, 16, ...
+
+    Adaptive sampling runs ever fewer rows; padding them to these sizes (at most a third
+    more) keeps the shapes that reach XLA and oneDNN, each compiled once, to a handful.
+    """
+    if rows <= 2:
+        return max(rows, 1)
+    power = 1 << (rows - 1).bit_length()  # next power of two >= rows
+    return power * 3 // 4 if power * 3 // 4 >= rows else power

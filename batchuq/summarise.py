@@ -101,3 +101,32 @@ def summarise(samples: np.ndarray) -> Summary:
         variation_ratio=(1.0 - agree).astype(f32),
         **from_mean,
     )
+
+
+def summarise_images(samples: np.ndarray | list[np.ndarray]) -> Summary:
+    """Summarise a batch whose images may have different numbers of samples.
+
+    Args:
+        samples: ``(batch, samples, classes)``, or a list of ``(samples_i, classes)`` arrays
+            (adaptive passes); images with equal counts are summarised together.
+
+    Returns:
+        The per-image statistics, in the batch's order.
+    """
+    if not isinstance(samples, list):
+        return summarise(samples)
+    counts = np.array([len(s) for s in samples])
+    parts: dict[int, tuple[np.ndarray, Summary]] = {}
+    for count in np.unique(counts):
+        where = np.flatnonzero(counts == count)
+        parts[int(count)] = (where, summarise(np.stack([samples[i] for i in where])))
+    fields = {}
+    for name in Summary.__dataclass_fields__:
+        first = next(iter(parts.values()))[1]
+        merged = np.empty(
+            (len(samples), *getattr(first, name).shape[1:]), getattr(first, name).dtype
+        )
+        for where, summary in parts.values():
+            merged[where] = getattr(summary, name)
+        fields[name] = merged
+    return Summary(**fields)

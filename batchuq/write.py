@@ -47,6 +47,7 @@ def output_schema(
     metadata: dict | None = None,
     pred_set: bool = False,
     samples_per_image: int | None = None,
+    variable_samples: bool = False,
 ) -> pa.Schema:
     """The Parquet schema for ``class_names`` (class order = model output order).
 
@@ -56,6 +57,8 @@ def output_schema(
         pred_set: Add the ``pred_set`` column (conformal prediction set, list of class names).
         samples_per_image: Add the ``samples`` column holding every image's raw samples,
             shape ``(samples_per_image, classes)``, as a fixed-size list of fixed-size lists.
+        variable_samples: Images have different numbers of samples (adaptive passes), at
+            most ``samples_per_image``: the ``samples`` column is a list of fixed-size lists.
 
     Returns:
         The Arrow schema.
@@ -69,6 +72,7 @@ def output_schema(
         pa.field("decision", pa.string()),
         *[pa.field(name, pa.float32()) for name in SCORE_COLUMNS],
         pa.field("status", pa.string(), nullable=False),
+        pa.field("passes", pa.int64()),
     ]
     if pred_set:
         fields.append(pa.field("pred_set", pa.list_(pa.string())))
@@ -76,7 +80,10 @@ def output_schema(
         fields.extend(pa.field(f"{stat}_{name}", pa.float32()) for name in class_names)
     if samples_per_image:
         per_sample = pa.list_(pa.float32(), len(class_names))
-        fields.append(pa.field("samples", pa.list_(per_sample, samples_per_image)))
+        outer = (
+            pa.list_(per_sample) if variable_samples else pa.list_(per_sample, samples_per_image)
+        )
+        fields.append(pa.field("samples", outer))
     encoded = {METADATA_KEY: json.dumps(metadata or {}, sort_keys=True).encode()}
     return pa.schema(fields, metadata=encoded)
 
@@ -98,7 +105,8 @@ def score_record_batch(
     decision_index: np.ndarray,
     stats: Mapping[str, np.ndarray],
     pred_sets: np.ndarray | None = None,
-    samples: np.ndarray | None = None,
+    samples: np.ndarray | list[np.ndarray] | None = None,
+    passes: np.ndarray | None = None,
 ) -> pa.RecordBatch:
     """Build the output rows of one batch of images as an Arrow record batch.
 
@@ -121,8 +129,9 @@ def score_record_batch(
             to float32, as Arrow rounds Python floats.
         pred_sets: Conformal set membership, bool ``(batch, classes)``; required when the
             schema has ``pred_set``.
-        samples: Raw samples, float32 ``(batch, S, classes)``; required when the schema has
-            ``samples``.
+        samples: Raw samples, float32 ``(batch, S, classes)``, or with adaptive passes a list
+            of ``(S_i, classes)`` arrays; required when the schema has ``samples``.
+        passes: ``(batch,)`` passes drawn per TTA copy for each image (null if not given).
 
     Returns:
         A record batch with ``schema``, one row per image.
@@ -149,6 +158,7 @@ def score_record_batch(
         pa.array(decisions, pa.string(), mask=null),
         *[_float_column(stats[name], ok) for name in SCORE_COLUMNS],
         pa.array(list(statuses), pa.string()),
+        _passes_column(passes, ok),
     ]
     if pred_sets is not None:
         columns.append(_pred_set_column(pred_sets, ok, names))
@@ -202,8 +212,29 @@ def _pred_set_column(pred_sets: np.ndarray, ok: np.ndarray, names: np.ndarray) -
     )
 
 
-def _samples_column(samples: np.ndarray, ok: np.ndarray) -> pa.Array:
-    """Fixed-size list (``S``) of fixed-size lists (``classes``) of float32; null if not ok."""
+def _passes_column(passes: np.ndarray | None, ok: np.ndarray) -> pa.Array:
+    """int64 passes per row, null where the row is not ok (or no passes are given)."""
+    if passes is None:
+        return pa.nulls(len(ok), pa.int64())
+    return pa.array(np.where(ok, np.asarray(passes, np.int64), 0), pa.int64(), mask=~ok)
+
+
+def _samples_column(samples: np.ndarray | list[np.ndarray], ok: np.ndarray) -> pa.Array:
+    """Fixed-size list (``S``) of fixed-size lists (``classes``) of float32; null if not ok.
+
+    A list of per-image arrays (adaptive passes) gives a list of fixed-size lists instead.
+    """
+    if isinstance(samples, list):
+        kept = [
+            np.asarray(s, np.float32) if good else s[:0]
+            for s, good in zip(samples, ok, strict=True)
+        ]
+        lengths = np.array([len(s) for s in kept], dtype=np.int32)
+        offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+        classes = samples[0].shape[1]
+        flat = pa.array(np.concatenate(kept).reshape(-1).astype(np.float32), pa.float32())
+        per_sample = pa.FixedSizeListArray.from_arrays(flat, classes)
+        return pa.ListArray.from_arrays(offsets, per_sample, mask=pa.array(~ok))
     samples = _zero_where_not_ok(samples, ok)
     batch, per_image, classes = samples.shape
     flat = pa.array(samples.reshape(-1), pa.float32())

@@ -92,7 +92,8 @@ def test_config_option_and_env_find_a_file_elsewhere_with_paths_relative_to_it(
     ("toml", "named"),
     [
         ("[score]\npases = 3\n", "'pases' is not an option of 'batchuq score'"),
-        ('[score]\npasses = "many"\n', "passes = 'many': wrong type for --passes"),
+        ('[score]\npasses = "many"\n', "passes = 'many': expected a whole number"),
+        ("[score]\npasses = 2.5\n", "passes = 2.5: wrong type for --passes"),
         ("[score]\ntta-flip = 1\n", "tta-flip = 1: wrong type for --tta-flip"),
         ('[score]\nrule = "mode"\n', "rule = 'mode'"),
         ("[score]\npasses = 0\n", "passes = 0"),

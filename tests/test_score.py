@@ -44,6 +44,7 @@ BASE_COLUMNS = [
     "mutual_info",
     "variation_ratio",
     "status",
+    "passes",
 ]
 
 
@@ -60,6 +61,7 @@ def test_scores_labelled_folder_with_all_columns(digits_subset: Path, tmp_path: 
     assert list(frame.columns) == expected
     assert len(frame) == 30 == report.images
     assert (frame.status == "ok").all() and report.errors == 0
+    assert (frame.passes == 20).all()
     assert frame.label.tolist() == [f"n{i}" for i in range(10) for _ in range(3)]
     assert frame.label_index.tolist() == [i for i in range(10) for _ in range(3)]
     assert (frame.filter(like="std_").max(axis=1) > 0).mean() > 0.9

@@ -74,6 +74,8 @@ def _type_ok(param: click.Option, value: Any) -> bool:
         return isinstance(value, bool)
     if isinstance(value, bool):
         return False
+    if getattr(kind, "toml_types", None):  # e.g. --passes: a number or "auto"
+        return isinstance(value, kind.toml_types)
     if isinstance(kind, click.types.IntParamType):
         return isinstance(value, int)
     if isinstance(kind, click.types.FloatParamType):

@@ -26,6 +26,29 @@ from batchuq.defaults import (
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
 
 
+class PassesType(click.ParamType):
+    """A number of passes (at least 1), or ``auto`` for adaptive passes."""
+
+    name = "INTEGER|auto"
+    toml_types = (int, str)  # what a batchuq.toml may write (checked by config.py)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            number = None
+        if number is None or number < 1 or (isinstance(value, float) and value != number):
+            self.fail(
+                f"expected a whole number of at least 1 or 'auto', got {value!r}.", param, ctx
+            )
+        return number
+
+
+PASSES = PassesType()
+
+
 def _compose(*decorators: Decorator) -> Decorator:
     """Apply ``decorators`` so that they appear in ``--help`` in the order given."""
 

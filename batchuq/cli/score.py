@@ -17,6 +17,7 @@ import click
 
 from batchuq.cli.config import config_option, settings_provenance
 from batchuq.cli.options import (
+    PASSES,
     augmentation_options,
     batch_size_option,
     class_names_options,
@@ -41,12 +42,15 @@ from batchuq.cli.runtime import (
     setup_logging,
 )
 from batchuq.defaults import (
+    DEFAULT_ADAPTIVE_ALPHA,
     DEFAULT_CHECKPOINT_ROWS,
     DEFAULT_CPUS_PER_WORKER,
+    DEFAULT_MAX_PASSES,
     DEFAULT_MAX_PIXELS,
     DEFAULT_MEMORY_BUDGET_MB,
     DEFAULT_MIN_CONFIDENCE,
     DEFAULT_MIN_MEDIAN,
+    DEFAULT_MIN_PASSES,
     DEFAULT_PASSES,
     DEFAULT_RULE,
     DEFAULT_TTA,
@@ -67,10 +71,36 @@ from batchuq.errors import (
 @click.option(
     "--passes",
     "-T",
-    type=click.IntRange(min=1),
+    type=PASSES,
     default=DEFAULT_PASSES,
     show_default=True,
-    help="MC dropout forward passes per (augmented) image. 1 = deterministic softmax.",
+    help="MC dropout forward passes per (augmented) image. 1 = deterministic softmax. 'auto' "
+    "samples each image in rounds of --min-passes and stops once more passes could not change "
+    "its decision (at error level --adaptive-alpha), at most --max-passes: the same decisions "
+    "as --passes MAX for nearly every image, at a fraction of the passes.",
+)
+@click.option(
+    "--min-passes",
+    type=click.IntRange(min=1),
+    default=DEFAULT_MIN_PASSES,
+    show_default=True,
+    help="With --passes auto: passes every image gets, and the size of each later round.",
+)
+@click.option(
+    "--max-passes",
+    type=click.IntRange(min=2),
+    default=DEFAULT_MAX_PASSES,
+    show_default=True,
+    help="With --passes auto: the most passes an image gets; an image that never settles "
+    "gets exactly the samples of --passes MAX.",
+)
+@click.option(
+    "--adaptive-alpha",
+    type=click.FloatRange(min=0.0, max=1.0, min_open=True, max_open=True),
+    default=DEFAULT_ADAPTIVE_ALPHA,
+    show_default=True,
+    help="With --passes auto: bound on the share of images whose decision differs from the one "
+    "unlimited passes would give (spent over the looks; see docs/methods.md).",
 )
 @click.option(
     "--tta",
@@ -281,6 +311,8 @@ def score(ctx: click.Context, images: Path, output: str, **options: Any) -> None
 
         batchuq score sample_data/digits/test out.parquet --passes 100 --tta 4
 
+        batchuq score sample_data/digits/test out.parquet --passes auto
+
         batchuq score sample_data/digits/test scores/ --engine ray --workers 2
     """
     setup_logging(options["log_format"])
@@ -322,6 +354,9 @@ def score(ctx: click.Context, images: Path, output: str, **options: Any) -> None
 # score options that score_directory takes under the same name and as they are.
 _AS_THEY_ARE = (
     "passes",
+    "min_passes",
+    "max_passes",
+    "adaptive_alpha",
     "seed",
     "batch_size",
     "calibration",

@@ -21,6 +21,8 @@ from batchuq.decode import make_dataset
 from batchuq.defaults import STATUS_OK
 from batchuq.errors import ModelError, StopRequested
 from batchuq.jobs.run import RunPlan
+from batchuq.postprocess.stopping import AdaptiveResult, sample_adaptively
+from batchuq.sample import balanced_chunks
 from batchuq.seeds import image_keys, mix
 
 
@@ -32,12 +34,15 @@ class SampledBatch:
         positions: ``(batch,)`` indices of the images in ``plan.discovery.files``.
         statuses: ``(batch,)`` ``ok`` or ``error: ...`` per image.
         samples: float32 ``(batch, K * S, classes)``, copy-major (all S samples of TTA copy 0,
-            then copy 1, ...); the rows of unreadable images hold meaningless values.
+            then copy 1, ...); the rows of unreadable images hold meaningless values. With
+            adaptive passes, a list of ``(K * S_i, classes)`` arrays, one per image.
+        passes: ``(batch,)`` int64 passes drawn per TTA copy (and ensemble member).
     """
 
     positions: list[int]
     statuses: list[str]
-    samples: np.ndarray
+    samples: np.ndarray | list[np.ndarray]
+    passes: np.ndarray
 
     @property
     def ok(self) -> np.ndarray:
@@ -98,20 +103,83 @@ def iter_sampled_batches(
         with bar:
             for batch in batches:
                 _stop_if_asked(should_stop)
-                samples = sample_batch(plan, copies, batch["images"][:, 0], batch["keys"])
-                _stop_if_asked(should_stop)
                 statuses = [status.decode() for status in batch["status"].numpy()]
                 ok = np.array([status == STATUS_OK for status in statuses], dtype=bool)
-                check_probabilities(samples[ok], plan.loaded.path)
-                yield SampledBatch(
-                    [todo[int(i)] for i in batch["index"].numpy()], statuses, samples
-                )
+                samples, passes = _sample(plan, copies, batch, ok)
+                _stop_if_asked(should_stop)
+                for image in np.flatnonzero(ok):
+                    check_probabilities(samples[image], plan.loaded.path)
+                positions = [todo[int(i)] for i in batch["index"].numpy()]
+                yield SampledBatch(positions, statuses, samples, passes)
                 bar.update(len(statuses))
     finally:
         # Stop the input pipeline here, while Python is fully alive. Left to the traceback
         # of an interrupt, it would be torn down at interpreter exit, where its decode
         # threads calling back into Python can crash the process.
         del batches
+
+
+def _sample(
+    plan: RunPlan, copies: CopyMaker, batch: dict, ok: np.ndarray
+) -> tuple[np.ndarray | list[np.ndarray], np.ndarray]:
+    """A decoded batch's samples and passes per image, fixed or adaptive."""
+    stack, keys = batch["images"][:, 0], batch["keys"]
+    if plan.adaptive is None:
+        per_copy = plan.method.samples_per_row // plan.method.pass_groups
+        return sample_batch(plan, copies, stack, keys), np.full(len(ok), per_copy, np.int64)
+    result = sample_batch_adaptive(plan, copies, stack, keys, ok)
+    return result.samples, result.passes
+
+
+def sample_batch_adaptive(
+    plan: RunPlan, copies: CopyMaker, stack: tf.Tensor, keys: tf.Tensor, ok: np.ndarray
+) -> AdaptiveResult:
+    """Sample a batch in rounds, each image until its decision is settled (``--passes auto``).
+
+    The mask-independent work (augmenting, the prefix) is done once per chunk of images,
+    whose K copies fit the method's memory budget; the rounds then draw passes of the
+    images still unsettled only.
+
+    Args:
+        plan: The run (``plan.adaptive`` set).
+        copies: Makes the test-time copies of a range of rows.
+        stack: ``(batch, H, W, C)`` pixel values 0..255.
+        keys: ``(batch,)`` uint32 image keys.
+        ok: ``(batch,)`` bool: readable images (the others stop after the first round).
+
+    Returns:
+        Per image, ``(K * G * passes_i, classes)`` samples, copy-major, and the passes.
+    """
+    b, k = int(tf.shape(stack)[0]), plan.tta.copies
+    row_keys = tf.reshape(mix(keys[:, None], tf.cast(tf.range(k), tf.uint32)[None, :]), [-1])
+    largest = max(stop - start for start, stop in plan.method.row_chunks(b * k))
+    results = []
+    for first, last in balanced_chunks(b, max(1, largest // k)):
+        chunk = copies.rows(stack, keys, first * k, last * k)
+        if not plan.spec.channel_axis:  # an (H, W) model: drop the one channel
+            chunk = chunk[..., 0]
+        prepared = plan.method.prepare(chunk, row_keys[first * k : last * k])
+        del chunk
+
+        def draw(images: np.ndarray, first_pass: int, passes: int, _prepared=prepared):
+            rows = (images[:, None] * k + np.arange(k)[None, :]).reshape(-1)
+            drawn = plan.method.sample_passes(_prepared, rows, first_pass, passes)
+            # (images * K, G, passes, C) -> (images, K * G, passes, C): copy, then member
+            return drawn.reshape(len(images), k * drawn.shape[1], passes, drawn.shape[3])
+
+        results.append(
+            sample_adaptively(
+                draw,
+                last - first,
+                plan.adaptive,
+                plan.rule,
+                temperature=plan.decision_temperature,
+                stop_after_first=~ok[first:last],
+            )
+        )
+    return AdaptiveResult(
+        [s for r in results for s in r.samples], np.concatenate([r.passes for r in results])
+    )
 
 
 def sample_batch(plan: RunPlan, copies: CopyMaker, stack: tf.Tensor, keys: tf.Tensor) -> np.ndarray:

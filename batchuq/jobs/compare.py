@@ -337,6 +337,10 @@ def _row(name: str, evaluation: Evaluation, shift: Shift | None) -> dict[str, An
     samples = metadata.get("samples_per_image")
     if samples is None and results.get("passes") is not None:
         samples = int(results["passes"]) * int(results.get("tta") or 1)
+    adaptive = metadata.get("adaptive")
+    if adaptive and results.get("mean_passes") is not None and samples is not None:
+        # --passes auto: the cost is the passes drawn, not the most an image could get.
+        samples = round(samples * results["mean_passes"] / adaptive["max_passes"], 1)
     row: dict[str, Any] = {
         "name": name,
         "file": results.get("file"),

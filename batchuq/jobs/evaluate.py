@@ -517,11 +517,19 @@ def evaluate_file(
         "file": str(path),
         "ood_file": None if ood_path is None else str(ood_path),
         "passes": metadata.get("passes"),
+        "mean_passes": _mean_passes(scored.frame),
         "tta": metadata.get("tta"),
         "decision_rule": metadata.get("decision_rule"),
         **evaluation.results,
     }
     return dataclasses.replace(evaluation, results=results, source=scored, ood_source=ood)
+
+
+def _mean_passes(frame: pd.DataFrame) -> float | None:
+    """Mean passes per readable image (varies with ``--passes auto``); None in older files."""
+    if "passes" not in frame.columns or not frame["passes"].notna().any():
+        return None
+    return round(float(frame["passes"].mean()), 2)
 
 
 def evaluate_parquet(
@@ -569,6 +577,8 @@ def _input_section(results: dict) -> _Section:
         items.append(("decision rule", f"{rule.get('rule')}" + (f" ({params})" if params else "")))
     if results.get("passes") is not None:
         items.append(("passes x tta", f"{results.get('passes')} x {results.get('tta')}"))
+    if results.get("passes") == "auto" and results.get("mean_passes") is not None:
+        items.append(("  mean passes", f"{results['mean_passes']:.1f}"))
     items += [
         ("rows", rows.get("total")),
         ("  ok", rows.get("ok")),

@@ -33,7 +33,7 @@ from batchuq.jobs.batches import SampledBatch
 from batchuq.jobs.run import RunPlan
 from batchuq.postprocess.rules import decide
 from batchuq.postprocess.temperature import apply_temperature
-from batchuq.summarise import Summary, mean_statistics, summarise
+from batchuq.summarise import Summary, mean_statistics, summarise_images
 from batchuq.write import (
     CLASS_STATISTICS,
     SCORE_COLUMNS,
@@ -130,7 +130,7 @@ def score_rows(
     Returns:
         The record batch to write and the ``(batch,)`` decisions (``UNCLASSIFIED`` = -1).
     """
-    summary = summarise(batch.samples)
+    summary = summarise_images(batch.samples)
     calibration = plan.calibration
     # Conformal sets from the MC mean before any temperature, as calibrated.
     sets = calibration.prediction_sets(summary.mean) if calibration is not None else None
@@ -150,6 +150,7 @@ def score_rows(
         stats={name: getattr(summary, name) for name in _STAT_FIELDS},
         pred_sets=sets,
         samples=batch.samples if plan.save_samples else None,
+        passes=batch.passes,
     )
     return columns, decisions
 
@@ -179,6 +180,7 @@ def run_schema(plan: RunPlan, engine: str = "local") -> pa.Schema:
         {**plan.metadata, "engine": engine},
         pred_set=plan.calibration is not None,
         samples_per_image=plan.samples_per_image if plan.save_samples else None,
+        variable_samples=plan.adaptive is not None,
     )
 
 

@@ -24,9 +24,12 @@ from batchuq._version import __version__
 from batchuq.augment import TTAConfig
 from batchuq.decode import ImageSpec
 from batchuq.defaults import (
+    DEFAULT_ADAPTIVE_ALPHA,
     DEFAULT_BATCH_SIZE,
+    DEFAULT_MAX_PASSES,
     DEFAULT_MAX_PIXELS,
     DEFAULT_MEMORY_BUDGET_MB,
+    DEFAULT_MIN_PASSES,
     DEFAULT_PASSES,
     DEFAULT_PRECISION,
     DEFAULT_RESCALE,
@@ -48,6 +51,7 @@ from batchuq.models import (
 )
 from batchuq.postprocess.calibration_file import Calibration, predictor_mismatch_message
 from batchuq.postprocess.rules import DecisionRule
+from batchuq.postprocess.stopping import AdaptivePasses
 from batchuq.sngp import is_sngp_model
 
 logger = logging.getLogger("batchuq")
@@ -62,7 +66,7 @@ class ScoreOptions:
     """What decides a scoring run's rows (see ``score_directory`` for each field)."""
 
     model: ModelsArg = None
-    passes: int = DEFAULT_PASSES
+    passes: int | str = DEFAULT_PASSES
     tta: TTAConfig | int = DEFAULT_TTA
     seed: int = DEFAULT_SEED
     batch_size: int = DEFAULT_BATCH_SIZE
@@ -84,12 +88,36 @@ class ScoreOptions:
     exif_transpose: bool | None = None
     follow_symlinks: bool = False
     method: UncertaintyMethod | MethodFactory | None = None
+    min_passes: int = DEFAULT_MIN_PASSES
+    max_passes: int = DEFAULT_MAX_PASSES
+    adaptive_alpha: float = DEFAULT_ADAPTIVE_ALPHA
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise UsageError(
                 f"`batch_size` must be at least 1. Received: batch_size={self.batch_size}"
             )
+        if isinstance(self.passes, str) and self.passes != "auto":
+            raise UsageError(
+                f"`passes` must be a number or 'auto'. Received: passes={self.passes!r}"
+            )
+        if self.adaptive is not None and self.max_passes < 2:
+            raise UsageError(
+                "--passes auto needs max_passes of at least 2. "
+                f"Received: max_passes={self.max_passes}"
+            )
+
+    @property
+    def adaptive(self) -> AdaptivePasses | None:
+        """The adaptive-passes settings with ``passes='auto'``, else None."""
+        if self.passes != "auto":
+            return None
+        return AdaptivePasses(self.min_passes, self.max_passes, self.adaptive_alpha)
+
+    @property
+    def fixed_passes(self) -> int:
+        """Passes the method is built for: ``passes``, or ``max_passes`` with ``'auto'``."""
+        return self.max_passes if self.passes == "auto" else int(self.passes)
 
     @property
     def tta_config(self) -> TTAConfig:
@@ -137,6 +165,7 @@ class RunPlan:
         method: The uncertainty method.
         save_samples: Whether rows keep their raw samples.
         metadata: The Parquet metadata of the run.
+        adaptive: The ``--passes auto`` settings, or None for a fixed number of passes.
     """
 
     images: str
@@ -158,6 +187,7 @@ class RunPlan:
     method: UncertaintyMethod
     save_samples: bool
     metadata: dict[str, Any] = field(repr=False)
+    adaptive: AdaptivePasses | None = None
 
     @property
     def relative_paths(self) -> list[str]:
@@ -166,8 +196,14 @@ class RunPlan:
 
     @property
     def samples_per_image(self) -> int:
-        """S x K: the method's samples per row times the TTA copies."""
+        """S x K: the method's samples per row times the TTA copies (with adaptive passes,
+        the most an image can get)."""
         return self.method.samples_per_row * self.tta.copies
+
+    @property
+    def decision_temperature(self) -> float | None:
+        """The temperature the mean-based rules see, or None."""
+        return self.calibration.temperature if self.temperature else None
 
 
 def load_for_run(model: ModelsArg) -> tuple[LoadedModel, ...]:
@@ -243,6 +279,7 @@ def prepare_run(
     if exif is None:  # follow the model's sidecar: `batchuq train` records its choice
         exif = bool(loaded.sidecar.get("exif_transpose", False))
     method = _method(options, members)
+    _check_adaptive(options, method)
     plan = RunPlan(
         images=str(images),
         discovery=discovery,
@@ -263,10 +300,21 @@ def prepare_run(
         method=method,
         save_samples=options.save_samples,
         metadata={},
+        adaptive=options.adaptive,
     )
     plan.metadata.update(run_metadata(plan, options, rescale_source))
     _check_predictor(plan, options.allow_predictor_mismatch)
     return plan
+
+
+def _check_adaptive(options: ScoreOptions, method: UncertaintyMethod) -> None:
+    """Refuse ``--passes auto`` for a method that cannot draw passes on demand."""
+    if options.adaptive is not None and not method.supports_adaptive:
+        raise UsageError(
+            "--passes auto draws MC-dropout passes on demand: it needs MC dropout or a deep "
+            "ensemble with dropout, not this method (use a number of passes). "
+            f"Received: passes='auto', method={method.metadata().get('method')!r}"
+        )
 
 
 def _calibration(options: ScoreOptions, model_sha256: str) -> Calibration | None:
@@ -304,17 +352,19 @@ def _method(options: ScoreOptions, members: Sequence[LoadedModel]) -> Uncertaint
     if len(members) > 1:
         return DeepEnsemble(
             list(members),
-            options.passes,
+            options.fixed_passes,
             options.sample_layers,
             options.memory_budget_mb,
             precision=options.precision,
             logits=options.logits,
         )
     if is_sngp_model(members[0].model):
-        return SNGP(members[0].model, options.passes, memory_budget_mb=options.memory_budget_mb)
+        return SNGP(
+            members[0].model, options.fixed_passes, memory_budget_mb=options.memory_budget_mb
+        )
     return MCDropout(
         members[0].model,
-        options.passes,
+        options.fixed_passes,
         options.sample_layers,
         options.memory_budget_mb,
         precision=options.precision,
@@ -410,7 +460,15 @@ def run_metadata(plan: RunPlan, options: ScoreOptions, rescale_source: str) -> d
         "calibration": _calibration_metadata(plan),
         "settings": options.settings,
         **plan.method.metadata(),
+        **_adaptive_metadata(plan),
     }
+
+
+def _adaptive_metadata(plan: RunPlan) -> dict[str, Any]:
+    """With adaptive passes: ``passes`` is ``"auto"`` and ``adaptive`` holds the settings."""
+    if plan.adaptive is None:
+        return {"adaptive": None}
+    return {"passes": "auto", "adaptive": plan.adaptive.as_metadata()}
 
 
 def _model_path(members: Sequence[LoadedModel]) -> str:

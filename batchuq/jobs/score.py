@@ -10,6 +10,7 @@ checkpoint). That is the local engine; ``engine="ray"`` runs the same steps on a
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -20,11 +21,14 @@ import keras
 
 from batchuq.augment import TTAConfig
 from batchuq.defaults import (
+    DEFAULT_ADAPTIVE_ALPHA,
     DEFAULT_BATCH_SIZE,
     DEFAULT_CHECKPOINT_ROWS,
     DEFAULT_CPUS_PER_WORKER,
+    DEFAULT_MAX_PASSES,
     DEFAULT_MAX_PIXELS,
     DEFAULT_MEMORY_BUDGET_MB,
+    DEFAULT_MIN_PASSES,
     DEFAULT_PASSES,
     DEFAULT_PRECISION,
     DEFAULT_SEED,
@@ -57,7 +61,7 @@ def score_directory(
     output: str | os.PathLike[str],
     *,
     model: str | os.PathLike[str] | keras.Model | LoadedModel | None = None,
-    passes: int = DEFAULT_PASSES,
+    passes: int | str = DEFAULT_PASSES,
     tta: TTAConfig | int = DEFAULT_TTA,
     seed: int = DEFAULT_SEED,
     batch_size: int = DEFAULT_BATCH_SIZE,
@@ -83,6 +87,9 @@ def score_directory(
     include_all: bool = False,
     exif_transpose: bool | None = None,
     method: UncertaintyMethod | MethodFactory | None = None,
+    min_passes: int = DEFAULT_MIN_PASSES,
+    max_passes: int = DEFAULT_MAX_PASSES,
+    adaptive_alpha: float = DEFAULT_ADAPTIVE_ALPHA,
     engine: str = "local",
     ray_address: str | None = None,
     workers: int | None = None,
@@ -98,7 +105,10 @@ def score_directory(
             part files that pandas, pyarrow and DuckDB read as one table.
         model: ``.keras`` path, a Keras model, or ``None`` for ``$BATCHUQ_MODEL`` or the
             bundled demo model.
-        passes: MC dropout passes T per augmented copy (1 = deterministic).
+        passes: MC dropout passes T per augmented copy (1 = deterministic), or ``"auto"``:
+            rounds of ``min_passes`` per image until its decision is settled, at most
+            ``max_passes`` (docs/methods.md, "Adaptive passes"); the ``passes`` column says
+            how many each image got.
         tta: Test-time augmentation settings, or just the number of copies K.
         seed: Seed of all randomness; the same seed gives the same output.
         batch_size: Images per batch (results do not depend on it).
@@ -150,6 +160,10 @@ def score_directory(
             the loaded model; default: MC dropout with ``passes``, ``sample_layers``,
             ``memory_budget_mb``, ``precision`` and ``logits``. With ``engine="ray"``, a
             factory (each worker builds its own method), not a built method.
+        min_passes: With ``passes="auto"``, passes every image gets and the size of a round.
+        max_passes: With ``passes="auto"``, the most passes an image gets.
+        adaptive_alpha: With ``passes="auto"``, the bound on the share of decisions that
+            differ from those of unlimited passes.
         engine: ``local`` scores in this process; ``ray`` on a Ray cluster, with the same rows
             (see ``batchuq.jobs.ray_engine``; needs ``pip install "batchuq[ray]"``).
         ray_address: With ``ray``: the cluster to connect to; default ``$RAY_ADDRESS``, else a
@@ -173,32 +187,9 @@ def score_directory(
             ``ModelError``, ``NoDropoutError``, ``OutputError``, ...: see ``batchuq.errors``).
         StopRequested: When ``should_stop`` asks.
     """
+    arguments = locals()  # the keywords, ScoreOptions' fields among them
     control = RunControl(resume, checkpoint_rows, should_stop, progress)
-    options = ScoreOptions(
-        model=model,
-        passes=passes,
-        tta=tta,
-        seed=seed,
-        batch_size=batch_size,
-        rule=rule,
-        class_names=class_names,
-        labels=labels,
-        rescale=rescale,
-        sample_layers=sample_layers,
-        memory_budget_mb=memory_budget_mb,
-        max_pixels=max_pixels,
-        precision=precision,
-        logits=logits,
-        save_samples=save_samples,
-        calibration=calibration,
-        temperature=temperature,
-        allow_predictor_mismatch=allow_predictor_mismatch,
-        settings=settings,
-        include_all=include_all,
-        exif_transpose=exif_transpose,
-        follow_symlinks=follow_symlinks,
-        method=method,
-    )
+    options = ScoreOptions(**{f.name: arguments[f.name] for f in dataclasses.fields(ScoreOptions)})
     if engine == "ray":
         from batchuq.jobs.ray_engine import RaySettings, score_with_ray
 

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from batchuq.errors import UsageError
+
 if TYPE_CHECKING:
     import tensorflow as tf
 
@@ -29,6 +31,11 @@ class UncertaintyMethod(ABC):
 
     #: S: probability vectors returned per row (e.g. MC passes T; 1 for a deterministic net).
     samples_per_row: int = 1
+    #: Whether the method draws passes on demand (``prepare`` and ``sample_passes``), which
+    #: ``--passes auto`` needs.
+    supports_adaptive: bool = False
+    #: Probability vectors one pass gives per row (an ensemble's members; else 1).
+    pass_groups: int = 1
 
     @abstractmethod
     def sample(self, rows: tf.Tensor, row_keys: tf.Tensor) -> np.ndarray:
@@ -53,6 +60,43 @@ class UncertaintyMethod(ABC):
         method decides (``passes``, ``precision``, ``precision_requested``, ``sampled_layers``,
         ``logits``).
         """
+
+    def prepare(self, rows: tf.Tensor, row_keys: tf.Tensor) -> Any:
+        """Do the work of a chunk of rows that no pass changes, once, for ``sample_passes``.
+
+        Args:
+            rows: As for ``sample``.
+            row_keys: As for ``sample``.
+
+        Returns:
+            Whatever ``sample_passes`` reads (e.g. activations before the first dropout).
+
+        Raises:
+            UsageError: If the method has no passes to draw on demand.
+        """
+        raise UsageError(
+            "--passes auto needs a method that draws passes on demand (MC dropout or a deep "
+            f"ensemble). Received: method={type(self).__name__}"
+        )
+
+    def sample_passes(
+        self, prepared: Any, index: np.ndarray, first_pass: int, passes: int
+    ) -> np.ndarray:
+        """Draw passes ``first_pass .. first_pass + passes - 1`` of some prepared rows.
+
+        Pass ``t`` of a row must give the draws ``sample`` gives as its pass ``t``, so that an
+        adaptive run's samples are the first passes of the fixed run's.
+
+        Args:
+            prepared: What ``prepare`` returned for the chunk.
+            index: ``(n,)`` rows of the chunk to sample.
+            first_pass: Index of the first pass.
+            passes: Passes to draw.
+
+        Returns:
+            float32 probabilities, shape ``(n, pass_groups, passes, classes)``.
+        """
+        raise NotImplementedError
 
     def row_chunks(self, rows: int) -> list[tuple[int, int]]:
         """How to cut ``rows`` rows into calls of ``sample``: ``(start, stop)`` ranges.

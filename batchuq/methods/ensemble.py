@@ -91,6 +91,8 @@ class DeepEnsemble(UncertaintyMethod):
         self.passes = passes
         self.precision_requested = precision
         self.samples_per_row = len(self.members) * passes
+        self.pass_groups = len(self.members)
+        self.supports_adaptive = passes > 1
 
     @property
     def class_names(self) -> list[str] | None:
@@ -129,6 +131,24 @@ class DeepEnsemble(UncertaintyMethod):
             for index, method in enumerate(self.methods)
         ]
         return np.concatenate(parts, axis=1)
+
+    def prepare(self, rows: tf.Tensor, row_keys: tf.Tensor) -> list[Any]:
+        """Every member's prepared rows, each with the member's keys ``mix(row_key, m)``."""
+        rows = tf.convert_to_tensor(rows, tf.float32)
+        row_keys = tf.convert_to_tensor(row_keys, tf.uint32)
+        return [
+            method.prepare(rows, mix(row_keys, index)) for index, method in enumerate(self.methods)
+        ]
+
+    def sample_passes(
+        self, prepared: list[Any], index: np.ndarray, first_pass: int, passes: int
+    ) -> np.ndarray:
+        """``(n, members, passes, classes)``: the passes of member 0, then of member 1, ..."""
+        parts = [
+            method.sample_passes(member_rows, index, first_pass, passes)[:, 0]
+            for method, member_rows in zip(self.methods, prepared, strict=True)
+        ]
+        return np.stack(parts, axis=1)
 
     def metadata(self) -> dict[str, Any]:
         """The method, its members, and the sampling settings every member shares.

@@ -21,7 +21,7 @@ from batchuq.defaults import (
     DEFAULT_PRECISION,
 )
 from batchuq.methods.base import UncertaintyMethod
-from batchuq.sample import MCSampler, cpu_has_bf16
+from batchuq.sample import MCSampler, PreparedRows, cpu_has_bf16
 
 logger = logging.getLogger("batchuq")
 
@@ -62,6 +62,18 @@ class MCDropout(UncertaintyMethod):
             model, passes, sample_layers, memory_budget_mb, precision=precision, logits=logits
         )
         self.samples_per_row = passes
+        self.supports_adaptive = passes > 1  # one pass has nothing to adapt
+
+    def prepare(self, rows: tf.Tensor, row_keys: tf.Tensor) -> PreparedRows:
+        """The rows' activations before the first dropout layer; see ``MCSampler.prepare``."""
+        return self.sampler.prepare(rows, row_keys)
+
+    def sample_passes(
+        self, prepared: PreparedRows, index: np.ndarray, first_pass: int, passes: int
+    ) -> np.ndarray:
+        """``(n, 1, passes, classes)``; see ``UncertaintyMethod.sample_passes``."""
+        probs = self.sampler.sample_rows(prepared, index, first_pass, passes)  # (passes, n, C)
+        return probs.transpose(1, 0, 2)[:, None]
 
     def row_chunks(self, rows: int) -> list[tuple[int, int]]:
         """Chunks whose prefix activations and tiled passes fit the memory budget."""

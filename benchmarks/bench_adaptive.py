@@ -1,0 +1,208 @@
+"""Benchmark ``--passes auto`` against fixed T = 100, in one run, on two models.
+
+1. The bundled test set (450 digits, the bundled demo CNN, 64x64 grayscale), with the median
+   rule (the default) and, for the record, the confidence rule (a mean-based rule, whose
+   empirical-Bernstein test needs far more samples).
+2. The 128x128x3 reference CNN of ``bench_mc.py`` (``batchuq.jobs.train.reference_cnn``) on
+   ``bench_mc.py``'s smooth-noise JPEGs, *trained* so that its decisions mean something: an
+   image's class is the brightest of 5 vertical bands (near-ties make some images genuinely
+   uncertain). Training images and test images are disjoint draws.
+
+For each, in one process: a warm-up call of each mode (loading, tracing, XLA and oneDNN
+compiling their shapes), then fixed T=100 and ``--passes auto`` alternately, ``--repeats`` times,
+keeping each mode's fastest wall time (end to end: ``score_directory`` from files to Parquet).
+Reported: images/s of each, the speed-up, mean and largest passes, the share of identical
+decisions, the worst-case image (most passes), and the cold (first-call) times.
+
+``--memory`` also runs ``memory_flat.py``'s peak-RSS measurement with ``--passes auto`` on
+2,000 and 20,000 images.
+
+Writes ``benchmarks/results/adaptive.json`` and the README block ``adaptive``.
+
+    python benchmarks/bench_adaptive.py              # ~10 min on 2 cores (training ~3 min)
+    python benchmarks/bench_adaptive.py --memory     # + ~4 min
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import bench_mc  # noqa: E402
+import readme_figures  # noqa: E402
+
+TEST = readme_figures.REPO / "sample_data" / "digits" / "test"
+RESULTS_JSON = HERE / "results" / "adaptive.json"
+BANDS = 5
+
+
+def write_band_images(folder: Path, count: int, seed: int) -> None:
+    """``count`` of bench_mc's smooth-noise JPEGs, filed by their brightest vertical band."""
+    from PIL import Image
+
+    flat = folder / "_flat"
+    for path in bench_mc.write_images(flat, count, seed):
+        pixels = np.asarray(Image.open(path), np.float32).mean(axis=2)
+        bands = [band.mean() for band in np.array_split(pixels, BANDS, axis=1)]
+        target = folder / f"band{int(np.argmax(bands))}" / path.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        path.rename(target)
+    flat.rmdir()
+
+
+def train_reference(work: Path, epochs: int) -> Path:
+    """The reference CNN at 128x128x3 trained on 1,500 band images; returns the model path."""
+    from batchuq.jobs.train import train_directory
+
+    train = work / "train"
+    write_band_images(train, 1500, seed=101)
+    model = work / "reference.keras"
+    report = train_directory(
+        train, model, epochs=epochs, image_size=(128, 128), channels=3, augment=False, verbose=0
+    )
+    print(f"  trained: validation accuracy {report.val_accuracy:.3f}", flush=True)
+    return model
+
+
+def compare(images: Path, work: Path, name: str, repeats: int, **options) -> dict:
+    """Fixed T=100 and ``--passes auto`` on ``images``: speed, passes, decisions."""
+    import pandas as pd
+
+    from batchuq import score_directory
+
+    fixed_out, auto_out = work / f"{name}-fixed.parquet", work / f"{name}-auto.parquet"
+    cold = {}
+    for mode, out in (("fixed", fixed_out), ("auto", auto_out)):
+        started = time.perf_counter()
+        score_directory(images, out, passes=100 if mode == "fixed" else "auto", **options)
+        cold[mode] = round(time.perf_counter() - started, 2)
+    best = {"fixed": float("inf"), "auto": float("inf")}
+    for _ in range(repeats):
+        for mode, out in (("fixed", fixed_out), ("auto", auto_out)):
+            started = time.perf_counter()
+            report = score_directory(
+                images, out, passes=100 if mode == "fixed" else "auto", **options
+            )
+            best[mode] = min(best[mode], time.perf_counter() - started)
+    fixed, auto = pd.read_parquet(fixed_out), pd.read_parquet(auto_out)
+    same = fixed.decision == auto.decision
+    worst = auto.passes.idxmax()
+    result = {
+        "images": report.images,
+        "fixed_seconds": round(best["fixed"], 2),
+        "auto_seconds": round(best["auto"], 2),
+        "fixed_images_per_second": round(report.images / best["fixed"], 1),
+        "auto_images_per_second": round(report.images / best["auto"], 1),
+        "speedup": round(best["fixed"] / best["auto"], 2),
+        "cold_seconds": cold,
+        "mean_passes": round(float(auto.passes.mean()), 1),
+        "median_passes": float(auto.passes.median()),
+        "share_at_min_passes": round(float((auto.passes == auto.passes.min()).mean()), 3),
+        "share_at_max_passes": round(float((auto.passes == 100).mean()), 3),
+        "same_decisions": int(same.sum()),
+        "same_decisions_share": round(float(same.mean()), 4),
+        "differing": [
+            {"path": p, "fixed": f, "auto": a, "passes": int(n)}
+            for p, f, a, n in zip(
+                fixed.path[~same],
+                fixed.decision[~same],
+                auto.decision[~same],
+                auto.passes[~same],
+                strict=True,
+            )
+        ][:10],
+        "worst": {
+            "path": auto.path[worst],
+            "passes": int(auto.passes[worst]),
+            "decision": auto.decision[worst],
+            "fixed_decision": fixed.decision[worst],
+        },
+        "fixed_unclassified": int((fixed.decision == "unclassified").sum()),
+        "auto_unclassified": int((auto.decision == "unclassified").sum()),
+        "accuracy_fixed": _accuracy(fixed),
+        "accuracy_auto": _accuracy(auto),
+    }
+    print(f"  {name}: {json.dumps({k: result[k] for k in list(result)[:12]})}", flush=True)
+    return result
+
+
+def _accuracy(frame) -> float | None:
+    labelled = frame[frame.label.notna()]
+    return round(float((labelled.pred == labelled.label).mean()), 4) if len(labelled) else None
+
+
+def memory(work: Path) -> list[dict]:
+    """Peak RSS of ``batchuq score --passes auto`` on 2,000 and 20,000 images."""
+    import memory_flat
+
+    folder, runs = work / "memory", []
+    for size in (2000, 20000):
+        memory_flat.make_images(folder, size)
+        rss, seconds = memory_flat.peak_rss_mb(folder, work / f"mem{size}.parquet", "auto")
+        runs.append({"images": size, "peak_rss_mib": round(rss), "seconds": round(seconds, 1)})
+        print(f"  memory: {size} images, peak RSS {rss:.0f} MiB, {seconds:.1f} s", flush=True)
+    return runs
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--test-images", type=int, default=400)
+    parser.add_argument("--memory", action="store_true", help="also peak RSS at 2k and 20k")
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    result = {
+        "generated_by": "python benchmarks/bench_adaptive.py"
+        + (" --memory" if args.memory else ""),
+        "date": readme_figures.now(),
+        "cpu": readme_figures.cpu_info(),
+        "versions": readme_figures.versions(),
+        "settings": {"min_passes": 10, "max_passes": 100, "alpha": 0.01, "fixed_passes": 100},
+    }
+    with tempfile.TemporaryDirectory(prefix="bench_adaptive_") as tmp:
+        work = Path(tmp)
+        print("bundled digits, median rule ...", flush=True)
+        result["digits"] = compare(TEST, work, "digits", args.repeats, seed=1)
+        print("bundled digits, confidence rule ...", flush=True)
+        from batchuq.postprocess.rules import DecisionRule
+
+        result["digits_confidence"] = compare(
+            TEST, work, "conf", 1, seed=1, rule=DecisionRule("confidence")
+        )
+        print("reference CNN 128x128, training ...", flush=True)
+        model = train_reference(work, args.epochs)
+        test = work / "test"
+        write_band_images(test, args.test_images, seed=202)
+        result["reference"] = compare(test, work, "reference", args.repeats, model=model, seed=1)
+        if args.memory:
+            result["memory"] = memory(work)
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    RESULTS_JSON.parent.mkdir(exist_ok=True)
+    RESULTS_JSON.write_text(json.dumps(result, indent=2) + "\n")
+    figures = json.loads(readme_figures.FIGURES_JSON.read_text())
+    figures["adaptive"] = result
+    readme_figures.FIGURES_JSON.write_text(json.dumps(figures, indent=2, ensure_ascii=False) + "\n")
+    readme = readme_figures.README
+    readme.write_text(
+        readme_figures.rewrite(readme.read_text(encoding="utf-8"), figures), encoding="utf-8"
+    )
+    print(readme_figures.render_adaptive(figures))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""``--passes auto`` end to end: an adaptive row's samples are the first passes of the fixed
+run's, the compiled sampler never retraces, and the output says what was drawn."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+from conftest import ROUNDING
+
+from batchuq.cli import cli
+from batchuq.jobs.score import score_directory
+from batchuq.methods.mc_dropout import MCDropout
+from batchuq.model_files import BUNDLED_MODEL as DEFAULT_MODEL_PATH
+from batchuq.sample import MCSampler, bucket_rows
+from batchuq.write import read_metadata
+
+DATA = Path(DEFAULT_MODEL_PATH).parent
+
+
+def _samples(path: Path) -> tuple[pd.DataFrame, list[np.ndarray]]:
+    frame = pd.read_parquet(path)
+    return frame, [np.array([np.asarray(s) for s in row]) for row in frame["samples"]]
+
+
+@pytest.mark.numerics
+def test_adaptive_samples_are_the_first_passes_of_the_fixed_run(
+    digits_subset: Path, tmp_path: Path
+) -> None:
+    common = {"tta": 2, "seed": 3, "save_samples": True, "batch_size": 7}
+    auto, fixed = tmp_path / "auto.parquet", tmp_path / "fixed.parquet"
+    score_directory(digits_subset, auto, passes="auto", max_passes=60, **common)
+    score_directory(digits_subset, fixed, passes=60, **common)
+    auto_rows, auto_samples = _samples(auto)
+    fixed_rows, fixed_samples = _samples(fixed)
+    assert auto_rows.path.tolist() == fixed_rows.path.tolist()
+    assert set(auto_rows.passes) <= set(range(10, 61, 10)) and (fixed_rows.passes == 60).all()
+    assert auto_rows.passes.min() == 10 and auto_rows.passes.mean() < 30
+    for passes, adaptive, full in zip(auto_rows.passes, auto_samples, fixed_samples, strict=True):
+        # Pass by pass, copy by copy: (copies, passes, classes), the adaptive one a prefix.
+        adaptive = adaptive.reshape(2, passes, 10)
+        prefix = full.reshape(2, 60, 10)[:, :passes]
+        np.testing.assert_allclose(adaptive, prefix, **ROUNDING)
+        assert (adaptive.argmax(-1) == prefix.argmax(-1)).all()
+    assert (auto_rows.decision == fixed_rows.decision).all()
+
+
+@pytest.mark.numerics
+def test_sample_rows_equals_sample_bitwise_when_the_shapes_are_the_same() -> None:
+    model = keras.saving.load_model(DEFAULT_MODEL_PATH)
+    sampler = MCSampler(model, 30)
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0, 1, (8, *model.input_shape[1:])).astype(np.float32)
+    keys = rng.integers(0, 2**32, 8, dtype=np.uint32)
+    full = sampler.sample(images, keys)
+    prepared = sampler.prepare(images, keys)
+    np.testing.assert_array_equal(sampler.sample_rows(prepared, np.arange(8), 0, 30), full)
+    # Later passes of some rows: the same draws, other shapes (float32 rounding at most).
+    later = sampler.sample_rows(prepared, np.array([6, 1, 3]), 20, 10)
+    np.testing.assert_allclose(later, full[20:30][:, [6, 1, 3]], **ROUNDING)
+    assert (later.argmax(-1) == full[20:30][:, [6, 1, 3]].argmax(-1)).all()
+
+
+def test_adaptive_run_compiles_once_for_every_batch_shape(tmp_path: Path) -> None:
+    images = Path(__file__).resolve().parents[1] / "sample_data" / "digits" / "test"
+    method = MCDropout(keras.saving.load_model(DEFAULT_MODEL_PATH), passes=100)
+    out = tmp_path / "out.parquet"
+    score_directory(images, out, passes="auto", method=lambda loaded: method, batch_size=16)
+    frame = pd.read_parquet(out)
+    assert frame.passes.nunique() > 3  # batches of many different unsettled counts ran
+    sampler = method.sampler
+    assert sampler._prefix_function.experimental_get_tracing_count() == 1
+    assert sampler._rows_function.experimental_get_tracing_count() == 1
+    assert sorted({bucket_rows(n) for n in range(1, 17)}) == [1, 2, 3, 4, 6, 8, 12, 16]
+
+
+def test_cli_passes_auto_records_its_settings_and_passes(tmp_path: Path) -> None:
+    folder = tmp_path / "images" / "n3"
+    folder.mkdir(parents=True)
+    source = sorted((Path(__file__).resolve().parents[1] / "sample_data/digits/test/n3").iterdir())
+    for image in source[:12]:
+        (folder / image.name).write_bytes(image.read_bytes())
+    (folder / "broken.png").write_bytes(b"not a png")
+    out = tmp_path / "out.parquet"
+    args = ["score", str(tmp_path / "images"), str(out), "--passes", "auto", "--no-progress"]
+    result = CliRunner().invoke(
+        cli, [*args, "--min-passes", "5", "--max-passes", "40", "--max-error-rate", "0.5"]
+    )
+    assert result.exit_code == 0, result.output
+    frame = pd.read_parquet(out).set_index("path")
+    assert pd.isna(frame.loc["n3/broken.png", "passes"])
+    good = frame.drop("n3/broken.png")
+    assert good.passes.between(5, 40).all() and (good.passes % 5 == 0).all()
+    meta = read_metadata(out)
+    assert meta["passes"] == "auto"
+    assert meta["adaptive"]["min_passes"] == 5 and meta["adaptive"]["max_passes"] == 40
+    assert meta["adaptive"]["alpha"] == 0.01 and meta["adaptive"]["looks"] == 7
+    assert json.loads(json.dumps(meta["adaptive"])) == meta["adaptive"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--passes", "many"], "expected a whole number of at least 1 or 'auto'"),
+        (["--passes", "0"], "expected a whole number of at least 1 or 'auto'"),
+        (["--passes", "auto", "--min-passes", "50", "--max-passes", "20"], "min_passes"),
+        (["--passes", "auto", "--model", str(DATA / "digits_sngp.keras")], "--passes auto"),
+    ],
+)
+def test_cli_refuses_bad_adaptive_settings(tmp_path: Path, extra: list[str], message: str) -> None:
+    images = Path(__file__).resolve().parents[1] / "sample_data" / "digits" / "test"
+    args = ["score", str(images), str(tmp_path / "out.parquet"), *extra, "--no-progress"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert not (tmp_path / "out.parquet").exists()
+
+
+@pytest.mark.numerics
+def test_adaptive_ensemble_keeps_the_copy_member_pass_order(
+    digits_subset: Path, tmp_path: Path
+) -> None:
+    common = {"tta": 2, "seed": 5, "save_samples": True, "model": DATA / "digits_ensemble"}
+    auto, fixed = tmp_path / "auto.parquet", tmp_path / "fixed.parquet"
+    score_directory(digits_subset, auto, passes="auto", max_passes=20, **common)
+    score_directory(digits_subset, fixed, passes=20, **common)
+    auto_rows, auto_samples = _samples(auto)
+    _, fixed_samples = _samples(fixed)
+    members = 5
+    for passes, adaptive, full in zip(auto_rows.passes, auto_samples, fixed_samples, strict=True):
+        adaptive = adaptive.reshape(2, members, passes, 10)
+        prefix = full.reshape(2, members, 20, 10)[:, :, :passes]
+        np.testing.assert_allclose(adaptive, prefix, **ROUNDING)
