@@ -189,62 +189,35 @@ def _json_events(stderr: str) -> list[dict]:
 def test_ray_engine_writes_the_local_engines_rows(
     local_ray: str, local_reference: Path, tmp_path: Path
 ) -> None:
-    out = tmp_path / "ray.parquet"
-    report = score_directory(
-        SAMPLE_TEST, out, passes=PASSES, engine="ray", workers=2, checkpoint_rows=PART
-    )
-    rows, local = pd.read_parquet(out), pd.read_parquet(local_reference)
-    assert len(rows) == 450 and rows.path.is_unique
-    # Same paths in the same order, identical decisions and statuses, floats to rounding.
-    assert_frames_equal_to_rounding(rows, local)
-    ray_meta, local_meta = _metadata_but_run(out), _metadata_but_run(local_reference)
-    assert (ray_meta.pop("engine"), local_meta.pop("engine")) == ("ray", "local")
-    assert ray_meta == local_meta
-    run = read_metadata(out)["run"]
-    assert run["images"] == 450 and run["ray"]["parts"] == 15 and run["ray"]["workers"] == 2
-    assert sum(run["ray"]["parts_per_node"].values()) == 15
-    assert report.images == 450 and report.errors == 0
-    assert report.unclassified == int((local.decision == "unclassified").sum())
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ray.parquet"]  # no parts left
-
-
-def test_a_killed_worker_is_retried_and_every_image_is_written_once(
-    local_ray: str, local_reference: Path, tmp_path: Path
-) -> None:
-    killed: list[int] = []
-
-    def kill_an_actor_once_parts_appear() -> None:
-        deadline = time.monotonic() + RAY_TIMEOUT
-        while time.monotonic() < deadline:
-            actors = scoring_actors(local_ray)
-            if actors and any(tmp_path.glob(".scores.parts-*/part-at-*.parquet")):
-                os.kill(actors[0], signal.SIGKILL)  # mid-run: parts are done, others are not
-                killed.append(actors[0])
-                return
-            time.sleep(0.1)
-
-    killer = threading.Thread(target=kill_an_actor_once_parts_appear, daemon=True)
-    killer.start()
     report = score_directory(
         SAMPLE_TEST, f"{tmp_path}/scores/", passes=PASSES, engine="ray", workers=2,
         checkpoint_rows=PART,
     )  # fmt: skip
-    killer.join(timeout=5)
-    assert killed, "no scoring actor was found to kill"
-    assert not _alive(killed[0])
-    # Complete, each image once, in path order, and the rows of an undisturbed run.
-    assert report.images == 450
-    assert_same_rows(tmp_path / "scores", local_reference)
-    # A folder dataset: files whose names sort as their rows, each with the metadata.
+    # A folder dataset: files whose names sort as their rows, read as one table.
     files = sorted((tmp_path / "scores").iterdir())
     assert [f.name for f in files] == [f"part-{i:06d}.parquet" for i in range(15)]
-    assert {read_metadata(f)["engine"] for f in files} == {"ray"}
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["scores"]
+    rows, local = pd.read_parquet(tmp_path / "scores"), pd.read_parquet(local_reference)
+    assert len(rows) == 450 and rows.path.is_unique
+    # Same paths in the same order, identical decisions and statuses, floats to rounding.
+    assert_frames_equal_to_rounding(rows, local)
+    local_meta = _metadata_but_run(local_reference)
+    assert local_meta.pop("engine") == "local"
+    for file in files:  # every file holds the metadata
+        ray_meta = _metadata_but_run(file)
+        assert ray_meta.pop("engine") == "ray"
+        assert ray_meta == local_meta
+    run = read_metadata(files[0])["run"]
+    assert run["images"] == 450 and run["ray"]["parts"] == 15 and run["ray"]["workers"] == 2
+    assert sum(run["ray"]["parts_per_node"].values()) == 15
+    assert report.images == 450 and report.errors == 0
+    assert report.unclassified == int((local.decision == "unclassified").sum())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scores"]  # no parts folder left
 
 
-def test_resume_started_locally_finishes_on_ray(
+def test_a_killed_worker_is_retried_while_ray_finishes_a_local_checkpoint(
     local_ray: str, local_reference: Path, tmp_path: Path
 ) -> None:
+    # --resume across engines: the local engine stops after three parts...
     out = tmp_path / "out.parquet"
     checks = itertools.count()
     with pytest.raises(StopRequested):  # the local engine stops at its fourth batch
@@ -255,14 +228,35 @@ def test_resume_started_locally_finishes_on_ray(
     checkpoint = tmp_path / "out.parquet.checkpoint"
     local_parts = sorted(p.name for p in checkpoint.glob("part-*.parquet"))
     assert local_parts == ["part-000000.parquet", "part-000001.parquet", "part-000002.parquet"]
+
+    # ... and Ray finishes, while one of its actors is killed once it has written a part.
+    killed: list[int] = []
+
+    def kill_an_actor_once_ray_writes_parts() -> None:
+        deadline = time.monotonic() + RAY_TIMEOUT
+        while time.monotonic() < deadline:
+            actors = scoring_actors(local_ray)
+            if actors and any(checkpoint.glob("part-at-*.parquet")):
+                os.kill(actors[0], signal.SIGKILL)  # mid-run: some parts are done, most not
+                killed.append(actors[0])
+                return
+            time.sleep(0.1)
+
+    killer = threading.Thread(target=kill_an_actor_once_ray_writes_parts, daemon=True)
+    killer.start()
     report = score_directory(
         SAMPLE_TEST, out, passes=PASSES, resume=True, checkpoint_rows=PART, engine="ray",
-        workers=1,
+        workers=2,
     )  # fmt: skip
-    assert read_metadata(out)["run"]["ray"]["parts"] == 12  # 450 - 96 images left
-    assert not checkpoint.exists()
+    killer.join(timeout=5)
+    assert killed, "no scoring actor was found to kill"
+    assert not _alive(killed[0])
+    # Complete, each image once, in path order, with the rows of an undisturbed run.
     assert_same_rows(out, local_reference)
+    assert read_metadata(out)["run"]["ray"]["parts"] == 12  # 450 - 96 images were left
+    assert not checkpoint.exists() and sorted(p.name for p in tmp_path.iterdir()) == [out.name]
     local = pd.read_parquet(local_reference)
+    assert report.images == 450
     assert report.unclassified == int((local.decision == "unclassified").sum())
 
 
@@ -302,7 +296,8 @@ def test_cli_ray_engine_turns_bad_files_into_error_rows(ray_module, tmp_path: Pa
     assert not leftovers, "the Ray started for the run outlived it"
     rows = pd.read_parquet(tmp_path / "ray.parquet")
     assert len(rows) == 12 and (rows.status != "ok").sum() == 2
-    assert rows[rows.status != "ok"].mean_0.isna().all()  # error rows hold no statistics
+    means = [c for c in rows.columns if c.startswith("mean_")]
+    assert rows.loc[rows.status != "ok", means].isna().all().all()  # no statistics
     local_out = tmp_path / "local.parquet"
     score_directory(images, local_out, passes=PASSES)
     assert_same_rows(tmp_path / "ray.parquet", local_out)
