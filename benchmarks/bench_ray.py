@@ -3,7 +3,8 @@
 Runs ``batchuq score sample_data/digits/test OUT`` twice in fresh processes with the same
 settings (the defaults: T = 100, no TTA, seed 0, batch 32): once with the local engine, once with
 ``--engine ray`` (a Ray started on this machine for the run, one actor per CPU at 0.5 CPU each,
-unless ``--workers`` / ``--cpus-per-worker`` say otherwise). Prints, and writes as JSON:
+unless ``--workers`` / ``--cpus-per-worker`` / ``--checkpoint-rows`` say otherwise). Prints, and
+writes as JSON:
 
 * the largest absolute difference between the two files over every float column (the mean,
   median and std of every class, confidence, margin, entropy, mutual information, variation
@@ -14,7 +15,8 @@ unless ``--workers`` / ``--cpus-per-worker`` say otherwise). Prints, and writes 
 
 Run from the repository root, with the ``ray`` extra installed::
 
-    python benchmarks/bench_ray.py [--passes 100] [--workers N] [--json benchmarks/results/ray.json]
+    python benchmarks/bench_ray.py [--passes 100] [--workers N] [--checkpoint-rows N]
+        [--json benchmarks/results/ray.json]
 """
 
 from __future__ import annotations
@@ -112,6 +114,7 @@ def main() -> None:
     parser.add_argument("--passes", type=int, default=100)
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--cpus-per-worker", type=float, default=None)
+    parser.add_argument("--checkpoint-rows", type=int, default=None)
     parser.add_argument("--json", type=Path, default=HERE / "results" / "ray.json")
     args = parser.parse_args()
     ray_tmp = tempfile.mkdtemp(prefix="bq-bench-ray-", dir="/tmp")  # Ray's session files
@@ -124,6 +127,8 @@ def main() -> None:
         ray_args += ["--workers", str(args.workers)]
     if args.cpus_per_worker:
         ray_args += ["--cpus-per-worker", str(args.cpus_per_worker)]
+    if args.checkpoint_rows:
+        ray_args += ["--checkpoint-rows", str(args.checkpoint_rows)]
     with tempfile.TemporaryDirectory() as work:
         local_out, ray_out = Path(work) / "local.parquet", Path(work) / "ray.parquet"
         runs = {

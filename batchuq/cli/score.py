@@ -208,8 +208,8 @@ from batchuq.errors import (
     default=DEFAULT_CHECKPOINT_ROWS,
     show_default=True,
     help="With --resume: rows per checkpoint part (work lost on a kill is at most this). "
-    "With --engine ray, with or without --resume: images per unit of work, and rows per file "
-    "of a folder OUTPUT.",
+    "With --engine ray, with or without --resume: the most images per unit of work, and "
+    "rows per file of a folder OUTPUT.",
 )
 @click.option(
     "--follow-symlinks",

@@ -258,20 +258,39 @@ def run_parts(
         What the run record keeps of the Ray run: version, workers, CPUs per worker, parts
         scored and how many of them each node scored.
     """
-    rows = control.checkpoint_rows
-    parts = [todo[start : start + rows] for start in range(0, len(todo), rows)]
-    record: dict[str, Any] = {"ray_version": ray.__version__, "parts": len(parts)}
-    if not parts:
+    record: dict[str, Any] = {"ray_version": ray.__version__, "parts": 0}
+    if not todo:
         return record
     with ray_session(ray, settings.address):
         workers = settings.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+        rows = part_size(len(todo), workers, control.checkpoint_rows, plan.batch_size)
+        parts = [todo[start : start + rows] for start in range(0, len(todo), rows)]
         workers = min(workers, len(parts))
+        record["parts"] = len(parts)
         dataset = parts_dataset(ray, job, parts, workers, settings.cpus_per_worker)
         nodes, processes = collect_parts(dataset, plan, len(todo), control, report)
     record |= {"workers": workers, "cpus_per_worker": settings.cpus_per_worker}
     record["actor_processes"] = processes  # above workers when Ray restarted an actor
     record["parts_per_node"] = dict(sorted(nodes.items()))
     return record
+
+
+def part_size(images: int, workers: int, most: int, batch_size: int) -> int:
+    """Images per part: ``most`` (``--checkpoint-rows``), or fewer when that would leave workers
+    without a part, in whole batches so that batches are cut as the local engine cuts them.
+
+    Args:
+        images: Images to score.
+        workers: Actors in the pool.
+        most: The largest part.
+        batch_size: Images per batch.
+
+    Returns:
+        The part size, at least 1.
+    """
+    share = -(-images // workers)  # every worker gets a part
+    share = -(-share // batch_size) * batch_size
+    return max(1, min(most, share))
 
 
 def parts_dataset(
@@ -288,7 +307,9 @@ def parts_dataset(
             fn_constructor_kwargs={"job": job},
             batch_size=1,
             batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=workers),
+            # One part at a time per actor: a part is seconds to minutes of work, and Ray
+            # Data's default queue of several would hand every part to the first actor ready.
+            compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=1),
             num_cpus=cpus,
             max_restarts=-1,
             max_task_retries=TASK_RETRIES,
