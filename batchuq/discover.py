@@ -12,6 +12,11 @@ wrappers are recognised (``resolve_layout``): a folder whose only content is one
 folders (the Kaggle archive's ``training/training/n0``) is descended into, with a notice; a
 folder of dataset splits (``train/``, ``validation/``, ... each holding class folders) is refused,
 naming the split folders to score instead.
+
+``IMAGES`` may also be an object-storage URL (``s3://bucket/prefix``, ``gs://...``): the prefix
+is listed once, recursively (``batchuq.storage.list_tree``), and the same rules apply to the
+listed tree, so an uploaded copy of a folder gives the same files, order, labels and relative
+paths. A file's ``path`` is then its URL.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from pathlib import Path
 
 # The errors of this module, from the one hierarchy (also importable from here).
 from batchuq.errors import ImagesFolderError, LayoutError, NoImagesFoundError, UsageError
+from batchuq.storage import ObjectEntry, is_url, list_tree
 
 # Formats Pillow reads (TIFF: first page; GIF: first frame; ICO: the largest size).
 IMAGE_EXTENSIONS: tuple[str, ...] = (
@@ -45,6 +51,9 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (
 )
 # Folder names that mean "a split of a dataset", not "a class".
 SPLIT_NAMES = frozenset({"train", "training", "val", "valid", "validation", "test", "testing"})
+# A folder to scan: a local path, or a folder of an object-storage listing.
+Folder = str | os.PathLike[str] | ObjectEntry
+Entry = os.DirEntry[str] | ObjectEntry
 
 
 def natural_key(text: str) -> list[int | str]:
@@ -66,7 +75,7 @@ class ImageFile:
     """One image found on disk.
 
     Attributes:
-        path: Absolute path of the file.
+        path: Path of the file (as found below the folder given), or its URL in object storage.
         relative_path: Path relative to the scored folder, ``/``-separated (the Parquet ``path``),
             made ``printable``.
         folder_label: Name of the class folder it sits under (``printable``), or ``None`` when
@@ -85,7 +94,7 @@ class Discovery:
     """The result of scanning a folder.
 
     Attributes:
-        root: The scanned folder.
+        root: The scanned folder (a URL for object storage).
         files: Images in deterministic order.
         class_folders: Names of the top-level subfolders that hold at least one image, in
             natural sort order.
@@ -113,19 +122,37 @@ def _is_image_name(name: str, extensions: tuple[str, ...]) -> bool:
     return os.path.splitext(name)[1].lower() in extensions
 
 
-def _walk_sorted(folder: Path, follow_symlinks: bool) -> Iterator[Path]:
-    """All files below ``folder``, depth-first, each level in natural order, hidden skipped."""
+def _scandir(folder: Folder) -> list[Entry]:
+    """The entries of a local folder (``os.scandir``) or of a listed object-storage folder."""
+    if isinstance(folder, ObjectEntry):
+        return list(folder.children or ())
+    return list(os.scandir(folder))
+
+
+def _folder(entry: Entry) -> Path | ObjectEntry:
+    """A folder entry as the functions here take it: its path, or the listed folder itself."""
+    return entry if isinstance(entry, ObjectEntry) else Path(entry.path)
+
+
+def _walk_sorted(
+    folder: Folder, follow_symlinks: bool, parents: tuple[str, ...] = ()
+) -> Iterator[tuple[tuple[str, ...], Entry]]:
+    """All files below ``folder``, depth-first, each level in natural order, hidden skipped.
+
+    Yields:
+        ``(parts, entry)``: the file's path relative to ``folder`` as its parts, and its entry.
+    """
     try:
-        entries = sorted(os.scandir(folder), key=lambda e: natural_key(e.name))
+        entries = sorted(_scandir(folder), key=lambda e: natural_key(e.name))
     except OSError:
         return
     for entry in entries:
         if _is_hidden(entry.name):
             continue
         if entry.is_dir(follow_symlinks=follow_symlinks):
-            yield from _walk_sorted(Path(entry.path), follow_symlinks)
+            yield from _walk_sorted(_folder(entry), follow_symlinks, (*parents, entry.name))
         elif entry.is_file(follow_symlinks=True) or entry.is_symlink():
-            yield Path(entry.path)
+            yield (*parents, entry.name), entry
 
 
 def _accepts(name: str, extensions: tuple[str, ...] | None) -> bool:
@@ -133,17 +160,18 @@ def _accepts(name: str, extensions: tuple[str, ...] | None) -> bool:
 
 
 def has_images(
-    root: str | os.PathLike[str],
+    root: Folder,
     extensions: tuple[str, ...] | None = IMAGE_EXTENSIONS,
     follow_symlinks: bool = False,
 ) -> bool:
     """Whether there is at least one image below ``root`` (``None`` extensions: any file).
 
     Stops at the first image and does not sort, so the CLI can tell an empty folder apart in a
-    moment, before it imports TensorFlow.
+    moment, before it imports TensorFlow. ``root`` is a local folder or a listed one
+    (``storage.list_tree``), not a URL.
     """
     try:
-        entries = list(os.scandir(root))
+        entries = _scandir(root)
     except OSError:
         return False
     folders = []
@@ -151,7 +179,7 @@ def has_images(
         if _is_hidden(entry.name):
             continue
         if entry.is_dir(follow_symlinks=follow_symlinks):
-            folders.append(entry.path)
+            folders.append(_folder(entry))
         elif _accepts(entry.name, extensions) and (
             entry.is_file(follow_symlinks=True) or entry.is_symlink()
         ):
@@ -159,28 +187,35 @@ def has_images(
     return any(has_images(folder, extensions, follow_symlinks) for folder in folders)
 
 
-def _visible_entries(folder: Path) -> list[os.DirEntry[str]]:
+def _visible_entries(folder: Folder) -> list[Entry]:
     try:
-        entries = [e for e in os.scandir(folder) if not _is_hidden(e.name)]
+        entries = [e for e in _scandir(folder) if not _is_hidden(e.name)]
     except OSError:
         return []
     return sorted(entries, key=lambda e: natural_key(e.name))
 
 
-def _class_folders_in(folder: Path, extensions: tuple[str, ...] | None, follow: bool) -> int:
+def _class_folders_in(folder: Folder, extensions: tuple[str, ...] | None, follow: bool) -> int:
     """How many subfolders of ``folder`` hold at least one image."""
     return sum(
         1
         for entry in _visible_entries(folder)
-        if entry.is_dir(follow_symlinks=follow) and has_images(entry.path, extensions, follow)
+        if entry.is_dir(follow_symlinks=follow) and has_images(_folder(entry), extensions, follow)
     )
 
 
+def _same_name_inside(entry: Entry) -> Folder:
+    """The folder named like ``entry`` inside it (the Kaggle archive's ``training/training``)."""
+    if isinstance(entry, ObjectEntry):
+        return entry.child(entry.name)
+    return Path(entry.path) / entry.name
+
+
 def resolve_layout(
-    root: str | os.PathLike[str],
+    root: Folder,
     extensions: tuple[str, ...] | None = IMAGE_EXTENSIONS,
     follow_symlinks: bool = False,
-) -> tuple[Path, list[str]]:
+) -> tuple[Path | ObjectEntry, list[str]]:
     """The folder whose subfolders are the classes, and notices about how it was found.
 
     * A folder whose only content is one folder holding two or more class folders (the Kaggle
@@ -189,7 +224,7 @@ def resolve_layout(
       ...) that each hold class folders is refused: its "classes" would be the splits.
 
     Args:
-        root: The folder given to score.
+        root: The folder given to score: local, or listed from object storage.
         extensions: Image extensions, or ``None`` for every file.
         follow_symlinks: Whether to descend into symlinked folders.
 
@@ -199,32 +234,33 @@ def resolve_layout(
     Raises:
         LayoutError: For a folder of dataset splits; the message names them.
     """
-    folder, notices = Path(root), []
+    folder = root if isinstance(root, ObjectEntry) else Path(root)
+    notices: list[str] = []
     while True:
         entries = _visible_entries(folder)
         only = entries[0] if len(entries) == 1 else None
         if only is None or not only.is_dir(follow_symlinks=follow_symlinks):
             break
-        if _class_folders_in(Path(only.path), extensions, follow_symlinks) < 2:
+        if _class_folders_in(_folder(only), extensions, follow_symlinks) < 2:
             break
         notices.append(
             f"{str(folder)!r} holds only the folder {only.name!r}, whose subfolders are the "
             f"classes: scoring {only.path!r}."
         )
-        folder = Path(only.path)
+        folder = _folder(only)
     holding = [
         entry
         for entry in _visible_entries(folder)
         if entry.is_dir(follow_symlinks=follow_symlinks)
-        and has_images(entry.path, extensions, follow_symlinks)
+        and has_images(_folder(entry), extensions, follow_symlinks)
     ]
     splits = [e for e in holding if e.name.lower() in SPLIT_NAMES]
     if (
         splits
         and len(splits) == len(holding)
         and all(
-            _class_folders_in(Path(e.path), extensions, follow_symlinks)
-            or _class_folders_in(Path(e.path) / e.name, extensions, follow_symlinks)
+            _class_folders_in(_folder(e), extensions, follow_symlinks)
+            or _class_folders_in(_same_name_inside(e), extensions, follow_symlinks)
             for e in splits
         )
     ):
@@ -245,7 +281,8 @@ def discover_images(
     """Find the images below ``root``.
 
     Args:
-        root: Folder to scan (see ``resolve_layout`` for the wrappers it sees through).
+        root: Folder to scan (see ``resolve_layout`` for the wrappers it sees through), or an
+            object-storage URL (``s3://bucket/prefix``), listed once, recursively.
         extensions: Lower-case file extensions to accept, with the dot; ``None`` accepts every
             file (``--include-all``: files that are not images become error rows).
         follow_symlinks: Whether to descend into symlinked folders.
@@ -255,33 +292,35 @@ def discover_images(
         folder ``resolve_layout`` chose.
 
     Raises:
-        ImagesFolderError: If ``root`` is not a folder (a ``NotADirectoryError`` too).
+        ImagesFolderError: If ``root`` is not a folder (a ``NotADirectoryError`` too), or its
+            bucket does not exist.
         LayoutError: If ``root`` holds dataset splits rather than classes.
         NoImagesFoundError: If no file with an accepted extension is found.
+        UsageError: For a URL whose scheme is not supported.
+        OSError: If object storage cannot be reached or refuses the listing.
     """
-    if not Path(root).is_dir():
-        raise ImagesFolderError(
-            f"The images folder does not exist or is not a folder. Received: images={str(root)!r}"
-        )
-    root_path, notices = resolve_layout(root, extensions, follow_symlinks)
+    root_path, notices = resolve_layout(_top_folder(root), extensions, follow_symlinks)
     files: list[ImageFile] = []
     skipped: list[str] = []
     class_folders: list[str] = []
-    real_root = root_path.resolve()
-    for path in _walk_sorted(root_path, follow_symlinks):
-        parts = [printable(part) for part in path.relative_to(root_path).parts]
-        if not _accepts(path.name, extensions):
+    local_root = None if isinstance(root_path, ObjectEntry) else root_path.resolve()
+    for names, entry in _walk_sorted(root_path, follow_symlinks):
+        parts = [printable(name) for name in names]
+        if not _accepts(entry.name, extensions):
             skipped.append("/".join(parts))
             continue
         label = parts[0] if len(parts) > 1 else None
         if label is not None and label not in class_folders:
             class_folders.append(label)
         problem = None
-        if path.is_symlink() and not follow_symlinks:
-            target = path.resolve()
-            if not target.is_relative_to(real_root):
-                problem = "symlink to a file outside the images folder (not followed)"
-        files.append(ImageFile(str(path), "/".join(parts), label, problem))
+        if (
+            local_root is not None
+            and entry.is_symlink()
+            and not follow_symlinks
+            and not Path(entry.path).resolve().is_relative_to(local_root)
+        ):
+            problem = "symlink to a file outside the images folder (not followed)"
+        files.append(ImageFile(entry.path, "/".join(parts), label, problem))
     if not files:
         raise NoImagesFoundError(
             f"No images found in {str(root)!r} (looked for files ending in "
@@ -289,6 +328,26 @@ def discover_images(
         )
     class_folders.sort(key=natural_key)
     return Discovery(str(root_path), files, class_folders, skipped, notices)
+
+
+def _top_folder(root: str | os.PathLike[str]) -> Path | ObjectEntry:
+    """The folder to scan: a local folder, or the listing of an object-storage URL.
+
+    Raises:
+        ImagesFolderError: If it is not a folder, or the bucket does not exist.
+    """
+    if is_url(root):
+        try:
+            return list_tree(str(root))
+        except (FileNotFoundError, NotADirectoryError) as exc:
+            raise ImagesFolderError(
+                f"The images prefix cannot be listed: {exc}. Received: images={root!r}"
+            ) from None
+    if not Path(root).is_dir():
+        raise ImagesFolderError(
+            f"The images folder does not exist or is not a folder. Received: images={str(root)!r}"
+        )
+    return Path(root)
 
 
 def read_labels_file(path: str | os.PathLike[str]) -> dict[str, str]:

@@ -32,6 +32,7 @@ from batchuq.defaults import (
     UNCLASSIFIED_NAME,
 )
 from batchuq.errors import CheckpointError, OutputError, UsageError
+from batchuq.storage import is_url
 
 METADATA_KEY = b"batchuq"
 # How the run went (wall time, images/s), known only at its end: a key of the file's footer
@@ -258,9 +259,17 @@ def check_output_path(path: str | os.PathLike[str], suffix: str | None = None) -
         ``path`` as a ``Path``.
 
     Raises:
-        OutputError: If the path is a folder, its folder does not exist or is not writable,
-            or it does not end in ``suffix``.
+        OutputError: If the path is a URL (object storage cannot take the atomic rename the
+            output relies on), a folder, its folder does not exist or is not writable, or it
+            does not end in ``suffix``.
     """
+    if is_url(path):
+        raise OutputError(
+            "The output must be a local path: it is written to a temporary file and renamed "
+            "into place, which object storage cannot do atomically. Write locally or to a "
+            "mounted filesystem, then copy the file (e.g. `aws s3 cp out.parquet s3://...`). "
+            f"Received: output={str(path)!r}"
+        )
     out = Path(path)
     if out.is_dir():
         raise OutputError(
@@ -307,9 +316,11 @@ def check_output_folder(path: str | os.PathLike[str]) -> Path:
         ``path`` as a ``Path`` (without the trailing ``/``).
 
     Raises:
-        OutputError: If the path is a file, or a folder that holds other files, or its parent
-            folder does not exist or is not writable.
+        OutputError: If the path is a URL, a file, or a folder that holds other files, or its
+            parent folder does not exist or is not writable.
     """
+    if is_url(path):
+        check_output_path(path)  # refuses it, saying why
     out = Path(path)
     _check_parent(out, path)
     if out.exists() and not out.is_dir():

@@ -1183,6 +1183,84 @@ def render_compare_methods(f: dict) -> str:
     return "\n".join(lines)
 
 
+def render_scaleout(f: dict) -> str:
+    m = f.get("scaleout")
+    if not m:
+        return "Not measured yet: run `python benchmarks/project_scaleout.py`."
+    ref, dig = m["workloads"]["reference"], m["workloads"]["digits"]
+    local, listing, comp = m["local_discovery"], m["s3_listing"], m["compaction"]
+    proj = m["projection"]
+    lines = [
+        para(
+            f"On a {cpu_name(m['cpu'])} ({isa(m['cpu'])}), `python benchmarks/project_scaleout.py`",
+            f"({m['date']}, {m['seconds'] / 60:.0f} min; 1-minute load average",
+            f"{m['loadavg_at_start'][0]:.1f} at the start: the machine was shared) measured:",
+        ),
+        "",
+        para(
+            "* one worker, the local engine in a process pinned to one core, after a warm-up",
+            f"run: {ref['images_per_second']:.2f} images/s for the reference CNN on",
+            f"{ref['images']} JPEGs of {'×'.join(map(str, ref['image_size']))}",
+            f"(T = {ref['passes']}, {ref['bytes_per_image'] / 1e3:.1f} kB per file), and",
+            f"{dig['images_per_second']:.1f} images/s for the bundled digits model on the",
+            f"{dig['images']} test digits (T = {dig['passes']},",
+            f"{dig['bytes_per_image'] / 1e3:.2f} kB per PNG);",
+        ),
+        para(
+            f"* the driver, per image: {local['us_per_image']:.1f} µs to discover a local folder",
+            f"of {local['images']:,} files in 10 class folders; {listing['us_per_image']:.1f} µs",
+            f"to list {listing['images']:,} objects from a moto S3 server on the same machine (a",
+            "Python server on the same cores, not S3); and",
+            f"{comp['us_per_row']:.2f} µs per row to compact {comp['parts']} Parquet parts of",
+            f"{comp['rows_per_part']:,} score rows (10 classes) into one file with",
+            f"{comp['compactor']} ({comp['bytes_per_row']:.0f} bytes per row written).",
+        ),
+        "",
+        para(
+            "The projection: discovery runs on the driver before the workers start and",
+            "compaction after they finish, so with N workers of r1 images/s each a run takes",
+            "d + 1 / (N r1) seconds per image, d being the driver's serial work per image",
+            "(discovery + compaction). Images in S3 are also capped at",
+            f"{m['config']['store_gets_per_second']:,.0f} images/s, the GET requests per second",
+            "AWS documents for one prefix (one GET per image; not measured here). The bottleneck",
+            "is the largest term. On a shared filesystem",
+            f"d = {m['driver_us_per_image']['shared_fs']:.1f} µs; in S3 as listed from moto here,",
+            f"d = {m['driver_us_per_image']['s3_moto']:.1f} µs:",
+        ),
+    ]
+    for name, label in (("reference", "Reference CNN"), ("digits", "Bundled digits model")):
+        lines += [
+            "",
+            f"| {label}: workers | shared filesystem, images/s | speed-up | bottleneck "
+            "| S3 (moto listing), images/s | speed-up | bottleneck |",
+            "|---:|---:|---:|---|---:|---:|---|",
+        ]
+        cases = proj[name]
+        for fs_row, s3_row in zip(cases["shared_fs"], cases["s3_moto"], strict=True):
+            lines.append(
+                f"| {fs_row['workers']} | {fs_row['images_per_second']:,.1f} | "
+                f"{fs_row['speedup']:.1f} | {fs_row['bottleneck']} | "
+                f"{s3_row['images_per_second']:,.1f} | {s3_row['speedup']:.1f} | "
+                f"{s3_row['bottleneck']} |"
+            )
+    last_r, last_d = proj["reference"]["s3_assumed"][-1], proj["digits"]["s3_assumed"][-1]
+    lines += [
+        "",
+        para(
+            "moto is a Python server on the same two cores, so its listing is no measure of S3's.",
+            "S3 returns at most 1,000 keys per listing request; at an assumed",
+            f"{m['config']['assumed_list_ms']:.0f} ms per request (not measured) the listing",
+            f"costs {m['config']['assumed_list_ms']:.0f} µs per image, and at",
+            f"{last_r['workers']} workers the driver's serial work would be",
+            f"{last_r['driver_share']:.0%} of the reference CNN's run (speed-up",
+            f"{last_r['speedup']:.0f}, bottleneck: {last_r['bottleneck']}) and",
+            f"{last_d['driver_share']:.0%} of the digits model's (speed-up",
+            f"{last_d['speedup']:.0f}, bottleneck: {last_d['bottleneck']}).",
+        ),
+    ]
+    return "\n".join(lines)
+
+
 BLOCKS: dict[str, Callable[[dict], str]] = {
     "setup": render_setup,
     "calibration": render_calibration,
@@ -1197,6 +1275,7 @@ BLOCKS: dict[str, Callable[[dict], str]] = {
     "methods": render_methods,
     "compare-methods": render_compare_methods,
     "adaptive": render_adaptive,
+    "scaleout": render_scaleout,
 }
 
 

@@ -437,3 +437,55 @@ def test_a_local_resume_finishes_parts_written_by_the_ray_worker(tmp_path: Path)
     score_directory(images, reference, passes=PASSES)
     assert_same_rows(out, reference)
     assert pd.read_parquet(out).path.tolist() == plan.relative_paths
+
+
+@pytest.fixture
+def s3_digits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, Path]]:
+    """Twelve test digits in a local folder and their copy in a moto S3 server on 127.0.0.1."""
+    moto_server = pytest.importorskip("moto.server", reason="moto is not installed")
+    boto3 = pytest.importorskip("boto3", reason="boto3 is not installed")
+    local = tmp_path / "digits"
+    for folder in ("n3", "n5"):
+        (local / folder).mkdir(parents=True)
+        for image in sorted((SAMPLE_TEST / folder).iterdir())[:6]:
+            shutil.copy(image, local / folder / image.name)
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=_free_port())
+    server.start()
+    endpoint = f"http://127.0.0.1:{server._port}"
+    for name in ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in {
+        "AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true", "AWS_CONFIG_FILE": os.devnull,
+        "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+    }.items():  # fmt: skip
+        monkeypatch.setenv(name, value)
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    client.create_bucket(Bucket="batchuq-ray")
+    for path in sorted(local.rglob("*.png")):
+        key = f"digits/{path.relative_to(local).as_posix()}"
+        client.put_object(Bucket="batchuq-ray", Key=key, Body=path.read_bytes())
+    yield "s3://batchuq-ray/digits", local
+    server.stop()
+
+
+def test_the_ray_worker_reads_images_from_object_storage(
+    s3_digits: tuple[str, Path], tmp_path: Path
+) -> None:
+    # Local paths are made absolute for workers (another working directory); URLs stay URLs.
+    url, local = s3_digits
+    options = ScoreOptions(passes=PASSES)
+    plan = prepare_run(url, options)
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    job = PartJob.for_workers(plan, options, run_schema(plan, "ray"), {}, folder)
+    assert job.images == url and job.discovery.root == url
+    assert all(f.path.startswith(f"{url}/") for f in job.discovery.files)
+    job = PartJob.for_workers(
+        plan, options, run_schema(plan, "ray"), checkpoint_fingerprint(plan), folder
+    )
+    summaries = PartScorer(job)(pa.table({"positions": [list(range(12))]})).to_pylist()
+    assert summaries[0]["rows"] == 12 and summaries[0]["error_positions"] == []
+    score_directory(local, tmp_path / "local.parquet", passes=PASSES)
+    assert_same_rows(folder / part_name_at(0), tmp_path / "local.parquet")

@@ -13,6 +13,7 @@ from click.core import ParameterSource
 
 from batchuq.cli.config import config_option, section_defaults, settings_provenance
 from batchuq.cli.options import (
+    PathOrURL,
     augmentation_options,
     batch_size_option,
     class_names_options,
@@ -65,7 +66,7 @@ _FROM_SCORE_TABLE = {
 @click.argument(
     "val_images",
     metavar="VAL_IMAGES",
-    type=click.Path(file_okay=False, path_type=Path),
+    type=PathOrURL(click.Path(file_okay=False, path_type=Path)),
 )
 @click.option(
     "--output",
@@ -144,19 +145,22 @@ _FROM_SCORE_TABLE = {
 @progress_option
 @config_option
 @click.pass_context
-def calibrate_command(ctx: click.Context, val_images: Path, output: Path, **options: Any) -> None:
+def calibrate_command(
+    ctx: click.Context, val_images: Path | str, output: Path, **options: Any
+) -> None:
     """Fit validation thresholds, a temperature and conformal sets on VAL_IMAGES.
 
-    VAL_IMAGES is a labelled folder with one subfolder per class. Thresholds: each image is
-    augmented --tta times (each copy run --passes times with dropout on), and per class the
-    --percentile of the predicted-class probabilities of the copies that predict it becomes its
-    threshold. Temperature and conformal sets: fitted on the MC mean of the scoring predictor
-    (--score-passes, --score-tta and the shared options, which default to the [score] table of
-    the config file, else to score's defaults), exactly as `batchuq score` computes it; score
-    refuses the calibration for a run with another predictor. The temperature minimises the
-    NLL; the conformal quantile (--conformal, at level --alpha) makes sets that hold the true
-    class with probability >= 1 - alpha. The result, with the model's sha256, both predictors
-    and all settings, is written to --output as JSON.
+    VAL_IMAGES is a labelled folder with one subfolder per class (or an s3:// or gs:// prefix
+    holding them, as for score). Thresholds: each image is augmented --tta times (each copy run
+    --passes times with dropout on), and per class the --percentile of the predicted-class
+    probabilities of the copies that predict it becomes its threshold. Temperature and
+    conformal sets: fitted on the MC mean of the scoring predictor (--score-passes, --score-tta
+    and the shared options, which default to the [score] table of the config file, else to
+    score's defaults), exactly as `batchuq score` computes it; score refuses the calibration
+    for a run with another predictor. The temperature minimises the NLL; the conformal quantile
+    (--conformal, at level --alpha) makes sets that hold the true class with probability
+    >= 1 - alpha. The result, with the model's sha256, both predictors and all settings, is
+    written to --output as JSON.
 
     Example:
 

@@ -22,6 +22,7 @@ from batchuq.defaults import (
     DEFAULT_TTA_SHIFT,
     DEFAULT_TTA_ZOOM,
 )
+from batchuq.storage import is_url
 
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
 
@@ -47,6 +48,26 @@ class PassesType(click.ParamType):
 
 
 PASSES = PassesType()
+
+
+class PathOrURL(click.ParamType):
+    """A local path, checked and converted by ``local``, or an object-storage URL kept as the
+    string it is (``click.Path`` would turn ``s3://bucket/x`` into ``s3:/bucket/x``).
+
+    Args:
+        local: The ``click.Path`` type that local paths get.
+    """
+
+    name = "path"
+
+    def __init__(self, local: click.Path) -> None:
+        self.local = local
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        """``value`` as a ``str`` if it is a URL, else as ``local`` converts it."""
+        if is_url(value):
+            return value
+        return self.local.convert(value, param, ctx)
 
 
 def _compose(*decorators: Decorator) -> Decorator:

@@ -18,6 +18,7 @@ import click
 from batchuq.cli.config import config_option, settings_provenance
 from batchuq.cli.options import (
     PASSES,
+    PathOrURL,
     augmentation_options,
     batch_size_option,
     class_names_options,
@@ -65,7 +66,8 @@ from batchuq.errors import (
 
 
 @click.command("score")
-@click.argument("images", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("images", type=PathOrURL(click.Path(file_okay=False, path_type=Path)))
+# A string: a trailing / (a folder dataset, --engine ray) must survive; URLs are refused later.
 @click.argument("output", type=click.Path(path_type=str))
 @model_option
 @click.option(
@@ -290,16 +292,18 @@ from batchuq.errors import (
 @progress_option
 @config_option
 @click.pass_context
-def score(ctx: click.Context, images: Path, output: str, **options: Any) -> None:
+def score(ctx: click.Context, images: Path | str, output: str, **options: Any) -> None:
     """Score every image in IMAGES and write one Parquet row per image to OUTPUT.
 
     IMAGES is a folder with one subfolder per class (n0, n1, ... : rows get a label) or a flat
-    folder of images (unlabelled). Each image is augmented --tta times and each copy is run
-    --passes times with only the dropout layers switched on; the per-class mean, median and
-    std over those samples, the uncertainty scores and a decision go into OUTPUT. OUTPUT is
-    written to a temporary file and renamed into place only when the run completes. With
-    --engine ray the same rows are scored on a Ray cluster, and an OUTPUT ending in / is a
-    folder of Parquet files that pandas, pyarrow and DuckDB read as one table.
+    folder of images (unlabelled), or the same layout under an s3:// or gs:// prefix
+    (credentials and endpoint from the environment, e.g. AWS_ENDPOINT_URL). Each image is
+    augmented --tta times and each copy is run --passes times with only the dropout layers
+    switched on; the per-class mean, median and std over those samples, the uncertainty scores
+    and a decision go into OUTPUT. OUTPUT is a local file, written to a temporary file and
+    renamed into place only when the run completes. With --engine ray the same rows are scored
+    on a Ray cluster, and an OUTPUT ending in / is a folder of Parquet files that pandas,
+    pyarrow and DuckDB read as one table.
 
     Every option can also come from a config file (--config, $BATCHUQ_CONFIG or ./batchuq.toml,
     table [score]); the command line and the environment win over it.
@@ -419,7 +423,7 @@ def score_keywords(options: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def check_score_arguments(
-    images: Path,
+    images: Path | str,
     output: str | Path,
     *,
     model: tuple[Path, ...] | None = None,
@@ -432,9 +436,10 @@ def check_score_arguments(
     """Catch the usual mistakes in a moment, before TensorFlow is imported (which takes seconds).
 
     Args:
-        images: The images folder.
-        output: The Parquet file to write; with ``engine="ray"`` also a folder (ending in
-            ``/``).
+        images: The images folder, or an object-storage URL (only its form is checked here:
+            listing it is discovery's work, after TensorFlow is imported).
+        output: The Parquet file to write (a URL is refused); with ``engine="ray"`` also a
+            folder (ending in ``/``).
         model: The ``--model`` files or ensemble folders, if any.
         calibration: The ``--calibration`` file, if any.
         missing_ok: Whether a missing ``images`` folder means "nothing to score".
@@ -450,10 +455,13 @@ def check_score_arguments(
     """
     from batchuq.discover import IMAGE_EXTENSIONS, has_images, resolve_layout
     from batchuq.model_files import check_model_arguments
+    from batchuq.storage import is_url, normalise_url
 
-    if not images.exists() and missing_ok:
+    if is_url(images):
+        normalise_url(images)
+    elif not images.exists() and missing_ok:
         raise NoImagesFoundError(f"{str(images)!r} does not exist (--missing-ok).")
-    if not images.is_dir():
+    elif not images.is_dir():
         raise ImagesFolderError(
             f"The images folder does not exist or is not a folder. Received: images={str(images)!r}"
         )
@@ -466,6 +474,8 @@ def check_score_arguments(
             f"The output exists and --no-clobber is set. Received: output={str(output)!r}"
         )
     extensions = None if include_all else IMAGE_EXTENSIONS
+    if is_url(images):
+        return
     if not has_images(images, extensions):
         raise NoImagesFoundError(f"none found in {str(images)!r}.")
     resolve_layout(images, extensions)
@@ -483,8 +493,11 @@ def check_output_argument(output: str | Path, engine: str) -> None:
             cannot be written.
         UsageError: If ``engine`` is ``ray`` and Ray is not installed.
     """
+    from batchuq.storage import is_url
     from batchuq.write import check_output_folder, check_output_path, is_folder_output
 
+    if is_url(str(output)):
+        check_output_path(output)  # refuses it, saying why
     if engine == "ray" and importlib.util.find_spec("ray") is None:
         raise UsageError(
             "The Ray engine needs Ray: pip install \"batchuq[ray]\". Received: engine='ray'"

@@ -33,6 +33,7 @@ from batchuq.jobs.batches import iter_sampled_batches
 from batchuq.jobs.rows import ScoreReport, checkpoint_fingerprint, score_rows
 from batchuq.jobs.run import RunPlan, ScoreOptions, prepare_run
 from batchuq.model_files import MODEL_ENV, import_user_modules
+from batchuq.storage import is_url
 
 # Fingerprint entries that spell paths, which a worker may see under other names (its own
 # working directory, its own install of the bundled model): the model's sha256 covers the model.
@@ -108,9 +109,9 @@ class PartJob:
         Returns:
             The job.
         """
-        files = [dataclasses.replace(f, path=os.path.abspath(f.path)) for f in plan.discovery.files]
+        files = [dataclasses.replace(f, path=_absolute(f.path)) for f in plan.discovery.files]
         discovery = dataclasses.replace(
-            plan.discovery, root=os.path.abspath(plan.discovery.root), files=files
+            plan.discovery, root=_absolute(plan.discovery.root), files=files
         )
         model = options.model if options.model is not None else os.environ.get(MODEL_ENV)
         worker_options = dataclasses.replace(
@@ -123,7 +124,7 @@ class PartJob:
             os.path.abspath(m) if m.endswith(".py") or os.sep in m else m for m in imports
         )
         return cls(
-            os.path.abspath(plan.images), worker_options, discovery, schema, fingerprint,
+            _absolute(plan.images), worker_options, discovery, schema, fingerprint,
             str(folder.resolve()), threads, modules, os.getcwd(),
         )  # fmt: skip
 
@@ -200,10 +201,11 @@ class PartScorer:
 
 
 def _absolute(value: Any) -> Any:
-    """``value`` with every path in it (one, or a list) made absolute; other values as they are."""
+    """``value`` with every local path in it (one, or a list) made absolute; URLs
+    (``s3://``, ``gs://``) and other values as they are."""
     if isinstance(value, (list, tuple)):
         return type(value)(_absolute(v) for v in value)
-    if isinstance(value, (str, os.PathLike)):
+    if isinstance(value, (str, os.PathLike)) and not is_url(str(value)):
         return os.path.abspath(value)
     return value
 
