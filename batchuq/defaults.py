@@ -26,6 +26,10 @@ DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb limit (about 
 DEFAULT_MEMORY_BUDGET_MB = 256
 DEFAULT_CHECKPOINT_ROWS = 1024
 DEFAULT_ROW_GROUP_SIZE = 4096  # Parquet rows per row group (fewer with raw samples: ~64 MiB)
+# Ray engine: CPUs Ray books per scoring actor. Below 1 so that the default pool (one actor per
+# CPU) never books every CPU: a Ray Data pipeline whose own tasks then find no CPU stalls (seen on
+# 2 cores with read tasks; this engine's pipeline has none, but other jobs may share the cluster).
+DEFAULT_CPUS_PER_WORKER = 0.5
 DEFAULT_PRECISION = "float32"
 
 # Test-time augmentation of each copy (see augment.TTAConfig).

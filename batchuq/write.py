@@ -10,8 +10,10 @@ part files instead, and a later run with the same settings skips them.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
+import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from batchuq.compact import COMPRESSION, PART_GLOB, SortedParts, write_part_file
 from batchuq.defaults import (
     DEFAULT_CHECKPOINT_ROWS,
     DEFAULT_ROW_GROUP_SIZE,
@@ -37,7 +40,7 @@ METADATA_KEY = b"batchuq"
 RUN_METADATA_KEY = b"batchuq.run"
 SCORE_COLUMNS = ("confidence", "margin", "entropy", "mutual_info", "variation_ratio")
 CLASS_STATISTICS = ("mean", "median", "std")
-_COMPRESSION = "zstd"
+_COMPRESSION = COMPRESSION
 
 
 def output_schema(
@@ -272,15 +275,7 @@ def check_output_path(path: str | os.PathLike[str], suffix: str | None = None) -
         raise OutputError(
             f"The output path is a folder, not a file. Received: output={str(path)!r}"
         )
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
-        raise OutputError(
-            f"The output folder {str(parent)!r} does not exist. Received: output={str(path)!r}"
-        )
-    if not os.access(parent, os.W_OK):
-        raise OutputError(
-            f"The output folder {str(parent)!r} is not writable. Received: output={str(path)!r}"
-        )
+    _check_parent(out, path)
     if suffix is not None and out.suffix.lower() != suffix.lower():
         kind = suffix.lstrip(".").capitalize()
         raise OutputError(
@@ -290,14 +285,73 @@ def check_output_path(path: str | os.PathLike[str], suffix: str | None = None) -
     return out
 
 
+def _check_parent(out: Path, given: str | os.PathLike[str]) -> None:
+    """Refuse an output whose folder is missing or not writable."""
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise OutputError(
+            f"The output folder {str(parent)!r} does not exist. Received: output={str(given)!r}"
+        )
+    if not os.access(parent, os.W_OK):
+        raise OutputError(
+            f"The output folder {str(parent)!r} is not writable. Received: output={str(given)!r}"
+        )
+
+
+def is_folder_output(output: str | os.PathLike[str]) -> bool:
+    """Whether ``output`` names a folder dataset: a string ending in ``/`` (``scores/``)."""
+    return isinstance(output, str) and output.endswith(("/", os.sep))
+
+
+def check_output_folder(path: str | os.PathLike[str]) -> Path:
+    """Check that the folder dataset ``path`` (``scores/``) can be written before any work.
+
+    An existing folder is replaced when the run completes, so it must be a previous output:
+    nothing in it but ``part-*.parquet`` files.
+
+    Args:
+        path: The output folder.
+
+    Returns:
+        ``path`` as a ``Path`` (without the trailing ``/``).
+
+    Raises:
+        OutputError: If the path is a URL, a file, or a folder that holds other files, or its
+            parent folder does not exist or is not writable.
+    """
+    if is_url(path):
+        check_output_path(path)  # refuses it, saying why
+    out = Path(path)
+    _check_parent(out, path)
+    if out.exists() and not out.is_dir():
+        raise OutputError(
+            f"The output ends in / (a folder dataset) but is a file. Received: output={str(path)!r}"
+        )
+    if out.is_dir():
+        foreign = sorted(p.name for p in out.iterdir() if not fnmatch.fnmatch(p.name, PART_GLOB))
+        if foreign:
+            raise OutputError(
+                "The output folder exists and holds other files than the part-*.parquet of a "
+                f"batchuq output (e.g. {foreign[0]!r}); batchuq replaces only its own output "
+                f"folders. Received: output={str(path)!r}"
+            )
+    return out
+
+
 def read_metadata(path: str | os.PathLike[str]) -> dict:
     """Return the batchuq run metadata stored in a Parquet file written by ``score``.
 
-    Its ``run`` entry (wall time, images/s) is added from the file's footer when recorded.
+    Its ``run`` entry (wall time, images/s) is added from the file's footer when recorded. A
+    folder dataset (``score --engine ray`` to ``OUT/``) holds it in each of its files.
 
     Raises:
         UsageError: If the file holds no batchuq metadata.
     """
+    if Path(path).is_dir():
+        parts = sorted(Path(path).glob(PART_GLOB))
+        if not parts:
+            raise UsageError(f"The folder holds no part-*.parquet. Received: path={str(path)!r}")
+        return metadata_of(pq.read_metadata(parts[0]).metadata, path)
     return metadata_of(pq.read_metadata(path).metadata, path)
 
 
@@ -352,14 +406,22 @@ class Checkpoint:
     """The resume state of one output: finished rows kept as part files in a folder.
 
     The folder is ``OUTPUT.checkpoint/``: ``run.json`` holds the fingerprint of the run that
-    made it, and ``part-NNNNNN.parquet`` files hold finished rows. Each part is written to a
-    hidden temporary name and renamed, so a kill never leaves half a part.
+    made it, and part files hold finished rows: ``part-NNNNNN.parquet``, numbered as the local
+    engine writes them, and ``part-at-NNNNNNNNNN.parquet``, named by their first image, as the
+    Ray engine writes them (``batchuq.compact``). Either engine resumes the other's checkpoint.
+    Each part is written to a hidden temporary name and renamed, so a kill never leaves half a
+    part.
 
     Args:
         output_path: The final output file.
         fingerprint: JSON-serialisable description of the run (settings and file list); a
             checkpoint made by another run is refused.
         rows_per_part: Rows buffered before a part is written.
+        order: The run's relative paths in output order: the merge sorts the rows by it,
+            keeps one row per path and refuses to finish without a row for each. ``None``
+            merges the parts as they are, in name order.
+        folder: Where the parts go; default ``OUTPUT.checkpoint/`` beside the output (the Ray
+            engine, without ``--resume``, keeps its parts in a temporary folder instead).
     """
 
     def __init__(
@@ -367,12 +429,16 @@ class Checkpoint:
         output_path: str | os.PathLike[str],
         fingerprint: dict,
         rows_per_part: int = DEFAULT_CHECKPOINT_ROWS,
+        order: Sequence[str] | None = None,
+        folder: str | os.PathLike[str] | None = None,
     ) -> None:
         self.output_path = Path(output_path)
         # Compared after a JSON round trip: that is what run.json gives back.
         self.fingerprint = json.loads(json.dumps(fingerprint, sort_keys=True))
         self.rows_per_part = rows_per_part
-        self.folder = self.output_path.with_name(self.output_path.name + ".checkpoint")
+        self.position_of = None if order is None else {p: i for i, p in enumerate(order)}
+        default = self.output_path.with_name(self.output_path.name + ".checkpoint")
+        self.folder = default if folder is None else Path(folder)
         self.done = DoneRows()
         self._next_part = 0
 
@@ -403,37 +469,146 @@ class Checkpoint:
             self.folder.mkdir(exist_ok=True)
             self.run_file.write_text(json.dumps(self.fingerprint, sort_keys=True))
         for stray in self.folder.glob(".part-*"):  # a part a kill interrupted
-            stray.unlink()
-        parts = self.parts()
-        self._next_part = int(parts[-1].name[5:11]) + 1 if parts else 0
+            stray.unlink(missing_ok=True)
+        numbered = sorted(self.folder.glob("part-[0-9]*.parquet"))
+        self._next_part = int(numbered[-1].name[5:11]) + 1 if numbered else 0
         return self.done
 
     def parts(self) -> list[Path]:
-        """The finished part files, in the order they were written."""
-        return sorted(self.folder.glob("part-*.parquet"))
+        """The finished part files: the numbered ones in the order they were written, then
+        those named by their first image."""
+        return sorted(self.folder.glob(PART_GLOB))
+
+    def sorted_parts(self) -> SortedParts:
+        """The finished rows in output order, one per image (see ``order``).
+
+        Raises:
+            RuntimeError: If ``order`` was given and an image has no row in the parts (a run
+                that has not scored every image must not write its output).
+        """
+        rows = SortedParts(self.parts(), self.position_of)
+        if self.position_of is not None and len(rows) != len(self.position_of):
+            raise RuntimeError(
+                f"The parts in {str(self.folder)!r} hold rows for {len(rows)} of "
+                f"{len(self.position_of)} images: the output is not written."
+            )
+        return rows
 
     def write_part(self, table: pa.Table) -> Path:
-        """Write ``table`` as the next part file, atomically.
+        """Write ``table`` as the next numbered part file, atomically.
 
         Returns:
             The part's path.
         """
-        name = f"part-{self._next_part:06d}.parquet"
-        temp = self.folder / f".{name}.tmp-{os.getpid()}"
-        try:
-            pq.write_table(table, temp, compression=_COMPRESSION)
-            os.replace(temp, self.folder / name)
-        except BaseException:
-            temp.unlink(missing_ok=True)
-            raise
+        path = write_part_file(self.folder, f"part-{self._next_part:06d}.parquet", table)
         self._next_part += 1
-        return self.folder / name
+        return path
 
     def remove(self) -> None:
         """Delete the folder and everything in it (after a successful merge)."""
         for item in self.folder.iterdir():
             item.unlink()
         self.folder.rmdir()
+
+
+def write_file_from_parts(
+    rows: SortedParts,
+    path: Path,
+    schema: pa.Schema,
+    *,
+    group_rows: int,
+    run_record: dict | None = None,
+) -> None:
+    """Stream the parts' rows, in order, into the Parquet file ``path``, atomically.
+
+    The rows go, a row group at a time, to a hidden temporary file beside ``path``, renamed
+    into place when complete; on any exception it is removed and ``path`` left as it was.
+
+    Args:
+        rows: The parts' rows in output order (``compact.SortedParts``).
+        path: The output file.
+        schema: Its schema and metadata.
+        group_rows: Rows per row group.
+        run_record: Stored in the footer as the metadata's ``run``.
+    """
+    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with pq.ParquetWriter(temp, schema, compression=_COMPRESSION) as writer:
+            for group in rows.row_groups(schema, group_rows):
+                writer.write_table(group)
+            if run_record is not None:
+                writer.add_key_value_metadata({RUN_METADATA_KEY: json.dumps(run_record)})
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+
+
+def write_folder_from_parts(
+    rows: SortedParts,
+    folder: Path,
+    schema: pa.Schema,
+    *,
+    rows_per_file: int,
+    group_rows: int,
+    run_record: dict | None = None,
+) -> list[Path]:
+    """Stream the parts' rows, in order, into a folder dataset that readers see as one table.
+
+    The files are ``part-000000.parquet``, ``part-000001.parquet`` ...: their names sort as
+    their rows do, so pandas, pyarrow and DuckDB read the folder in path order. Each file
+    holds ``rows_per_file`` rows (the last fewer), the schema's metadata and the run record.
+    They are written to a hidden temporary folder beside ``folder``, which then takes its
+    place: an existing ``folder`` is moved aside, the new one renamed in, the old one deleted
+    (two renames: a reader in between finds no folder, never a mixed one).
+
+    Args:
+        rows: The parts' rows in output order (``compact.SortedParts``).
+        folder: The output folder.
+        schema: The schema and metadata of every file.
+        rows_per_file: Rows per file.
+        group_rows: Rows per row group within a file.
+        run_record: Stored in each file's footer as the metadata's ``run``.
+
+    Returns:
+        The files written, in order.
+    """
+    temp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(temp, ignore_errors=True)
+    temp.mkdir()
+    try:
+        width = max(6, len(str(max(0, -(-len(rows) // rows_per_file) - 1))))
+        tables = rows.row_groups(schema, rows_per_file)
+        names = []
+        for index, table in enumerate(tables):
+            names.append(f"part-{index:0{width}d}.parquet")
+            _write_one_file(temp / names[-1], table, group_rows, run_record)
+        if not names:  # no rows: one empty file keeps the schema
+            names.append(f"part-{0:0{width}d}.parquet")
+            _write_one_file(temp / names[-1], schema.empty_table(), group_rows, run_record)
+        _replace_folder(temp, folder)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+    return [folder / name for name in names]
+
+
+def _write_one_file(path: Path, table: pa.Table, group_rows: int, run_record: dict | None) -> None:
+    with pq.ParquetWriter(path, table.schema, compression=_COMPRESSION) as writer:
+        writer.write_table(table, row_group_size=group_rows)
+        if run_record is not None:
+            writer.add_key_value_metadata({RUN_METADATA_KEY: json.dumps(run_record)})
+
+
+def _replace_folder(new: Path, folder: Path) -> None:
+    """Put the folder ``new`` in place of ``folder`` (deleting an existing one)."""
+    if not folder.exists():
+        os.rename(new, folder)
+        return
+    old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+    os.rename(folder, old)
+    os.rename(new, folder)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 class ParquetSink:
@@ -545,11 +720,12 @@ class ParquetSink:
         self._buffered_rows = 0
 
     def _merge_parts(self) -> None:
-        """Stream every part, one at a time, into the temporary file."""
+        """Stream the parts' rows into the temporary file, a row group at a time, in order."""
         assert self.checkpoint is not None
+        rows = self.checkpoint.sorted_parts()
         with self._open_temp() as writer:
-            for part in self.checkpoint.parts():
-                writer.write_table(pq.read_table(part, schema=self.schema))
+            for group in rows.row_groups(self.schema, self.row_group_size):
+                writer.write_table(group)
             self._add_run_record(writer)
 
     def _add_run_record(self, writer: pq.ParquetWriter | None) -> None:

@@ -25,7 +25,9 @@ from batchuq.cli import main
 try:
     main()
 except SystemExit as exc:
-    heavy = sorted(m for m in ("tensorflow", "keras", "pandas", "matplotlib") if m in sys.modules)
+    heavy = sorted(
+        m for m in ("tensorflow", "keras", "pandas", "matplotlib", "ray") if m in sys.modules
+    )
     print("PROBE", exc.code, ",".join(heavy) or "-")
 """
 
@@ -71,6 +73,9 @@ def folders(tmp_path: Path) -> Path:
         (["imgs", "out.parquet", "--calibration", "cal.json"], EXIT_USAGE, "calibration file"),
         (["imgs", "old.parquet", "--no-clobber"], EXIT_USAGE, "--no-clobber"),
         (["imgs", "out.parquet", "--config", "nope.toml"], EXIT_USAGE, "does not exist"),
+        (["imgs", "scores/"], EXIT_USAGE, "written by --engine ray only"),
+        (["imgs", "notes/", "--engine", "ray"], EXIT_USAGE, "holds other files"),
+        (["imgs", "out.parquet", "--engine", "ray", "--cpus-per-worker", "0"], EXIT_USAGE, "x>0"),
     ],
 )
 def test_mistakes_exit_before_tensorflow_is_imported(

@@ -6,6 +6,7 @@ The module imports no TensorFlow: ``batchuq score --help`` and the usual mistake
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 from collections.abc import Mapping
@@ -44,6 +45,7 @@ from batchuq.cli.runtime import (
 from batchuq.defaults import (
     DEFAULT_ADAPTIVE_ALPHA,
     DEFAULT_CHECKPOINT_ROWS,
+    DEFAULT_CPUS_PER_WORKER,
     DEFAULT_MAX_PASSES,
     DEFAULT_MAX_PIXELS,
     DEFAULT_MEMORY_BUDGET_MB,
@@ -59,12 +61,14 @@ from batchuq.errors import (
     ImagesFolderError,
     NoImagesFoundError,
     OutputError,
+    UsageError,
 )
 
 
 @click.command("score")
 @click.argument("images", type=PathOrURL(click.Path(file_okay=False, path_type=Path)))
-@click.argument("output", type=PathOrURL(click.Path(dir_okay=False, path_type=Path)))
+# A string: a trailing / (a folder dataset, --engine ray) must survive; URLs are refused later.
+@click.argument("output", type=click.Path(path_type=str))
 @model_option
 @click.option(
     "--passes",
@@ -205,7 +209,9 @@ from batchuq.errors import (
     type=click.IntRange(min=1),
     default=DEFAULT_CHECKPOINT_ROWS,
     show_default=True,
-    help="With --resume: rows per checkpoint part (work lost on a kill is at most this).",
+    help="With --resume: rows per checkpoint part (work lost on a kill is at most this). "
+    "With --engine ray, with or without --resume: the most images per unit of work, and "
+    "rows per file of a folder OUTPUT.",
 )
 @click.option(
     "--follow-symlinks",
@@ -247,10 +253,46 @@ from batchuq.errors import (
     help="Refuse to replace an existing OUTPUT (exit 2). By default it is replaced "
     "atomically when the run completes.",
 )
+@click.option(
+    "--engine",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    show_default=True,
+    help="local: score in this process. ray: score on a Ray cluster (pip install "
+    '"batchuq[ray]"): a pool of actors, each loading the model once, scores parts of the '
+    "folder and writes them beside OUTPUT; the driver then compacts them into OUTPUT in path "
+    "order, or, for an OUTPUT ending in /, into a folder dataset. The rows are the same.",
+)
+@click.option(
+    "--ray-address",
+    envvar="RAY_ADDRESS",
+    default=None,
+    show_default=True,
+    help="With --engine ray: the cluster to run on, e.g. 10.0.0.5:6379 or ray://head:10001 "
+    "(env RAY_ADDRESS). Without it, a Ray is started on this machine for the run and stopped "
+    "after it (never one already running here).",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=None,
+    show_default=True,
+    help="With --engine ray: actors scoring at once, each holding a copy of the model. "
+    "Default: one per CPU of the cluster.",
+)
+@click.option(
+    "--cpus-per-worker",
+    type=click.FloatRange(min=0, min_open=True),
+    default=DEFAULT_CPUS_PER_WORKER,
+    show_default=True,
+    help="With --engine ray: CPUs Ray books for each actor; TensorFlow runs on that many "
+    "threads, rounded up. Below 1, the default pool (one actor per CPU) never books every "
+    "CPU, which keeps some for Ray's own tasks and other jobs on the cluster.",
+)
 @progress_option
 @config_option
 @click.pass_context
-def score(ctx: click.Context, images: Path | str, output: Path, **options: Any) -> None:
+def score(ctx: click.Context, images: Path | str, output: str, **options: Any) -> None:
     """Score every image in IMAGES and write one Parquet row per image to OUTPUT.
 
     IMAGES is a folder with one subfolder per class (n0, n1, ... : rows get a label) or a flat
@@ -259,7 +301,9 @@ def score(ctx: click.Context, images: Path | str, output: Path, **options: Any) 
     augmented --tta times and each copy is run --passes times with only the dropout layers
     switched on; the per-class mean, median and std over those samples, the uncertainty scores
     and a decision go into OUTPUT. OUTPUT is a local file, written to a temporary file and
-    renamed into place only when the run completes.
+    renamed into place only when the run completes. With --engine ray the same rows are scored
+    on a Ray cluster, and an OUTPUT ending in / is a folder of Parquet files that pandas,
+    pyarrow and DuckDB read as one table.
 
     Every option can also come from a config file (--config, $BATCHUQ_CONFIG or ./batchuq.toml,
     table [score]); the command line and the environment win over it.
@@ -272,6 +316,8 @@ def score(ctx: click.Context, images: Path | str, output: Path, **options: Any) 
         batchuq score sample_data/digits/test out.parquet --passes 100 --tta 4
 
         batchuq score sample_data/digits/test out.parquet --passes auto
+
+        batchuq score sample_data/digits/test scores/ --engine ray --workers 2
     """
     setup_logging(options["log_format"])
     with exit_on_error():
@@ -283,12 +329,13 @@ def score(ctx: click.Context, images: Path | str, output: Path, **options: Any) 
             missing_ok=options["missing_ok"],
             no_clobber=options["no_clobber"],
             include_all=options["include_all"],
+            engine=options["engine"],
         )
         import_tensorflow_quietly(options["log_format"])
         from batchuq.jobs.score import score_directory
         from batchuq.model_files import import_user_modules
 
-        with StopOnSignal(output, options["resume"]) as stop:
+        with StopOnSignal(Path(output), options["resume"]) as stop:
             import_user_modules(options["imports"])
             report = score_directory(
                 images,
@@ -296,6 +343,7 @@ def score(ctx: click.Context, images: Path | str, output: Path, **options: Any) 
                 **score_keywords(options),
                 should_stop=stop.should_stop,
                 settings=settings_provenance(ctx),
+                worker_imports=tuple(options["imports"] or ()),
             )
     if report.errors and report.error_rate > options["max_error_rate"]:
         say(
@@ -329,6 +377,10 @@ _AS_THEY_ARE = (
     "follow_symlinks",
     "include_all",
     "exif_transpose",
+    "engine",
+    "ray_address",
+    "workers",
+    "cpus_per_worker",
 )
 
 
@@ -372,35 +424,38 @@ def score_keywords(options: Mapping[str, Any]) -> dict[str, Any]:
 
 def check_score_arguments(
     images: Path | str,
-    output: Path | str,
+    output: str | Path,
     *,
     model: tuple[Path, ...] | None = None,
     calibration: Path | None = None,
     missing_ok: bool = False,
     no_clobber: bool = False,
     include_all: bool = False,
+    engine: str = "local",
 ) -> None:
     """Catch the usual mistakes in a moment, before TensorFlow is imported (which takes seconds).
 
     Args:
         images: The images folder, or an object-storage URL (only its form is checked here:
             listing it is discovery's work, after TensorFlow is imported).
-        output: The Parquet file to write (a URL is refused).
+        output: The Parquet file to write (a URL is refused); with ``engine="ray"`` also a
+            folder (ending in ``/``).
         model: The ``--model`` files or ensemble folders, if any.
         calibration: The ``--calibration`` file, if any.
         missing_ok: Whether a missing ``images`` folder means "nothing to score".
         no_clobber: Whether an existing ``output`` is refused.
         include_all: Whether every file counts, not only image extensions.
+        engine: ``local`` or ``ray``; ``ray`` needs Ray installed (checked without importing
+            it).
 
     Raises:
         NoImagesFoundError: If there is nothing to score (exit 4).
         UsageError: For a missing images folder, a bad output path, model or calibration
-            file, or a folder of dataset splits (exit 2).
+            file, a folder of dataset splits, or the Ray engine without Ray (exit 2).
     """
     from batchuq.discover import IMAGE_EXTENSIONS, has_images, resolve_layout
     from batchuq.model_files import check_model_arguments
     from batchuq.storage import is_url, normalise_url
-    from batchuq.write import check_output_path
 
     if is_url(images):
         normalise_url(images)
@@ -410,17 +465,11 @@ def check_score_arguments(
         raise ImagesFolderError(
             f"The images folder does not exist or is not a folder. Received: images={str(images)!r}"
         )
-    check_output_path(output)
-    output = Path(output)
-    if output.suffix.lower() != ".parquet":
-        raise OutputError(
-            "OUTPUT must end in .parquet: batchuq writes Parquet files. "
-            f"Received: output={str(output)!r}"
-        )
+    check_output_argument(output, engine)
     check_model_arguments(list(model or ()))
     if calibration is not None:
         check_calibration_file(calibration)
-    if no_clobber and output.exists():
+    if no_clobber and Path(output).exists():
         raise OutputError(
             f"The output exists and --no-clobber is set. Received: output={str(output)!r}"
         )
@@ -430,6 +479,44 @@ def check_score_arguments(
     if not has_images(images, extensions):
         raise NoImagesFoundError(f"none found in {str(images)!r}.")
     resolve_layout(images, extensions)
+
+
+def check_output_argument(output: str | Path, engine: str) -> None:
+    """Refuse an OUTPUT the engine cannot write, and the Ray engine without Ray installed.
+
+    Args:
+        output: The OUTPUT argument as given (a trailing ``/`` makes it a folder dataset).
+        engine: ``local`` or ``ray``.
+
+    Raises:
+        OutputError: If OUTPUT does not end in ``.parquet`` (or, with ``ray``, in ``/``), or
+            cannot be written.
+        UsageError: If ``engine`` is ``ray`` and Ray is not installed.
+    """
+    from batchuq.storage import is_url
+    from batchuq.write import check_output_folder, check_output_path, is_folder_output
+
+    if is_url(str(output)):
+        check_output_path(output)  # refuses it, saying why
+    if engine == "ray" and importlib.util.find_spec("ray") is None:
+        raise UsageError(
+            "The Ray engine needs Ray: pip install \"batchuq[ray]\". Received: engine='ray'"
+        )
+    if is_folder_output(str(output)):
+        if engine != "ray":
+            raise OutputError(
+                "An OUTPUT ending in / (a folder dataset) is written by --engine ray only; the "
+                f"local engine writes one .parquet file. Received: output={str(output)!r}"
+            )
+        check_output_folder(output)
+        return
+    if Path(output).suffix.lower() != ".parquet":
+        raise OutputError(
+            "OUTPUT must end in .parquet: batchuq writes Parquet files"
+            + (" (or, with --engine ray, in / for a folder)" if engine == "ray" else "")
+            + f". Received: output={str(output)!r}"
+        )
+    check_output_path(output)
 
 
 def check_calibration_file(path: Path) -> None:

@@ -2,118 +2,58 @@
 
 ``score_directory`` is the library entry point used by the CLI, notebooks and Airflow tasks. It
 composes named steps: ``prepare_run`` (jobs/run.py) resolves the settings, then
-``iter_sampled_batches`` (jobs/batches.py) yields samples, ``score_rows`` turns them into
-columns, and a ``ParquetSink`` writes them atomically (or resumably, with a checkpoint).
+``iter_sampled_batches`` (jobs/batches.py) yields samples, ``score_rows`` (jobs/rows.py) turns
+them into columns, and a ``ParquetSink`` writes them atomically (or resumably, with a
+checkpoint). That is the local engine; ``engine="ray"`` runs the same steps on a Ray cluster
+(jobs/ray_engine.py), with the same rows.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import logging
-import math
 import os
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import keras
-import numpy as np
-import pyarrow as pa
 
 from batchuq.augment import TTAConfig
 from batchuq.defaults import (
     DEFAULT_ADAPTIVE_ALPHA,
     DEFAULT_BATCH_SIZE,
     DEFAULT_CHECKPOINT_ROWS,
+    DEFAULT_CPUS_PER_WORKER,
     DEFAULT_MAX_PASSES,
     DEFAULT_MAX_PIXELS,
     DEFAULT_MEMORY_BUDGET_MB,
     DEFAULT_MIN_PASSES,
     DEFAULT_PASSES,
     DEFAULT_PRECISION,
-    DEFAULT_ROW_GROUP_SIZE,
     DEFAULT_SEED,
     DEFAULT_TTA,
-    STATUS_OK,
-    UNCLASSIFIED,
-    UNCLASSIFIED_NAME,
 )
-from batchuq.jobs.batches import SampledBatch, iter_sampled_batches
+from batchuq.errors import OutputError, UsageError
+from batchuq.jobs.batches import iter_sampled_batches
+from batchuq.jobs.rows import (
+    RunControl,
+    ScoreReport,
+    checkpoint_fingerprint,
+    log_image_errors,
+    log_resuming,
+    log_start,
+    log_summary,
+    row_group_rows,
+    run_schema,
+    score_rows,
+)
 from batchuq.jobs.run import RunPlan, ScoreOptions, prepare_run
 from batchuq.methods.base import MethodFactory, UncertaintyMethod
 from batchuq.models import LoadedModel
 from batchuq.postprocess.calibration_file import Calibration
-from batchuq.postprocess.rules import DecisionRule, decide
-from batchuq.postprocess.temperature import apply_temperature
-from batchuq.summarise import Summary, mean_statistics, summarise_images
-from batchuq.write import (
-    CLASS_STATISTICS,
-    SCORE_COLUMNS,
-    Checkpoint,
-    ParquetSink,
-    check_output_path,
-    output_schema,
-    score_record_batch,
-)
-
-logger = logging.getLogger("batchuq")
-
-
-@dataclass
-class ScoreReport:
-    """What a scoring run did.
-
-    Attributes:
-        output: The Parquet file written.
-        images: Images found (= rows written).
-        errors: Rows whose image could not be read (``status`` starts with ``error``).
-        unclassified: Readable images the decision rule left unclassified.
-        seconds: Wall time of the run.
-        error_paths: Relative paths of the images that failed (first 1000).
-        demo_model: Whether the run used the bundled demo model because none was given.
-        skipped: Files left out because their extension is not an image's (see
-            ``include_all``).
-    """
-
-    output: Path
-    images: int = 0
-    errors: int = 0
-    unclassified: int = 0
-    seconds: float = 0.0
-    error_paths: list[str] = field(default_factory=list)
-    demo_model: bool = False
-    skipped: int = 0
-
-    @property
-    def images_per_second(self) -> float:
-        """Throughput of the run."""
-        return self.images / self.seconds if self.seconds > 0 else math.inf
-
-    @property
-    def error_rate(self) -> float:
-        """Share of images that could not be read."""
-        return self.errors / self.images if self.images else 0.0
-
-    def summary_line(self) -> str:
-        """One line for the end of a run; says so when the bundled demo model was used."""
-        demo = " (bundled demo model)" if self.demo_model else ""
-        return (
-            f"{self.images} images, {self.unclassified} unclassified, {self.errors} errors, "
-            f"{self.skipped} skipped, {self.seconds:.1f} s, {self.images_per_second:.1f} "
-            f"images/s -> {self.output}{demo}"
-        )
-
-    def count(self, statuses: list[str], decisions: list[str | None] | np.ndarray) -> None:
-        """Add rows to the error and unclassified counts (decisions: names or indices)."""
-        self.errors += sum(1 for status in statuses if status != STATUS_OK)
-        self.unclassified += sum(
-            1
-            for status, decision in zip(statuses, decisions, strict=True)
-            if status == STATUS_OK and decision in (UNCLASSIFIED, UNCLASSIFIED_NAME)
-        )
+from batchuq.postprocess.rules import DecisionRule
+from batchuq.write import Checkpoint, ParquetSink, check_output_path, is_folder_output
 
 
 def score_directory(
@@ -150,12 +90,19 @@ def score_directory(
     min_passes: int = DEFAULT_MIN_PASSES,
     max_passes: int = DEFAULT_MAX_PASSES,
     adaptive_alpha: float = DEFAULT_ADAPTIVE_ALPHA,
+    engine: str = "local",
+    ray_address: str | None = None,
+    workers: int | None = None,
+    cpus_per_worker: float = DEFAULT_CPUS_PER_WORKER,
+    worker_imports: Sequence[str] = (),
 ) -> ScoreReport:
     """Score every image in a folder and write one Parquet row per image.
 
     Args:
         images: Folder of images: class subfolders (labelled) or flat (unlabelled).
-        output: Parquet file to write (replaced atomically when the run completes).
+        output: Parquet file to write (replaced atomically when the run completes). With
+            ``engine="ray"`` also a folder, given as a string ending in ``/``: a dataset of
+            part files that pandas, pyarrow and DuckDB read as one table.
         model: ``.keras`` path, a Keras model, or ``None`` for ``$BATCHUQ_MODEL`` or the
             bundled demo model.
         passes: MC dropout passes T per augmented copy (1 = deterministic), or ``"auto"``:
@@ -211,11 +158,25 @@ def score_directory(
             model's sidecar (``batchuq train`` records its choice), else off, as Keras's loader.
         method: The uncertainty method (``batchuq.methods``), or a factory building it from
             the loaded model; default: MC dropout with ``passes``, ``sample_layers``,
-            ``memory_budget_mb``, ``precision`` and ``logits``.
+            ``memory_budget_mb``, ``precision`` and ``logits``. With ``engine="ray"``, a
+            factory (each worker builds its own method), not a built method.
         min_passes: With ``passes="auto"``, passes every image gets and the size of a round.
         max_passes: With ``passes="auto"``, the most passes an image gets.
         adaptive_alpha: With ``passes="auto"``, the bound on the share of decisions that
             differ from those of unlimited passes.
+        engine: ``local`` scores in this process; ``ray`` on a Ray cluster, with the same rows
+            (see ``batchuq.jobs.ray_engine``; needs ``pip install "batchuq[ray]"``).
+        ray_address: With ``ray``: the cluster to connect to; default ``$RAY_ADDRESS``, else a
+            Ray started on this machine for the run. A Ray already initialised in this process
+            is used as it is.
+        workers: With ``ray``: how many actors score, each loading the model once; default
+            one per CPU of the cluster.
+        cpus_per_worker: With ``ray``: the CPUs Ray books for each actor (TensorFlow runs on
+            that many threads, rounded up). Below 1, actors never book every CPU, which keeps
+            CPUs for Ray's own tasks and other jobs on the cluster.
+        worker_imports: With ``ray``: modules (names or ``.py`` paths) each worker imports
+            before loading the model, so that custom layers registered there load (the CLI
+            passes its ``--import``).
 
     Returns:
         A ``ScoreReport``.
@@ -227,9 +188,44 @@ def score_directory(
         StopRequested: When ``should_stop`` asks.
     """
     arguments = locals()  # the keywords, ScoreOptions' fields among them
-    started = time.perf_counter()
-    out_path = check_output_path(output, suffix=".parquet")
+    control = RunControl(resume, checkpoint_rows, should_stop, progress)
     options = ScoreOptions(**{f.name: arguments[f.name] for f in dataclasses.fields(ScoreOptions)})
+    if engine == "ray":
+        from batchuq.jobs.ray_engine import RaySettings, score_with_ray
+
+        ray_settings = RaySettings(ray_address, workers, cpus_per_worker, tuple(worker_imports))
+        return score_with_ray(images, output, options, control, ray_settings)
+    if engine != "local":
+        raise UsageError(f"`engine` must be local or ray. Received: engine={engine!r}")
+    return score_locally(images, output, options, control)
+
+
+def score_locally(
+    images: str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    options: ScoreOptions,
+    control: RunControl,
+) -> ScoreReport:
+    """The local engine: score the images in this process, a batch at a time, in path order.
+
+    Args:
+        images: The images folder.
+        output: The Parquet file to write.
+        options: What decides the rows.
+        control: Resume, stop requests, progress and the start time.
+
+    Returns:
+        A ``ScoreReport``.
+
+    Raises:
+        OutputError: If ``output`` is a folder (ending in ``/``): only the Ray engine writes one.
+    """
+    if is_folder_output(output):
+        raise OutputError(
+            "A folder OUTPUT (ending in /) is written by the Ray engine only (--engine ray); "
+            f"the local engine writes one .parquet file. Received: output={str(output)!r}"
+        )
+    out_path = check_output_path(output, suffix=".parquet")
     plan = prepare_run(images, options)
     report = ScoreReport(
         output=out_path,
@@ -237,20 +233,20 @@ def score_directory(
         demo_model=plan.loaded.bundled,
         skipped=len(plan.discovery.skipped),
     )
-    _log_start(plan, out_path)
-    with open_sink(plan, out_path, resume, checkpoint_rows) as sink:
+    log_start(plan, out_path)
+    with open_sink(plan, out_path, control.resume, control.checkpoint_rows) as sink:
         report.count(sink.done.statuses, sink.done.decisions)  # rows kept from a previous run
         todo = [i for i, path in enumerate(plan.relative_paths) if path not in sink.done.paths]
-        if sink.done.paths:
-            logger.info(
-                "resuming: %d of %d images already scored", len(sink.done.paths), report.images
-            )
-        for batch in iter_sampled_batches(plan, todo, should_stop=should_stop, progress=progress):
+        log_resuming(len(sink.done.paths), report.images)
+        batches = iter_sampled_batches(
+            plan, todo, should_stop=control.should_stop, progress=control.progress
+        )
+        for batch in batches:
             columns, decisions = score_rows(plan, batch, sink.schema)
             report.count(batch.statuses, decisions)
-            _log_errors(report, plan, batch)
+            log_image_errors(report, plan, batch.positions, batch.statuses)
             sink.write(columns)
-        report.seconds = time.perf_counter() - started
+        report.seconds = time.perf_counter() - control.started
         sink.record_run(
             {
                 "seconds": round(report.seconds, 3),
@@ -259,135 +255,16 @@ def score_directory(
                 "errors": report.errors,
             }
         )
-    _log_summary(report)
+    log_summary(report)
     return report
-
-
-def score_rows(
-    plan: RunPlan, batch: SampledBatch, schema: pa.Schema
-) -> tuple[pa.RecordBatch, np.ndarray]:
-    """Summarise, post-process and decide a batch: its Parquet columns and its decisions.
-
-    Args:
-        plan: The run.
-        batch: A batch and its samples ``(batch, K * S, classes)``.
-        schema: The run's Parquet schema (``run_schema``).
-
-    Returns:
-        The record batch to write and the ``(batch,)`` decisions (``UNCLASSIFIED`` = -1).
-    """
-    summary = summarise_images(batch.samples)
-    calibration = plan.calibration
-    # Conformal sets from the MC mean before any temperature, as calibrated.
-    sets = calibration.prediction_sets(summary.mean) if calibration is not None else None
-    if plan.temperature:
-        summary = with_temperature(summary, calibration.temperature)
-    decisions = decide(summary, plan.rule)
-    files = [plan.discovery.files[i] for i in batch.positions]
-    columns = score_record_batch(
-        schema,
-        plan.labels.class_names,
-        paths=[f.relative_path for f in files],
-        labels=[plan.labels.texts[i] for i in batch.positions],
-        label_indices=[plan.labels.indices[i] for i in batch.positions],
-        statuses=batch.statuses,
-        pred_index=summary.pred,
-        decision_index=decisions,
-        stats={name: getattr(summary, name) for name in _STAT_FIELDS},
-        pred_sets=sets,
-        samples=batch.samples if plan.save_samples else None,
-        passes=batch.passes,
-    )
-    return columns, decisions
-
-
-_STAT_FIELDS = CLASS_STATISTICS + SCORE_COLUMNS  # the Summary fields written
-
-
-def with_temperature(summary: Summary, temperature: float) -> Summary:
-    """The summary with its mean-based fields recomputed from the temperature-scaled mean."""
-    mean = apply_temperature(summary.mean.astype(np.float64), temperature)
-    return dataclasses.replace(summary, mean=mean.astype(np.float32), **mean_statistics(mean))
-
-
-def run_schema(plan: RunPlan) -> pa.Schema:
-    """The Parquet schema of a run: its class names, optional columns and metadata."""
-    return output_schema(
-        plan.labels.class_names,
-        plan.metadata,
-        pred_set=plan.calibration is not None,
-        samples_per_image=plan.samples_per_image if plan.save_samples else None,
-        variable_samples=plan.adaptive is not None,
-    )
 
 
 def open_sink(plan: RunPlan, out_path: Path, resume: bool, checkpoint_rows: int) -> ParquetSink:
     """The sink of a run: atomic, and with ``resume`` backed by a checkpoint of finished rows."""
-    # Rows wait in memory until a row group is full; with raw samples, cap a group at ~64 MiB.
-    row_bytes = 4 * plan.samples_per_image * len(plan.labels.class_names)
-    group_rows = DEFAULT_ROW_GROUP_SIZE
-    if plan.save_samples:
-        group_rows = max(16, min(group_rows, (64 << 20) // row_bytes))
+    group_rows = row_group_rows(plan)
     checkpoint = None
     if resume:
-        # What decides the rows; not when the run started or where each setting came from.
-        fingerprint = {k: v for k, v in plan.metadata.items() if k not in ("created", "settings")}
-        files = "\0".join(plan.relative_paths).encode()
-        fingerprint["files"] = hashlib.sha256(files).hexdigest()
-        checkpoint = Checkpoint(out_path, fingerprint, min(checkpoint_rows, group_rows))
+        fingerprint = checkpoint_fingerprint(plan)
+        rows = min(checkpoint_rows, group_rows)
+        checkpoint = Checkpoint(out_path, fingerprint, rows, order=plan.relative_paths)
     return ParquetSink(out_path, run_schema(plan), row_group_size=group_rows, checkpoint=checkpoint)
-
-
-def _log_start(plan: RunPlan, out_path: Path) -> None:
-    count = len(plan.discovery.files)
-    logger.info(
-        "scoring %d images from %s",
-        count,
-        plan.images,
-        extra={
-            "event": "start",
-            "data": {
-                "images": count,
-                "output": str(out_path),
-                "model": str(plan.loaded.path),
-                "passes": plan.metadata.get("passes"),
-                "tta": plan.tta.copies,
-                "seed": plan.seed,
-            },
-        },
-    )
-
-
-def _log_errors(report: ScoreReport, plan: RunPlan, batch: SampledBatch) -> None:
-    """Log every unreadable image of a batch and keep the first 1000 paths in the report."""
-    for position, status in zip(batch.positions, batch.statuses, strict=True):
-        if status == STATUS_OK:
-            continue
-        path = plan.discovery.files[position].relative_path
-        if len(report.error_paths) < 1000:
-            report.error_paths.append(path)
-        logger.warning(
-            "%s: %s",
-            path,
-            status,
-            extra={"event": "image_error", "data": {"path": path, "status": status}},
-        )
-
-
-def _log_summary(report: ScoreReport) -> None:
-    logger.info(
-        report.summary_line(),
-        extra={
-            "event": "summary",
-            "data": {
-                "images": report.images,
-                "errors": report.errors,
-                "unclassified": report.unclassified,
-                "seconds": round(report.seconds, 3),
-                "images_per_second": round(report.images_per_second, 3),
-                "output": str(report.output),
-                "demo_model": report.demo_model,
-                "skipped": report.skipped,
-            },
-        },
-    )

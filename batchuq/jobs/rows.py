@@ -1,0 +1,276 @@
+"""Rows of a scoring run, shared by its engines (local and Ray): from samples to Parquet.
+
+``score_rows`` turns a sampled batch into its Parquet columns and decisions; ``run_schema`` is
+the file's schema, metadata included, with the ``engine`` that wrote it; ``checkpoint_fingerprint``
+is what a ``--resume`` checkpoint must match, whichever engine made it; ``ScoreReport`` and the
+``log_*`` functions give the same summary line and JSON events (``start``, ``image_error``,
+``summary``) whichever engine ran.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from batchuq.defaults import (
+    DEFAULT_CHECKPOINT_ROWS,
+    DEFAULT_ROW_GROUP_SIZE,
+    STATUS_OK,
+    UNCLASSIFIED,
+    UNCLASSIFIED_NAME,
+)
+from batchuq.jobs.batches import SampledBatch
+from batchuq.jobs.run import RunPlan
+from batchuq.postprocess.rules import decide
+from batchuq.postprocess.temperature import apply_temperature
+from batchuq.summarise import Summary, mean_statistics, summarise_images
+from batchuq.write import (
+    CLASS_STATISTICS,
+    SCORE_COLUMNS,
+    output_schema,
+    score_record_batch,
+)
+
+logger = logging.getLogger("batchuq")
+
+
+@dataclass(frozen=True)
+class RunControl:
+    """How a scoring run is driven, apart from what decides its rows (``ScoreOptions``).
+
+    Attributes:
+        resume: Keep finished rows in ``OUTPUT.checkpoint/`` and skip those already there.
+        checkpoint_rows: Rows per part file (with ``resume``; the Ray engine's unit of work).
+        should_stop: Polled between batches (or finished parts); True stops the run.
+        progress: Show a tqdm bar on stderr.
+        started: ``time.perf_counter()`` when the run was asked for.
+    """
+
+    resume: bool = False
+    checkpoint_rows: int = DEFAULT_CHECKPOINT_ROWS
+    should_stop: Callable[[], bool] | None = None
+    progress: bool = False
+    started: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class ScoreReport:
+    """What a scoring run did.
+
+    Attributes:
+        output: The Parquet file written.
+        images: Images found (= rows written).
+        errors: Rows whose image could not be read (``status`` starts with ``error``).
+        unclassified: Readable images the decision rule left unclassified.
+        seconds: Wall time of the run.
+        error_paths: Relative paths of the images that failed (first 1000).
+        demo_model: Whether the run used the bundled demo model because none was given.
+        skipped: Files left out because their extension is not an image's (see
+            ``include_all``).
+    """
+
+    output: Path
+    images: int = 0
+    errors: int = 0
+    unclassified: int = 0
+    seconds: float = 0.0
+    error_paths: list[str] = field(default_factory=list)
+    demo_model: bool = False
+    skipped: int = 0
+
+    @property
+    def images_per_second(self) -> float:
+        """Throughput of the run."""
+        return self.images / self.seconds if self.seconds > 0 else math.inf
+
+    @property
+    def error_rate(self) -> float:
+        """Share of images that could not be read."""
+        return self.errors / self.images if self.images else 0.0
+
+    def summary_line(self) -> str:
+        """One line for the end of a run; says so when the bundled demo model was used."""
+        demo = " (bundled demo model)" if self.demo_model else ""
+        return (
+            f"{self.images} images, {self.unclassified} unclassified, {self.errors} errors, "
+            f"{self.skipped} skipped, {self.seconds:.1f} s, {self.images_per_second:.1f} "
+            f"images/s -> {self.output}{demo}"
+        )
+
+    def count(self, statuses: list[str], decisions: list[str | None] | np.ndarray) -> None:
+        """Add rows to the error and unclassified counts (decisions: names or indices)."""
+        self.errors += sum(1 for status in statuses if status != STATUS_OK)
+        self.unclassified += sum(
+            1
+            for status, decision in zip(statuses, decisions, strict=True)
+            if status == STATUS_OK and decision in (UNCLASSIFIED, UNCLASSIFIED_NAME)
+        )
+
+
+def score_rows(
+    plan: RunPlan, batch: SampledBatch, schema: pa.Schema
+) -> tuple[pa.RecordBatch, np.ndarray]:
+    """Summarise, post-process and decide a batch: its Parquet columns and its decisions.
+
+    Args:
+        plan: The run.
+        batch: A batch and its samples ``(batch, K * S, classes)``.
+        schema: The run's Parquet schema (``run_schema``).
+
+    Returns:
+        The record batch to write and the ``(batch,)`` decisions (``UNCLASSIFIED`` = -1).
+    """
+    summary = summarise_images(batch.samples)
+    calibration = plan.calibration
+    # Conformal sets from the MC mean before any temperature, as calibrated.
+    sets = calibration.prediction_sets(summary.mean) if calibration is not None else None
+    if plan.temperature:
+        summary = with_temperature(summary, calibration.temperature)
+    decisions = decide(summary, plan.rule)
+    files = [plan.discovery.files[i] for i in batch.positions]
+    columns = score_record_batch(
+        schema,
+        plan.labels.class_names,
+        paths=[f.relative_path for f in files],
+        labels=[plan.labels.texts[i] for i in batch.positions],
+        label_indices=[plan.labels.indices[i] for i in batch.positions],
+        statuses=batch.statuses,
+        pred_index=summary.pred,
+        decision_index=decisions,
+        stats={name: getattr(summary, name) for name in _STAT_FIELDS},
+        pred_sets=sets,
+        samples=batch.samples if plan.save_samples else None,
+        passes=batch.passes,
+    )
+    return columns, decisions
+
+
+_STAT_FIELDS = CLASS_STATISTICS + SCORE_COLUMNS  # the Summary fields written
+
+
+def with_temperature(summary: Summary, temperature: float) -> Summary:
+    """The summary with its mean-based fields recomputed from the temperature-scaled mean."""
+    mean = apply_temperature(summary.mean.astype(np.float64), temperature)
+    return dataclasses.replace(summary, mean=mean.astype(np.float32), **mean_statistics(mean))
+
+
+def run_schema(plan: RunPlan, engine: str = "local") -> pa.Schema:
+    """The Parquet schema of a run: its class names, optional columns and metadata.
+
+    Args:
+        plan: The run.
+        engine: ``local`` or ``ray``: recorded as the metadata's ``engine``, the one field in
+            which the two engines' files differ (besides the creation time and the run record).
+
+    Returns:
+        The schema, its ``batchuq`` metadata being ``plan.metadata`` plus ``engine``.
+    """
+    return output_schema(
+        plan.labels.class_names,
+        {**plan.metadata, "engine": engine},
+        pred_set=plan.calibration is not None,
+        samples_per_image=plan.samples_per_image if plan.save_samples else None,
+        variable_samples=plan.adaptive is not None,
+    )
+
+
+def row_group_rows(plan: RunPlan) -> int:
+    """Rows per Parquet row group: ``DEFAULT_ROW_GROUP_SIZE``, or ~64 MiB with raw samples."""
+    # Rows wait in memory until a row group is full; with raw samples, cap a group at ~64 MiB.
+    row_bytes = 4 * plan.samples_per_image * len(plan.labels.class_names)
+    group_rows = DEFAULT_ROW_GROUP_SIZE
+    if plan.save_samples:
+        group_rows = max(16, min(group_rows, (64 << 20) // row_bytes))
+    return group_rows
+
+
+def checkpoint_fingerprint(plan: RunPlan) -> dict[str, Any]:
+    """What a ``--resume`` checkpoint must have been made with: what decides the rows.
+
+    Not when the run started, where each setting came from, nor which engine wrote the rows
+    (the engine is not in ``plan.metadata``), so that a run resumes the other engine's parts.
+    """
+    fingerprint = {k: v for k, v in plan.metadata.items() if k not in ("created", "settings")}
+    files = "\0".join(plan.relative_paths).encode()
+    fingerprint["files"] = hashlib.sha256(files).hexdigest()
+    return fingerprint
+
+
+def log_start(plan: RunPlan, out_path: Path) -> None:
+    count = len(plan.discovery.files)
+    logger.info(
+        "scoring %d images from %s",
+        count,
+        plan.images,
+        extra={
+            "event": "start",
+            "data": {
+                "images": count,
+                "output": str(out_path),
+                "model": str(plan.loaded.path),
+                "passes": plan.metadata.get("passes"),
+                "tta": plan.tta.copies,
+                "seed": plan.seed,
+            },
+        },
+    )
+
+
+def log_resuming(done: int, images: int) -> None:
+    """Say how many of the images a checkpoint already holds (nothing when none)."""
+    if done:
+        logger.info("resuming: %d of %d images already scored", done, images)
+
+
+def log_image_errors(
+    report: ScoreReport, plan: RunPlan, positions: Sequence[int], statuses: Sequence[str]
+) -> None:
+    """Log every unreadable image of a batch and keep the first 1000 paths in the report.
+
+    Args:
+        report: The run's report.
+        plan: The run.
+        positions: ``(batch,)`` indices of the images in ``plan.discovery.files``.
+        statuses: ``(batch,)`` ``ok`` or ``error: ...`` per image.
+    """
+    for position, status in zip(positions, statuses, strict=True):
+        if status == STATUS_OK:
+            continue
+        path = plan.discovery.files[position].relative_path
+        if len(report.error_paths) < 1000:
+            report.error_paths.append(path)
+        logger.warning(
+            "%s: %s",
+            path,
+            status,
+            extra={"event": "image_error", "data": {"path": path, "status": status}},
+        )
+
+
+def log_summary(report: ScoreReport) -> None:
+    logger.info(
+        report.summary_line(),
+        extra={
+            "event": "summary",
+            "data": {
+                "images": report.images,
+                "errors": report.errors,
+                "unclassified": report.unclassified,
+                "seconds": round(report.seconds, 3),
+                "images_per_second": round(report.images_per_second, 3),
+                "output": str(report.output),
+                "demo_model": report.demo_model,
+                "skipped": report.skipped,
+            },
+        },
+    )
