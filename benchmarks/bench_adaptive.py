@@ -15,12 +15,15 @@ Reported: images/s of each, the speed-up, mean and largest passes, the share of 
 decisions, the worst-case image (most passes), and the cold (first-call) times.
 
 ``--memory`` also runs ``memory_flat.py``'s peak-RSS measurement with ``--passes auto`` on
-2,000 and 20,000 images.
+2,000 and 20,000 images, first, while this process is still small: a child's ``ru_maxrss``
+starts from its parent's peak on Linux, so measured after the training it would show that.
+``--memory-only`` runs just that and updates the ``memory`` entry of the existing results.
 
 Writes ``benchmarks/results/adaptive.json`` and the README block ``adaptive``.
 
     python benchmarks/bench_adaptive.py              # ~10 min on 2 cores (training ~3 min)
-    python benchmarks/bench_adaptive.py --memory     # + ~4 min
+    python benchmarks/bench_adaptive.py --memory     # + ~2 min
+    python benchmarks/bench_adaptive.py --memory-only
 """
 
 from __future__ import annotations
@@ -155,7 +158,10 @@ def _accuracy(frame) -> float | None:
 
 
 def memory(work: Path) -> list[dict]:
-    """Peak RSS of ``batchuq score --passes auto`` on 2,000 and 20,000 images."""
+    """Peak RSS of ``batchuq score --passes auto`` on 2,000 and 20,000 images.
+
+    Run it before this process grows: Linux starts a child's ``ru_maxrss`` from its parent's.
+    """
     import memory_flat
 
     folder, runs = work / "memory", []
@@ -173,7 +179,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--test-images", type=int, default=400)
     parser.add_argument("--memory", action="store_true", help="also peak RSS at 2k and 20k")
+    parser.add_argument("--memory-only", action="store_true", help="only peak RSS: update JSON")
     args = parser.parse_args(argv)
+    if args.memory_only:
+        with tempfile.TemporaryDirectory(prefix="bench_adaptive_") as tmp:
+            result = json.loads(RESULTS_JSON.read_text())
+            result["memory"] = memory(Path(tmp))
+        return _save(result)
     started = time.perf_counter()
     result = {
         "generated_by": "python benchmarks/bench_adaptive.py"
@@ -185,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     with tempfile.TemporaryDirectory(prefix="bench_adaptive_") as tmp:
         work = Path(tmp)
+        if args.memory:  # first: see memory()'s docstring
+            result["memory"] = memory(work)
         print("bundled digits, median rule ...", flush=True)
         result["digits"] = compare(TEST, work, "digits", args.repeats, seed=1)
         print("bundled digits, confidence rule ...", flush=True)
@@ -198,9 +212,12 @@ def main(argv: list[str] | None = None) -> int:
         test = work / "test"
         write_band_images(test, args.test_images, seed=202)
         result["reference"] = compare(test, work, "reference", args.repeats, model=model, seed=1)
-        if args.memory:
-            result["memory"] = memory(work)
     result["seconds"] = round(time.perf_counter() - started, 1)
+    return _save(result)
+
+
+def _save(result: dict) -> int:
+    """Write the results JSON, the figures JSON and the README block."""
     RESULTS_JSON.parent.mkdir(exist_ok=True)
     RESULTS_JSON.write_text(json.dumps(result, indent=2) + "\n")
     figures = json.loads(readme_figures.FIGURES_JSON.read_text())
