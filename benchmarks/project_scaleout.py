@@ -237,6 +237,21 @@ def stream_compact(parts: list[Path], output: Path) -> None:
             writer.write_table(pq.read_table(part, schema=schema))
 
 
+def batchuq_compact(parts: list[Path], output: Path) -> None:
+    """What the Ray engine's driver does: ``compact.SortedParts`` puts the rows in path order
+    (one row per image) and ``write.write_file_from_parts`` streams them, a row group at a
+    time, into one file written atomically."""
+    import pyarrow.parquet as pq
+
+    from batchuq.compact import SortedParts
+    from batchuq.write import write_file_from_parts
+
+    paths = [p for part in parts for p in pq.read_table(part, columns=["path"])["path"].to_pylist()]
+    position_of = {path: i for i, path in enumerate(sorted(paths))}
+    schema = pq.read_schema(parts[0])
+    write_file_from_parts(SortedParts(parts, position_of), output, schema, group_rows=4096)
+
+
 def measure_compaction(
     tmp: Path, parts: int, rows_per_part: int, repeats: int, compact: Compactor
 ) -> dict:
@@ -267,6 +282,8 @@ def measure_compaction(
 def load_compactor(spec: str | None) -> tuple[Compactor, str]:
     """``stream_compact``, or ``MODULE:FUNCTION`` taking ``(parts, output)``; and its name."""
     if not spec:
+        return batchuq_compact, "the Ray engine's own compaction (compact.SortedParts, sorted)"
+    if spec == "plain":
         return stream_compact, "pyarrow's ParquetWriter, one part in memory at a time"
     module, _, name = spec.partition(":")
     return getattr(importlib.import_module(module), name), spec
@@ -345,7 +362,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         default=100.0,
         help="assumed ms per 1,000-key S3 listing request, for the what-if line (100)",
     )
-    parser.add_argument("--compactor", default=None, help="MODULE:FUNCTION(parts, output)")
+    parser.add_argument(
+        "--compactor",
+        default=None,
+        help="MODULE:FUNCTION(parts, output), or 'plain' for a bare ParquetWriter loop "
+        "(default: the Ray engine's compaction)",
+    )
     parser.add_argument("--quick", action="store_true", help="small sizes; writes nothing")
     parser.add_argument("--worker-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--core", type=int, default=0, help=argparse.SUPPRESS)
