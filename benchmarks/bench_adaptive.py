@@ -218,16 +218,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _save(result: dict) -> int:
     """Write the results JSON, the figures JSON and the README block."""
-    RESULTS_JSON.parent.mkdir(exist_ok=True)
-    RESULTS_JSON.write_text(json.dumps(result, indent=2) + "\n")
-    figures = json.loads(readme_figures.FIGURES_JSON.read_text())
-    figures["adaptive"] = result
-    readme_figures.FIGURES_JSON.write_text(json.dumps(figures, indent=2, ensure_ascii=False) + "\n")
-    readme = readme_figures.README
-    readme.write_text(
-        readme_figures.rewrite(readme.read_text(encoding="utf-8"), figures), encoding="utf-8"
-    )
-    print(readme_figures.render_adaptive(figures))
+    readme_figures.record("adaptive", result, RESULTS_JSON)
+    print(readme_figures.render_adaptive({"adaptive": result}))
     return 0
 
 

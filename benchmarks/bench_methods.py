@@ -22,7 +22,6 @@ Writes ``benchmarks/results/methods.json`` and the README block ``methods`` (thr
 
 from __future__ import annotations
 
-import json
 import sys
 import tempfile
 import time
@@ -112,16 +111,8 @@ def main() -> int:
         "package_data_added_bytes": added,
         "seconds": round(time.perf_counter() - started, 1),
     }
-    RESULTS_JSON.parent.mkdir(exist_ok=True)
-    RESULTS_JSON.write_text(json.dumps(result, indent=2) + "\n")
-    figures = json.loads(readme_figures.FIGURES_JSON.read_text())
-    figures["methods"] = result
-    readme_figures.FIGURES_JSON.write_text(json.dumps(figures, indent=2, ensure_ascii=False) + "\n")
-    readme = readme_figures.README
-    readme.write_text(
-        readme_figures.rewrite(readme.read_text(encoding="utf-8"), figures), encoding="utf-8"
-    )
-    print(readme_figures.render_methods(figures))
+    readme_figures.record("methods", result, RESULTS_JSON)
+    print(readme_figures.render_methods({"methods": result}))
     return 0
 
 

@@ -27,7 +27,6 @@ repository root::
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import tempfile
@@ -147,12 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"compare_methods: {result['seconds']:.0f} s")
     if args.quick:
         return 0  # a smoke run records nothing
-    RESULTS_JSON.write_text(json.dumps(result, indent=2) + "\n")
-    figures = json.loads(readme_figures.FIGURES_JSON.read_text())
-    figures["compare_methods"] = result
-    readme_figures.FIGURES_JSON.write_text(json.dumps(figures, indent=2, ensure_ascii=False) + "\n")
-    text = readme_figures.README.read_text(encoding="utf-8")
-    readme_figures.README.write_text(readme_figures.rewrite(text, figures), encoding="utf-8")
+    readme_figures.record("compare_methods", result, RESULTS_JSON)
     return 0
 
 

@@ -459,15 +459,7 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown(result))
     if args.quick:
         return 0
-    RESULTS_JSON.parent.mkdir(exist_ok=True)
-    RESULTS_JSON.write_text(json.dumps(result, indent=2) + "\n")
-    figures = json.loads(readme_figures.FIGURES_JSON.read_text())
-    figures["scaleout"] = result
-    readme_figures.FIGURES_JSON.write_text(json.dumps(figures, indent=2, ensure_ascii=False) + "\n")
-    readme = readme_figures.README
-    readme.write_text(
-        readme_figures.rewrite(readme.read_text(encoding="utf-8"), figures), encoding="utf-8"
-    )
+    readme_figures.record("scaleout", result, RESULTS_JSON)
     print(f"-> {RESULTS_JSON.relative_to(REPO)}, README block scaleout ({result['seconds']} s)")
     return 0
 

@@ -1279,6 +1279,17 @@ BLOCKS: dict[str, Callable[[dict], str]] = {
 }
 
 
+def record(key: str, result: dict, results_json: Path) -> None:
+    """Keep a benchmark's ``result``: as ``results_json``, as ``key`` of the figures JSON, and
+    in the README blocks rendered from it."""
+    results_json.parent.mkdir(exist_ok=True)
+    results_json.write_text(json.dumps(result, indent=2) + "\n")
+    figures = json.loads(FIGURES_JSON.read_text())
+    figures[key] = result
+    FIGURES_JSON.write_text(json.dumps(figures, indent=2, ensure_ascii=False) + "\n")
+    README.write_text(rewrite(README.read_text(encoding="utf-8"), figures), encoding="utf-8")
+
+
 def readme_blocks(text: str) -> dict[str, str]:
     """The README's generated blocks, name -> body (without the blank lines inside the markers)."""
     blocks: dict[str, str] = {}
