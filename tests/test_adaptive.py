@@ -66,12 +66,18 @@ def test_sample_rows_equals_sample_bitwise_when_the_shapes_are_the_same() -> Non
     assert (later.argmax(-1) == full[20:30][:, [6, 1, 3]].argmax(-1)).all()
 
 
-def test_adaptive_run_compiles_once_for_every_batch_shape(tmp_path: Path) -> None:
+def test_adaptive_run_on_the_bundled_test_set_keeps_the_fixed_decisions_and_compiles_once(
+    tmp_path: Path,
+) -> None:
     images = Path(__file__).resolve().parents[1] / "sample_data" / "digits" / "test"
     method = MCDropout(keras.saving.load_model(DEFAULT_MODEL_PATH), passes=100)
-    out = tmp_path / "out.parquet"
+    out, fixed_out = tmp_path / "out.parquet", tmp_path / "fixed.parquet"
     score_directory(images, out, passes="auto", method=lambda loaded: method, batch_size=16)
-    frame = pd.read_parquet(out)
+    score_directory(images, fixed_out, passes=100, batch_size=16)
+    frame, fixed = pd.read_parquet(out), pd.read_parquet(fixed_out)
+    # What --adaptive-alpha 0.01 promises, and far fewer passes.
+    assert (frame.decision != fixed.decision).mean() <= 0.01
+    assert frame.passes.mean() <= 30
     assert frame.passes.nunique() > 3  # batches of many different unsettled counts ran
     sampler = method.sampler
     assert sampler._prefix_function.experimental_get_tracing_count() == 1
