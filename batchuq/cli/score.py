@@ -194,7 +194,8 @@ from batchuq.errors import (
     default=False,
     show_default=True,
     help="Add a `samples` column with every image's raw T x K samples per class (for "
-    "`evaluate --report` distribution plots); about 4*T*K*classes bytes per image.",
+    "`evaluate --report` distribution plots); about 4*T*K*classes bytes per image. With "
+    "--passes auto, T is each image's own `passes`.",
 )
 @click.option(
     "--resume",
