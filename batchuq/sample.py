@@ -631,18 +631,22 @@ class MCSampler:
     def prepare(self, images: np.ndarray | tf.Tensor, keys: np.ndarray | tf.Tensor) -> PreparedRows:
         """Run the mask-independent prefix of rows once, for ``sample_rows`` to draw passes from.
 
+        The prefix runs ``row_chunks`` at a time, so its activations stay within the memory
+        budget however many rows there are; only its output (the frontier) is kept.
+
         Args:
-            images: ``float32`` images, shape ``(rows, H, W, C)``; at most ``max_chunk_rows``
-                rows keep the prefix's activations within the memory budget.
+            images: ``float32`` images, shape ``(rows, H, W, C)``.
             keys: ``uint32`` keys, shape ``(rows,)``.
 
         Returns:
             The rows' frontier tensors (what the tail reads) and keys.
         """
         images = tf.convert_to_tensor(images, tf.float32)
+        chunks = self.row_chunks(int(images.shape[0])) or [(0, 0)]
         with self._sampling():
-            frontier = self._prefix_function(images)
-        return PreparedRows(list(frontier), tf.convert_to_tensor(keys, tf.uint32))
+            parts = [self._prefix_function(images[start:stop]) for start, stop in chunks]
+        frontier = [tf.concat(tensors, axis=0) for tensors in zip(*parts, strict=True)]
+        return PreparedRows(frontier, tf.convert_to_tensor(keys, tf.uint32))
 
     def sample_rows(
         self, prepared: PreparedRows, index: np.ndarray, first_pass: int, passes: int

@@ -142,3 +142,17 @@ def test_adaptive_ensemble_keeps_the_copy_member_pass_order(
         adaptive = adaptive.reshape(2, members, passes, 10)
         prefix = full.reshape(2, members, 20, 10)[:, :, :passes]
         np.testing.assert_allclose(adaptive, prefix, **ROUNDING)
+
+
+@pytest.mark.numerics
+def test_prepare_runs_the_prefix_in_chunks_within_the_memory_budget() -> None:
+    model = keras.saving.load_model(DEFAULT_MODEL_PATH)
+    sampler = MCSampler(model, 20, memory_budget_mb=0.3)  # one row per chunk
+    assert len(sampler.row_chunks(8)) == 8
+    rng = np.random.default_rng(1)
+    images = rng.uniform(0, 1, (8, *model.input_shape[1:])).astype(np.float32)
+    keys = rng.integers(0, 2**32, 8, dtype=np.uint32)
+    prepared = sampler.prepare(images, keys)
+    assert prepared.frontier[0].shape[0] == 8
+    drawn = sampler.sample_rows(prepared, np.arange(8), 0, 20)
+    np.testing.assert_allclose(drawn, sampler.sample(images, keys), **ROUNDING)
