@@ -151,7 +151,7 @@ def sample_batch_adaptive(
         Per image, ``(K * G * passes_i, classes)`` samples, copy-major, and the passes.
     """
     b, k = int(tf.shape(stack)[0]), plan.tta.copies
-    row_keys = tf.reshape(mix(keys[:, None], tf.cast(tf.range(k), tf.uint32)[None, :]), [-1])
+    row_keys = copy_keys(keys, k)
     largest = max(stop - start for start, stop in plan.method.row_chunks(b * k))
     results = []
     for first, last in balanced_chunks(b, max(1, largest // k)):
@@ -195,9 +195,7 @@ def sample_batch(plan: RunPlan, copies: CopyMaker, stack: tf.Tensor, keys: tf.Te
         float32 ``(batch, K * S, classes)``, copy-major.
     """
     b, k = int(tf.shape(stack)[0]), plan.tta.copies
-    # Row r is copy r % K of image r // K; each copy has its own key.
-    copy_index = tf.cast(tf.range(k), tf.uint32)
-    row_keys = tf.reshape(mix(keys[:, None], copy_index[None, :]), [-1])
+    row_keys = copy_keys(keys, k)
     parts = []
     for start, stop in plan.method.row_chunks(b * k):
         chunk = copies.rows(stack, keys, start, stop)
@@ -207,6 +205,13 @@ def sample_batch(plan: RunPlan, copies: CopyMaker, stack: tf.Tensor, keys: tf.Te
         del chunk
     samples = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)  # (B*K, S, C)
     return samples.reshape(b, k * samples.shape[1], samples.shape[2])
+
+
+def copy_keys(keys: tf.Tensor, copies: int) -> tf.Tensor:
+    """The key of every test-time copy: ``(batch * copies,)`` uint32, where row ``r`` is copy
+    ``r % copies`` of image ``r // copies`` and gets ``mix(image key, copy)``."""
+    copy_index = tf.cast(tf.range(copies), tf.uint32)
+    return tf.reshape(mix(keys[:, None], copy_index[None, :]), [-1])
 
 
 def _stop_if_asked(should_stop: Callable[[], bool] | None) -> None:
