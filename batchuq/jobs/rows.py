@@ -207,15 +207,18 @@ def checkpoint_fingerprint(plan: RunPlan) -> dict[str, Any]:
 
 
 def log_start(plan: RunPlan, out_path: Path) -> None:
+    """Say how many images are scored from which folder: the one discovery scored (inside a
+    Kaggle-style wrapper, not the wrapper given on the command line)."""
     count = len(plan.discovery.files)
     logger.info(
         "scoring %d images from %s",
         count,
-        plan.images,
+        plan.discovery.root,
         extra={
             "event": "start",
             "data": {
                 "images": count,
+                "folder": plan.discovery.root,
                 "output": str(out_path),
                 "model": str(plan.loaded.path),
                 "passes": plan.metadata.get("passes"),
