@@ -37,7 +37,13 @@ from matplotlib.figure import Figure
 from batchuq import metrics
 from batchuq.defaults import DEFAULT_MAX_PIXELS
 from batchuq.errors import OutputError
-from batchuq.jobs.evaluate import SCORE_NAMES, Evaluation, RiskCoverage, evaluate_file
+from batchuq.jobs.evaluate import (
+    SCORE_NAMES,
+    Evaluation,
+    RiskCoverage,
+    evaluate_file,
+    format_rule,
+)
 
 TOP_UNCERTAIN = 12
 MAX_BAR_CLASSES = 20
@@ -641,9 +647,7 @@ def _figure(src: str, alt: str, note: str) -> str:
 
 
 def _run_table(results: dict, metadata: dict) -> str:
-    rule = results.get("decision_rule") or {}
-    params = ", ".join(f"{k}={v}" for k, v in rule.items() if k != "rule")
-    rule_text = f"{rule.get('rule', 'n/a')}" + (f" ({params})" if params else "")
+    rule_text = format_rule(results.get("decision_rule") or {})
     rows = results["rows"]
     run = [
         ("file", results.get("file")),
