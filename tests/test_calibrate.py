@@ -787,3 +787,36 @@ def test_calibrate_command_usage_error(tmp_path: Path) -> None:
     assert not (tmp_path / "c.json").exists()
     help_text = CliRunner().invoke(calibrate_command, ["--help"]).output
     assert "batchuq calibrate sample_data/digits/val -o calibration.json" in help_text
+
+
+def test_calibrate_names_each_unreadable_file_once_in_batchuq_lines(tmp_path: Path) -> None:
+    """A folder with one file that is not an image, a model that scales pixels itself and two
+    predictors (two plans): every stderr line is `batchuq: ...`, the unreadable file is named
+    once (as score names it), the rescale notice is said once."""
+    import keras
+    from conftest import write_image
+
+    keras.utils.set_random_seed(2)
+    inputs = keras.Input((16, 16, 3))
+    x = keras.layers.Rescaling(1 / 255, name="to_unit")(inputs)
+    x = keras.layers.Conv2D(4, 3, activation="relu")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    x = keras.layers.Dropout(0.3)(x)
+    keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(x)).save(tmp_path / "m.keras")
+    val = tmp_path / "val"
+    for c in range(3):
+        for i in range(3):
+            write_image(val / f"c{c}" / f"{i}.png", size=16, seed=10 * c + i)
+    (val / "c1" / "broken.png").write_bytes(b"not an image")
+    out = tmp_path / "cal.json"
+    args = ["calibrate", str(val), "-o", str(out), "--model", str(tmp_path / "m.keras")]
+    result = _invoke([*args, "--tta", "2", "--score-passes", "2"])
+    assert result.exit_code == EXIT_OK, result.output
+    lines = result.stderr.splitlines()
+    assert lines and all(line.startswith("batchuq: ") for line in lines), lines
+    assert sum("c1/broken.png: error: not a recognised image format" in x for x in lines) == 1
+    assert sum("scales pixels itself" in line for line in lines) == 1
+    assert lines[-1].endswith(f"-> {out}")
+    assert "validation: 9 images (1 skipped: 1 unreadable)" in result.stdout
+    stats = json.loads(out.read_text())["stats"]
+    assert (stats["images"], stats["skipped"], stats["unreadable"], stats["runs"]) == (9, 1, 1, 2)

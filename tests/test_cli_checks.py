@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -146,3 +148,55 @@ def test_one_mapping_from_exceptions_to_exit_codes(
     result = CliRunner().invoke(_failing_command(exc, **mapping), [])
     assert result.exit_code == code, result.output
     assert message in result.output
+
+
+ISO_TIME = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d"  # local time and its UTC offset
+
+
+def _on_a_terminal(*args: str, cwd: Path) -> str:
+    """What ``batchuq ARGS`` writes to stderr when stderr is a terminal (a pseudo-terminal)."""
+    import os
+    import pty
+
+    main, terminal = pty.openpty()
+    try:
+        subprocess.run(
+            [sys.executable, "-m", "batchuq", *args],
+            stdout=subprocess.DEVNULL,
+            stderr=terminal,
+            cwd=cwd,
+            timeout=120,
+        )
+    finally:
+        os.close(terminal)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(main, 4096)
+        except OSError:  # EIO: the terminal's other end is closed and everything read
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(main)
+    return b"".join(chunks).decode().replace("\r\n", "\n")
+
+
+def test_text_log_lines_carry_a_timestamp_unless_stderr_is_a_terminal(folders: Path) -> None:
+    # A pipe, as under cron (`>> batchuq.log 2>&1`) or Airflow: every line has its time.
+    got, _, output = _probe("score", "missing", "out.parquet", cwd=folders)
+    assert got == EXIT_USAGE
+    assert re.search(rf"^batchuq: {ISO_TIME} Error: The images folder does not exist", output, re.M)
+    result = CliRunner().invoke(_failing_command(RuntimeError("disk on fire")), [])
+    (first, *traceback) = result.output.splitlines()
+    assert re.fullmatch(rf"batchuq: {ISO_TIME} fatal error, no output written: disk on fire", first)
+    assert traceback[0] == "Traceback (most recent call last):"
+    # A terminal: no timestamps, the message as Click prints one.
+    shown = _on_a_terminal("score", "missing", "out.parquet", cwd=folders)
+    assert shown.startswith("Error: The images folder does not exist"), shown
+    # JSON events carry the time in every case, in the same form.
+    got, _, output = _probe("score", "empty", "o.parquet", "--log-format", "json", cwd=folders)
+    (event,) = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+    assert re.fullmatch(ISO_TIME, event["time"])
+    age = dt.datetime.now(dt.UTC) - dt.datetime.fromisoformat(event["time"])
+    assert dt.timedelta(0) <= age < dt.timedelta(minutes=2)

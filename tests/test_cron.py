@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 import shutil
 import subprocess
@@ -15,6 +16,7 @@ from conftest import REPO, SAMPLE_TEST
 from batchuq.write import read_metadata
 
 README = (REPO / "README.md").read_text(encoding="utf-8")
+ISO_TIME = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d"  # local time, its UTC offset
 BATCHUQ = Path(sys.executable).parent / "batchuq"  # the venv's console script
 
 
@@ -27,6 +29,11 @@ def _cron_line() -> str:
     fields = lines[0].split(None, 5)
     # cron turns an unescaped % into a newline; the README escapes them as \%.
     return fields[5].replace("\\%", "%")
+
+
+def _time_of(line: str) -> dt.datetime:
+    """The time of a log line ``batchuq: <ISO 8601 time> ...``."""
+    return dt.datetime.fromisoformat(line.split()[1])
 
 
 def _run_as_cron(command: str, home: Path) -> subprocess.CompletedProcess[str]:
@@ -66,6 +73,9 @@ def test_readme_cron_line_runs_under_cron_environment(tmp_path: Path) -> None:
     done = _run_as_cron(command, tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout == done.stderr == ""  # nothing printed: cron sends no mail
+    log = (scores / "batchuq.log").read_text().splitlines()
+    assert log and all(re.match(rf"batchuq: {ISO_TIME} ", line) for line in log), log
+    night_one = log[-1]
     out = scores / f"scores-{yesterday}.parquet"
     assert pq.read_metadata(out).num_rows == 4
     meta = read_metadata(out)
@@ -77,3 +87,9 @@ def test_readme_cron_line_runs_under_cron_environment(tmp_path: Path) -> None:
     assert done.returncode == 0  # the `|| { ...; }` part ran; cron mails what it printed
     assert "batchuq failed with exit code 2" in done.stdout
     assert "images folder does not exist" in done.stdout  # the log's tail
+    # The tail holds the first night's lines too: the timestamps tell them apart.
+    tail = done.stdout.splitlines()[1:]
+    assert tail[-2] == night_one
+    (error,) = [line for line in tail if "images folder does not exist" in line]
+    assert re.match(rf"batchuq: {ISO_TIME} Error: ", error) and error == tail[-1]
+    assert _time_of(error) >= _time_of(night_one)

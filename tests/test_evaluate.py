@@ -23,6 +23,7 @@ from batchuq.jobs.evaluate import (
     evaluate_file,
     evaluate_frame,
     evaluate_parquet,
+    format_rule,
     format_table,
 )
 from batchuq.jobs.report import write_evaluation_report, write_report
@@ -103,12 +104,14 @@ OOD_ROWS = [
 ]
 
 
-def write_parquet(path: Path, rows: list[dict], images: str, pred_set: bool = True) -> Path:
+def write_parquet(
+    path: Path, rows: list[dict], images: str, pred_set: bool = True, rule: dict | None = None
+) -> Path:
     metadata = {
         "class_names": CLASSES,
         "passes": 20,
         "tta": 2,
-        "decision_rule": {"rule": "median", "min_median": 0.5},
+        "decision_rule": rule or {"rule": "median", "min_median": 0.5},
         "images": images,
     }
     schema = output_schema(CLASSES, metadata)
@@ -526,6 +529,25 @@ def test_format_table_text(files):
     """The whole table, character for character (as printed before it was split into steps)."""
     results = evaluate_parquet(files["out"], files["ood"]) | {"file": "out.parquet"}
     assert format_table(results) == TABLE
+
+
+def test_thresholds_are_printed_to_four_significant_digits(tmp_path):
+    """The table and the report round the calibrated thresholds; the JSON keeps every digit."""
+    thresholds = [0.9983289122581482, 0.4719766914844513, None]  # fox: no threshold
+    rule = {"rule": "threshold", "thresholds": thresholds}
+    out = write_parquet(tmp_path / "t.parquet", IN_ROWS, str(tmp_path), rule=rule)
+    shown = "threshold (thresholds=[0.9983, 0.472, none])"
+    runner = CliRunner()
+    table = runner.invoke(evaluate_command, [str(out), "--report", str(tmp_path / "report")])
+    assert table.exit_code == 0, table.output
+    assert f"decision rule            {shown}\n" in table.stdout
+    assert f"<td>decision rule</td><td>{shown}</td>" in (
+        tmp_path / "report" / "index.html"
+    ).read_text(encoding="utf-8")
+    as_json = runner.invoke(evaluate_command, [str(out), "--json"])
+    assert json.loads(as_json.stdout)["decision_rule"]["thresholds"] == thresholds
+    assert format_rule({"rule": "median", "min_median": 0.5}) == "median (min_median=0.5)"
+    assert format_rule(None) == "n/a"
 
 
 def test_cli_reads_each_file_once(files, tmp_path, monkeypatch):

@@ -8,12 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 from click.testing import CliRunner
 from conftest import SAMPLE_TEST
 from PIL import Image
 
 from batchuq.cli import cli
 from batchuq.cli.runtime import EXIT_OK, EXIT_USAGE
+from batchuq.write import read_metadata
 
 # Kaggle's monkey_labels.txt, with its ragged spacing and trailing tabs.
 MONKEY_LABELS = "Label,  Latin Name           , Common Name                   , Train Images\n" + (
@@ -49,6 +51,41 @@ def test_kaggle_nested_training_folder_is_labelled_with_readable_names(tmp_path:
     assert sorted(frame.label.unique()) == [f"digit_{i}" for i in range(10)]
     assert {f"mean_digit_{i}" for i in range(10)} <= set(frame.columns)
     assert (frame.label == frame.pred).mean() > 0.8  # the bundled digits model, real labels
+
+
+def test_report_of_a_kaggle_wrapper_shows_the_scored_images(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`monkeys/training` holds only `training/n0..`: the log names the folder scored, and the
+    report's thumbnails come from it (not "image not found" under the wrapper)."""
+    from batchuq.jobs import report
+
+    root = _kaggle_archive(tmp_path / "monkeys")
+    out, report_dir = tmp_path / "out.parquet", tmp_path / "report"
+    result = _score(str(root / "training"), str(out))
+    assert result.exit_code == EXIT_OK, result.output
+    scored = root / "training" / "training"
+    assert f"scoring 20 images from {scored}\n" in result.output
+    assert read_metadata(out)["images_root"] == str(scored)
+
+    drawn = []  # (path, the thumbnail the report drew, or None) per "most uncertain" panel
+    draw = report._draw_thumbnail
+
+    def record(ax, rel, images_root):
+        draw(ax, rel, images_root)
+        drawn.append((rel, ax.images[0].get_array() if ax.images else None))
+
+    monkeypatch.setattr(report, "_draw_thumbnail", record)
+    done = CliRunner().invoke(cli, ["evaluate", str(out), "--report", str(report_dir)])
+    assert done.exit_code == EXIT_OK, done.output
+    panels = sorted(report_dir.glob("uncertain_*.png"))
+    assert len(drawn) == len(panels) == 12
+    for rel, pixels in drawn:
+        assert pixels is not None, f"no thumbnail for {rel}"
+        with Image.open(scored / rel) as image:  # the digit itself, 28 x 28, shown as RGB
+            np.testing.assert_array_equal(pixels, np.asarray(image.convert("RGB")))
+    page = (report_dir / "index.html").read_text(encoding="utf-8")
+    assert f"<td>scored folder</td><td>{scored}</td>" in page
 
 
 def test_archive_root_with_splits_is_a_usage_error_naming_them(tmp_path: Path) -> None:

@@ -29,7 +29,7 @@ from batchuq.cli.options import (
     seed_option,
     split_csv,
 )
-from batchuq.cli.runtime import exit_on_error, import_tensorflow_quietly
+from batchuq.cli.runtime import exit_on_error, import_tensorflow_quietly, logger, setup_logging
 from batchuq.defaults import (
     DEFAULT_ALPHA,
     DEFAULT_CALIBRATION_PASSES,
@@ -168,6 +168,7 @@ def calibrate_command(
     """
     from batchuq.postprocess.calibration_file import format_summary
 
+    setup_logging()  # lines `batchuq: ...`, as score's
     values, settings = _with_score_table_defaults(ctx)
     # Warnings after the error, as they were printed before: the outer block prints them.
     with _calibration_warnings_printed(), exit_on_error(skip_on_no_images=False):
@@ -180,7 +181,7 @@ def calibrate_command(
             val_images, output, **_calibrate_keywords(values), settings=settings
         )
     click.echo(format_summary(calibration))
-    click.echo(f"-> {output}", err=True)
+    logger.info("-> %s", output)
 
 
 # calibrate options that calibrate_directory takes under the same name and as they are.
@@ -255,7 +256,7 @@ def _calibrate_keywords(values: Mapping[str, Any]) -> dict[str, Any]:
 
 @contextmanager
 def _calibration_warnings_printed() -> Iterator[None]:
-    """Print the ``CalibrationWarning``s raised in the block as ``Warning: ...`` on stderr.
+    """Log the ``CalibrationWarning``s raised in the block as ``batchuq: Warning: ...``.
 
     They say what the user should know about the fit (a class with too few images for its
     quantile, ...); other warnings are shown as Python shows them. They are printed when the
@@ -268,7 +269,7 @@ def _calibration_warnings_printed() -> Iterator[None]:
         finally:
             for warning in caught:
                 if issubclass(warning.category, CalibrationWarning):
-                    click.echo(f"Warning: {warning.message}", err=True)
+                    logger.warning("Warning: %s", warning.message)
                 else:
                     warnings.showwarning(
                         warning.message, warning.category, warning.filename, warning.lineno

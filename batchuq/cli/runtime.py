@@ -23,12 +23,14 @@ SIGINT and SIGTERM into a stop request that the job polls. Nothing here imports 
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import os
 import signal
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -56,6 +58,12 @@ logger = logging.getLogger("batchuq")
 # Logging.
 
 
+def iso_time(seconds: float) -> str:
+    """``seconds`` since the epoch as local ISO 8601 time with its UTC offset, to the second,
+    e.g. ``2026-12-02T00:30:01+01:00``."""
+    return dt.datetime.fromtimestamp(seconds).astimezone().isoformat(timespec="seconds")
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: ``event``, ``level``, ``time``, ``message`` and event fields."""
 
@@ -64,32 +72,59 @@ class JsonFormatter(logging.Formatter):
         payload = {
             "event": getattr(record, "event", "log"),
             "level": record.levelname.lower(),
-            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
+            "time": iso_time(record.created),
             "message": record.getMessage(),
             **getattr(record, "data", {}),
         }
         return json.dumps(payload, default=str)
 
 
+class TextFormatter(logging.Formatter):
+    """Lines ``batchuq: <message>``, or ``batchuq: <ISO 8601 time> <message>`` with
+    ``timestamps`` (a log file then tells one night's lines from the next)."""
+
+    def __init__(self, timestamps: bool) -> None:
+        super().__init__("%(message)s")
+        self.timestamps = timestamps
+
+    def format(self, record: logging.LogRecord) -> str:
+        """``record`` as one line (and its traceback, if any, below it)."""
+        when = f"{iso_time(record.created)} " if self.timestamps else ""
+        return f"batchuq: {when}{super().format(record)}"
+
+
 _log_format = "text"  # set by setup_logging; "json" turns every stderr message into JSON
+_timestamps = False  # set by setup_logging: text lines carry the time
 
 
-def setup_logging(log_format: str = "text") -> None:
+def stderr_is_terminal() -> bool:
+    """Whether stderr is a terminal (not a file, a pipe, cron's mail or Airflow's task log)."""
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):  # replaced or closed
+        return False
+
+
+def setup_logging(log_format: str = "text", timestamps: bool | None = None) -> None:
     """Send batchuq's log to stderr as text or JSON lines (TensorFlow is not imported here).
 
     Args:
-        log_format: ``text`` (lines ``batchuq: ...``) or ``json`` (one object per line), as
-            for ``--log-format``. ``say`` follows it too.
+        log_format: ``text`` (lines ``batchuq: ...``) or ``json`` (one object per line, each
+            with its ``time``), as for ``--log-format``. ``say`` follows it too.
+        timestamps: Whether text lines carry the time, ``batchuq: 2026-12-02T00:30:01+01:00
+            ...``; default: when stderr is not a terminal (a log file under cron, Airflow's
+            task log), not on a terminal.
     """
-    global _log_format
+    global _log_format, _timestamps
     _log_format = log_format
+    _timestamps = not stderr_is_terminal() if timestamps is None else timestamps
     for handler in list(logger.handlers):
         logger.removeHandler(handler)
     handler = logging.StreamHandler(sys.stderr)
     if log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("batchuq: %(message)s"))
+        handler.setFormatter(TextFormatter(_timestamps))
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     logger.propagate = False
@@ -98,6 +133,9 @@ def setup_logging(log_format: str = "text") -> None:
 def say(message: str, event: str, level: int = logging.ERROR) -> None:
     """Write a closing message to stderr: plain text, or a JSON event with ``--log-format json``.
 
+    When the log lines carry timestamps (stderr is not a terminal), the text does too, as
+    ``batchuq: <time> Error: ...``, so that a log's tail says which run failed.
+
     Args:
         message: The text, e.g. ``Error: ...``.
         event: The JSON ``event`` field, e.g. ``usage_error``, ``no_images``, ``interrupted``.
@@ -105,6 +143,8 @@ def say(message: str, event: str, level: int = logging.ERROR) -> None:
     """
     if _log_format == "json":
         logger.log(level, message, extra={"event": event})
+    elif _timestamps:
+        click.echo(f"batchuq: {iso_time(time.time())} {message}", err=True)
     else:
         click.echo(message, err=True)
 

@@ -22,10 +22,13 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+import logging
 import math
 import os
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +55,7 @@ from batchuq.defaults import (
 )
 from batchuq.errors import NoDropoutError, UsageError
 from batchuq.jobs.batches import iter_sampled_batches
+from batchuq.jobs.rows import log_unreadable
 from batchuq.jobs.run import ModelArg, RunPlan, ScoreOptions, discover, load_for_run, prepare_run
 from batchuq.metrics import nll
 from batchuq.postprocess.calibration_file import (
@@ -72,6 +76,8 @@ from batchuq.postprocess.thresholds import thresholds_from_predictions
 from batchuq.summarise import summarise
 from batchuq.write import check_output_path
 
+logger = logging.getLogger("batchuq")
+
 _CONFORMAL_SCORE = {
     "lac": "1 - p_y of the MC mean (one quantile for all classes)",
     "class": "1 - p_y of the MC mean (one quantile per true class)",
@@ -90,6 +96,7 @@ class ValidationSamples:
             by ``score``, widened to float64).
         copy_pred, copy_conf: ``(images, copies)`` each augmented copy's predicted class and
             its probability, under the threshold predictor.
+        unreadable: Relative paths of the images that could not be read (each logged once).
     """
 
     keep: np.ndarray
@@ -97,6 +104,7 @@ class ValidationSamples:
     mean_probs: np.ndarray
     copy_pred: np.ndarray
     copy_conf: np.ndarray
+    unreadable: list[str] = dataclasses.field(default_factory=list)
 
 
 def calibrate_directory(
@@ -141,7 +149,8 @@ def calibrate_directory(
 
     Both share the model, seed, augmentation settings, rescale, sampled layers, precision,
     logits and EXIF handling. When they are the same predictor one run serves both. Images that
-    could not be read or have no label among the model's classes are skipped.
+    could not be read (each named in a warning, as ``score`` does) or have no label among the
+    model's classes are skipped.
 
     Args:
         val_images: Labelled validation folder (one subfolder per class).
@@ -238,19 +247,50 @@ def _check_arguments(
 def _plans(
     val_images: str | os.PathLike[str], scoring: ScoreOptions, threshold: ScoreOptions
 ) -> tuple[RunPlan, RunPlan]:
-    """The two predictors' plans over one discovery and one loaded model (one plan if equal)."""
+    """The two predictors' plans over one discovery and one loaded model (one plan if equal).
+
+    The threshold plan resolves the model, class names, labels and rescale as the scoring plan
+    does: what that says (e.g. "The model scales pixels itself") is said once.
+    """
     discovery = discover(val_images, scoring)
     members = load_for_run(scoring.model)
-    try:
-        scoring_plan = prepare_run(val_images, scoring, discovery=discovery, models=members)
-    except NoDropoutError as exc:
-        raise NoDropoutError(
-            f"{exc} (for calibrate: --score-passes, the scoring predictor's passes)"
-        ) from None
-    if (threshold.passes, threshold.tta_config) == (scoring.passes, scoring.tta_config):
-        return scoring_plan, scoring_plan
-    threshold_plan = prepare_run(val_images, threshold, discovery=discovery, models=members)
+    with _said_once():
+        try:
+            scoring_plan = prepare_run(val_images, scoring, discovery=discovery, models=members)
+        except NoDropoutError as exc:
+            raise NoDropoutError(
+                f"{exc} (for calibrate: --score-passes, the scoring predictor's passes)"
+            ) from None
+        if (threshold.passes, threshold.tta_config) == (scoring.passes, scoring.tta_config):
+            return scoring_plan, scoring_plan
+        threshold_plan = prepare_run(val_images, threshold, discovery=discovery, models=members)
     return scoring_plan, threshold_plan
+
+
+class _Repeats(logging.Filter):
+    """Drops a log record whose message was already logged while the filter was on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Whether the record's message is new."""
+        message = record.getMessage()
+        new = message not in self.seen
+        self.seen.add(message)
+        return new
+
+
+@contextmanager
+def _said_once() -> Iterator[None]:
+    """Within the block, batchuq logs each message once (repeats are dropped)."""
+    repeats = _Repeats()
+    logger.addFilter(repeats)
+    try:
+        yield
+    finally:
+        logger.removeFilter(repeats)
 
 
 def collect_samples(
@@ -273,6 +313,7 @@ def collect_samples(
     mean_probs = np.zeros((n, classes), dtype=np.float64)
     copy_pred = np.zeros((n, copies), dtype=np.int64)
     copy_conf = np.zeros((n, copies), dtype=np.float64)
+    unreadable: list[str] = []
     plans = [scoring_plan] if threshold_plan is scoring_plan else [scoring_plan, threshold_plan]
     for plan in plans:
         for batch in iter_sampled_batches(plan, progress=progress, desc="calibrating"):
@@ -280,6 +321,7 @@ def collect_samples(
             if plan is scoring_plan:  # the float32 means `score` writes and builds sets from
                 mean_probs[index] = summarise(batch.samples).mean
                 ok[index] = batch.ok
+                unreadable += log_unreadable(plan, batch.positions, batch.statuses)
             if plan is threshold_plan:
                 b = len(index)
                 per_copy = batch.samples.reshape(b, copies, passes, classes)
@@ -291,7 +333,9 @@ def collect_samples(
         [np.nan if i is None else i for i in scoring_plan.labels.indices], dtype=np.float64
     )
     keep = ok & ~np.isnan(label_index)
-    return ValidationSamples(keep, label_index, np.clip(mean_probs, 0.0, 1.0), copy_pred, copy_conf)
+    return ValidationSamples(
+        keep, label_index, np.clip(mean_probs, 0.0, 1.0), copy_pred, copy_conf, unreadable
+    )
 
 
 def fit_calibration(
@@ -339,6 +383,7 @@ def fit_calibration(
     stats = {
         "images": int(data.keep.sum()),
         "skipped": int((~data.keep).sum()),
+        "unreadable": len(data.unreadable),
         "images_per_class": per_class.tolist(),
         "copies_predicted": copies_predicted.tolist(),
         **_fit_stats(probs, y, thresholds, temperature, quantiles, conformal, alpha),

@@ -567,14 +567,42 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _significant(value: Any) -> str:
+    """A rule parameter for people: floats to 4 significant digits, lists item by item."""
+    if isinstance(value, list):
+        return "[" + ", ".join(_significant(v) for v in value) + "]"
+    if value is None:
+        return "none"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def format_rule(rule: dict[str, Any] | None) -> str:
+    """The decision rule of the metadata as text, e.g. ``threshold (thresholds=[0.9983, ...])``.
+
+    Thresholds are printed to 4 significant digits (``None``, a class without one, as
+    ``none``); the JSON results and the metadata keep every digit.
+
+    Args:
+        rule: The ``decision_rule`` entry of the metadata (``None``: not recorded).
+
+    Returns:
+        The rule's name and its parameters, or ``n/a``.
+    """
+    if not isinstance(rule, dict):
+        return "n/a"
+    params = ", ".join(f"{k}={_significant(v)}" for k, v in rule.items() if k != "rule")
+    return f"{rule.get('rule', 'n/a')}" + (f" ({params})" if params else "")
+
+
 def _input_section(results: dict) -> _Section:
     """The file, the run's settings and the row counts."""
     rows = results.get("rows", {})
     items = [("file", results.get("file"))] if results.get("file") else []
     rule = results.get("decision_rule")
     if isinstance(rule, dict):
-        params = ", ".join(f"{k}={v}" for k, v in rule.items() if k != "rule")
-        items.append(("decision rule", f"{rule.get('rule')}" + (f" ({params})" if params else "")))
+        items.append(("decision rule", format_rule(rule)))
     if results.get("passes") is not None:
         items.append(("passes x tta", f"{results.get('passes')} x {results.get('tta')}"))
     if results.get("passes") == "auto" and results.get("mean_passes") is not None:

@@ -37,7 +37,13 @@ from matplotlib.figure import Figure
 from batchuq import metrics
 from batchuq.defaults import DEFAULT_MAX_PIXELS
 from batchuq.errors import OutputError
-from batchuq.jobs.evaluate import SCORE_NAMES, Evaluation, RiskCoverage, evaluate_file
+from batchuq.jobs.evaluate import (
+    SCORE_NAMES,
+    Evaluation,
+    RiskCoverage,
+    evaluate_file,
+    format_rule,
+)
 
 TOP_UNCERTAIN = 12
 MAX_BAR_CLASSES = 20
@@ -110,12 +116,14 @@ def _resolve_images_root(
 ) -> Path | None:
     """The folder the ``path`` column is relative to: given, or the one in the metadata.
 
-    A relative ``images`` folder in the metadata is tried from the working directory, then
-    from the scored file's folder.
+    That is the folder discovery actually scored, ``images_root`` (a Kaggle wrapper
+    ``monkeys/training`` holding only ``training/`` is scored as ``monkeys/training/training``),
+    else, for files written before it was recorded, the ``images`` folder given to score. A
+    relative folder is tried from the working directory, then from the scored file's folder.
     """
     if images_root is not None:
         return Path(images_root)
-    scored = metadata.get("images")
+    scored = metadata.get("images_root") or metadata.get("images")
     if not scored:
         return None
     candidates = [Path(scored)] + ([] if out_path is None else [out_path.parent / scored])
@@ -639,14 +647,13 @@ def _figure(src: str, alt: str, note: str) -> str:
 
 
 def _run_table(results: dict, metadata: dict) -> str:
-    rule = results.get("decision_rule") or {}
-    params = ", ".join(f"{k}={v}" for k, v in rule.items() if k != "rule")
-    rule_text = f"{rule.get('rule', 'n/a')}" + (f" ({params})" if params else "")
+    rule_text = format_rule(results.get("decision_rule") or {})
     rows = results["rows"]
     run = [
         ("file", results.get("file")),
         ("model", metadata.get("model_path", "n/a")),
         ("images folder", metadata.get("images", "n/a")),
+        *_scored_folder_row(metadata),
         ("passes x TTA copies", f"{metadata.get('passes', 'n/a')} x {metadata.get('tta', 'n/a')}"),
         ("decision rule", rule_text),
         ("rows / ok / errors", f"{rows['total']} / {rows['ok']} / {rows['errors']}"),
@@ -655,6 +662,14 @@ def _run_table(results: dict, metadata: dict) -> str:
     if results.get("ood_file"):
         run.append(("OOD file", results["ood_file"]))
     return _table([(k, "n/a" if v is None else str(v)) for k, v in run])
+
+
+def _scored_folder_row(metadata: dict) -> list[tuple[str, object]]:
+    """A "scored folder" row when discovery scored a folder inside the one given to score."""
+    given, scored = metadata.get("images"), metadata.get("images_root")
+    if not scored or (given and Path(str(scored)) == Path(str(given))):
+        return []
+    return [("scored folder", scored)]
 
 
 def _summary_sections(results: dict) -> list[str]:
@@ -880,8 +895,8 @@ def write_evaluation_report(
             column); otherwise they are bars of the stored statistics.
         report_dir: Folder for the report; created if needed, existing files are replaced.
         images_root: Folder the ``path`` column is relative to, for the thumbnails. Default:
-            the ``images`` folder stored in the file's metadata. Missing images get a
-            placeholder.
+            the folder the run scored, ``images_root`` in the file's metadata (``images`` for
+            older files). Missing images get a placeholder.
 
     Returns:
         The path of ``index.html``.
@@ -928,8 +943,8 @@ def write_report(
         report_dir: Folder for the report; created if needed, existing files are replaced.
         ood_path: The same model's output on an out-of-distribution folder (optional).
         images_root: Folder the ``path`` column is relative to, for the thumbnails. Default:
-            the ``images`` folder stored in the file's metadata. Missing images get a
-            placeholder.
+            the folder the run scored, ``images_root`` in the file's metadata (``images`` for
+            older files). Missing images get a placeholder.
 
     Returns:
         The path of ``index.html``.

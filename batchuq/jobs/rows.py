@@ -207,15 +207,18 @@ def checkpoint_fingerprint(plan: RunPlan) -> dict[str, Any]:
 
 
 def log_start(plan: RunPlan, out_path: Path) -> None:
+    """Say how many images are scored from which folder: the one discovery scored (inside a
+    Kaggle-style wrapper, not the wrapper given on the command line)."""
     count = len(plan.discovery.files)
     logger.info(
         "scoring %d images from %s",
         count,
-        plan.images,
+        plan.discovery.root,
         extra={
             "event": "start",
             "data": {
                 "images": count,
+                "folder": plan.discovery.root,
                 "output": str(out_path),
                 "model": str(plan.loaded.path),
                 "passes": plan.metadata.get("passes"),
@@ -232,6 +235,35 @@ def log_resuming(done: int, images: int) -> None:
         logger.info("resuming: %d of %d images already scored", done, images)
 
 
+def log_unreadable(plan: RunPlan, positions: Sequence[int], statuses: Sequence[str]) -> list[str]:
+    """Log every unreadable image of a batch, one warning each: ``<path>: error: <reason>``.
+
+    Shared by ``score`` and ``calibrate``, so that both name each file the same way (JSON
+    event ``image_error`` with ``path`` and ``status``).
+
+    Args:
+        plan: The run.
+        positions: ``(batch,)`` indices of the images in ``plan.discovery.files``.
+        statuses: ``(batch,)`` ``ok`` or ``error: ...`` per image.
+
+    Returns:
+        The relative paths of the unreadable images, in batch order.
+    """
+    unreadable = []
+    for position, status in zip(positions, statuses, strict=True):
+        if status == STATUS_OK:
+            continue
+        path = plan.discovery.files[position].relative_path
+        unreadable.append(path)
+        logger.warning(
+            "%s: %s",
+            path,
+            status,
+            extra={"event": "image_error", "data": {"path": path, "status": status}},
+        )
+    return unreadable
+
+
 def log_image_errors(
     report: ScoreReport, plan: RunPlan, positions: Sequence[int], statuses: Sequence[str]
 ) -> None:
@@ -243,18 +275,9 @@ def log_image_errors(
         positions: ``(batch,)`` indices of the images in ``plan.discovery.files``.
         statuses: ``(batch,)`` ``ok`` or ``error: ...`` per image.
     """
-    for position, status in zip(positions, statuses, strict=True):
-        if status == STATUS_OK:
-            continue
-        path = plan.discovery.files[position].relative_path
+    for path in log_unreadable(plan, positions, statuses):
         if len(report.error_paths) < 1000:
             report.error_paths.append(path)
-        logger.warning(
-            "%s: %s",
-            path,
-            status,
-            extra={"event": "image_error", "data": {"path": path, "status": status}},
-        )
 
 
 def log_summary(report: ScoreReport) -> None:

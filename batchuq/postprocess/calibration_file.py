@@ -388,6 +388,17 @@ def _quantile_text(q: float) -> str:
     return "inf" if np.isinf(q) else f"{q:.4f}"
 
 
+def _skipped_text(stats: dict[str, Any]) -> str:
+    """``N skipped``, and why: unreadable (named in the log) or no label among the classes."""
+    skipped, unreadable = stats["skipped"], stats.get("unreadable")
+    if not skipped or unreadable is None:  # files written before the count was kept
+        return f"{skipped} skipped"
+    parts = [f"{unreadable} unreadable"] if unreadable else []
+    if skipped > unreadable:
+        parts.append(f"{skipped - unreadable} with no label among the model's classes")
+    return f"{skipped} skipped: {', '.join(parts)}"
+
+
 def format_summary(calibration: Calibration) -> str:
     """A short human-readable summary of a calibration."""
     stats = calibration.stats
@@ -428,7 +439,7 @@ def format_summary(calibration: Calibration) -> str:
         coverage, sel = stats.get("threshold_coverage"), stats.get("threshold_accuracy")
         sel_text = "n/a" if sel is None else f"{sel:.4f}"
         lines.append(
-            f"validation: {stats['images']} images ({stats['skipped']} skipped), accuracy "
+            f"validation: {stats['images']} images ({_skipped_text(stats)}), accuracy "
             f"{stats['accuracy']:.4f}; thresholds accept {coverage:.1%} (accuracy {sel_text}); "
             f"conformal coverage {stats['conformal_coverage']:.1%}, mean set size "
             f"{stats['mean_set_size']:.2f}"
