@@ -19,6 +19,7 @@ from conftest import (
     REPO,
     assert_frames_bitwise_equal,
     assert_frames_equal_to_rounding,
+    assert_integer_columns_stay_integers,
     assert_parquet_bitwise_equal,
     bn_dropout_model,
     write_image,
@@ -132,6 +133,9 @@ def test_corrupt_image_becomes_error_row_and_others_are_written(
     assert errors.status.str.startswith("error: ").all()
     assert errors.filter(like="mean_").isna().all().all() and errors.decision.isna().all()
     assert errors.label.tolist() == ["n3", "n4"]
+    # The error rows' nulls leave the integer columns integers (pandas Int64, polars, DuckDB).
+    assert errors.pred_index.isna().all() and errors.passes.isna().all()
+    assert_integer_columns_stay_integers(out, with_nulls=("pred_index", "passes"))
     for bad in ("n3/broken.png", "n4/truncated.png"):
         (digits_subset / bad).unlink()
     score_directory(digits_subset, clean, passes=5)
