@@ -204,6 +204,7 @@ def test_ray_engine_writes_the_local_engines_rows(
     assert [f.name for f in files] == [f"part-{i:06d}.parquet" for i in range(15)]
     rows, local = pd.read_parquet(tmp_path / "scores"), pd.read_parquet(local_reference)
     assert len(rows) == 450 and rows.path.is_unique
+    assert (rows[["label_index", "pred_index", "passes"]].dtypes == "Int64").all()
     # Same paths in the same order, identical decisions and statuses, floats to rounding.
     assert_frames_equal_to_rounding(rows, local)
     local_meta = _metadata_but_run(local_reference)
@@ -304,6 +305,7 @@ def test_cli_ray_engine_turns_bad_files_into_error_rows(ray_module, tmp_path: Pa
     assert len(rows) == 12 and (rows.status != "ok").sum() == 2
     means = [c for c in rows.columns if c.startswith("mean_")]
     assert rows.loc[rows.status != "ok", means].isna().all().all()  # no statistics
+    assert_integer_columns_stay_integers(tmp_path / "ray.parquet", ("pred_index", "passes"))
     local_out = tmp_path / "local.parquet"
     score_directory(images, local_out, passes=PASSES)
     assert_same_rows(tmp_path / "ray.parquet", local_out)
