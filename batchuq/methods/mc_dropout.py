@@ -24,6 +24,9 @@ from batchuq.methods.base import UncertaintyMethod
 from batchuq.sample import MCSampler, PreparedRows, resolve_precision
 
 logger = logging.getLogger("batchuq")
+# Precision notices given in this process: each once, however many predictors a command builds
+# (calibrate builds two, an ensemble one per member) with the same outcome.
+_NOTICES_GIVEN: set[str] = set()
 
 
 class MCDropout(UncertaintyMethod):
@@ -54,7 +57,8 @@ class MCDropout(UncertaintyMethod):
     ) -> None:
         self.precision_requested = precision
         precision, notice = resolve_precision(precision)
-        if notice:
+        if notice and notice not in _NOTICES_GIVEN:
+            _NOTICES_GIVEN.add(notice)
             logger.warning(notice)
         self.sampler = MCSampler(
             model, passes, sample_layers, memory_budget_mb, precision=precision, logits=logits
