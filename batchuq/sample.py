@@ -24,9 +24,12 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import functools
 import math
+import os
+import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 import keras
@@ -57,15 +60,30 @@ PRECISIONS = ("float32", "bfloat16")
 _STATE = threading.local()
 
 
-def cpu_has_bf16(cpuinfo: str | None = None) -> bool | None:
-    """Whether the CPU computes bfloat16 natively (x86 AVX512-BF16 or AMX-BF16, Arm BF16).
+# bfloat16 instructions in the CPU's feature flags (/proc/cpuinfo): x86 AVX512-BF16 and AMX-BF16,
+# Arm BF16.
+_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
+# Values of oneDNN's ISA cap (ONEDNN_MAX_CPU_ISA, formerly DNNL_MAX_CPU_ISA) that keep it from the
+# CPU's bfloat16 instructions: every ISA not at or above AVX512_CORE_BF16 in oneDNN's partial
+# order (its "CPU Dispatcher Control" guide). AVX2_VNNI_2 is beside the AVX-512 line, not above
+# it. Under such a cap TensorFlow still hands bf16 convolutions to oneDNN on an AVX-512 CPU, which
+# then refuses them ("could not create a primitive descriptor for the convolution"). The values
+# that allow bf16 are AVX512_CORE_BF16, AVX10_1_512 (AVX512_CORE_FP16), AVX10_1_512_AMX
+# (AVX512_CORE_AMX), AVX10_1_512_AMX_FP16 (AVX512_CORE_AMX_FP16), ALL and DEFAULT; oneDNN ignores
+# a value it does not know (it compares names exactly), and so does ``native_bf16``.
+ONEDNN_ISAS_WITHOUT_BF16 = frozenset(
+    {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
+)
+
+
+def cpu_flags(cpuinfo: str | None = None) -> set[str] | None:
+    """The CPU's feature flags (``flags`` on x86, ``Features`` on Arm) from ``/proc/cpuinfo``.
 
     Args:
         cpuinfo: Text of ``/proc/cpuinfo``; read from the system when ``None``.
 
     Returns:
-        ``True`` or ``False`` from the CPU's feature flags, ``None`` when they cannot be read
-        (not Linux).
+        The flags, or ``None`` when they cannot be read (not Linux).
     """
     if cpuinfo is None:
         try:
@@ -78,9 +96,78 @@ def cpu_has_bf16(cpuinfo: str | None = None) -> bool | None:
         key, _, value = line.partition(":")
         if key.strip().lower() in ("flags", "features"):
             flags.update(value.split())
-    if not flags:
-        return None
-    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+    return flags or None
+
+
+def cpu_has_bf16(cpuinfo: str | None = None) -> bool | None:
+    """Whether the CPU computes bfloat16 natively (x86 AVX512-BF16 or AMX-BF16, Arm BF16).
+
+    Args:
+        cpuinfo: Text of ``/proc/cpuinfo``; read from the system when ``None``.
+
+    Returns:
+        ``True`` or ``False`` from the CPU's feature flags, ``None`` when they cannot be read
+        (not Linux).
+    """
+    flags = cpu_flags(cpuinfo)
+    return None if flags is None else bool(flags & _BF16_FLAGS)
+
+
+def onednn_isa_cap(environ: Mapping[str, str] | None = None) -> tuple[str, str] | None:
+    """The ISA cap oneDNN reads from the environment, as ``(variable, value)``.
+
+    oneDNN reads ``ONEDNN_MAX_CPU_ISA`` and, only when that is not set, its older name
+    ``DNNL_MAX_CPU_ISA``.
+
+    Args:
+        environ: The environment; ``os.environ`` when ``None``.
+
+    Returns:
+        The variable and its value, or ``None`` when neither is set.
+    """
+    environ = os.environ if environ is None else environ
+    for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        if name in environ:
+            return name, environ[name]
+    return None
+
+
+def native_bf16(
+    cpuinfo: str | None = None, environ: Mapping[str, str] | None = None
+) -> tuple[bool | None, str]:
+    """Whether bfloat16 passes would run on the CPU's bfloat16 instructions in this process.
+
+    That needs the instructions (``cpu_has_bf16``), oneDNN (TensorFlow's CPU kernels for
+    convolutions and matmuls; ``TF_ENABLE_ONEDNN_OPTS=0`` turns it off and leaves bf16 to
+    emulation) and an ISA cap that lets oneDNN use them (``ONEDNN_MAX_CPU_ISA``, see
+    ``ONEDNN_ISAS_WITHOUT_BF16``). Read before TensorFlow runs anything: oneDNN reads the cap once.
+
+    Args:
+        cpuinfo: Text of ``/proc/cpuinfo``; read from the system when ``None``.
+        environ: The environment; ``os.environ`` when ``None``.
+
+    Returns:
+        ``(native, why_not)``: ``native`` is ``True``, ``False``, or ``None`` when the CPU's
+        flags cannot be read; ``why_not`` says why it is not (empty otherwise).
+    """
+    environ = os.environ if environ is None else environ
+    has = cpu_has_bf16(cpuinfo)
+    if has is False:
+        return False, (
+            "this CPU has no native bfloat16 (AVX512-BF16, AMX or Arm BF16), where it would be "
+            "emulated and slower"
+        )
+    cap = onednn_isa_cap(environ)
+    if cap is not None and cap[1] in ONEDNN_ISAS_WITHOUT_BF16:
+        return False, (
+            f"{cap[0]}={cap[1]} keeps oneDNN from this CPU's bfloat16 instructions (it needs "
+            "AVX512_CORE_BF16 or above), where bfloat16 convolutions fail or are emulated"
+        )
+    if environ.get("TF_ENABLE_ONEDNN_OPTS", "").strip().lower() in ("0", "false"):
+        return False, (
+            "TF_ENABLE_ONEDNN_OPTS=0 turns oneDNN off, where TensorFlow would emulate bfloat16"
+        )
+    return has, ""
 
 
 def find_dropout_layers(
@@ -706,3 +793,78 @@ def bucket_rows(rows: int) -> int:
         return max(rows, 1)
     power = 1 << (rows - 1).bit_length()  # next power of two >= rows
     return power * 3 // 4 if power * 3 // 4 >= rows else power
+
+
+def _probe_model() -> keras.Model:
+    """A tiny convolutional model (fixed weights) whose sampled tail has the layers of a CNN."""
+    init = keras.initializers.GlorotUniform(seed=0)  # seeded: the global RNG is left alone
+    inputs = keras.Input((8, 8, 3), name="bf16_probe_input")
+    x = keras.layers.Conv2D(4, 3, padding="same", kernel_initializer=init, name="bf16_probe_c1")(
+        inputs
+    )
+    x = keras.layers.Dropout(0.25, seed=0, name="bf16_probe_drop")(x)
+    x = keras.layers.Conv2D(4, 3, activation="relu", kernel_initializer=init, name="bf16_probe_c2")(
+        x
+    )
+    x = keras.layers.BatchNormalization(name="bf16_probe_bn")(x)
+    x = keras.layers.MaxPooling2D(name="bf16_probe_pool")(x)
+    x = keras.layers.Flatten(name="bf16_probe_flat")(x)
+    outputs = keras.layers.Dense(
+        3, activation="softmax", kernel_initializer=init, name="bf16_probe_dense"
+    )(x)
+    return keras.Model(inputs, outputs, name="bf16_probe")
+
+
+@functools.cache
+def bf16_probe() -> str | None:
+    """Run a tiny CNN's MC passes in bfloat16, as ``MCSampler`` runs a model's, once a process.
+
+    oneDNN can refuse bf16 kernels where the CPU's flags promise them (an ISA cap it reads, a
+    build without them); the error comes only when a convolution first runs. This finds out
+    before any image is scored.
+
+    Returns:
+        ``None`` if the passes ran and gave finite probabilities, else why not (one line).
+    """
+    rows = np.linspace(0.0, 1.0, 2 * 8 * 8 * 3, dtype=np.float32).reshape(2, 8, 8, 3)
+    try:
+        sampler = MCSampler(_probe_model(), passes=2, precision="bfloat16")
+        samples = sampler.sample(rows, np.arange(2, dtype=np.uint32))
+    except Exception as exc:  # noqa: BLE001 - any failure means: do not score in bf16
+        text = str(exc)
+        found = re.search(r"message: ([^.]+)", text)
+        line = found.group(1) if found else next((s for s in text.splitlines() if s), "")
+        return f"{type(exc).__name__}: {line.strip()}"
+    if not np.isfinite(samples).all():
+        return "the bfloat16 passes gave non-finite probabilities"
+    return None
+
+
+def resolve_precision(
+    precision: str, cpuinfo: str | None = None, environ: Mapping[str, str] | None = None
+) -> tuple[str, str | None]:
+    """The precision to run for the ``precision`` asked for, and the notice if it differs.
+
+    ``bfloat16`` runs only where it is native (``native_bf16``: the CPU's flags, oneDNN's ISA cap)
+    and a bfloat16 probe (``bf16_probe``) runs in this process; otherwise ``float32``.
+
+    Args:
+        precision: ``float32`` or ``bfloat16``.
+        cpuinfo: Text of ``/proc/cpuinfo``; read from the system when ``None``.
+        environ: The environment; ``os.environ`` when ``None``.
+
+    Returns:
+        ``(precision, notice)``: the precision to run, and ``None`` or why bfloat16 was not.
+    """
+    if precision != "bfloat16":
+        return precision, None
+    native, why_not = native_bf16(cpuinfo, environ)
+    if native is False:
+        return "float32", f"--precision bfloat16: {why_not}; using float32."
+    failure = bf16_probe()
+    if failure is not None:
+        return "float32", (
+            f"--precision bfloat16: a bfloat16 convolution failed in this process ({failure}); "
+            "using float32."
+        )
+    return "bfloat16", None

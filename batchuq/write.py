@@ -38,6 +38,8 @@ METADATA_KEY = b"batchuq"
 # How the run went (wall time, images/s), known only at its end: a key of the file's footer
 # added when the file is closed, read back by ``read_metadata`` as the metadata's ``run``.
 RUN_METADATA_KEY = b"batchuq.run"
+# How pandas restores its dtypes (see ``pandas_metadata``); written by pyarrow's pandas support.
+PANDAS_METADATA_KEY = b"pandas"
 SCORE_COLUMNS = ("confidence", "margin", "entropy", "mutual_info", "variation_ratio")
 CLASS_STATISTICS = ("mean", "median", "std")
 _COMPRESSION = COMPRESSION
@@ -85,8 +87,36 @@ def output_schema(
             pa.list_(per_sample) if variable_samples else pa.list_(per_sample, samples_per_image)
         )
         fields.append(pa.field("samples", outer))
-    encoded = {METADATA_KEY: json.dumps(metadata or {}, sort_keys=True).encode()}
+    encoded = {
+        METADATA_KEY: json.dumps(metadata or {}, sort_keys=True).encode(),
+        PANDAS_METADATA_KEY: pandas_metadata(pa.schema(fields)),
+    }
     return pa.schema(fields, metadata=encoded)
+
+
+def pandas_metadata(schema: pa.Schema) -> bytes:
+    """The ``pandas`` metadata pyarrow writes for a DataFrame of ``schema``'s columns, every
+    integer column a nullable ``Int64`` (``Int32`` ...).
+
+    Without it pandas reads an integer column with a null (an error row has no ``pred_index``,
+    ``passes`` or ``label_index``) as float64; with it ``pd.read_parquet`` gives ``Int64``,
+    nulls as ``pd.NA``, whether or not a file has nulls. The Arrow types stay integers, and
+    polars and DuckDB, which do not read this key, read them as such.
+
+    Args:
+        schema: The columns (their metadata is not used).
+
+    Returns:
+        The JSON bytes of the ``pandas`` key, as ``pa.Table.from_pandas`` makes them.
+    """
+    bare = pa.schema(list(schema))
+    frame = bare.empty_table().to_pandas()  # imports pandas now, not when the CLI starts
+    for item in bare:
+        if pa.types.is_integer(item.type):
+            unsigned = "U" if pa.types.is_unsigned_integer(item.type) else ""
+            frame[item.name] = frame[item.name].astype(f"{unsigned}Int{item.type.bit_width}")
+    table = pa.Table.from_pandas(frame, schema=bare, preserve_index=False)
+    return table.schema.metadata[PANDAS_METADATA_KEY]
 
 
 # --------------------------------------------------------------------------------------------

@@ -73,6 +73,75 @@ def assert_parquet_bitwise_equal(a: Path, b: Path) -> None:
             assert col_a.equals(col_b), name
 
 
+INTEGER_COLUMNS = ("label_index", "pred_index", "passes")  # every int64 of the output schema
+
+
+def integer_columns_by_reader(path: Path) -> dict[str, dict[str, tuple[str, dict]]]:
+    """How pandas, polars and DuckDB read the integer columns of an output file or folder.
+
+    Returns:
+        ``{reader: {column: (type, {path: value or None})}}``, and ``"arrow"`` (pyarrow's own
+        types and values, the reference) among the readers.
+    """
+    import duckdb
+    import polars as pl
+
+    pattern = str(path / "*.parquet") if path.is_dir() else str(path)
+    table = pq.read_table(path)
+    frame = pd.read_parquet(path)
+    polars_frame = pl.read_parquet(pattern)
+    duck = duckdb.read_parquet(pattern)
+    duck_types = dict(zip(duck.columns, duck.types, strict=True))
+    duck_rows = duck.select(", ".join(["path", *INTEGER_COLUMNS])).fetchall()
+    out: dict[str, dict[str, tuple[str, dict]]] = {}
+    for name in INTEGER_COLUMNS:
+        paths = table["path"].to_pylist()
+        out.setdefault("arrow", {})[name] = (
+            str(table.schema.field(name).type),
+            dict(zip(paths, table[name].to_pylist(), strict=True)),
+        )
+        # Int64 yields NumPy integers (made Python ints here); float64 would yield floats.
+        values = [
+            None if pd.isna(v) else int(v) if isinstance(v, np.integer) else v for v in frame[name]
+        ]
+        out.setdefault("pandas", {})[name] = (
+            str(frame[name].dtype),
+            dict(zip(frame["path"], values, strict=True)),
+        )
+        out.setdefault("polars", {})[name] = (
+            str(polars_frame[name].dtype),
+            dict(zip(polars_frame["path"], polars_frame[name].to_list(), strict=True)),
+        )
+        column = 1 + INTEGER_COLUMNS.index(name)
+        out.setdefault("duckdb", {})[name] = (
+            str(duck_types[name]),
+            {row[0]: row[column] for row in duck_rows},
+        )
+    return out
+
+
+def assert_integer_columns_stay_integers(
+    path: Path, with_nulls: tuple[str, ...] = INTEGER_COLUMNS
+) -> None:
+    """pandas reads every integer column as nullable ``Int64``, polars as ``Int64``, DuckDB as
+    ``BIGINT``, each with pyarrow's values and nulls; the ``with_nulls`` columns hold both
+    values and nulls (so that the test is not vacuous)."""
+    read = integer_columns_by_reader(path)
+    expected_types = {"arrow": "int64", "pandas": "Int64", "polars": "Int64", "duckdb": "BIGINT"}
+    for name in INTEGER_COLUMNS:
+        reference = read["arrow"][name][1]
+        values = set(reference.values())
+        assert len(values - {None}) > 0, f"{name} holds only nulls"
+        if name in with_nulls:
+            assert None in values, f"{name} holds no null"
+        for reader, columns in read.items():
+            kind, got = columns[name]
+            assert kind == expected_types[reader], (reader, name, kind)
+            assert got == reference, (reader, name)
+            # and the values are integers, not floats equal to them
+            assert all(type(v) is int for v in got.values() if v is not None), (reader, name)
+
+
 def bn_dropout_model(classes: int = 3, size: int = 16, seed: int = 1) -> keras.Model:
     """Functional model with BatchNormalization, a residual branch and a baked-in dropout."""
     keras.utils.set_random_seed(seed)

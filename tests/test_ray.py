@@ -37,12 +37,18 @@ import contextlib
 import pandas as pd  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pytest  # noqa: E402
-from conftest import REPO, SAMPLE_TEST, assert_frames_equal_to_rounding  # noqa: E402
+from conftest import (  # noqa: E402
+    REPO,
+    SAMPLE_TEST,
+    assert_frames_equal_to_rounding,
+    assert_integer_columns_stay_integers,
+)
 
 from batchuq import score_directory  # noqa: E402
 from batchuq.cli.runtime import EXIT_IMAGE_ERRORS  # noqa: E402
 from batchuq.compact import SortedParts, part_name_at, write_part_file  # noqa: E402
 from batchuq.errors import OutputError, StopRequested, UsageError  # noqa: E402
+from batchuq.jobs.ray_engine import OutputTarget, finalise  # noqa: E402
 from batchuq.jobs.ray_worker import PartJob, PartScorer  # noqa: E402
 from batchuq.jobs.rows import checkpoint_fingerprint, run_schema  # noqa: E402
 from batchuq.jobs.run import ScoreOptions, prepare_run  # noqa: E402
@@ -198,6 +204,7 @@ def test_ray_engine_writes_the_local_engines_rows(
     assert [f.name for f in files] == [f"part-{i:06d}.parquet" for i in range(15)]
     rows, local = pd.read_parquet(tmp_path / "scores"), pd.read_parquet(local_reference)
     assert len(rows) == 450 and rows.path.is_unique
+    assert (rows[["label_index", "pred_index", "passes"]].dtypes == "Int64").all()
     # Same paths in the same order, identical decisions and statuses, floats to rounding.
     assert_frames_equal_to_rounding(rows, local)
     local_meta = _metadata_but_run(local_reference)
@@ -298,6 +305,7 @@ def test_cli_ray_engine_turns_bad_files_into_error_rows(ray_module, tmp_path: Pa
     assert len(rows) == 12 and (rows.status != "ok").sum() == 2
     means = [c for c in rows.columns if c.startswith("mean_")]
     assert rows.loc[rows.status != "ok", means].isna().all().all()  # no statistics
+    assert_integer_columns_stay_integers(tmp_path / "ray.parquet", ("pred_index", "passes"))
     local_out = tmp_path / "local.parquet"
     score_directory(images, local_out, passes=PASSES)
     assert_same_rows(tmp_path / "ray.parquet", local_out)
@@ -407,6 +415,34 @@ def test_a_folder_output_replaces_only_a_previous_output(tmp_path: Path) -> None
     (out / "notes.txt").write_text("not ours")
     with pytest.raises(OutputError, match="holds other files .* Received: output="):
         check_output_folder(out)
+
+
+def test_a_folder_output_keeps_the_integer_columns_integers(tmp_path: Path) -> None:
+    """Issue 19: the parts the Ray engine's actor writes (run here as a plain class), compacted
+    by its ``finalise`` into a folder dataset (``OUT/``) with an error row among them: pandas
+    reads ``pred_index`` and ``passes`` as Int64, polars and DuckDB as 64-bit integers."""
+    images = tmp_path / "images"
+    for folder in ("n2", "n8"):
+        (images / folder).mkdir(parents=True)
+        for image in sorted((SAMPLE_TEST / folder).iterdir())[:4]:
+            shutil.copy(image, images / folder / image.name)
+    (images / "n2" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
+    options = ScoreOptions(passes=PASSES)
+    plan = prepare_run(images, options)
+    target = OutputTarget.check(f"{tmp_path}/scores/")
+    checkpoint = Checkpoint(
+        target.path, checkpoint_fingerprint(plan), 4, order=plan.relative_paths,
+        folder=tmp_path / "parts",
+    )  # fmt: skip
+    checkpoint.open()
+    schema = run_schema(plan, "ray")
+    job = PartJob.for_workers(plan, options, schema, checkpoint.fingerprint, checkpoint.folder)
+    summaries = PartScorer(job)(pa.table({"positions": [[0, 1, 2, 3, 4], [5, 6, 7, 8]]}))
+    assert sum(len(s["error_positions"]) for s in summaries.to_pylist()) == 1
+    finalise(target, checkpoint, plan, schema, {"images": 9})
+    assert len(list(target.path.iterdir())) == 3  # 4 rows a file
+    assert_integer_columns_stay_integers(target.path, with_nulls=("pred_index", "passes"))
+    assert read_metadata(target.path)["engine"] == "ray"
 
 
 def test_a_local_resume_finishes_parts_written_by_the_ray_worker(tmp_path: Path) -> None:

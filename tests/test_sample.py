@@ -34,6 +34,24 @@ def _zero_rate_copy(model: keras.Model) -> keras.Model:
     return copy
 
 
+@pytest.fixture
+def bf16_runs() -> None:
+    """Skip where bfloat16 passes cannot run in this process, saying why.
+
+    That is under an ISA cap that keeps oneDNN from bf16 on an AVX-512 CPU (.ci/run's second
+    step, ``ONEDNN_MAX_CPU_ISA=AVX2``): oneDNN refuses the convolutions there, and
+    ``batchuq score --precision bfloat16`` falls back to float32. Without a cap bf16 runs on
+    every CPU (natively or emulated), so there the probe must pass.
+    """
+    from batchuq.sample import bf16_probe, onednn_isa_cap
+
+    failure = bf16_probe()
+    if failure is not None:
+        assert onednn_isa_cap() is not None, f"bfloat16 fails without an ISA cap: {failure}"
+        name, value = onednn_isa_cap()
+        pytest.skip(f"bfloat16 does not run under {name}={value}: {failure}")
+
+
 @pytest.mark.numerics
 def test_passes_differ_and_bn_statistics_are_untouched(bn_model: keras.Model) -> None:
     bn = bn_model.get_layer("bn")
@@ -247,7 +265,7 @@ def test_fused_dropout_kernel_equals_the_op_by_op_formula(spatial: bool, dtype: 
 
 
 @pytest.mark.numerics
-def test_bfloat16_tail_agrees_with_float32(bn_model: keras.Model) -> None:
+def test_bfloat16_tail_agrees_with_float32(bn_model: keras.Model, bf16_runs: None) -> None:
     images, keys = _images(4), _keys(4)
     fp32 = MCSampler(bn_model, passes=50).sample(images, keys)
     bf16 = MCSampler(bn_model, passes=50, precision="bfloat16").sample(images, keys)
@@ -259,7 +277,7 @@ def test_bfloat16_tail_agrees_with_float32(bn_model: keras.Model) -> None:
 
 
 @pytest.mark.numerics
-def test_bfloat16_frontier_cast_before_tiling_changes_nothing() -> None:
+def test_bfloat16_frontier_cast_before_tiling_changes_nothing(bf16_runs: None) -> None:
     from batchuq.decode import ImageSpec
     from batchuq.jobs.train import reference_cnn
 
@@ -283,7 +301,7 @@ def test_bundled_dropout_model_is_rebuilt_with_fresh_keys(bn_model: keras.Model)
 
 
 @pytest.mark.numerics
-def test_bfloat16_keeps_softmax_and_everything_after_it_in_float32() -> None:
+def test_bfloat16_keeps_softmax_and_everything_after_it_in_float32(bf16_runs: None) -> None:
     inputs = keras.Input((12,))
     x = keras.layers.Dense(32, activation="relu", name="hidden")(inputs)
     x = keras.layers.Dropout(0.3, name="drop")(x)
@@ -308,6 +326,152 @@ def test_cpu_bf16_detection_reads_the_feature_flags() -> None:
     assert cpu_has_bf16("processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n") is True
     assert cpu_has_bf16("processor\t: 0\nFeatures\t: fp asimd\n") is False
     assert cpu_has_bf16("") is None
+
+
+# Feature flags of real CPUs, as /proc/cpuinfo lists them (one logical CPU each).
+# The machine these tests were written on ("Intel(R) Xeon(R) Processor", Ice Lake server's ISA):
+# AVX-512 without AVX512-BF16.
+ICE_LAKE_XEON = (
+    "fpu vme de pse tsc msr pae mce cx8 apic sep mtrr pge mca cmov pat pse36 clflush mmx fxsr "
+    "sse sse2 ss ht syscall nx pdpe1gb rdtscp lm constant_tsc rep_good nopl xtopology "
+    "nonstop_tsc cpuid tsc_known_freq pni pclmulqdq ssse3 fma cx16 pcid sse4_1 sse4_2 x2apic "
+    "movbe popcnt tsc_deadline_timer aes xsave avx f16c rdrand hypervisor lahf_lm abm "
+    "3dnowprefetch cpuid_fault fsgsbase tsc_adjust bmi1 hle avx2 smep bmi2 erms invpcid rtm "
+    "avx512f avx512dq rdseed adx smap avx512ifma clflushopt clwb avx512cd sha_ni avx512bw "
+    "avx512vl xsaveopt xsavec xgetbv1 xsaves arat avx512vbmi umip avx512_vbmi2 gfni vaes "
+    "vpclmulqdq avx512_vnni avx512_bitalg avx512_vpopcntdq rdpid fsrm arch_capabilities"
+)
+# Sapphire Rapids: Ice Lake's ISA plus AVX512-BF16, AVX512-FP16 and AMX.
+SAPPHIRE_RAPIDS = (
+    ICE_LAKE_XEON
+    + " avx_vnni avx512_bf16 serialize tsxldtrk amx_bf16 avx512_fp16 amx_tile amx_int8"
+)
+EPYC_ZEN3 = (  # the AMD EPYC of the README's figures: AVX2, no AVX-512
+    "fpu vme de pse tsc msr pae mce cx8 apic sep mtrr pge mca cmov pat pse36 clflush mmx fxsr sse "
+    "sse2 ht syscall nx mmxext fxsr_opt pdpe1gb rdtscp lm constant_tsc rep_good nopl nonstop_tsc "
+    "cpuid extd_apicid tsc_known_freq pni pclmulqdq ssse3 fma cx16 pcid sse4_1 sse4_2 x2apic movbe "
+    "popcnt aes xsave avx f16c rdrand hypervisor lahf_lm cmp_legacy cr8_legacy abm sse4a "
+    "misalignsse 3dnowprefetch osvw topoext invpcid_single ssbd ibrs ibpb stibp vmmcall fsgsbase "
+    "bmi1 avx2 smep bmi2 erms invpcid rdseed adx smap clflushopt clwb sha_ni xsaveopt xsavec "
+    "xgetbv1 xsaves clzero xsaveerptr rdpru wbnoinvd arat npt nrip_save umip vaes vpclmulqdq rdpid "
+    "fsrm"
+)
+EPYC_ZEN4 = (  # AVX-512 with AVX512-BF16, no AMX
+    EPYC_ZEN3 + " avx512f avx512dq avx512ifma avx512cd avx512bw avx512vl avx512_bf16 avx512vbmi "
+    "avx512_vbmi2 gfni avx512_vnni avx512_bitalg avx512_vpopcntdq"
+)
+GRAVITON3 = (  # Neoverse V1, Arm
+    "fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm jscvt fcma "
+    "lrcpc dcpop sha3 sm3 sm4 asimddp sha512 sve asimdfhm dit uscat ilrcpc flagm ssbs paca pacg "
+    "dcpodp svei8mm svebf16 i8mm bf16 dgh rng"
+)
+
+
+def _cpuinfo(flags: str, arm: bool = False) -> str:
+    key = "Features\t" if arm else "flags\t\t"
+    return "".join(f"processor\t: {i}\n{key}: {flags}\n\n" for i in range(2))
+
+
+NO_BF16 = "this CPU has no native bfloat16"
+
+
+@pytest.mark.parametrize(
+    ("cpu", "environ", "why_not"),
+    [
+        # No bf16 instructions: never native, whatever the cap.
+        (ICE_LAKE_XEON, {}, NO_BF16),
+        (ICE_LAKE_XEON, {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}, NO_BF16),
+        (EPYC_ZEN3, {"ONEDNN_MAX_CPU_ISA": "AVX2"}, NO_BF16),
+        # bf16 instructions and no cap, or a cap at or above AVX512_CORE_BF16: native.
+        (SAPPHIRE_RAPIDS, {}, ""),
+        (SAPPHIRE_RAPIDS, {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}, ""),
+        (SAPPHIRE_RAPIDS, {"ONEDNN_MAX_CPU_ISA": "AVX10_1_512"}, ""),
+        (SAPPHIRE_RAPIDS, {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_AMX"}, ""),
+        (SAPPHIRE_RAPIDS, {"ONEDNN_MAX_CPU_ISA": "AVX10_1_512_AMX_FP16"}, ""),
+        (SAPPHIRE_RAPIDS, {"ONEDNN_MAX_CPU_ISA": "ALL"}, ""),
+        (SAPPHIRE_RAPIDS, {"ONEDNN_MAX_CPU_ISA": "DEFAULT"}, ""),
+        (EPYC_ZEN4, {}, ""),
+        # A cap below it (.ci/run's second step, containers): the crash of issue 19.
+        (SAPPHIRE_RAPIDS, {"ONEDNN_MAX_CPU_ISA": "AVX2"}, "ONEDNN_MAX_CPU_ISA=AVX2 keeps"),
+        (SAPPHIRE_RAPIDS, {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_VNNI"}, "=AVX512_CORE_VNNI keeps"),
+        (SAPPHIRE_RAPIDS, {"ONEDNN_MAX_CPU_ISA": "AVX2_VNNI_2"}, "=AVX2_VNNI_2 keeps"),  # beside
+        (EPYC_ZEN4, {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE"}, "=AVX512_CORE keeps"),
+        (EPYC_ZEN4, {"ONEDNN_MAX_CPU_ISA": "SSE41"}, "=SSE41 keeps"),
+        # The older name, read only when the new one is not set.
+        (SAPPHIRE_RAPIDS, {"DNNL_MAX_CPU_ISA": "AVX2"}, "DNNL_MAX_CPU_ISA=AVX2 keeps"),
+        (SAPPHIRE_RAPIDS, {"ONEDNN_MAX_CPU_ISA": "ALL", "DNNL_MAX_CPU_ISA": "AVX2"}, ""),
+        # oneDNN compares names exactly and ignores others: no cap.
+        (SAPPHIRE_RAPIDS, {"ONEDNN_MAX_CPU_ISA": "avx2"}, ""),
+        # oneDNN off: TensorFlow's own kernels emulate bf16.
+        (SAPPHIRE_RAPIDS, {"TF_ENABLE_ONEDNN_OPTS": "0"}, "TF_ENABLE_ONEDNN_OPTS=0 turns"),
+        (SAPPHIRE_RAPIDS, {"TF_ENABLE_ONEDNN_OPTS": "1"}, ""),
+    ],
+)
+def test_native_bf16_needs_the_instructions_and_a_onednn_cap_that_allows_them(
+    cpu: str, environ: dict[str, str], why_not: str
+) -> None:
+    from batchuq.sample import native_bf16, resolve_precision
+
+    native, reason = native_bf16(_cpuinfo(cpu), environ)
+    assert native is not why_not
+    assert why_not in reason if why_not else reason == ""
+    if not native:  # the fallback, decided before anything runs
+        precision, notice = resolve_precision("bfloat16", _cpuinfo(cpu), environ)
+        assert precision == "float32"
+        assert notice == f"--precision bfloat16: {reason}; using float32."
+
+
+def test_native_bf16_reads_arm_features_and_unknown_cpus() -> None:
+    from batchuq.sample import native_bf16
+
+    assert native_bf16(_cpuinfo(GRAVITON3, arm=True), {})[0] is True
+    assert native_bf16(_cpuinfo("fp asimd evtstrm aes pmull", arm=True), {})[0] is False
+    assert native_bf16("", {}) == (None, "")  # not Linux: the probe decides
+
+
+def test_float32_is_never_changed() -> None:
+    from batchuq.sample import resolve_precision
+
+    assert resolve_precision("float32", _cpuinfo(EPYC_ZEN3), {}) == ("float32", None)
+
+
+@pytest.mark.numerics
+def test_the_bf16_probe_fails_for_real_where_onednn_is_capped_below_bf16(tmp_path) -> None:
+    """On an AVX-512 CPU TensorFlow hands bf16 convolutions to oneDNN; under
+    ``ONEDNN_MAX_CPU_ISA=AVX2`` oneDNN refuses them (the crash of issue 19). The probe meets that
+    failure (in a fresh process: oneDNN reads the cap once) and the run falls back to float32,
+    even where the flags promise bf16 (Sapphire Rapids' flags given here)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    from batchuq.sample import cpu_flags
+
+    if "avx512f" not in (cpu_flags() or set()):
+        pytest.skip("TensorFlow leaves bf16 convolutions to oneDNN only on AVX-512 CPUs")
+    script = (
+        "import json, sys\n"
+        "from batchuq.sample import bf16_probe, resolve_precision\n"
+        "failure = bf16_probe()\n"
+        "json.dump([failure, resolve_precision('bfloat16', sys.argv[1], {})], sys.stdout)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.endswith("MAX_CPU_ISA")}
+    env |= {"ONEDNN_MAX_CPU_ISA": "AVX2", "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    done = subprocess.run(
+        [sys.executable, "-c", script, _cpuinfo(SAPPHIRE_RAPIDS)],
+        env=env, cwd=tmp_path, capture_output=True, text=True, check=False, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    failure, (precision, notice) = json.loads(done.stdout)
+    assert "could not create a primitive descriptor for the convolution" in failure
+    assert precision == "float32"
+    assert notice == (
+        f"--precision bfloat16: a bfloat16 convolution failed in this process ({failure}); "
+        "using float32."
+    )
 
 
 def test_cli_memory_budget_default_is_the_samplers() -> None:

@@ -9,7 +9,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import INTEGER_COLUMNS, assert_integer_columns_stay_integers
 
+from batchuq.compact import SortedParts, part_name_at, write_part_file
 from batchuq.defaults import STATUS_OK, UNCLASSIFIED, UNCLASSIFIED_NAME
 from batchuq.errors import CheckpointError, OutputError, UsageError
 from batchuq.write import (
@@ -20,6 +22,7 @@ from batchuq.write import (
     output_schema,
     read_metadata,
     score_record_batch,
+    write_folder_from_parts,
 )
 
 CLASSES = ["cat", "dog", "owl"]
@@ -301,3 +304,91 @@ def test_the_run_record_goes_into_the_footer_and_read_metadata_returns_it(
     # A file without a run record (written before there was one) has no `run`.
     pq.write_table(pq.read_table(out), tmp_path / "old.parquet")
     assert "run" not in read_metadata(tmp_path / "old.parquet")
+
+
+def _batches_with_integer_nulls(count: int) -> list[pa.RecordBatch]:
+    """``count`` batches of 7 rows: rows 1 and 4 error rows (no ``pred_index``, no ``passes``),
+    row 3 unlabelled (no ``label_index``)."""
+    out = []
+    for b in range(count):
+        arrays = _batch_arrays(seed=b)
+        arrays["paths"] = [f"img_{b * 7 + i:03d}.png" for i in range(7)]
+        bad = np.array([status != STATUS_OK for status in arrays["statuses"]])
+        passes = np.where(bad, 0, 8 + b)  # whatever an error row holds is dropped
+        batch = score_record_batch(
+            _schema(False, False),
+            CLASSES,
+            **{k: v for k, v in arrays.items() if k not in ("pred_sets", "samples")},
+            passes=passes,
+        )
+        out.append(batch)
+    return out
+
+
+def _write_resumed(out: Path, batches: list[pa.RecordBatch]) -> Path:
+    """An interrupted run's checkpoint parts, then the run that finishes and compacts them."""
+    schema = batches[0].schema
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint = Checkpoint(out, {"run": 1}, rows_per_part=4)
+        with ParquetSink(out, schema, checkpoint=checkpoint) as sink:
+            sink.write(batches[0])
+            raise KeyboardInterrupt
+    assert [p.name for p in Checkpoint(out, {"run": 1}).parts()] == ["part-000000.parquet"]
+    with ParquetSink(out, schema, checkpoint=Checkpoint(out, {"run": 1}, rows_per_part=4)) as sink:
+        for batch in batches[1:]:
+            sink.write(batch)
+    return out
+
+
+def _write_folder(out: Path, batches: list[pa.RecordBatch]) -> Path:
+    """Part files as the Ray workers write them, compacted into a folder dataset (``OUT/``)."""
+    parts = out.with_name("parts")
+    parts.mkdir()
+    schema = batches[0].schema
+    for index, batch in enumerate(batches):  # the first image's position names the part
+        write_part_file(parts, part_name_at(index * 7), pa.Table.from_batches([batch]))
+    order = [path for batch in batches for path in batch.column("path").to_pylist()]
+    rows = SortedParts(sorted(parts.iterdir()), {path: i for i, path in enumerate(order)})
+    write_folder_from_parts(rows, out, schema, rows_per_file=5, group_rows=5)
+    assert len(list(out.iterdir())) == 5  # 21 rows, 5 a file
+    return out
+
+
+def _write_file(out: Path, batches: list[pa.RecordBatch]) -> Path:
+    with ParquetSink(out, batches[0].schema, row_group_size=4) as sink:
+        for batch in batches:
+            sink.write(batch)
+    return out
+
+
+@pytest.mark.parametrize(
+    "write", [_write_file, _write_resumed, _write_folder], ids=["file", "resumed", "folder"]
+)
+def test_integer_columns_with_nulls_stay_integers_in_pandas_polars_and_duckdb(
+    tmp_path: Path, write
+) -> None:
+    """Issue 19: pandas read ``pred_index`` and ``passes`` as float64 once an error row made
+    them null. The schema's pandas metadata makes them nullable ``Int64``, on every writer, and
+    keeps the batchuq metadata; the Arrow types (what polars and DuckDB read) stay int64."""
+    batches = _batches_with_integer_nulls(3)
+    out = write(tmp_path / "out.parquet", batches)
+    assert_integer_columns_stay_integers(out)
+    assert read_metadata(out) == {"run": 1}
+    one_file = next(out.iterdir()) if out.is_dir() else out
+    pandas = pq.read_schema(one_file).pandas_metadata
+    assert {c["name"]: c["numpy_type"] for c in pandas["columns"]}["pred_index"] == "Int64"
+    assert pq.read_table(out).num_rows == 21
+
+
+def test_pandas_metadata_names_every_column_and_changes_no_arrow_type() -> None:
+    schema = output_schema(CLASSES, {"run": 1}, pred_set=True, samples_per_image=4)
+    columns = schema.pandas_metadata["columns"]
+    assert [c["name"] for c in columns] == schema.names
+    integers = {f.name for f in schema if pa.types.is_integer(f.type)}
+    assert integers == set(INTEGER_COLUMNS)
+    assert {c["name"] for c in columns if c["numpy_type"] == "Int64"} == integers
+    assert schema.pandas_metadata["index_columns"] == []  # a plain RangeIndex
+    # The types pandas gives an empty file are those of the one with rows and nulls.
+    frame = schema.empty_table().to_pandas()
+    assert all(str(frame[name].dtype) == "Int64" for name in integers)
+    assert frame["mean_cat"].dtype == np.float32

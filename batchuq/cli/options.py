@@ -187,8 +187,10 @@ precision_option = click.option(
     default=DEFAULT_PRECISION,
     show_default=True,
     help="Arithmetic of the sampled passes. bfloat16 is faster on CPUs with AVX512-BF16 "
-    "or AMX (elsewhere it falls back to float32 with a warning); probabilities and "
-    "statistics stay float32.",
+    "or AMX. Where it is not native or does not run (no such CPU; oneDNN capped below "
+    "it by ONEDNN_MAX_CPU_ISA, e.g. AVX2; a bf16 probe failing) it falls back to float32 "
+    "with a warning; the metadata keeps precision and precision_requested. Probabilities "
+    "and statistics stay float32.",
 )
 
 logits_option = click.option(

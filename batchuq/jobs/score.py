@@ -123,9 +123,10 @@ def score_directory(
         memory_budget_mb: Memory budget for one chunk of rows (images x TTA copies) and its tiled
             passes; peak memory grows with neither T nor K.
         max_pixels: Images with more pixels are refused (error row) before decoding.
-        precision: ``float32``, or ``bfloat16`` for the sampled part of the network. On a
-            CPU whose flags show no native bfloat16, ``bfloat16`` falls back to ``float32``
-            with a warning (the metadata keeps both ``precision`` and ``precision_requested``).
+        precision: ``float32``, or ``bfloat16`` for the sampled part of the network. Where
+            bfloat16 is not native (the CPU's flags, oneDNN's ``ONEDNN_MAX_CPU_ISA`` cap) or a
+            bfloat16 probe fails, it falls back to ``float32`` with a warning (the metadata
+            keeps both ``precision`` and ``precision_requested``).
         logits: The model outputs logits; apply a softmax to each pass.
         resume: Keep finished rows in ``OUTPUT.checkpoint/`` and, when it exists from an
             interrupted run with the same settings, skip the images already scored there.

@@ -21,9 +21,12 @@ from batchuq.defaults import (
     DEFAULT_PRECISION,
 )
 from batchuq.methods.base import UncertaintyMethod
-from batchuq.sample import MCSampler, PreparedRows, cpu_has_bf16
+from batchuq.sample import MCSampler, PreparedRows, resolve_precision
 
 logger = logging.getLogger("batchuq")
+# Precision notices given in this process: each once, however many predictors a command builds
+# (calibrate builds two, an ensemble one per member) with the same outcome.
+_NOTICES_GIVEN: set[str] = set()
 
 
 class MCDropout(UncertaintyMethod):
@@ -35,7 +38,8 @@ class MCDropout(UncertaintyMethod):
         sample_layers: Name patterns of the dropout layers to sample (default: all).
         memory_budget_mb: Bound on the activations of one chunk of rows and their passes.
         precision: ``float32``, or ``bfloat16`` for the sampled part; falls back to float32
-            with a warning on a CPU without native bfloat16.
+            with a warning where bfloat16 is not native or does not run here
+            (``batchuq.sample.resolve_precision``).
         logits: The model outputs logits: apply a softmax to every pass.
 
     Raises:
@@ -52,12 +56,10 @@ class MCDropout(UncertaintyMethod):
         logits: bool = False,
     ) -> None:
         self.precision_requested = precision
-        if precision == "bfloat16" and cpu_has_bf16() is False:
-            logger.warning(
-                "--precision bfloat16: this CPU has no native bfloat16 (AVX512-BF16, AMX or "
-                "Arm BF16), where it would be emulated and slower; using float32."
-            )
-            precision = "float32"
+        precision, notice = resolve_precision(precision)
+        if notice and notice not in _NOTICES_GIVEN:
+            _NOTICES_GIVEN.add(notice)
+            logger.warning(notice)
         self.sampler = MCSampler(
             model, passes, sample_layers, memory_budget_mb, precision=precision, logits=logits
         )
