@@ -14,6 +14,7 @@ from typing import Any
 import keras
 
 import batchuq.sngp  # noqa: F401 (registers the SNGP layers, so SNGP models load in safe mode)
+from batchuq.classes import DEFAULT_CLASS_ORDER, ClassNames, resolve_names, sidecar_file
 from batchuq.decode import ImageSpec
 from batchuq.model_files import (
     BUNDLED_MODEL,
@@ -68,8 +69,7 @@ class LoadedModel:
 
 def sidecar_path(model_path: str | os.PathLike[str]) -> Path:
     """The class-name sidecar that ``batchuq train`` writes beside ``model.keras``."""
-    path = Path(model_path)
-    return path.with_name(path.stem + ".classes.json")
+    return sidecar_file(model_path)
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
@@ -269,44 +269,37 @@ def resolve_class_names(
     loaded: LoadedModel,
     class_names: list[str] | None = None,
     folder_names: list[str] | None = None,
-) -> tuple[list[str], str]:
-    """Work out the model's class names.
+    class_order: str = DEFAULT_CLASS_ORDER,
+) -> ClassNames:
+    """Work out the model's class names (precedence: ``batchuq.classes``).
 
-    Order of precedence: ``class_names`` given by the user (with a warning when it overrides a
-    sidecar); the sidecar written by ``batchuq train``; the discovered class folders when their
-    count equals the model's outputs; ``0 .. C-1``.
+    ``--class-names`` given by the user wins over the sidecar written by ``batchuq train``,
+    with a warning naming both; then the sidecar; then the discovered class folders when their
+    count equals the model's outputs, numbered in ``class_order``; else ``0 .. C-1``.
 
     Returns:
-        The names and where they came from (``sidecar``, ``option``, ``folders``, ``index``).
+        The names, where they came from (``option``, ``sidecar``, ``folders``, ``index``) and
+        the notices to give (``ClassNames``).
 
     Raises:
         ModelError: If the names given do not match the model's output size.
     """
-    classes = loaded.num_classes
-    sidecar = loaded.sidecar.get("class_names")
-    if class_names:
-        names, source = list(class_names), "option"
-        if sidecar and [str(n) for n in sidecar] != names:
-            logger.warning(
-                "--class-names %s overrides the names in the model's sidecar %s (%s).",
-                ",".join(names),
-                ",".join(str(n) for n in sidecar),
-                sidecar_path(loaded.path),
-            )
-    elif sidecar:
-        names, source = [str(n) for n in sidecar], "sidecar"
-    elif folder_names and len(folder_names) == classes:
-        names, source = list(folder_names), "folders"
-    else:
-        names, source = [str(i) for i in range(classes)], "index"
-    if len(names) != classes:
-        raise ModelError(
-            f"The model has {classes} outputs but {len(names)} class names were given "
-            f"(from {source}). Received: class_names={names}"
+    resolved = resolve_names(
+        loaded.num_classes,
+        class_names,
+        loaded.sidecar.get("class_names"),
+        folder_names,
+        class_order,
+        sidecar_path(loaded.path),
+    )
+    if resolved.overridden:
+        logger.warning(
+            "--class-names %s overrides the names in the model's sidecar %s (%s).",
+            ",".join(resolved.names),
+            ",".join(resolved.overridden),
+            sidecar_path(loaded.path),
         )
-    if len(set(names)) != len(names):
-        raise ModelError(f"Class names must be unique. Received: class_names={names}")
-    return names, source
+    return resolved
 
 
 # Layers that scale raw pixels inside the model (keras.applications' EfficientNet, MobileNetV3

@@ -59,6 +59,7 @@ _FROM_SCORE_TABLE = {
     "logits": "logits",
     "exif_transpose": "exif_transpose",
     "imports": "imports",
+    "class_order": "class_order",
 }
 
 
@@ -201,6 +202,8 @@ _AS_THEY_ARE = (
     "tta_contrast",
     "tta_flip",
     "labels",
+    "class_order",
+    "allow_class_mismatch",
     "rescale",
     "precision",
     "logits",

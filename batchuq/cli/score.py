@@ -368,6 +368,8 @@ _AS_THEY_ARE = (
     "temperature",
     "allow_predictor_mismatch",
     "labels",
+    "class_order",
+    "allow_class_mismatch",
     "rescale",
     "max_pixels",
     "precision",
