@@ -20,12 +20,12 @@ outputs and neither 1 nor 2 names them) is a usage error unless ``--allow-class-
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from batchuq.discover import order_classes
-from batchuq.errors import ClassMismatchError, ModelError
+from batchuq.errors import ClassMismatchError, ModelError, UsageError
 
 DEFAULT_CLASS_ORDER = "keras"
 
@@ -142,6 +142,31 @@ def check_folders_match(
         "--allow-class-mismatch to score a folder of other classes on purpose (e.g. for OOD). "
         f"Received: {classes} model outputs, {len(folders)} class folders"
     )
+
+
+def labels_name_some(label_map: Mapping[str, str], class_folders: Sequence[str]) -> list[str]:
+    """The class folders a labels file does not name; it must name at least one.
+
+    Args:
+        label_map: Folder id -> readable name, from ``--labels``.
+        class_folders: The class folders found (or the model's class names when unlabelled).
+
+    Returns:
+        The folders it leaves out (empty without a labels file).
+
+    Raises:
+        UsageError: If ``label_map`` is not empty and names none of ``class_folders``.
+    """
+    if not label_map or not class_folders:
+        return []
+    missing = [name for name in class_folders if name not in label_map]
+    if len(missing) == len(class_folders):
+        shown = ", ".join(list(class_folders)[:5]) + (", ..." if len(class_folders) > 5 else "")
+        raise UsageError(
+            f"The labels file names none of the class folders ({shown}); it names "
+            f"{', '.join(list(label_map)[:5])}. Received: labels with {len(label_map)} entries"
+        )
+    return missing
 
 
 def sidecar_file(model_path: str | os.PathLike[str]) -> Path:

@@ -304,6 +304,34 @@ def resolve_layout(
     return folder, notices
 
 
+def class_folder_names(
+    root: str | os.PathLike[str],
+    extensions: tuple[str, ...] | None = IMAGE_EXTENSIONS,
+    follow_symlinks: bool = False,
+) -> list[str]:
+    """The class folders ``discover_images`` would find, without listing every file.
+
+    Args:
+        root: A local images folder (``resolve_layout`` sees through its wrappers).
+        extensions: Image extensions, or ``None`` for every file.
+        follow_symlinks: Whether to descend into symlinked folders.
+
+    Returns:
+        The names of the subfolders holding an image, in Keras's order (``sorted()``).
+
+    Raises:
+        LayoutError: If ``root`` holds dataset splits rather than classes.
+    """
+    folder, _ = resolve_layout(Path(root), extensions, follow_symlinks)
+    names = [
+        printable(entry.name)
+        for entry in _visible_entries(folder)
+        if entry.is_dir(follow_symlinks=follow_symlinks)
+        and has_images(_folder(entry), extensions, follow_symlinks)
+    ]
+    return order_classes(names)
+
+
 def discover_images(
     root: str | os.PathLike[str],
     extensions: tuple[str, ...] | None = IMAGE_EXTENSIONS,

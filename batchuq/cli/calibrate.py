@@ -39,6 +39,7 @@ from batchuq.defaults import (
     DEFAULT_PERCENTILE,
     DEFAULT_TTA,
 )
+from batchuq.jobs.precheck import RunRequest, check_before_loading
 from batchuq.postprocess.calibration_file import CalibrationWarning
 from batchuq.postprocess.conformal import CONFORMAL_METHODS
 
@@ -172,6 +173,7 @@ def calibrate_command(
     values, settings = _with_score_table_defaults(ctx)
     # Warnings after the error, as they were printed before: the outer block prints them.
     with _calibration_warnings_printed(), exit_on_error(skip_on_no_images=False):
+        check_before_loading(val_images, _run_request(values))
         import_tensorflow_quietly()
         from batchuq.jobs.calibrate import calibrate_directory
         from batchuq.model_files import import_user_modules
@@ -237,6 +239,18 @@ def _with_score_table_defaults(
                 "source": f"config file [score] ({settings['config']['value']})",
             }
     return values, settings
+
+
+def _run_request(values: Mapping[str, Any]) -> RunRequest:
+    """What ``check_before_loading`` checks of calibrate's values (models and classes)."""
+    model = values["model"]
+    return RunRequest(
+        models=tuple([model] if isinstance(model, str) else model or ()),
+        class_names=split_csv(values["class_names"]),
+        class_order=values["class_order"],
+        labels=values["labels"],
+        allow_class_mismatch=values["allow_class_mismatch"],
+    )
 
 
 def _calibrate_keywords(values: Mapping[str, Any]) -> dict[str, Any]:

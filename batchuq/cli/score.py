@@ -63,6 +63,7 @@ from batchuq.errors import (
     OutputError,
     UsageError,
 )
+from batchuq.jobs.precheck import RunRequest, check_before_loading
 
 
 @click.command("score")
@@ -332,6 +333,7 @@ def score(ctx: click.Context, images: Path | str, output: str, **options: Any) -
             include_all=options["include_all"],
             engine=options["engine"],
         )
+        check_before_loading(images, run_request(options))
         import_tensorflow_quietly(options["log_format"])
         from batchuq.jobs.score import score_directory
         from batchuq.model_files import import_user_modules
@@ -423,6 +425,35 @@ def score_keywords(options: Mapping[str, Any]) -> dict[str, Any]:
         # The bar would break "one JSON object per line" on stderr.
         "progress": options["progress"] and options["log_format"] == "text",
     }
+
+
+_AUGMENTATION = ("rotation", "zoom", "shift", "contrast", "flip")  # TTAConfig's, from --tta-*
+
+
+def run_request(options: Mapping[str, Any]) -> RunRequest:
+    """What ``check_before_loading`` needs of ``batchuq score``'s options."""
+    return RunRequest(
+        models=tuple(options["model"] or ()),
+        passes=options["passes"],
+        max_passes=options["max_passes"],
+        tta=options["tta"],
+        augmentation={name: options[f"tta_{name}"] for name in _AUGMENTATION},
+        rule=options["rule"],
+        calibration=options["calibration"],
+        temperature=options["temperature"],
+        allow_predictor_mismatch=options["allow_predictor_mismatch"],
+        class_names=split_csv(options["class_names"]),
+        class_order=options["class_order"],
+        labels=options["labels"],
+        allow_class_mismatch=options["allow_class_mismatch"],
+        rescale=options["rescale"],
+        sample_layers=split_csv(options["sample_layers"]),
+        precision=options["precision"],
+        logits=options["logits"],
+        exif_transpose=options["exif_transpose"],
+        include_all=options["include_all"],
+        follow_symlinks=options["follow_symlinks"],
+    )
 
 
 def check_score_arguments(

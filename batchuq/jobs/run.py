@@ -22,7 +22,7 @@ import tensorflow as tf
 
 from batchuq._version import __version__
 from batchuq.augment import TTAConfig
-from batchuq.classes import DEFAULT_CLASS_ORDER, check_folders_match
+from batchuq.classes import DEFAULT_CLASS_ORDER, check_folders_match, labels_name_some
 from batchuq.decode import ImageSpec
 from batchuq.defaults import (
     DEFAULT_ADAPTIVE_ALPHA,
@@ -434,16 +434,7 @@ def check_labels_match(label_map: dict[str, str], class_folders: list[str]) -> N
     Raises:
         UsageError: If ``label_map`` is not empty and matches none of ``class_folders``.
     """
-    if not label_map or not class_folders:
-        return
-    missing = [name for name in class_folders if name not in label_map]
-    if len(missing) == len(class_folders):
-        raise UsageError(
-            "The labels file names none of the class folders "
-            f"({', '.join(class_folders[:5])}{', ...' if len(class_folders) > 5 else ''}); "
-            f"it names {', '.join(list(label_map)[:5])}. Received: labels with "
-            f"{len(label_map)} entries"
-        )
+    missing = labels_name_some(label_map, class_folders)
     if missing:
         logger.warning(
             "The labels file does not name %d class folders, which keep their folder names: %s",
