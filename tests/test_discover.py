@@ -1,4 +1,4 @@
-"""File discovery on the three layouts, natural order, labels files."""
+"""File discovery on the three layouts, class order, natural file order, labels files."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 from batchuq.discover import (
     LayoutError,
     NoImagesFoundError,
-    discover_images,
     UsageError,
+    discover_images,
     natural_key,
     order_classes,
     read_labels_file,
