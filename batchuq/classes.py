@@ -108,7 +108,7 @@ def class_order_notice(names: list[str], order: str, other: str) -> str:
         "natural": "natural order, numbers by value",
     }
     return (
-        f"class folders numbered in {order} order ({how[order]}): {shown}. If the model was "
+        f"class folders numbered in {order} order, {shown} ({how[order]}). If the model was "
         f"trained with the {other} order, pass --class-order {other} (or class_order = "
         f'"{other}" in batchuq.toml), or name the outputs with --class-names.'
     )
