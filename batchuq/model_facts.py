@@ -120,8 +120,17 @@ class ModelFacts:
 
     @property
     def has_lambda(self) -> bool:
-        """Whether a ``Lambda`` layer is there (safe mode refuses to load it)."""
-        return any(layer.class_name == "Lambda" and not layer.custom for layer in self.layers)
+        """Whether a ``Lambda`` layer holds a Python lambda's bytecode (safe mode refuses to
+        load it; one that names a registered function loads)."""
+        return any(
+            layer.class_name == "Lambda"
+            and not layer.custom
+            and any(
+                isinstance(value, dict) and value.get("class_name") == "__lambda__"
+                for value in layer.config.values()
+            )
+            for layer in self.layers
+        )
 
     @property
     def sngp(self) -> bool | None:

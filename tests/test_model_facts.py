@@ -97,3 +97,19 @@ def test_reading_facts_imports_no_tensorflow() -> None:
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
     )
     assert done.stdout.split() == ["10", "False", "False"]
+
+
+def test_only_lambda_bytecode_counts_as_code(tmp_path: Path) -> None:
+    """Safe mode refuses a Lambda layer holding a Python lambda, not one naming a registered
+    function: the early check refuses the first only."""
+
+    @keras.saving.register_keras_serializable(package="facts_test")
+    def double(x):
+        return x * 2
+
+    for name, function in (("named", double), ("lambda", lambda x: x * 2)):
+        inputs = keras.Input((4,))
+        keras.Model(inputs, keras.layers.Lambda(function)(inputs)).save(tmp_path / f"{name}.keras")
+    assert not read_model_facts(tmp_path / "named.keras").has_lambda
+    load_model(tmp_path / "named.keras")  # loads in safe mode
+    assert read_model_facts(tmp_path / "lambda.keras").has_lambda
