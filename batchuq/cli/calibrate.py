@@ -6,7 +6,7 @@ import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from click.core import ParameterSource
@@ -39,9 +39,11 @@ from batchuq.defaults import (
     DEFAULT_PERCENTILE,
     DEFAULT_TTA,
 )
-from batchuq.jobs.precheck import RunRequest, check_before_loading
 from batchuq.postprocess.calibration_file import CalibrationWarning
 from batchuq.postprocess.conformal import CONFORMAL_METHODS
+
+if TYPE_CHECKING:  # imported where used: the pre-check loads NumPy
+    from batchuq.jobs.precheck import RunRequest
 
 # calibrate option -> score option whose value in the config's [score] table becomes its
 # default: the scoring predictor (and the model) follow the scoring settings.
@@ -173,6 +175,8 @@ def calibrate_command(
     values, settings = _with_score_table_defaults(ctx)
     # Warnings after the error, as they were printed before: the outer block prints them.
     with _calibration_warnings_printed(), exit_on_error(skip_on_no_images=False):
+        from batchuq.jobs.precheck import check_before_loading
+
         check_before_loading(val_images, _run_request(values))
         import_tensorflow_quietly()
         from batchuq.jobs.calibrate import calibrate_directory
@@ -243,6 +247,8 @@ def _with_score_table_defaults(
 
 def _run_request(values: Mapping[str, Any]) -> RunRequest:
     """What ``check_before_loading`` checks of calibrate's values (models and classes)."""
+    from batchuq.jobs.precheck import RunRequest
+
     model = values["model"]
     return RunRequest(
         models=tuple([model] if isinstance(model, str) else model or ()),

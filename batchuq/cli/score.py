@@ -1,7 +1,9 @@
 """``batchuq score``: the command over ``batchuq.jobs.score.score_directory``.
 
-The module imports no TensorFlow: ``batchuq score --help`` and the usual mistakes (checked by
-``check_score_arguments``) are answered in a moment; TensorFlow is imported only to run.
+The module imports no TensorFlow: ``batchuq score --help`` and every usage mistake (checked by
+``check_score_arguments``, then against the model's file by
+``batchuq.jobs.precheck.check_before_loading``) are answered in a moment; TensorFlow is imported
+only to run.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import json
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -63,7 +65,9 @@ from batchuq.errors import (
     OutputError,
     UsageError,
 )
-from batchuq.jobs.precheck import RunRequest, check_before_loading
+
+if TYPE_CHECKING:  # imported where used: the pre-check loads NumPy
+    from batchuq.jobs.precheck import RunRequest
 
 
 @click.command("score")
@@ -333,6 +337,8 @@ def score(ctx: click.Context, images: Path | str, output: str, **options: Any) -
             include_all=options["include_all"],
             engine=options["engine"],
         )
+        from batchuq.jobs.precheck import check_before_loading
+
         check_before_loading(images, run_request(options))
         import_tensorflow_quietly(options["log_format"])
         from batchuq.jobs.score import score_directory
@@ -432,6 +438,8 @@ _AUGMENTATION = ("rotation", "zoom", "shift", "contrast", "flip")  # TTAConfig's
 
 def run_request(options: Mapping[str, Any]) -> RunRequest:
     """What ``check_before_loading`` needs of ``batchuq score``'s options."""
+    from batchuq.jobs.precheck import RunRequest
+
     return RunRequest(
         models=tuple(options["model"] or ()),
         passes=options["passes"],
