@@ -7,7 +7,10 @@ Three layouts are understood:
 * a flat folder (``IMAGES/*.jpg``): images are unlabelled;
 * a mixed folder: images at the top level are unlabelled, images in subfolders are labelled.
 
-Classes are the subfolder names in natural sort order (``n2`` before ``n10``). Two common
+Class folders are listed as ``keras.utils.image_dataset_from_directory`` orders them, which is
+how most Keras models were trained: Python's ``sorted()`` of the names (``n0, n1, n10, n2``), so
+that class index ``i`` is the model's output ``i``. Files are walked in natural order (``n2``
+before ``n10``) within each folder; that order decides only the row order. Two common
 wrappers are recognised (``resolve_layout``): a folder whose only content is one folder of class
 folders (the Kaggle archive's ``training/training/n0``) is descended into, with a notice; a
 folder of dataset splits (``train/``, ``validation/``, ... each holding class folders) is refused,
@@ -61,6 +64,33 @@ def natural_key(text: str) -> list[int | str]:
     return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", text)]
 
 
+CLASS_ORDERS = ("keras", "natural")
+
+
+def order_classes(names: list[str], order: str = "keras") -> list[str]:
+    """Class folder names in the order that gives each its class index.
+
+    Args:
+        names: The class folder names.
+        order: ``keras``: Python's ``sorted()``, as ``keras.utils.image_dataset_from_directory``
+            orders them (``n0, n1, n10, n2``); ``natural``: numbers by value (``n2`` before
+            ``n10``).
+
+    Returns:
+        The names in that order.
+
+    Raises:
+        UsageError: If ``order`` is neither.
+    """
+    if order == "keras":
+        return sorted(names)
+    if order == "natural":
+        return sorted(names, key=natural_key)
+    raise UsageError(
+        f"`class_order` must be one of {CLASS_ORDERS}. Received: class_order={order!r}"
+    )
+
+
 def printable(name: str) -> str:
     """``name`` as valid UTF-8 text: bytes that are not UTF-8 are written as ``\\xNN``.
 
@@ -97,7 +127,8 @@ class Discovery:
         root: The scanned folder (a URL for object storage).
         files: Images in deterministic order.
         class_folders: Names of the top-level subfolders that hold at least one image, in
-            natural sort order.
+            Keras's order (``sorted()``, as ``image_dataset_from_directory``; see
+            ``order_classes`` for the natural order).
         skipped: Relative paths of the files left out because of their extension.
         notices: What ``resolve_layout`` did (e.g. descended into a wrapper folder).
     """
@@ -273,6 +304,34 @@ def resolve_layout(
     return folder, notices
 
 
+def class_folder_names(
+    root: str | os.PathLike[str],
+    extensions: tuple[str, ...] | None = IMAGE_EXTENSIONS,
+    follow_symlinks: bool = False,
+) -> list[str]:
+    """The class folders ``discover_images`` would find, without listing every file.
+
+    Args:
+        root: A local images folder (``resolve_layout`` sees through its wrappers).
+        extensions: Image extensions, or ``None`` for every file.
+        follow_symlinks: Whether to descend into symlinked folders.
+
+    Returns:
+        The names of the subfolders holding an image, in Keras's order (``sorted()``).
+
+    Raises:
+        LayoutError: If ``root`` holds dataset splits rather than classes.
+    """
+    folder, _ = resolve_layout(Path(root), extensions, follow_symlinks)
+    names = [
+        printable(entry.name)
+        for entry in _visible_entries(folder)
+        if entry.is_dir(follow_symlinks=follow_symlinks)
+        and has_images(_folder(entry), extensions, follow_symlinks)
+    ]
+    return order_classes(names)
+
+
 def discover_images(
     root: str | os.PathLike[str],
     extensions: tuple[str, ...] | None = IMAGE_EXTENSIONS,
@@ -326,8 +385,7 @@ def discover_images(
             f"No images found in {str(root)!r} (looked for files ending in "
             f"{', '.join(extensions or ())}, any case, hidden files skipped)."
         )
-    class_folders.sort(key=natural_key)
-    return Discovery(str(root_path), files, class_folders, skipped, notices)
+    return Discovery(str(root_path), files, order_classes(class_folders), skipped, notices)
 
 
 def _top_folder(root: str | os.PathLike[str]) -> Path | ObjectEntry:

@@ -32,6 +32,10 @@ class NoDropoutError(ModelError):
     """The model has no dropout layer to sample (or none matches ``sample_layers``)."""
 
 
+class ClassMismatchError(UsageError):
+    """Labelled class folders that nothing maps onto the model's outputs."""
+
+
 class LayoutError(UsageError):
     """The images folder is laid out in a way batchuq refuses to guess about."""
 

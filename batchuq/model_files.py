@@ -90,6 +90,88 @@ def check_model_arguments(models: list[str | os.PathLike[str]] | None) -> None:
             check_model_file(model)
 
 
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def combined_digest(digests: list[str]) -> str:
+    """The sha256 that identifies a run's model: the file's, or for an ensemble one over all
+    members' digests in order (so that a calibration is tied to the very members)."""
+    import hashlib
+
+    if len(digests) == 1:
+        return digests[0]
+    return hashlib.sha256("\n".join(digests).encode()).hexdigest()
+
+
+def model_paths(models: list[str | os.PathLike[str]] | None) -> list[Path]:
+    """The model files of a run, members of ensemble folders in their manifest's order.
+
+    Args:
+        models: The ``--model`` values (files or ensemble folders); empty or ``None`` means
+            ``$BATCHUQ_MODEL`` or else the bundled demo model.
+
+    Raises:
+        ModelError: If one of them is not a usable model file or ensemble folder.
+    """
+    if not models:
+        models = [os.environ.get(MODEL_ENV) or BUNDLED_MODEL]  # as models.load_models
+    paths: list[Path] = []
+    for model in models:
+        if Path(model).is_dir():
+            paths.extend(path for path, _ in ensemble_members(model))
+        else:
+            paths.append(check_model_file(model))
+    return paths
+
+
+def lambda_layer_message(path: str | os.PathLike[str]) -> str:
+    """Why a model holding a ``Lambda`` layer is refused."""
+    return (
+        "The model holds code (e.g. a Lambda layer) that safe mode refuses to load; "
+        f"batchuq never runs code from a model file. Received: model={str(path)!r}"
+    )
+
+
+def outputs_message(outputs: int) -> str:
+    """Why a model with other than one output is refused."""
+    return (
+        "batchuq scores functional or Sequential Keras models with one output; wrap a "
+        "subclassed model as keras.Model(inputs, model(inputs)) with "
+        "inputs = keras.Input((height, width, channels)). "
+        f"Received: a model with {outputs or 'no known'} outputs"
+    )
+
+
+def inputs_message(inputs: int) -> str:
+    """Why a model with other than one input is refused."""
+    return (
+        "The model must take exactly one image input of known shape (a functional or "
+        "Sequential model; wrap a subclassed model as keras.Model(inputs, model(inputs)) "
+        f"with inputs = keras.Input((height, width, channels))). Received: {inputs} inputs"
+    )
+
+
+def input_shape_problem(shape: tuple[int | None, ...]) -> str | None:
+    """Why an input shape is not an image batch, or ``None`` when it is one."""
+    if len(shape) == 3 and all(d is not None for d in shape[1:]):
+        return None
+    if len(shape) == 4 and all(d is not None for d in shape[1:]):
+        return None
+    return (
+        "The model input must be an image batch (batch, height, width, channels) or "
+        "(batch, height, width) with known height, width and channels. "
+        f"Received: input_shape={shape}"
+    )
+
+
 def _is_hdf5(path: Path) -> bool:
     with open(path, "rb") as handle:
         return handle.read(8) == b"\x89HDF\r\n\x1a\n"

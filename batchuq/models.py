@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -14,6 +13,7 @@ from typing import Any
 import keras
 
 import batchuq.sngp  # noqa: F401 (registers the SNGP layers, so SNGP models load in safe mode)
+from batchuq.classes import DEFAULT_CLASS_ORDER, ClassNames, resolve_names, sidecar_file
 from batchuq.decode import ImageSpec
 from batchuq.model_files import (
     BUNDLED_MODEL,
@@ -22,7 +22,13 @@ from batchuq.model_files import (
     MODEL_ENV,
     ModelError,
     check_model_file,
+    combined_digest,
     ensemble_members,
+    file_sha256,
+    input_shape_problem,
+    inputs_message,
+    lambda_layer_message,
+    outputs_message,
 )
 
 logger = logging.getLogger("batchuq")
@@ -52,12 +58,7 @@ class LoadedModel:
         """Size of the model's output vector."""
         outputs = getattr(self.model, "outputs", None) or []
         if len(outputs) != 1:
-            raise ModelError(
-                "batchuq scores functional or Sequential Keras models with one output; wrap a "
-                "subclassed model as keras.Model(inputs, model(inputs)) with "
-                "inputs = keras.Input((height, width, channels)). "
-                f"Received: a model with {len(outputs) or 'no known'} outputs"
-            )
+            raise ModelError(outputs_message(len(outputs)))
         return int(outputs[0].shape[-1])
 
     @property
@@ -68,17 +69,7 @@ class LoadedModel:
 
 def sidecar_path(model_path: str | os.PathLike[str]) -> Path:
     """The class-name sidecar that ``batchuq train`` writes beside ``model.keras``."""
-    path = Path(model_path)
-    return path.with_name(path.stem + ".classes.json")
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return sidecar_file(model_path)
 
 
 def image_spec(model: keras.Model) -> ImageSpec:
@@ -89,22 +80,15 @@ def image_spec(model: keras.Model) -> ImageSpec:
     """
     inputs = getattr(model, "inputs", None) or []
     if len(inputs) != 1:
-        raise ModelError(
-            "The model must take exactly one image input of known shape (a functional or "
-            "Sequential model; wrap a subclassed model as keras.Model(inputs, model(inputs)) "
-            f"with inputs = keras.Input((height, width, channels))). Received: {len(inputs)} inputs"
-        )
+        raise ModelError(inputs_message(len(inputs)))
     shape = tuple(inputs[0].shape)
     if len(shape) == 3 and all(d is not None for d in shape[1:]):
         # (batch, height, width), as MNIST examples write Input(shape=(28, 28)): one channel,
         # given to the model without a channel axis.
         return ImageSpec(int(shape[1]), int(shape[2]), 1, channel_axis=False)
-    if len(shape) != 4 or any(d is None for d in shape[1:]):
-        raise ModelError(
-            "The model input must be an image batch (batch, height, width, channels) or "
-            "(batch, height, width) with known height, width and channels. "
-            f"Received: input_shape={shape}"
-        )
+    problem = input_shape_problem(shape)
+    if problem is not None:
+        raise ModelError(problem)
     return ImageSpec(int(shape[1]), int(shape[2]), int(shape[3]))
 
 
@@ -130,10 +114,7 @@ def load_model(path: str | os.PathLike[str] | None = None) -> LoadedModel:
         model = keras.saving.load_model(path, compile=False, safe_mode=True)
     except ValueError as exc:
         if "safe_mode" in str(exc) or "Lambda" in str(exc):
-            raise ModelError(
-                "The model holds code (e.g. a Lambda layer) that safe mode refuses to load; "
-                f"batchuq never runs code from a model file. Received: model={str(path)!r}"
-            ) from exc
+            raise ModelError(lambda_layer_message(path)) from exc
         raise ModelError(_load_failure(path, exc)) from exc
     except Exception as exc:  # noqa: BLE001 - any loader failure is a model problem
         raise ModelError(_load_failure(path, exc)) from exc
@@ -238,9 +219,7 @@ def write_ensemble_manifest(
 def combined_sha256(members: Sequence[LoadedModel]) -> str:
     """The sha256 that identifies a run's model: the file's, or for an ensemble one over all
     members' digests in order (so that a calibration is tied to the very members)."""
-    if len(members) == 1:
-        return members[0].sha256
-    return hashlib.sha256("\n".join(m.sha256 for m in members).encode()).hexdigest()
+    return combined_digest([m.sha256 for m in members])
 
 
 def read_sidecar(model_path: str | os.PathLike[str]) -> dict:
@@ -269,44 +248,37 @@ def resolve_class_names(
     loaded: LoadedModel,
     class_names: list[str] | None = None,
     folder_names: list[str] | None = None,
-) -> tuple[list[str], str]:
-    """Work out the model's class names.
+    class_order: str = DEFAULT_CLASS_ORDER,
+) -> ClassNames:
+    """Work out the model's class names (precedence: ``batchuq.classes``).
 
-    Order of precedence: ``class_names`` given by the user (with a warning when it overrides a
-    sidecar); the sidecar written by ``batchuq train``; the discovered class folders when their
-    count equals the model's outputs; ``0 .. C-1``.
+    ``--class-names`` given by the user wins over the sidecar written by ``batchuq train``,
+    with a warning naming both; then the sidecar; then the discovered class folders when their
+    count equals the model's outputs, numbered in ``class_order``; else ``0 .. C-1``.
 
     Returns:
-        The names and where they came from (``sidecar``, ``option``, ``folders``, ``index``).
+        The names, where they came from (``option``, ``sidecar``, ``folders``, ``index``) and
+        the notices to give (``ClassNames``).
 
     Raises:
         ModelError: If the names given do not match the model's output size.
     """
-    classes = loaded.num_classes
-    sidecar = loaded.sidecar.get("class_names")
-    if class_names:
-        names, source = list(class_names), "option"
-        if sidecar and [str(n) for n in sidecar] != names:
-            logger.warning(
-                "--class-names %s overrides the names in the model's sidecar %s (%s).",
-                ",".join(names),
-                ",".join(str(n) for n in sidecar),
-                sidecar_path(loaded.path),
-            )
-    elif sidecar:
-        names, source = [str(n) for n in sidecar], "sidecar"
-    elif folder_names and len(folder_names) == classes:
-        names, source = list(folder_names), "folders"
-    else:
-        names, source = [str(i) for i in range(classes)], "index"
-    if len(names) != classes:
-        raise ModelError(
-            f"The model has {classes} outputs but {len(names)} class names were given "
-            f"(from {source}). Received: class_names={names}"
+    resolved = resolve_names(
+        loaded.num_classes,
+        class_names,
+        loaded.sidecar.get("class_names"),
+        folder_names,
+        class_order,
+        sidecar_path(loaded.path),
+    )
+    if resolved.overridden:
+        logger.warning(
+            "--class-names %s overrides the names in the model's sidecar %s (%s).",
+            ",".join(resolved.names),
+            ",".join(resolved.overridden),
+            sidecar_path(loaded.path),
         )
-    if len(set(names)) != len(names):
-        raise ModelError(f"Class names must be unique. Received: class_names={names}")
-    return names, source
+    return resolved
 
 
 # Layers that scale raw pixels inside the model (keras.applications' EfficientNet, MobileNetV3

@@ -1,4 +1,4 @@
-"""File discovery on the three layouts, natural order, labels files."""
+"""File discovery on the three layouts, class order, natural file order, labels files."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ import pytest
 from batchuq.discover import (
     LayoutError,
     NoImagesFoundError,
+    UsageError,
     discover_images,
     natural_key,
+    order_classes,
     read_labels_file,
 )
 
@@ -20,14 +22,15 @@ def touch(path: Path) -> None:
     path.write_bytes(b"x")
 
 
-def test_class_folders_are_labelled_in_natural_order(tmp_path: Path) -> None:
+def test_class_folders_in_keras_order_files_in_natural_order(tmp_path: Path) -> None:
+    """Class folders are numbered as ``sorted()`` (Keras's loader); files walk naturally."""
     for name in ["n10/a.jpg", "n2/b.PNG", "n2/a10.jpeg", "n2/a9.jpg", "n0/deep/x.bmp", "n1/z.GIF"]:
         touch(tmp_path / name)
     touch(tmp_path / "n1" / "notes.txt")
     touch(tmp_path / "n1" / ".hidden.jpg")
     touch(tmp_path / ".cache" / "c.jpg")
     found = discover_images(tmp_path)
-    assert found.class_folders == ["n0", "n1", "n2", "n10"]
+    assert found.class_folders == ["n0", "n1", "n10", "n2"]
     assert [f.relative_path for f in found.files] == [
         "n0/deep/x.bmp",
         "n1/z.GIF",
@@ -54,7 +57,7 @@ def test_any_class_names_and_mixed_layout(tmp_path: Path) -> None:
     touch(tmp_path / "Dogs" / "1.jpg")
     touch(tmp_path / "loose.jpg")
     found = discover_images(tmp_path)
-    assert found.class_folders == ["cats", "Dogs"]
+    assert found.class_folders == ["Dogs", "cats"]  # sorted(): upper case first, as Keras
     assert {f.relative_path: f.folder_label for f in found.files} == {
         "cats/1.jpg": "cats",
         "Dogs/1.jpg": "Dogs",
@@ -83,6 +86,14 @@ def test_zero_images_is_a_loud_error_naming_folder_and_extensions(tmp_path: Path
 
 def test_natural_key() -> None:
     assert sorted(["n10", "n2", "n1"], key=natural_key) == ["n1", "n2", "n10"]
+
+
+def test_order_classes_keras_is_sorted_natural_by_number() -> None:
+    names = ["class_2", "class_10", "class_1", "class_12"]
+    assert order_classes(names) == sorted(names) == ["class_1", "class_10", "class_12", "class_2"]
+    assert order_classes(names, "natural") == ["class_1", "class_2", "class_10", "class_12"]
+    with pytest.raises(UsageError, match="Received: class_order='alpha'"):
+        order_classes(names, "alpha")
 
 
 def test_monkey_labels_file(tmp_path: Path) -> None:

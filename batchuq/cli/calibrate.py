@@ -6,7 +6,7 @@ import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from click.core import ParameterSource
@@ -42,6 +42,9 @@ from batchuq.defaults import (
 from batchuq.postprocess.calibration_file import CalibrationWarning
 from batchuq.postprocess.conformal import CONFORMAL_METHODS
 
+if TYPE_CHECKING:  # imported where used: the pre-check loads NumPy
+    from batchuq.jobs.precheck import RunRequest
+
 # calibrate option -> score option whose value in the config's [score] table becomes its
 # default: the scoring predictor (and the model) follow the scoring settings.
 _FROM_SCORE_TABLE = {
@@ -59,6 +62,7 @@ _FROM_SCORE_TABLE = {
     "logits": "logits",
     "exif_transpose": "exif_transpose",
     "imports": "imports",
+    "class_order": "class_order",
 }
 
 
@@ -172,6 +176,9 @@ def calibrate_command(
     values, settings = _with_score_table_defaults(ctx)
     # Warnings after the error, as they were printed before: the outer block prints them.
     with _calibration_warnings_printed(), exit_on_error(skip_on_no_images=False):
+        from batchuq.jobs.precheck import check_before_loading
+
+        check_before_loading(val_images, _run_request(values))
         import_tensorflow_quietly()
         from batchuq.jobs.calibrate import calibrate_directory
         from batchuq.model_files import import_user_modules
@@ -202,6 +209,8 @@ _AS_THEY_ARE = (
     "tta_contrast",
     "tta_flip",
     "labels",
+    "class_order",
+    "allow_class_mismatch",
     "rescale",
     "precision",
     "logits",
@@ -235,6 +244,20 @@ def _with_score_table_defaults(
                 "source": f"config file [score] ({settings['config']['value']})",
             }
     return values, settings
+
+
+def _run_request(values: Mapping[str, Any]) -> RunRequest:
+    """What ``check_before_loading`` checks of calibrate's values (models and classes)."""
+    from batchuq.jobs.precheck import RunRequest
+
+    model = values["model"]
+    return RunRequest(
+        models=tuple([model] if isinstance(model, str) else model or ()),
+        class_names=split_csv(values["class_names"]),
+        class_order=values["class_order"],
+        labels=values["labels"],
+        allow_class_mismatch=values["allow_class_mismatch"],
+    )
 
 
 def _calibrate_keywords(values: Mapping[str, Any]) -> dict[str, Any]:

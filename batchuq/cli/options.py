@@ -12,6 +12,7 @@ from typing import Any
 
 import click
 
+from batchuq.classes import DEFAULT_CLASS_ORDER
 from batchuq.defaults import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_PRECISION,
@@ -22,6 +23,7 @@ from batchuq.defaults import (
     DEFAULT_TTA_SHIFT,
     DEFAULT_TTA_ZOOM,
 )
+from batchuq.discover import CLASS_ORDERS
 from batchuq.storage import is_url
 
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
@@ -153,13 +155,37 @@ class_names_options = _compose(
         "--class-names",
         type=str,
         default=None,
-        help="Comma-separated names of the model outputs, if the model has no sidecar.",
+        help="Comma-separated names of the model outputs, in output order. They win over the "
+        "model's sidecar MODEL.classes.json (with a warning naming both), which wins over the "
+        "class folders (numbered in --class-order when there are as many as outputs); else "
+        "0..C-1.",
+    ),
+    click.option(
+        "--class-order",
+        type=click.Choice(CLASS_ORDERS),
+        default=DEFAULT_CLASS_ORDER,
+        show_default=True,
+        help="How class folders are numbered when they give the class names (no sidecar, no "
+        "--class-names): keras = Python's sorted() of the names (n0, n1, n10, n2), as "
+        "keras.utils.image_dataset_from_directory trains; natural = n2 before n10. A notice "
+        "says which was used when the two differ.",
     ),
     click.option(
         "--labels",
         type=click.Path(exists=True, dir_okay=False, path_type=Path),
         default=None,
-        help="monkey_labels.txt-style file mapping folder ids (n0...) to readable names.",
+        help="monkey_labels.txt-style file mapping folder ids (n0...) to readable names; it "
+        "renames classes and fixes no order.",
+    ),
+    click.option(
+        "--allow-class-mismatch",
+        is_flag=True,
+        default=False,
+        show_default=True,
+        help="Score labelled class folders that nothing maps onto the model's outputs (their "
+        "count differs and no sidecar or --class-names names them, or no folder is a class), "
+        "e.g. a folder of other classes for OOD; their rows get no label_index. By default "
+        "that is a usage error.",
     ),
 )
 

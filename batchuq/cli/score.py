@@ -1,7 +1,9 @@
 """``batchuq score``: the command over ``batchuq.jobs.score.score_directory``.
 
-The module imports no TensorFlow: ``batchuq score --help`` and the usual mistakes (checked by
-``check_score_arguments``) are answered in a moment; TensorFlow is imported only to run.
+The module imports no TensorFlow: ``batchuq score --help`` and every usage mistake (checked by
+``check_score_arguments``, then against the model's file by
+``batchuq.jobs.precheck.check_before_loading``) are answered in a moment; TensorFlow is imported
+only to run.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import json
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -63,6 +65,9 @@ from batchuq.errors import (
     OutputError,
     UsageError,
 )
+
+if TYPE_CHECKING:  # imported where used: the pre-check loads NumPy
+    from batchuq.jobs.precheck import RunRequest
 
 
 @click.command("score")
@@ -332,6 +337,9 @@ def score(ctx: click.Context, images: Path | str, output: str, **options: Any) -
             include_all=options["include_all"],
             engine=options["engine"],
         )
+        from batchuq.jobs.precheck import check_before_loading
+
+        check_before_loading(images, run_request(options))
         import_tensorflow_quietly(options["log_format"])
         from batchuq.jobs.score import score_directory
         from batchuq.model_files import import_user_modules
@@ -368,6 +376,8 @@ _AS_THEY_ARE = (
     "temperature",
     "allow_predictor_mismatch",
     "labels",
+    "class_order",
+    "allow_class_mismatch",
     "rescale",
     "max_pixels",
     "precision",
@@ -421,6 +431,37 @@ def score_keywords(options: Mapping[str, Any]) -> dict[str, Any]:
         # The bar would break "one JSON object per line" on stderr.
         "progress": options["progress"] and options["log_format"] == "text",
     }
+
+
+_AUGMENTATION = ("rotation", "zoom", "shift", "contrast", "flip")  # TTAConfig's, from --tta-*
+
+
+def run_request(options: Mapping[str, Any]) -> RunRequest:
+    """What ``check_before_loading`` needs of ``batchuq score``'s options."""
+    from batchuq.jobs.precheck import RunRequest
+
+    return RunRequest(
+        models=tuple(options["model"] or ()),
+        passes=options["passes"],
+        max_passes=options["max_passes"],
+        tta=options["tta"],
+        augmentation={name: options[f"tta_{name}"] for name in _AUGMENTATION},
+        rule=options["rule"],
+        calibration=options["calibration"],
+        temperature=options["temperature"],
+        allow_predictor_mismatch=options["allow_predictor_mismatch"],
+        class_names=split_csv(options["class_names"]),
+        class_order=options["class_order"],
+        labels=options["labels"],
+        allow_class_mismatch=options["allow_class_mismatch"],
+        rescale=options["rescale"],
+        sample_layers=split_csv(options["sample_layers"]),
+        precision=options["precision"],
+        logits=options["logits"],
+        exif_transpose=options["exif_transpose"],
+        include_all=options["include_all"],
+        follow_symlinks=options["follow_symlinks"],
+    )
 
 
 def check_score_arguments(

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from batchuq.augment import TTAConfig
+from batchuq.classes import DEFAULT_CLASS_ORDER
 from batchuq.defaults import (
     DEFAULT_ALPHA,
     DEFAULT_BATCH_SIZE,
@@ -129,6 +130,8 @@ def calibrate_directory(
     tta_flip: bool = DEFAULT_TTA_FLIP,
     class_names: list[str] | None = None,
     labels: str | os.PathLike[str] | dict[str, str] | None = None,
+    class_order: str = DEFAULT_CLASS_ORDER,
+    allow_class_mismatch: bool = False,
     rescale: float | None = None,
     sample_layers: list[str] | None = None,
     precision: str = DEFAULT_PRECISION,
@@ -169,8 +172,8 @@ def calibrate_directory(
         progress: Show a progress bar.
         tta_rotation, tta_zoom, tta_shift, tta_contrast, tta_flip: Augmentation settings of
             both predictors (the scoring predictor's only matter when ``score_tta > 1``).
-        class_names, labels, rescale, sample_layers, precision, logits, exif_transpose: As
-            for ``score_directory``.
+        class_names, labels, class_order, allow_class_mismatch, rescale, sample_layers,
+            precision, logits, exif_transpose: As for ``score_directory``.
         settings: Extra record stored as ``settings["options"]`` (the CLI passes each option's
             value and source).
 
@@ -195,6 +198,8 @@ def calibrate_directory(
         rule=DecisionRule("none"),
         class_names=class_names,
         labels=labels,
+        class_order=class_order,
+        allow_class_mismatch=allow_class_mismatch,
         rescale=rescale,
         sample_layers=sample_layers,
         precision=precision,
@@ -263,7 +268,9 @@ def _plans(
             ) from None
         if (threshold.passes, threshold.tta_config) == (scoring.passes, scoring.tta_config):
             return scoring_plan, scoring_plan
-        threshold_plan = prepare_run(val_images, threshold, discovery=discovery, models=members)
+        threshold_plan = prepare_run(
+            val_images, threshold, discovery=discovery, models=members, announce=False
+        )
     return scoring_plan, threshold_plan
 
 

@@ -145,7 +145,8 @@ class PartScorer:
             sys.path.append(job.cwd)
         import_user_modules(job.imports)
         self.job = job
-        self.plan = prepare_run(job.images, job.options, discovery=job.discovery)
+        # The driver gave the class-order notice already.
+        self.plan = prepare_run(job.images, job.options, discovery=job.discovery, announce=False)
         mine = json.loads(json.dumps(checkpoint_fingerprint(self.plan), sort_keys=True))
         theirs = job.fingerprint
         keys = (mine.keys() | theirs.keys()) - set(PATH_KEYS)

@@ -22,6 +22,7 @@ import tensorflow as tf
 
 from batchuq._version import __version__
 from batchuq.augment import TTAConfig
+from batchuq.classes import DEFAULT_CLASS_ORDER, check_folders_match, labels_name_some
 from batchuq.decode import ImageSpec
 from batchuq.defaults import (
     DEFAULT_ADAPTIVE_ALPHA,
@@ -73,6 +74,8 @@ class ScoreOptions:
     rule: DecisionRule | None = None
     class_names: list[str] | None = None
     labels: str | os.PathLike[str] | dict[str, str] | None = None
+    class_order: str = DEFAULT_CLASS_ORDER
+    allow_class_mismatch: bool = False
     rescale: float | None = None
     sample_layers: list[str] | None = None
     memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB
@@ -248,6 +251,7 @@ def prepare_run(
     *,
     discovery: Discovery | None = None,
     models: Sequence[LoadedModel] | None = None,
+    announce: bool = True,
 ) -> RunPlan:
     """Resolve a run's settings into a ``RunPlan``.
 
@@ -257,12 +261,14 @@ def prepare_run(
         discovery: Files already discovered in ``images`` (default: discover them now).
         models: The model (or ensemble members) already loaded (default: load
             ``options.model``).
+        announce: Log the class-order notice (a second plan over the same folder need not).
 
     Returns:
         The frozen plan.
 
     Raises:
-        UsageError: For unusable options, models, class names, labels or calibrations.
+        UsageError: For unusable options, models, class names, labels or calibrations, and
+            class folders that nothing maps onto the model's outputs (``ClassMismatchError``).
     """
     discovery = discovery if discovery is not None else discover(images, options)
     members = tuple(models) if models else load_for_run(options.model)
@@ -272,7 +278,15 @@ def prepare_run(
     rule = (options.rule or DecisionRule()).with_thresholds(
         None if calibration is None else calibration.thresholds
     )
-    names, names_source = resolve_class_names(loaded, options.class_names, discovery.class_folders)
+    resolved = resolve_class_names(
+        loaded, options.class_names, discovery.class_folders, options.class_order
+    )
+    names, names_source = resolved.names, resolved.source
+    if resolved.order_notice and announce:
+        logger.warning(resolved.order_notice, extra={"event": "notice"})
+    check_folders_match(
+        loaded.num_classes, resolved, discovery.class_folders, options.allow_class_mismatch
+    )
     labels = resolve_labels(discovery, names, options.labels)
     rescale, rescale_source = _rescale(loaded, options.rescale)
     exif = options.exif_transpose
@@ -390,8 +404,7 @@ def resolve_labels(
     Raises:
         UsageError: If the labels file names none of the classes.
     """
-    label_map = read_labels_file(labels) if isinstance(labels, (str, os.PathLike)) else labels
-    label_map = label_map or {}
+    label_map = _label_map(labels)
     check_labels_match(label_map, discovery.class_folders or class_names)
     display = [label_map.get(name, name) for name in class_names]
     index_of = {name: i for i, name in enumerate(class_names)}
@@ -404,6 +417,13 @@ def resolve_labels(
     )
 
 
+def _label_map(labels: str | os.PathLike[str] | dict[str, str] | None) -> dict[str, str]:
+    """``--labels`` as a mapping: read from its file, or as given; empty without one."""
+    if isinstance(labels, (str, os.PathLike)):
+        return read_labels_file(labels)
+    return dict(labels or {})
+
+
 def check_labels_match(label_map: dict[str, str], class_folders: list[str]) -> None:
     """Refuse a labels file that names none of the classes; warn when it misses some.
 
@@ -414,16 +434,7 @@ def check_labels_match(label_map: dict[str, str], class_folders: list[str]) -> N
     Raises:
         UsageError: If ``label_map`` is not empty and matches none of ``class_folders``.
     """
-    if not label_map or not class_folders:
-        return
-    missing = [name for name in class_folders if name not in label_map]
-    if len(missing) == len(class_folders):
-        raise UsageError(
-            "The labels file names none of the class folders "
-            f"({', '.join(class_folders[:5])}{', ...' if len(class_folders) > 5 else ''}); "
-            f"it names {', '.join(list(label_map)[:5])}. Received: labels with "
-            f"{len(label_map)} entries"
-        )
+    missing = labels_name_some(label_map, class_folders)
     if missing:
         logger.warning(
             "The labels file does not name %d class folders, which keep their folder names: %s",

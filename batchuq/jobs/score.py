@@ -20,6 +20,7 @@ from typing import Any
 import keras
 
 from batchuq.augment import TTAConfig
+from batchuq.classes import DEFAULT_CLASS_ORDER
 from batchuq.defaults import (
     DEFAULT_ADAPTIVE_ALPHA,
     DEFAULT_BATCH_SIZE,
@@ -68,6 +69,8 @@ def score_directory(
     rule: DecisionRule | None = None,
     class_names: list[str] | None = None,
     labels: str | os.PathLike[str] | dict[str, str] | None = None,
+    class_order: str = DEFAULT_CLASS_ORDER,
+    allow_class_mismatch: bool = False,
     rescale: float | None = None,
     sample_layers: list[str] | None = None,
     memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
@@ -114,8 +117,16 @@ def score_directory(
         batch_size: Images per batch (results do not depend on it).
         rule: Decision rule (default: the MC median rule with ``min_median=0.5``).
         class_names: Names of the model outputs; they override the model's sidecar (with a
-            warning).
-        labels: A ``monkey_labels.txt``-style file (or dict) mapping folder ids to names.
+            warning). Precedence: ``class_names``, the sidecar, the class folders when as many
+            as outputs (numbered in ``class_order``), ``0 .. C-1`` (``batchuq.classes``).
+        labels: A ``monkey_labels.txt``-style file (or dict) mapping folder ids to names; it
+            renames classes and fixes no order.
+        class_order: How class folders are numbered when they give the class names: ``keras``
+            (``sorted()``, as ``keras.utils.image_dataset_from_directory``) or ``natural``
+            (``n2`` before ``n10``). A notice says which when the two differ.
+        allow_class_mismatch: Score labelled class folders that nothing maps onto the model's
+            outputs (a folder of other classes, for OOD); by default that is a
+            ``ClassMismatchError``.
         rescale: Factor applied to pixel values ``0..255``; ``None`` takes the value stored
             by ``batchuq train``, else 1 when the model starts with its own ``Rescaling`` or
             ``Normalization`` layer, else ``1/255`` (the metadata's ``rescale_source`` says).

@@ -25,6 +25,7 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -357,13 +358,18 @@ class Calibration:
             )
 
     def check_predictor(
-        self, run_metadata: dict[str, Any], allow: bool = False
+        self,
+        run_metadata: dict[str, Any],
+        allow: bool = False,
+        only: Collection[str] | None = None,
     ) -> list[tuple[str, Any, Any]]:
         """Compare the calibration's predictor with a ``score`` run's.
 
         Args:
             run_metadata: The run's Parquet metadata (or a ``predictor_from_metadata`` dict).
             allow: Return the differences instead of raising (``--allow-predictor-mismatch``).
+            only: Compare these settings only (those known before the model is loaded);
+                default: all of ``PREDICTOR_KEYS``.
 
         Returns:
             The differences, ``(name, calibrated value, run value)``; empty when they agree.
@@ -371,7 +377,12 @@ class Calibration:
         Raises:
             PredictorMismatchError: If they differ and ``allow`` is false.
         """
-        differences = predictor_differences(self.predictor, predictor_from_metadata(run_metadata))
+        calibrated, run = self.predictor, predictor_from_metadata(run_metadata)
+        if only is not None:
+            keys = set(only) & set(calibrated) & set(run)
+            calibrated = {k: v for k, v in calibrated.items() if k in keys}
+            run = {k: v for k, v in run.items() if k in keys}
+        differences = predictor_differences(calibrated, run)
         if differences and not allow:
             raise PredictorMismatchError(
                 f"{predictor_mismatch_message(differences)}. Run `batchuq calibrate` again with "

@@ -1,0 +1,219 @@
+"""The usage errors of the README's exit-code table, each a ``batchuq`` command line that makes
+it, for ``tests/test_usage_errors.py`` and ``benchmarks/usage_errors.py``.
+
+``make_cases(work)`` builds what the cases need in ``work`` (small models, folders, a calibration
+file) and returns them: ``name -> Case``. Every one must exit with its code before TensorFlow is
+imported. ``DRIVER`` runs a command line in a fresh interpreter the way the console script does
+and prints, as JSON, the exit code and whether TensorFlow or Keras were imported.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DIGITS = REPO / "sample_data" / "digits" / "test"
+BUNDLED = REPO / "batchuq" / "data" / "digits_cnn.keras"
+SNGP = REPO / "batchuq" / "data" / "digits_sngp.keras"
+
+DRIVER = """
+import json, sys
+import click
+from batchuq.cli import cli
+try:
+    cli.main(args=sys.argv[1:], prog_name="batchuq", standalone_mode=False)
+    code = 0
+except click.ClickException as exc:
+    exc.show()
+    code = exc.exit_code
+except SystemExit as exc:
+    code = exc.code
+print(json.dumps({"code": code, "tensorflow": "tensorflow" in sys.modules,
+                  "keras": "keras" in sys.modules}))
+"""
+
+
+@dataclass(frozen=True)
+class Case:
+    """One usage error: the command line, its exit code and a part of its message."""
+
+    args: list[str]
+    code: int
+    message: str
+
+
+def run_case(case: Case, cwd: Path) -> tuple[dict, str]:
+    """Run ``case`` in a fresh interpreter: ``({"code", "tensorflow", "keras"}, stderr)``."""
+    done = subprocess.run(
+        [sys.executable, "-c", DRIVER, *case.args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**_clean_env(), "PYTHONPATH": str(REPO)},
+    )
+    return json.loads(done.stdout.strip().splitlines()[-1]), done.stderr
+
+
+def _clean_env() -> dict[str, str]:
+    import os
+
+    return {k: v for k, v in os.environ.items() if not k.startswith("BATCHUQ_")}
+
+
+def _save_models(work: Path) -> dict[str, Path]:
+    """Small models for the model errors (imports Keras: call from the test or benchmark)."""
+    import keras
+
+    def image() -> keras.KerasTensor:
+        return keras.Input((8, 8, 1))
+
+    models = {}
+    inputs = image()
+    x = keras.layers.Lambda(lambda t: t * 2)(inputs)
+    outputs = keras.layers.Dense(3, activation="softmax")(keras.layers.Flatten()(x))
+    models["lambda"] = keras.Model(inputs, outputs)
+    inputs = image()
+    x = keras.layers.Dropout(0.2)(keras.layers.Flatten()(inputs))
+    a = keras.layers.Dense(10, activation="softmax")(x)
+    b = keras.layers.Dense(10, activation="softmax")(x)
+    models["two_outputs"] = keras.Model(inputs, [a, b])
+    inputs = keras.Input((10,))
+    x = keras.layers.Dropout(0.2)(inputs)
+    models["vector_input"] = keras.Model(inputs, keras.layers.Dense(10, activation="softmax")(x))
+    inputs = image()
+    x = keras.layers.Flatten()(inputs)
+    models["no_dropout"] = keras.Model(inputs, keras.layers.Dense(10, activation="softmax")(x))
+    inputs = image()
+    x = keras.layers.Dropout(0.2)(keras.layers.Flatten()(inputs))
+    models["five"] = keras.Model(inputs, keras.layers.Dense(5, activation="softmax")(x))
+    paths = {}
+    for name, model in models.items():
+        paths[name] = work / f"{name}.keras"
+        model.save(paths[name])
+    return paths
+
+
+def _calibration(work: Path, model: Path, **predictor) -> Path:
+    """A calibration file for ``model`` fitted (as it says) on the default score predictor."""
+    from batchuq.model_files import file_sha256
+    from batchuq.postprocess.calibration_file import Calibration
+
+    fitted = {
+        "method": "mc_dropout",
+        "passes": 100,
+        "tta": 1,
+        "augmentation": None,
+        "rescale": 1 / 255,
+        "precision": "float32",
+        "sampled_layers": ["dropout1", "dropout2", "dropout3"],
+        "logits": False,
+        "exif_transpose": False,
+        **predictor,
+    }
+    calibration = Calibration(
+        class_names=[f"n{i}" for i in range(10)],
+        thresholds=[0.5] * 10,
+        temperature=1.0,
+        conformal_quantiles=[0.5],
+        model_sha256=file_sha256(model),
+        conformal_method="lac",
+        predictor=fitted,
+    )
+    return calibration.to_json(work / f"calibration-{len(predictor)}.json")
+
+
+def make_cases(work: Path) -> dict[str, Case]:
+    """Build the inputs in ``work`` and return every usage error case (run them in ``work``)."""
+    models = _save_models(work)
+    empty = work / "empty"
+    empty.mkdir()
+    for split in ("train", "val"):
+        for name in ("a", "b"):
+            folder = work / "splits" / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            shutil.copy(next(DIGITS.glob("n0/*")), folder / "x.png")
+    (work / "exists.parquet").write_bytes(b"")
+    (work / "bad.toml").write_text("[score]\npasses = 'many'\n")
+    (work / "labels.txt").write_text("Label, Latin Name, Common Name\nm0, x, howler\n")
+    (work / "notes.txt").write_text("not a model")
+    (work / "notcal.json").write_text("{}")
+    calibration = _calibration(work, BUNDLED)
+    other = _calibration(work, models["five"], passes=50)
+    digits, out = str(DIGITS), "out.parquet"
+    cases = {
+        "bad option value": Case(["score", digits, out, "--passes", "0"], 2, "--passes"),
+        "bad config file": Case(["score", digits, out, "--config", "bad.toml"], 2, "passes"),
+        "missing images folder": Case(["score", "nowhere", out], 2, "nowhere"),
+        "folder of dataset splits": Case(["score", "splits", out], 2, "dataset splits"),
+        "OUTPUT not .parquet": Case(["score", digits, "out.csv"], 2, ".parquet"),
+        "output folder missing": Case(["score", digits, "no/such/out.parquet"], 2, "no/such"),
+        "OUTPUT given as a URL": Case(["score", digits, "s3://b/out.parquet"], 2, "s3://"),
+        "existing OUTPUT with --no-clobber": Case(
+            ["score", digits, "exists.parquet", "--no-clobber"], 2, "--no-clobber"
+        ),
+        "model file missing": Case(["score", digits, out, "-m", "gone.keras"], 2, "gone.keras"),
+        "model not a Keras file": Case(["score", digits, out, "-m", "notes.txt"], 2, ".keras"),
+        "model with a Lambda layer": Case(
+            ["score", digits, out, "-m", str(models["lambda"])], 2, "Lambda"
+        ),
+        "model with two outputs": Case(
+            ["score", digits, out, "-m", str(models["two_outputs"])], 2, "2 outputs"
+        ),
+        "model input not an image": Case(
+            ["score", digits, out, "-m", str(models["vector_input"])], 2, "input_shape"
+        ),
+        "model without dropout, --passes 100": Case(
+            ["score", digits, out, "-m", str(models["no_dropout"])], 2, "no dropout layer"
+        ),
+        "--passes auto with an SNGP model": Case(
+            ["score", digits, out, "-m", str(SNGP), "--passes", "auto"], 2, "passes auto"
+        ),
+        "--class-names count != outputs": Case(
+            ["score", digits, out, "--class-names", "a,b"], 2, "10 outputs but 2 class names"
+        ),
+        "5 outputs, 10 class folders": Case(
+            ["score", digits, out, "-m", str(models["five"])], 2, "5 outputs"
+        ),
+        "labels file naming no folder": Case(
+            ["score", digits, out, "--labels", "labels.txt"], 2, "names none of the class"
+        ),
+        "--rule threshold without --calibration": Case(
+            ["score", digits, out, "--rule", "threshold"], 2, "--calibration"
+        ),
+        "--temperature without --calibration": Case(
+            ["score", digits, out, "--temperature"], 2, "--calibration"
+        ),
+        "unreadable calibration file": Case(
+            ["score", digits, out, "--calibration", "notcal.json"], 2, "calibration"
+        ),
+        "calibration for another model": Case(
+            ["score", digits, out, "--calibration", str(other)], 2, "another model"
+        ),
+        "calibration of another predictor": Case(
+            ["score", digits, out, "--calibration", str(calibration), "--passes", "50"],
+            2,
+            "passes (score --passes, calibrate --score-passes): 100 in the calibration, 50",
+        ),
+        "empty images folder": Case(["score", "empty", out], 4, "No images"),
+        "missing folder with --missing-ok": Case(
+            ["score", "nowhere", out, "--missing-ok"], 4, "--missing-ok"
+        ),
+        "calibrate: --class-names count": Case(
+            ["calibrate", digits, "-o", "c.json", "--class-names", "a,b"], 2, "2 class names"
+        ),
+        "calibrate: 5 outputs, 10 folders": Case(
+            ["calibrate", digits, "-o", "c.json", "-m", str(models["five"])], 2, "5 outputs"
+        ),
+    }
+    if importlib.util.find_spec("ray") is None:  # else tests/test_cli_checks.py fakes it
+        cases["--engine ray without Ray"] = Case(
+            ["score", digits, out, "--engine", "ray"], 2, "needs Ray"
+        )
+    return cases
