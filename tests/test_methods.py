@@ -119,7 +119,7 @@ def test_mc_dropout_method_returns_rows_by_passes_by_classes() -> None:
 
 
 def test_a_bfloat16_fallback_is_noticed_once_however_many_predictors(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """calibrate builds two predictors, an ensemble one per member: one notice, not one each.
     Where bf16 runs here (a native CPU without a cap), there is nothing to notice."""
@@ -128,15 +128,23 @@ def test_a_bfloat16_fallback_is_noticed_once_however_many_predictors(
     import batchuq.methods.mc_dropout as mc_dropout
 
     monkeypatch.setattr(mc_dropout, "_NOTICES_GIVEN", set())  # as in a fresh process
-    # An earlier CLI test may have set up the batchuq logger not to propagate to caplog.
-    monkeypatch.setattr(logging.getLogger("batchuq"), "propagate", True)
-    loaded = load_model(BUNDLED_MODEL)
-    with caplog.at_level("WARNING", logger="batchuq"):
+    # A handler of the test's own on the batchuq logger: caplog's depends on whether an earlier
+    # CLI test made the logger stop propagating (pytest then attaches it there as well).
+    records: list[logging.LogRecord] = []
+    collect = logging.Handler(logging.WARNING)
+    collect.emit = records.append  # type: ignore[method-assign]
+    batchuq_logger = logging.getLogger("batchuq")
+    monkeypatch.setattr(batchuq_logger, "level", logging.WARNING)
+    batchuq_logger.addHandler(collect)
+    try:
+        loaded = load_model(BUNDLED_MODEL)
         methods = [MCDropout(loaded.model, passes=2, precision="bfloat16") for _ in range(3)]
+    finally:
+        batchuq_logger.removeHandler(collect)
     fell_back = methods[0].metadata()["precision"] == "float32"
     assert {m.metadata()["precision"] for m in methods} == {methods[0].metadata()["precision"]}
     assert all(m.metadata()["precision_requested"] == "bfloat16" for m in methods)
-    notices = [r.getMessage() for r in caplog.records if "--precision bfloat16" in r.getMessage()]
+    notices = [r.getMessage() for r in records if "--precision bfloat16" in r.getMessage()]
     assert len(notices) == (1 if fell_back else 0), notices
 
 
