@@ -106,8 +106,9 @@ if TYPE_CHECKING:  # imported where used: the pre-check loads NumPy
     type=click.FloatRange(min=0.0, max=1.0, min_open=True, max_open=True),
     default=DEFAULT_ADAPTIVE_ALPHA,
     show_default=True,
-    help="With --passes auto: bound on the share of images whose decision differs from the one "
-    "unlimited passes would give (spent over the looks; see docs/methods.md).",
+    help="With --passes auto: bound on each image's chance of stopping before --max-passes "
+    "with another decision than unlimited passes would give (images that reach --max-passes "
+    "get the --passes MAX decision, which may differ; see docs/methods.md).",
 )
 @click.option(
     "--tta",

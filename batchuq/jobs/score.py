@@ -173,9 +173,12 @@ def score_directory(
             ``memory_budget_mb``, ``precision`` and ``logits``. With ``engine="ray"``, a
             factory (each worker builds its own method), not a built method.
         min_passes: With ``passes="auto"``, passes every image gets and the size of a round.
-        max_passes: With ``passes="auto"``, the most passes an image gets.
-        adaptive_alpha: With ``passes="auto"``, the bound on the share of decisions that
-            differ from those of unlimited passes.
+        max_passes: With ``passes="auto"``, the most passes an image gets; an image that
+            never settles gets the samples and decision of ``passes=max_passes``.
+        adaptive_alpha: With ``passes="auto"``, the bound on each image's probability of
+            stopping before ``max_passes`` with another decision than unlimited passes would
+            give (assuming independent passes; docs/methods.md, "Adaptive passes"). Images
+            that reach ``max_passes`` are not covered: their fixed-T decision may differ.
         engine: ``local`` scores in this process; ``ray`` on a Ray cluster, with the same rows
             (see ``batchuq.jobs.ray_engine``; needs ``pip install "batchuq[ray]"``).
         ray_address: With ``ray``: the cluster to connect to; default ``$RAY_ADDRESS``, else a
