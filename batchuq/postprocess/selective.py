@@ -44,6 +44,7 @@ __all__ = [
     "binomial_upper_bound",
     "fit_selective_threshold",
     "min_accepted",
+    "start_count",
 ]
 
 SELECTIVE_METHOD = "ltt-fixed-sequence-binomial"
@@ -198,6 +199,25 @@ def min_accepted(target_risk: float, delta: float) -> int:
     return m
 
 
+def start_count(n: int, target_risk: float, delta: float) -> int:
+    """Accepted count at which fixed-sequence testing starts: the smallest ``m`` whose test
+    rejects with an error share of half the target, ``P(Binomial(m - 1, target_risk) <=
+    ⌊m target_risk / 2⌋) <= delta``, but at most ``n`` and at least ``min_accepted``.
+
+    It depends on ``n``, ``target_risk`` and ``delta`` only, never on the data. Starting at the
+    fewest images that could be certified with no error at all would let one early error stop
+    the walk; starting here leaves room for errors at half the target.
+    """
+    low = min_accepted(target_risk, delta)
+    while low <= n:
+        ms = np.arange(low, min(2 * low, n + 1))
+        ok = binomial_cdf(np.floor(ms * target_risk / 2), ms - 1, target_risk) <= delta
+        if ok.any():
+            return int(ms[np.argmax(ok)])
+        low = 2 * low
+    return max(n, min_accepted(target_risk, delta))
+
+
 # --------------------------------------------------------------------------------------------
 # The threshold.
 
@@ -235,21 +255,21 @@ def _rejected(accepted: np.ndarray, errors: np.ndarray, target_risk: float, delt
     return len(accepted)
 
 
-def _needed_at_rate(rate: float, target_risk: float, delta: float) -> int | None:
-    """About how many accepted images with an error share of ``rate`` certify ``target_risk``
-    (``None`` if no number does, or more than ``10**9``)."""
+def _needed_at_rate(accepted: int, rate: float, target_risk: float, delta: float) -> int | None:
+    """About how many accepted images, more than ``accepted``, with an error share of ``rate``
+    certify ``target_risk`` (``None`` if no number does, or more than ``10**9``)."""
     if rate >= target_risk:
         return None
 
     def certifies(m: int) -> bool:
-        return bool(binomial_cdf(math.floor(rate * m), m - 1, target_risk)[()] <= delta)
+        errors = math.ceil(rate * m - 1e-9)
+        return bool(binomial_cdf(errors, m - 1, target_risk)[()] <= delta)
 
-    high = 2
+    low, high = accepted, 2 * accepted
     while not certifies(high):
         if high > 10**9:
             return None
-        high *= 2
-    low = high // 2
+        low, high = high, 2 * high
     while high - low > 1:
         mid = (low + high) // 2
         low, high = (low, mid) if certifies(mid) else (mid, high)
@@ -271,7 +291,7 @@ def _infeasible(n: int, accepted: int, errors: int, target_risk: float, delta: f
         )
     p_value = float(binomial_cdf(errors, accepted - 1, target_risk)[()])
     rate = errors / accepted
-    at_rate = _needed_at_rate(rate, target_risk, delta)
+    at_rate = _needed_at_rate(accepted, rate, target_risk, delta)
     more = (
         f"at that error share about {at_rate} accepted images would certify it"
         if at_rate is not None
@@ -322,7 +342,7 @@ def fit_selective_threshold(
     received = f"Received: target_risk={target_risk}, delta={delta}, len(scores)={n}"
 
     values, accepted, errors = _candidates(scores, correct)
-    start = int(np.searchsorted(accepted, min_accepted(target_risk, delta)))
+    start = int(np.searchsorted(accepted, start_count(n, target_risk, delta)))
     if start == len(values):
         raise UsageError(_infeasible(n, 0, 0, target_risk, delta) + received)
     rejected = _rejected(accepted[start:], errors[start:], target_risk, delta)
