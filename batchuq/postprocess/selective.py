@@ -15,12 +15,11 @@ binomial p-value of ``H_λ: R(λ) > target_risk`` given the number of accepted i
     p(λ) = P(Binomial(M(λ) - 1, target_risk) <= K(λ)),
 
 ``M(λ)`` accepted calibration images, ``K(λ)`` errors among them. One trial is dropped: the
-data choose where the sequence starts, and the image at that threshold is where they chose it.
-The sequence starts at the highest score with ``M >= m_start``, the smallest count whose
-p-value can reach ``delta`` at all (``(1 - target_risk)^(m_start - 1) <= delta``), and stops at
-the first ``p > delta``. docs/methods.md ("Selective risk with a guarantee") states the
-algorithm, the guarantee and its assumptions (i.i.d. or exchangeable images, no ties in the
-score distribution) and the proof's outline.
+data choose where the walk starts, and the image at that threshold is where they chose it. The
+walk starts at the highest score with ``M >= start_count(n, target_risk, delta)`` (a count fixed
+before looking at the data) and stops at the first ``p > delta``. docs/methods.md ("Selective
+risk with a guarantee") states the algorithm, the guarantee and its assumptions (i.i.d. or
+exchangeable images, no ties in the score distribution) and the outline of its proof.
 
 The binomial tails are exact sums of probabilities in log space (``math.lgamma``): NumPy only,
 no SciPy, nothing here imports TensorFlow.
