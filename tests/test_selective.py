@@ -279,7 +279,6 @@ def test_certificate_counts_what_the_threshold_accepts() -> None:
     # The bound reached is the Clopper-Pearson bound on accepted - 1 trials, below the target.
     assert cert.risk_bound <= 0.05
     assert binom.cdf(cert.errors, cert.accepted - 1, cert.risk_bound) == pytest.approx(0.1)
-    # The next lower score would not be certified by itself, or a failure came before it.
     assert "selective risk <= 5.0% with probability >= 90%" in cert.statement()
     with pytest.raises(AttributeError):
         cert.threshold = 0.0  # frozen
