@@ -1,28 +1,25 @@
 """Selective classification with a guaranteed risk: a confidence threshold and its certificate.
 
-``fit_selective_threshold(scores, correct, target_risk, delta)`` picks the lowest threshold
-``λ̂`` among the calibration scores such that, with probability at least ``1 - delta`` over
-the calibration set, the *population selective risk* of the rule "accept when
-``score >= λ̂``",
+``fit_selective_threshold(scores, correct, target_risk, delta)`` runs Geifman & El-Yaniv's
+*selection with guaranteed risk* (SGR; "Selective Classification for Deep Neural Networks",
+NeurIPS 2017, Algorithm 1): a binary search over the calibration images sorted by score, with
+``k = ⌈log2 n⌉`` steps. At each step the threshold ``θ`` is the score at the midpoint, the images
+with ``score >= θ`` are accepted (``M`` of them, ``K`` wrong), and the risk bound is
 
-    R(λ) = P(wrong | score >= λ)
+    b* = B*(K / M, delta / k, M) = sup {b : P(Binomial(M, b) <= K) >= delta / k},
 
-for a new image drawn from the same distribution as the calibration images, is at most
-``target_risk``. Method: Learn-then-Test (Angelopoulos, Bates, Candès, Jordan & Lei 2021) with
-fixed-sequence testing over the distinct calibration scores, from the highest down, and the
-binomial p-value of ``H_λ: R(λ) > target_risk`` given the number of accepted images:
+the inverse binomial tail of Gascuel & Caraux (1992), the paper's eq. (4). The search accepts
+more images after a step with ``b* < target_risk`` and fewer otherwise. The paper's theorem: for
+calibration images drawn i.i.d., with probability at least ``1 - delta`` the selective risk
+``P(wrong | score >= θ)`` of the classifier it returns is below its bound ``b*``. Here the
+returned threshold is the last step with ``b* < target_risk`` (the one that accepts the most of
+those), so the risk is below ``target_risk`` too. docs/methods.md ("Selective risk with a
+guarantee") states the algorithm, the guarantee, its assumptions and what it does not cover.
 
-    p(λ) = P(Binomial(M(λ) - 1, target_risk) <= K(λ)),
-
-``M(λ)`` accepted calibration images, ``K(λ)`` errors among them. One trial is dropped: the
-data choose where the walk starts, and the image at that threshold is where they chose it. The
-walk starts at the highest score with ``M >= start_count(n, target_risk, delta)`` (a count fixed
-before looking at the data) and stops at the first ``p > delta``. docs/methods.md ("Selective
-risk with a guarantee") states the algorithm, the guarantee and its assumptions (i.i.d. or
-exchangeable images, no ties in the score distribution) and the outline of its proof.
-
-The binomial tails are exact sums of probabilities in log space (``math.lgamma``): NumPy only,
-no SciPy, nothing here imports TensorFlow.
+``b* < target_risk`` holds exactly when ``P(Binomial(M, target_risk) <= K) < delta / k`` (the
+tail falls as ``b`` grows), so each step costs one binomial tail; ``b*`` itself is computed
+once, for the certificate. The tails are exact sums of probabilities in log space
+(``math.lgamma``): NumPy only, no SciPy, nothing here imports TensorFlow.
 """
 
 from __future__ import annotations
@@ -43,14 +40,15 @@ __all__ = [
     "binomial_upper_bound",
     "fit_selective_threshold",
     "min_accepted",
-    "start_count",
+    "search_steps",
 ]
 
-SELECTIVE_METHOD = "ltt-fixed-sequence-binomial"
+SELECTIVE_METHOD = "sgr-geifman-el-yaniv-2017"
 
-# Binomial terms summed in one NumPy call of the fixed-sequence walk (memory: 8 bytes each, a few
-# arrays of them).
-_MAX_TERMS = 1 << 20
+
+def _percent(share: float) -> str:
+    """``0.05`` as ``5%``, ``0.999`` as ``99.9%``: four significant digits, no trailing zeros."""
+    return f"{100 * share:.4g}%"
 
 
 @dataclass(frozen=True)
@@ -58,15 +56,15 @@ class SelectiveCertificate:
     """What ``fit_selective_threshold`` certifies, and on what.
 
     Attributes:
-        threshold: ``λ̂``; accept an image when ``score >= threshold``.
-        target_risk: The certified bound on the selective risk ``P(wrong | score >= λ̂)``.
+        threshold: ``θ``; accept an image when ``score >= threshold``.
+        target_risk: ``r*``; the certified selective risk is below ``risk_bound < r*``.
         delta: The certificate fails with probability at most ``delta`` over calibration sets.
         n: Calibration images.
-        accepted: Calibration images with ``score >= threshold``.
-        errors: Wrong predictions among them.
-        risk_bound: The ``1 - delta`` upper confidence bound on the selective risk at
-            ``threshold`` (the ``r`` with ``P(Binomial(accepted - 1, r) <= errors) = delta``);
-            at most ``target_risk``.
+        accepted: ``M``, calibration images with ``score >= threshold``.
+        errors: ``K``, wrong predictions among them.
+        risk_bound: ``b* = B*(K / M, delta / k, M)``, ``k = search_steps(n)``: the ``b`` with
+            ``P(Binomial(M, b) <= K) = delta / k`` (a one-sided Clopper–Pearson bound at level
+            ``1 - delta / k``); below ``target_risk``.
         method: ``SELECTIVE_METHOD``.
     """
 
@@ -87,8 +85,9 @@ class SelectiveCertificate:
     def statement(self) -> str:
         """The guarantee in one sentence, for summaries and metadata."""
         return (
-            f"selective risk <= {self.target_risk:.1%} with probability >= {1 - self.delta:.0%} "
-            f"under exchangeability; certified on {self.n} images "
+            f"selective risk <= {_percent(self.target_risk)} (bound "
+            f"{_percent(self.risk_bound)}) with probability >= {_percent(1 - self.delta)} for "
+            f"images i.i.d. like the calibration set; certified by SGR on {self.n} images "
             f"({self.accepted} accepted, {self.errors} wrong)"
         )
 
@@ -153,7 +152,8 @@ def binomial_cdf(k: ArrayLike, m: ArrayLike, p: float) -> np.ndarray:
 
 
 def binomial_upper_bound(k: int, m: int, delta: float) -> float:
-    """One-sided ``1 - delta`` upper confidence bound on a binomial rate (Clopper–Pearson).
+    """``B*(k / m, delta, m)``: the one-sided ``1 - delta`` upper confidence bound on a
+    binomial rate (Clopper–Pearson; Gascuel & Caraux 1992; Geifman & El-Yaniv's eq. (4)).
 
     Args:
         k: Observed successes (errors), ``0 <= k``.
@@ -161,108 +161,109 @@ def binomial_upper_bound(k: int, m: int, delta: float) -> float:
         delta: Miscoverage in ``(0, 1)``.
 
     Returns:
-        The ``r`` with ``P(Binomial(m, r) <= k) = delta`` (1.0 when ``k >= m``), to about
-        ``1e-12``.
+        ``sup {b : P(Binomial(m, b) <= k) >= delta}``: the ``b`` where the tail equals
+        ``delta`` (1.0 when ``k >= m``), to about ``1e-15``.
     """
     if k >= m:
         return 1.0
-    # The tail falls from 1 at r = 0 to 0 at r = 1: bisect for where it crosses delta.
+    # The tail falls continuously from 1 at b = 0 to 0 at b = 1: bisect for where it is delta.
     low, high = 0.0, 1.0
     for _ in range(50):
         mid = 0.5 * (low + high)
-        if binomial_cdf(k, m, mid) > delta:
+        if binomial_cdf(k, m, mid) >= delta:
             low = mid
         else:
             high = mid
     return high
 
 
-def min_accepted(target_risk: float, delta: float) -> int:
-    """Fewest accepted calibration images that can certify ``target_risk`` at all.
+def search_steps(n: int) -> int:
+    """``k = ⌈log2 n⌉``, the steps of the binary search over ``n`` calibration images (at
+    least 1, so that one image still gets one test); each bound is taken at ``delta / k``."""
+    return max(1, math.ceil(math.log2(n)))
 
-    With ``m`` accepted images and no error, the p-value is ``(1 - target_risk)^(m - 1)``;
-    this is the smallest ``m`` for which it is ``<= delta``.
+
+def min_accepted(n: int, target_risk: float, delta: float) -> int:
+    """Fewest accepted images that can certify ``target_risk`` on ``n`` calibration images.
+
+    With ``m`` accepted images and no error, ``B*(0, delta / k, m) = 1 - (delta / k)^(1/m)``;
+    this is the smallest ``m`` with ``B* < target_risk``, i.e. ``(1 - target_risk)^m <
+    delta / k``, ``k = search_steps(n)``.
 
     Raises:
-        UsageError: If ``target_risk`` or ``delta`` is not in ``(0, 1)``.
+        UsageError: If ``n`` is not a positive integer, or ``target_risk`` or ``delta`` is not
+            in ``(0, 1)``.
     """
+    n = checks.positive_int(n, "n")
     target_risk = checks.fraction(target_risk, "target_risk")
     delta = checks.fraction(delta, "delta")
+    log_level = math.log(delta / search_steps(n))
     log_q = math.log1p(-target_risk)
-    m = max(1, math.ceil(math.log(delta) / log_q) + 1)
-    # Settle the float rounding of the ratio on the exact condition.
-    while (m - 1) * log_q > math.log(delta):
+    m = max(1, math.floor(log_level / log_q))
+    # Settle the float rounding of the ratio on the exact condition m ln(1 - r*) < ln(delta/k).
+    while m * log_q >= log_level:
         m += 1
-    while m > 1 and (m - 2) * log_q <= math.log(delta):
+    while m > 1 and (m - 1) * log_q < log_level:
         m -= 1
     return m
 
 
-def start_count(n: int, target_risk: float, delta: float) -> int:
-    """Accepted count at which fixed-sequence testing starts: the smallest ``m`` whose test
-    rejects with an error share of half the target, ``P(Binomial(m - 1, target_risk) <=
-    ⌊m target_risk / 2⌋) <= delta``, but at most ``n`` and at least ``min_accepted``.
-
-    It depends on ``n``, ``target_risk`` and ``delta`` only, never on the data. Starting at the
-    fewest images that could be certified with no error at all would let one early error stop
-    the walk; starting here leaves room for errors at half the target.
-    """
-    low = min_accepted(target_risk, delta)
-    while low <= n:
-        ms = np.arange(low, min(2 * low, n + 1))
-        ok = binomial_cdf(np.floor(ms * target_risk / 2), ms - 1, target_risk) <= delta
-        if ok.any():
-            return int(ms[np.argmax(ok)])
-        low = 2 * low
-    return max(n, min_accepted(target_risk, delta))
-
-
 # --------------------------------------------------------------------------------------------
-# The threshold.
+# The search.
 
 
-def _candidates(scores: np.ndarray, correct: np.ndarray) -> tuple[np.ndarray, ...]:
-    """Distinct scores from the highest down, with the accepted count and the errors among
-    them at each (``score >= value``); all three ``(d,)``, the counts increasing."""
-    order = np.argsort(-scores, kind="stable")
-    ranked = scores[order]
-    # The last position of each run of equal scores: ties are accepted or refused together.
-    ends = np.flatnonzero(np.append(ranked[1:] != ranked[:-1], True))
-    errors = np.cumsum(~correct[order])[ends]
-    return ranked[ends], ends + 1, errors
+@dataclass(frozen=True)
+class _Step:
+    """One step of the binary search: threshold, accepted count, errors, bound below r*?"""
+
+    threshold: float
+    accepted: int
+    errors: int
+    certified: bool
 
 
-def _rejected(accepted: np.ndarray, errors: np.ndarray, target_risk: float, delta: float) -> int:
-    """How many hypotheses fixed-sequence testing rejects, in order, before its first
-    ``p > delta`` (all of them if none).
+def _search(
+    scores: np.ndarray, correct: np.ndarray, target_risk: float, delta: float
+) -> list[_Step]:
+    """The ``k`` steps of Algorithm 1 (SGR), in order.
 
-    ``p = P(Binomial(accepted - 1, target_risk) <= errors)`` falls as ``accepted`` grows with
-    ``errors`` fixed, so only the first candidate of each run of equal ``errors`` can be the
-    first failure: the p-values are computed there only, in blocks of at most ``_MAX_TERMS``
-    binomial terms.
+    Positions ``z = 1 … n`` index the scores sorted ascending; ``z_min = 1``, ``z_max = n``; at
+    each step ``z = ⌈(z_min + z_max) / 2⌉``, ``θ`` = the ``z``-th smallest score, accept
+    ``score >= θ`` (ties with ``θ`` below position ``z`` included); ``b* < r*`` sets
+    ``z_max = z`` (accept more next), otherwise ``z_min = z``.
     """
-    firsts = np.flatnonzero(np.append(True, errors[1:] != errors[:-1]))
-    done = 0
-    while done < len(firsts):
-        cost = np.cumsum(errors[firsts[done:]] + 1)
-        stop = done + max(1, int(np.searchsorted(cost, _MAX_TERMS, side="right")))
-        at = firsts[done:stop]
-        fails = np.flatnonzero(binomial_cdf(errors[at], accepted[at] - 1, target_risk) > delta)
-        if fails.size:
-            return int(at[fails[0]])
-        done = stop
-    return len(accepted)
+    n = len(scores)
+    k = search_steps(n)
+    order = np.argsort(scores, kind="stable")
+    ranked = scores[order]
+    # wrong_from[i]: errors among ranked[i:].
+    wrong_from = np.append(np.cumsum((~correct[order])[::-1])[::-1], 0)
+    steps = []
+    z_min, z_max = 1, n
+    for _ in range(k):
+        z = (z_min + z_max + 1) // 2
+        theta = ranked[z - 1]
+        first = int(np.searchsorted(ranked, theta, side="left"))
+        accepted, errors = n - first, int(wrong_from[first])
+        # b* < r*  <=>  P(Binomial(M, r*) <= K) < delta / k.
+        certified = bool(binomial_cdf(errors, accepted, target_risk)[()] < delta / k)
+        steps.append(_Step(float(theta), accepted, errors, certified))
+        if certified:
+            z_max = z
+        else:
+            z_min = z
+    return steps
 
 
-def _needed_at_rate(accepted: int, rate: float, target_risk: float, delta: float) -> int | None:
+def _needed_at_rate(accepted: int, rate: float, target_risk: float, level: float) -> int | None:
     """About how many accepted images, more than ``accepted``, with an error share of ``rate``
-    certify ``target_risk`` (``None`` if no number does, or more than ``10**9``)."""
+    have ``B* < target_risk`` at ``level`` (``None`` if no number does, or more than ``10**9``)."""
     if rate >= target_risk:
         return None
 
     def certifies(m: int) -> bool:
         errors = math.ceil(rate * m - 1e-9)
-        return bool(binomial_cdf(errors, m - 1, target_risk)[()] <= delta)
+        return bool(binomial_cdf(errors, m, target_risk)[()] < level)
 
     low, high = accepted, 2 * accepted
     while not certifies(high):
@@ -275,62 +276,79 @@ def _needed_at_rate(accepted: int, rate: float, target_risk: float, delta: float
     return high
 
 
-def _infeasible(n: int, accepted: int, errors: int, target_risk: float, delta: float) -> str:
-    """Why ``target_risk`` cannot be certified, and how many accepted images it would take;
-    ``accepted == 0`` when even the whole set is too small."""
-    m_start = min_accepted(target_risk, delta)
+def _first_step_accepts(n: int) -> int:
+    """Images the first step accepts when scores have no ties: ``n - ⌈(1 + n) / 2⌉ + 1``."""
+    return n - (n + 2) // 2 + 1
+
+
+def _infeasible(n: int, steps: list[_Step], target_risk: float, delta: float) -> str:
+    """Why no step of the search certified ``target_risk``, and how many images it would take."""
+    k = search_steps(n)
+    needed = min_accepted(n, target_risk, delta)
     need = (
-        f"a threshold must accept at least {m_start} calibration images even if none of them "
-        f"is wrong ((1 - target_risk)^(m - 1) <= delta needs m >= {m_start})"
+        f"even with no error a threshold must accept at least {needed} images "
+        f"(B*(0, delta/k, m) = 1 - (delta/k)^(1/m) < target_risk needs m >= {needed}, "
+        f"k = ceil(log2 n) = {k} steps)"
     )
-    if accepted == 0:
+    large = [step for step in steps if step.accepted >= needed]
+    if not large:
+        # Every step after a failure accepts fewer than it: the first step must pass. It
+        # accepts the more confident half, so look for the smallest set whose half is enough.
+        total = n
+        while _first_step_accepts(total) < min_accepted(total, target_risk, delta):
+            total = max(total + 1, 2 * min_accepted(total, target_risk, delta) - 1)
         return (
-            f"`target_risk` cannot be certified on {n} calibration images: {need}. Label more "
-            "images (the threshold accepts only a share of them), or raise target_risk or delta. "
+            f"`target_risk` cannot be certified on {n} calibration images: {need}, and the "
+            f"binary search first tests the {steps[0].accepted} most confident (about half). "
+            f"About {total} labelled calibration images would be needed if their more "
+            "confident half were all right. Label more images, or raise target_risk or delta. "
         )
-    p_value = float(binomial_cdf(errors, accepted - 1, target_risk)[()])
-    rate = errors / accepted
-    at_rate = _needed_at_rate(accepted, rate, target_risk, delta)
+    tested = ", ".join(f"{step.accepted} with {step.errors} wrong" for step in large)
+    best = min(large, key=lambda step: step.errors / step.accepted)
+    rate = best.errors / best.accepted
+    at_rate = _needed_at_rate(best.accepted, rate, target_risk, delta / k)
     more = (
-        f"at that error share about {at_rate} accepted images would certify it"
+        f"at their best error share ({rate:.2%}) about {at_rate} accepted images would certify it"
         if at_rate is not None
-        else "no number of images at that error share would certify it"
+        else f"at their best error share ({rate:.2%}) no number of images would certify it"
     )
     return (
-        f"`target_risk` cannot be certified: {need}, and the {accepted} most confident "
-        f"calibration images hold {errors} errors ({rate:.2%}), p-value "
-        f"P(Binomial({accepted - 1}, target_risk) <= {errors}) = {p_value:.3g} > delta, so "
-        f"fixed-sequence testing stops at its first threshold. The limit is the errors among "
-        f"the most confident images, not only their number: {more}. Raise target_risk or "
-        "delta, or use a score that ranks the errors lower. "
+        f"`target_risk` cannot be certified: {need}. The binary search tested the most "
+        f"confident {tested}, and every bound B*(K/M, delta/k, M) was >= target_risk. The "
+        f"limit is the errors among the most confident images, not their number: {more}. "
+        "Raise target_risk or delta, or use a score that ranks the errors lower. "
     )
 
 
 def fit_selective_threshold(
     scores: ArrayLike, correct: ArrayLike, target_risk: float, delta: float
 ) -> tuple[float, SelectiveCertificate]:
-    """The lowest score threshold whose selective risk is certified ``<= target_risk``.
+    """A score threshold whose selective risk is certified below ``target_risk``.
 
-    Learn-then-Test with fixed-sequence testing over the distinct calibration scores, from the
-    highest down (docs/methods.md, "Selective risk with a guarantee"). For calibration and new
-    images drawn i.i.d. (or exchangeably) from one distribution in which the score has no ties,
-    ``P(wrong | score >= threshold) <= target_risk`` for a new image, with probability at least
-    ``1 - delta`` over the calibration set. That is the *population* selective risk; the error
-    share among the images a given night accepts scatters around it.
+    Geifman & El-Yaniv's selection with guaranteed risk (SGR, NeurIPS 2017, Algorithm 1): a
+    binary search over the calibration images sorted by score, ``k = ⌈log2 n⌉`` steps, each
+    with the bound ``b* = B*(K/M, delta/k, M)`` (the ``b`` with ``P(Binomial(M, b) <= K) =
+    delta/k``) on the ``M`` images with ``score >= θ``, ``K`` of them wrong. The threshold
+    returned is the last step with ``b* < target_risk``. Their theorem: if the calibration
+    images are drawn i.i.d. from a distribution, then with probability at least ``1 - delta``
+    over them the selective risk ``P(wrong | score >= threshold)`` of a new image from that
+    distribution is below ``b*`` (so below ``target_risk``). That is the *population*
+    selective risk; the error share among the images a given night accepts scatters around it.
+    See docs/methods.md ("Selective risk with a guarantee").
 
     Args:
         scores: ``(n,)`` confidence scores of the calibration images, higher = more confident.
         correct: ``(n,)`` whether each image's prediction was right (booleans or 0/1).
-        target_risk: Bound on the selective risk to certify, in ``(0, 1)``.
+        target_risk: ``r*``, the bound on the selective risk to certify, in ``(0, 1)``.
         delta: Allowed probability that the certificate is wrong, in ``(0, 1)``.
 
     Returns:
         ``(threshold, certificate)``: accept an image when ``score >= threshold``; the
-        ``SelectiveCertificate`` holds the counts and the risk bound reached.
+        ``SelectiveCertificate`` holds the counts and the bound ``b*``.
 
     Raises:
-        UsageError: (a ``ValueError``) if an argument is malformed, or if no threshold can be
-            certified; the message says how many accepted images it would take.
+        UsageError: (a ``ValueError``) if an argument is malformed, or if no step of the search
+            certifies ``target_risk``; the message says how many accepted images it would take.
     """
     scores = checks.float_vector(scores, "scores")
     correct = checks.bool_vector(correct, "correct")
@@ -338,26 +356,23 @@ def fit_selective_threshold(
     target_risk = checks.fraction(target_risk, "target_risk")
     delta = checks.fraction(delta, "delta")
     n = len(scores)
-    received = f"Received: target_risk={target_risk}, delta={delta}, len(scores)={n}"
 
-    values, accepted, errors = _candidates(scores, correct)
-    start = int(np.searchsorted(accepted, start_count(n, target_risk, delta)))
-    if start == len(values):
-        raise UsageError(_infeasible(n, 0, 0, target_risk, delta) + received)
-    rejected = _rejected(accepted[start:], errors[start:], target_risk, delta)
-    if rejected == 0:
-        first = int(accepted[start]), int(errors[start])
-        raise UsageError(_infeasible(n, *first, target_risk, delta) + received)
-
-    chosen = start + rejected - 1
-    m, k = int(accepted[chosen]), int(errors[chosen])
+    steps = _search(scores, correct, target_risk, delta)
+    certified = [step for step in steps if step.certified]
+    if not certified:
+        received = f"Received: target_risk={target_risk}, delta={delta}, len(scores)={n}"
+        raise UsageError(_infeasible(n, steps, target_risk, delta) + received)
+    # Algorithm 1 outputs its last step whether or not b* < r*; its proof bounds the risk at
+    # every step at once (a union bound over the k steps), so the last certified step, which
+    # accepts more than any certified before it, carries the same guarantee with b* < r*.
+    chosen = certified[-1]
     certificate = SelectiveCertificate(
-        threshold=float(values[chosen]),
+        threshold=chosen.threshold,
         target_risk=target_risk,
         delta=delta,
         n=n,
-        accepted=m,
-        errors=k,
-        risk_bound=binomial_upper_bound(k, m - 1, delta),
+        accepted=chosen.accepted,
+        errors=chosen.errors,
+        risk_bound=binomial_upper_bound(chosen.errors, chosen.accepted, delta / search_steps(n)),
     )
     return certificate.threshold, certificate
