@@ -13,13 +13,23 @@ from batchuq._version import __version__
 if TYPE_CHECKING:
     from batchuq.jobs.calibrate import calibrate_directory
     from batchuq.jobs.score import ScoreReport, score_directory
+    from batchuq.postprocess.selective import SelectiveCertificate, fit_selective_threshold
 
-__all__ = ["ScoreReport", "__version__", "calibrate_directory", "score_directory"]
+__all__ = [
+    "ScoreReport",
+    "SelectiveCertificate",
+    "__version__",
+    "calibrate_directory",
+    "fit_selective_threshold",
+    "score_directory",
+]
 
 _LAZY = {
     "score_directory": "batchuq.jobs.score",
     "ScoreReport": "batchuq.jobs.score",
     "calibrate_directory": "batchuq.jobs.calibrate",
+    "fit_selective_threshold": "batchuq.postprocess.selective",
+    "SelectiveCertificate": "batchuq.postprocess.selective",
 }
 
 

@@ -4,6 +4,8 @@
 * ``thresholds``: per-class validation thresholds from augmented copies.
 * ``temperature``: temperature scaling, applied and fitted.
 * ``conformal``: split conformal quantiles and prediction sets (LAC, class, APS).
+* ``selective``: a score threshold whose selective risk is certified (Geifman & El-Yaniv's SGR),
+  with its certificate.
 * ``calibration_file``: the JSON file that carries thresholds, temperature and quantiles from
   ``batchuq calibrate`` to ``batchuq score``, with the predictor they were fitted on.
 
