@@ -1,4 +1,4 @@
-"""Tests of batchuq.jobs.evaluate and batchuq.jobs.report on small hand-made Parquet files."""
+"""Tests of batchuq.jobs.evaluate and batchuq.report.evaluate on small hand-made Parquet files."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from PIL import Image
 from batchuq import metrics
 from batchuq.cli.evaluate import evaluate_command
 from batchuq.errors import OutputError, UsageError
-from batchuq.jobs import evaluate, report
+from batchuq.jobs import evaluate
 from batchuq.jobs.evaluate import (
     RiskCoverage,
     evaluate_file,
@@ -26,7 +26,8 @@ from batchuq.jobs.evaluate import (
     format_rule,
     format_table,
 )
-from batchuq.jobs.report import write_evaluation_report, write_report
+from batchuq.report import evaluate as report
+from batchuq.report.evaluate import write_evaluation_report, write_report
 from batchuq.write import output_schema
 
 CLASSES = ["cat", "dog", "fox"]

@@ -58,7 +58,7 @@ def test_report_of_a_kaggle_wrapper_shows_the_scored_images(
 ) -> None:
     """`monkeys/training` holds only `training/n0..`: the log names the folder scored, and the
     report's thumbnails come from it (not "image not found" under the wrapper)."""
-    from batchuq.jobs import report
+    from batchuq.report import evaluate as report
 
     root = _kaggle_archive(tmp_path / "monkeys")
     out, report_dir = tmp_path / "out.parquet", tmp_path / "report"
