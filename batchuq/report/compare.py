@@ -27,7 +27,7 @@ from batchuq.jobs.compare import (
     with_shift_labels,
 )
 from batchuq.jobs.evaluate import Evaluation
-from batchuq.report.evaluate import report_folder, save_figure
+from batchuq.report.figures import report_folder, save_figure
 
 __all__ = ["write_comparison_report"]
 

@@ -36,7 +36,6 @@ from matplotlib.figure import Figure
 
 from batchuq import metrics
 from batchuq.defaults import DEFAULT_MAX_PIXELS
-from batchuq.errors import OutputError
 from batchuq.jobs.evaluate import (
     SCORE_NAMES,
     Evaluation,
@@ -44,13 +43,13 @@ from batchuq.jobs.evaluate import (
     evaluate_file,
     format_rule,
 )
+from batchuq.report.figures import report_folder, save_figure
 
 TOP_UNCERTAIN = 12
 MAX_BAR_CLASSES = 20
 MAX_ANNOTATED_CLASSES = 20
 THUMBNAIL_SIZE = 256
 MAX_THUMBNAIL_PIXELS = DEFAULT_MAX_PIXELS  # what `score --max-pixels` refuses by default
-DPI = 100
 MIN_BIN_IMAGES = 5  # reliability bins with fewer images are drawn faded
 FADED_ALPHA = 0.3
 ZOOM_MIN_START = 0.5  # the risk-coverage curve gets a zoomed panel if it is 0 up to here
@@ -69,12 +68,6 @@ __all__ = ["write_evaluation_report", "write_report"]
 # --------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------
-
-
-def save_figure(fig: Figure, folder: Path, name: str) -> str:
-    """Save ``fig`` as ``folder/name`` (PNG) and return ``name``, for the page to link."""
-    fig.savefig(folder / name, dpi=DPI, format="png", bbox_inches="tight")
-    return name
 
 
 def _empty(ax: Axes, message: str) -> None:
@@ -860,26 +853,6 @@ def _write_uncertain(
         alt = f"uncertain image {rank}: {row['path']}, {verdict}"
         uncertain.append((save_figure(fig, folder, f"uncertain_{rank:02d}.png"), alt))
     return uncertain
-
-
-def report_folder(report_dir: str | os.PathLike[str]) -> Path:
-    """The report folder, created if needed.
-
-    Raises:
-        OutputError: If it is an existing file or cannot be created.
-    """
-    folder = Path(report_dir)
-    if folder.exists() and not folder.is_dir():
-        raise OutputError(
-            f"The report path is a file, not a folder. Received: report_dir={str(folder)!r}"
-        )
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(
-            f"Cannot create the report folder: {exc}. Received: report_dir={str(folder)!r}"
-        ) from exc
-    return folder
 
 
 def write_evaluation_report(
