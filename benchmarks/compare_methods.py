@@ -94,8 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--severities", default="1,3,5", help="severities of the series")
     args = parser.parse_args(argv)
     from batchuq import calibrate_directory
-    from batchuq.jobs.compare import compare_files, format_comparison, write_comparison_report
+    from batchuq.jobs.compare import compare_files, format_comparison
     from batchuq.jobs.shift import shift_directory
+    from batchuq.report.compare import write_comparison_report
 
     started = time.perf_counter()
     severities = [3] if args.quick else [int(s) for s in args.severities.split(",")]

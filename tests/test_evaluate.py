@@ -1,4 +1,4 @@
-"""Tests of batchuq.jobs.evaluate and batchuq.jobs.report on small hand-made Parquet files."""
+"""Tests of batchuq.jobs.evaluate and batchuq.report.evaluate on small hand-made Parquet files."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from PIL import Image
 from batchuq import metrics
 from batchuq.cli.evaluate import evaluate_command
 from batchuq.errors import OutputError, UsageError
-from batchuq.jobs import evaluate, report
+from batchuq.jobs import evaluate
 from batchuq.jobs.evaluate import (
     RiskCoverage,
     evaluate_file,
@@ -26,7 +26,9 @@ from batchuq.jobs.evaluate import (
     format_rule,
     format_table,
 )
-from batchuq.jobs.report import write_evaluation_report, write_report
+from batchuq.report import evaluate as evaluate_report
+from batchuq.report import evaluate_figures, uncertain
+from batchuq.report.evaluate import write_evaluation_report, write_report
 from batchuq.write import output_schema
 
 CLASSES = ["cat", "dog", "fox"]
@@ -318,16 +320,16 @@ def test_cli_table_help_and_errors(files, tmp_path):
     assert "no batchuq metadata" in result.stderr
 
 
-def spy(monkeypatch, name: str) -> list:
-    """Record what the report function ``name`` returns (its figure) each time it is called."""
+def spy(monkeypatch, module, name: str) -> list:
+    """Record what the report function ``module.name`` returns (its figure) at each call."""
     returned = []
-    original = getattr(report, name)
+    original = getattr(module, name)
 
     def wrapper(*args, **kwargs):
         returned.append(original(*args, **kwargs))
         return returned[-1]
 
-    monkeypatch.setattr(report, name, wrapper)
+    monkeypatch.setattr(module, name, wrapper)
     return returned
 
 
@@ -347,7 +349,7 @@ def test_reliability_diagram_counts_and_fades_small_bins():
     assert bins.counts.tolist() == expected.tolist()
     assert sorted(set(expected[expected > 0])) == [1, 3, 7, 201]  # faded and solid bins
 
-    top, bottom = report._draw_reliability(bins, 0.05).axes
+    top, bottom = evaluate_figures.draw_reliability(bins, 0.05).axes
     n_bins = metrics.DEFAULT_ECE_BINS
     counts = bar_bins(bottom, n_bins)
     assert [counts[b].get_height() for b in range(n_bins)] == expected.tolist()
@@ -355,9 +357,9 @@ def test_reliability_diagram_counts_and_fades_small_bins():
     accuracy = bar_bins(top, n_bins)
     assert sorted(accuracy) == np.flatnonzero(expected).tolist()  # empty bins have no bar
     for b, bar in accuracy.items():
-        faded = expected[b] < report.MIN_BIN_IMAGES
-        assert (bar.get_alpha() == report.FADED_ALPHA) == faded, (b, expected[b])
-        assert (counts[b].get_alpha() == report.FADED_ALPHA) == faded
+        faded = expected[b] < evaluate_figures.MIN_BIN_IMAGES
+        assert (bar.get_alpha() == evaluate_figures.FADED_ALPHA) == faded, (b, expected[b])
+        assert (counts[b].get_alpha() == evaluate_figures.FADED_ALPHA) == faded
         assert bar.get_height() == pytest.approx(correct[bin_of(confidence) == b].mean())
 
 
@@ -366,18 +368,18 @@ def bin_of(confidence: np.ndarray) -> np.ndarray:
 
 
 def test_write_report_draws_the_evaluated_bins(files, tmp_path, monkeypatch):
-    figures = spy(monkeypatch, "_draw_reliability")
+    figures = spy(monkeypatch, evaluate_figures, "draw_reliability")
     write_report(files["out"], tmp_path / "report")
     (top, bottom) = figures[0].axes
     # The labelled ok rows a, b, c, d have confidence 0.8, 0.82, 0.5, 0.4: every bin is faded.
     expected, _ = np.histogram([0.8, 0.82, 0.5, 0.4], bins=metrics.DEFAULT_ECE_BINS, range=(0, 1))
     assert [bar.get_height() for bar in bottom.patches] == expected.tolist()
-    assert {bar.get_alpha() for bar in top.patches} == {report.FADED_ALPHA}
+    assert {bar.get_alpha() for bar in top.patches} == {evaluate_figures.FADED_ALPHA}
     assert "ECE = 0.3200" in top.get_title()  # the ECE evaluate computed
 
 
 def test_risk_coverage_marks_the_decision_rule(files, tmp_path, monkeypatch):
-    figures = spy(monkeypatch, "_draw_risk_coverage")
+    figures = spy(monkeypatch, evaluate_figures, "draw_risk_coverage")
     write_report(files["out"], tmp_path / "report")
     # Coverage and selective risk from the decision column of the labelled ok rows.
     table = pq.read_table(files["out"]).to_pandas()
@@ -397,7 +399,8 @@ def test_risk_coverage_zooms_to_where_it_changes():
     correct = np.ones(200, bool)
     correct[[189, 194, 198]] = False  # errors only among the least confident
     results = {"coverage": 0.97, "selective_accuracy": 0.99, "aurc": 0.001}
-    whole, zoomed = report._draw_risk_coverage(curve_of(confidence, correct), correct, results).axes
+    curve = curve_of(confidence, correct)
+    whole, zoomed = evaluate_figures.draw_risk_coverage(curve, correct, results).axes
     assert whole.get_xlim()[0] == 0.0
     start = zoomed.get_xlim()[0]
     assert start == pytest.approx(0.95 - 0.005 - 0.1 * 0.055)  # just before the first error
@@ -411,11 +414,12 @@ def test_risk_coverage_zooms_to_where_it_changes():
 
     # An error among the most confident images: the curve changes everywhere, no zoom.
     correct[0] = False
-    (ax,) = report._draw_risk_coverage(curve_of(confidence, correct), correct, results).axes
+    curve = curve_of(confidence, correct)
+    (ax,) = evaluate_figures.draw_risk_coverage(curve, correct, results).axes
     assert ax.get_xlim()[0] == 0.0
     # No errors at all: nothing to zoom to.
     right = np.ones(200, bool)
-    (ax,) = report._draw_risk_coverage(curve_of(confidence, right), right, results).axes
+    (ax,) = evaluate_figures.draw_risk_coverage(curve_of(confidence, right), right, results).axes
     assert ax.get_xlim()[0] == 0.0
 
 
@@ -424,7 +428,7 @@ def curve_of(confidence: np.ndarray, correct: np.ndarray) -> RiskCoverage:
 
 
 def test_uncertain_image_titles_say_correct_or_wrong(files, tmp_path, monkeypatch):
-    figures = spy(monkeypatch, "_draw_uncertain_image")
+    figures = spy(monkeypatch, uncertain, "_draw_uncertain_image")
     index = write_report(files["out"], tmp_path / "report")
     expected = {
         "n0/a.png": "correct: label cat, predicted cat",
@@ -457,7 +461,7 @@ def test_report_draws_saved_samples_as_box_plots(digits_subset, tmp_path, monkey
     with_samples, without = tmp_path / "samples.parquet", tmp_path / "plain.parquet"
     score_directory(digits_subset, with_samples, passes=8, save_samples=True)
     score_directory(digits_subset, without, passes=8)
-    figures = spy(monkeypatch, "_draw_uncertain_image")
+    figures = spy(monkeypatch, uncertain, "_draw_uncertain_image")
     boxes = write_report(with_samples, tmp_path / "boxes")
     box_chart = figures[0].axes[1]
     bars = write_report(without, tmp_path / "bars")
@@ -584,7 +588,8 @@ def test_report_draws_what_evaluate_computed(files, tmp_path, monkeypatch):
 
     for name in ("uncertainty_scores", "labelled_rows", "read_scored_file", "evaluate_file"):
         monkeypatch.setattr(evaluate, name, refuse)
-        monkeypatch.setattr(report, name, refuse, raising=False)  # if imported by name
+        for module in (evaluate_report, evaluate_figures, uncertain):  # if imported by name
+            monkeypatch.setattr(module, name, refuse, raising=False)
     for name in ("reliability_bins", "ece", "auroc", "accuracy", "nll", "brier"):
         monkeypatch.setattr(metrics, name, refuse)
     curves = []  # the only curve the report computes is its oracle: right predictions first
@@ -595,8 +600,8 @@ def test_report_draws_what_evaluate_computed(files, tmp_path, monkeypatch):
         return original_curve(confidence, correct)
 
     monkeypatch.setattr(metrics, "risk_coverage_curve", curve)
-    bins = spy(monkeypatch, "_draw_reliability")
-    risk = spy(monkeypatch, "_draw_risk_coverage")
+    bins = spy(monkeypatch, evaluate_figures, "draw_reliability")
+    risk = spy(monkeypatch, evaluate_figures, "draw_risk_coverage")
     index = write_evaluation_report(evaluation, tmp_path / "report", images_root=files["images"])
 
     check_report(index)

@@ -58,7 +58,7 @@ def test_report_of_a_kaggle_wrapper_shows_the_scored_images(
 ) -> None:
     """`monkeys/training` holds only `training/n0..`: the log names the folder scored, and the
     report's thumbnails come from it (not "image not found" under the wrapper)."""
-    from batchuq.jobs import report
+    from batchuq.report import uncertain
 
     root = _kaggle_archive(tmp_path / "monkeys")
     out, report_dir = tmp_path / "out.parquet", tmp_path / "report"
@@ -69,13 +69,13 @@ def test_report_of_a_kaggle_wrapper_shows_the_scored_images(
     assert read_metadata(out)["images_root"] == str(scored)
 
     drawn = []  # (path, the thumbnail the report drew, or None) per "most uncertain" panel
-    draw = report._draw_thumbnail
+    draw = uncertain._draw_thumbnail
 
     def record(ax, rel, images_root):
         draw(ax, rel, images_root)
         drawn.append((rel, ax.images[0].get_array() if ax.images else None))
 
-    monkeypatch.setattr(report, "_draw_thumbnail", record)
+    monkeypatch.setattr(uncertain, "_draw_thumbnail", record)
     done = CliRunner().invoke(cli, ["evaluate", str(out), "--report", str(report_dir)])
     assert done.exit_code == EXIT_OK, done.output
     panels = sorted(report_dir.glob("uncertain_*.png"))

@@ -4,7 +4,8 @@ Three checks, each written as a function of a package path so that the tests bel
 on a small broken package built in ``tmp_path`` and see it fail:
 
 * ``run_lint_imports``: the import-linter contracts of ``pyproject.toml`` (``[tool.importlinter]``:
-  commands over jobs over methods and post-processing over the core library);
+  commands over the presentation (``report``) over jobs over methods and post-processing over the
+  core library; Matplotlib imported only by the presentation and the commands);
 * ``find_import_cycle``: no cycle among the modules of the import graph, imports inside functions
   included, every package ``__init__`` a module of its own;
 * ``long_functions``: no function or method with more than ``MAX_FUNCTION_LINES`` lines of code.
@@ -202,30 +203,52 @@ def _write(root: Path, files: dict[str, str]) -> None:
         path.write_text(textwrap.dedent(source), encoding="utf-8")
 
 
+def _contract(kind: str) -> dict:
+    """The one import-linter contract of type ``kind`` in pyproject.toml."""
+    config = tomllib.loads(PYPROJECT.read_text(encoding="utf-8"))
+    (contract,) = [c for c in config["tool"]["importlinter"]["contracts"] if c["type"] == kind]
+    return contract
+
+
 def _layer_modules() -> list[str]:
     """The module names the layers contract of pyproject.toml declares, optional ones included."""
-    config = tomllib.loads(PYPROJECT.read_text(encoding="utf-8"))
-    (contract,) = [c for c in config["tool"]["importlinter"]["contracts"] if c["type"] == "layers"]
     names = []
-    for layer in contract["layers"]:
+    for layer in _contract("layers")["layers"]:
         for tail in layer.replace("|", ":").split(":"):
             names.append(tail.strip().strip("()"))
     return names
+
+
+# The modules that may import Matplotlib: the presentation layer and what sits above it.
+DRAWING_LAYERS = {"__main__", "cli", "report"}
+
+
+def test_matplotlib_is_forbidden_in_every_module_below_the_presentation() -> None:
+    """The forbidden contract lists every module of the layers contract below ``report``, so a
+    module added to a layer without being added there fails here."""
+    below = [name for name in _layer_modules() if name not in DRAWING_LAYERS]
+    contract = _contract("forbidden")
+    assert contract["forbidden_modules"] == ["matplotlib"]
+    assert sorted(contract["source_modules"]) == sorted(f"batchuq.{name}" for name in below)
+    layers = [layer.split(":")[0].split("|")[0].strip() for layer in _contract("layers")["layers"]]
+    assert layers[: len(DRAWING_LAYERS)] == ["__main__", "cli", "report"]  # the top three
 
 
 @pytest.fixture
 def fake_batchuq(tmp_path: Path) -> Path:
     """An empty ``batchuq`` with every module of the layers contract, shadowing the real one.
 
-    Commands import jobs, jobs import methods and postprocess, methods import the core; so it
-    keeps the contracts, until a test adds a bad import.
+    Commands import the report and jobs, the report imports jobs and Matplotlib, jobs import
+    methods and postprocess, methods import the core; so it keeps the contracts, until a test
+    adds a bad import.
     """
     files = {"batchuq/__init__.py": ""}
     for name in _layer_modules():
-        is_package = name in {"cli", "jobs", "methods", "postprocess"}
+        is_package = name in {"cli", "report", "jobs", "methods", "postprocess"}
         files[f"batchuq/{name}/__init__.py" if is_package else f"batchuq/{name}.py"] = ""
     files["batchuq/__main__.py"] = "import batchuq.cli\n"
-    files["batchuq/cli/score.py"] = "from batchuq.jobs import score\n"
+    files["batchuq/cli/score.py"] = "from batchuq.jobs import score\nimport batchuq.report.score\n"
+    files["batchuq/report/score.py"] = "import matplotlib.figure\nfrom batchuq.jobs import score\n"
     files["batchuq/jobs/score.py"] = "import batchuq.methods.base\nimport batchuq.postprocess\n"
     files["batchuq/methods/base.py"] = "from batchuq import sample, errors\n"
     files["batchuq/sample.py"] = "from batchuq import seeds\n"
@@ -236,7 +259,7 @@ def fake_batchuq(tmp_path: Path) -> Path:
 def test_lint_imports_passes_on_a_package_that_keeps_the_contracts(fake_batchuq: Path) -> None:
     result = run_lint_imports(fake_batchuq)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "2 kept, 0 broken" in result.stdout
+    assert "3 kept, 0 broken" in result.stdout
 
 
 @pytest.mark.parametrize(
@@ -280,6 +303,27 @@ def test_lint_imports_passes_on_a_package_that_keeps_the_contracts(fake_batchuq:
             {"batchuq/helpers.py": ""},
             "- batchuq.helpers",
             id="module-in-no-layer",
+        ),
+        pytest.param(
+            {"batchuq/jobs/train.py": "def f():\n    from matplotlib.figure import Figure\n"},
+            "batchuq.jobs is not allowed to import matplotlib",
+            id="job-draws-inside-a-function",
+        ),
+        pytest.param(
+            {"batchuq/metrics.py": "import matplotlib.pyplot as plt\n"},
+            "batchuq.metrics is not allowed to import matplotlib",
+            id="core-draws",
+        ),
+        pytest.param(
+            # methods.base -> sample -> seeds -> matplotlib
+            {"batchuq/seeds.py": "import matplotlib\n"},
+            "batchuq.methods is not allowed to import matplotlib",
+            id="method-draws-through-the-core",
+        ),
+        pytest.param(
+            {"batchuq/jobs/score.py": "import batchuq.report.score\n"},
+            "batchuq.jobs is not allowed to import batchuq.report",
+            id="job-imports-the-presentation",
         ),
     ],
 )

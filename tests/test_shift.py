@@ -26,7 +26,8 @@ from batchuq.corrupt import (
     parse_severities,
 )
 from batchuq.errors import UsageError
-from batchuq.jobs.shift import contact_sheet_size, shift_directory
+from batchuq.jobs.shift import shift_directory
+from batchuq.report.contact_sheet import contact_sheet_size, write_contact_sheet
 
 
 def _run(*args: str) -> object:
@@ -49,7 +50,7 @@ def _files(folder: Path) -> dict[str, bytes]:
 
 
 def test_same_seed_same_bytes_other_seed_other_noise(digits20: Path, tmp_path: Path) -> None:
-    options = {"severities": "3", "contact_sheet": None}
+    options = {"severities": "3"}
     shift_directory(digits20, tmp_path / "a", seed=0, **options)
     shift_directory(digits20, tmp_path / "b", seed=0, **options)
     shift_directory(digits20, tmp_path / "c", seed=1, **options)
@@ -110,7 +111,7 @@ def test_mode_and_format_are_kept(
     write_image(tmp_path / "src.png", size=24, mode="RGB")
     clean.parent.mkdir()
     Image.open(tmp_path / "src.png").convert(mode).save(clean)
-    shift_directory(clean.parent, tmp_path / "out", severities="2,5", contact_sheet=None)
+    shift_directory(clean.parent, tmp_path / "out", severities="2,5")
     for name in CORRUPTIONS:
         for severity in (2, 5):
             with Image.open(tmp_path / "out" / name / str(severity) / clean.name) as shifted:
@@ -174,19 +175,24 @@ def test_flat_folder_and_unreadable_image(tmp_path: Path, caplog: pytest.LogCapt
 
 def test_contact_sheet_size(digits20: Path, tmp_path: Path) -> None:
     sheet = tmp_path / "sheet.png"
+    chosen = "n7/" + sorted(p.name for p in (digits20 / "n7").iterdir())[1]
     report = shift_directory(
         digits20,
         tmp_path / "out",
         corruptions="gaussian_noise,pixelate",
         severities="1,3,5",
-        contact_sheet=sheet,
-        contact_image="n7/" + sorted(p.name for p in (digits20 / "n7").iterdir())[1],
+        contact_image=chosen,
     )
-    assert report.contact_sheet == sheet
+    assert report.contact_image == chosen
+    assert not list((tmp_path / "out").glob("*.png"))  # the job draws nothing
+    assert write_contact_sheet(report, sheet) == sheet
     assert Image.open(sheet).size == contact_sheet_size(2, 4) == (530, 240)
     assert not (tmp_path / "out" / "contact_sheet.png").exists()
     report = shift_directory(digits20, tmp_path / "full", severities="1-5")
-    assert Image.open(report.contact_sheet).size == contact_sheet_size(6, 6)
+    assert report.contact_image == "n0/" + sorted(p.name for p in (digits20 / "n0").iterdir())[0]
+    written = write_contact_sheet(report)
+    assert written == tmp_path / "full" / "contact_sheet.png"
+    assert Image.open(written).size == contact_sheet_size(6, 6)
 
 
 def test_parsing_of_corruptions_and_severities() -> None:

@@ -1,4 +1,4 @@
-"""``batchuq compare``: the command over ``batchuq.jobs.compare``."""
+"""``batchuq compare``: the command over ``batchuq.jobs.compare`` and ``batchuq.report.compare``."""
 
 from __future__ import annotations
 
@@ -99,8 +99,8 @@ def compare_command(
 
         batchuq compare mc.parquet shift_mc/*.parquet --series --report series/
     """
-    # The job is imported here, not at the top, so that `batchuq compare --help` loads neither
-    # pandas nor matplotlib.
+    # The job and the report are imported here, not at the top, so that `batchuq compare --help`
+    # loads neither pandas nor matplotlib.
     from batchuq.jobs.compare import compare_files, format_comparison
 
     setup_logging()
@@ -110,7 +110,7 @@ def compare_command(
         )
         output = comparison.as_json()
         if report_dir is not None:
-            from batchuq.jobs.compare import write_comparison_report
+            from batchuq.report.compare import write_comparison_report
 
             output["report"] = str(write_comparison_report(comparison, report_dir))
     if as_json:

@@ -1,4 +1,4 @@
-"""``batchuq evaluate``: the command over ``batchuq.jobs.evaluate`` and ``batchuq.jobs.report``."""
+"""``batchuq evaluate``: the command over ``batchuq.jobs.evaluate`` and ``batchuq.report``."""
 
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ def evaluate_command(out: Path, ood: Path | None, report_dir: Path | None, as_js
         evaluation = evaluate_file(out, ood, samples=report_dir is not None)
         results = dict(evaluation.results)
         if report_dir is not None:
-            from batchuq.jobs.report import write_evaluation_report
+            from batchuq.report.evaluate import write_evaluation_report
 
             results["report"] = str(write_evaluation_report(evaluation, report_dir))
     if as_json:

@@ -1,4 +1,4 @@
-"""``batchuq shift``: the command over ``batchuq.jobs.shift.shift_directory``."""
+"""``batchuq shift``: the command over ``batchuq.jobs.shift`` and ``batchuq.report``."""
 
 from __future__ import annotations
 
@@ -87,8 +87,9 @@ def shift(
 
         batchuq shift sample_data/digits/test shifted/ --severities 3,5
     """
-    # The job is imported here, not at the top, so that `batchuq shift --help` stays light.
-    from batchuq.jobs.shift import CONTACT_SHEET_AUTO, shift_directory
+    # The job and the drawing are imported here, not at the top, so that `batchuq shift --help`
+    # stays light (no Matplotlib).
+    from batchuq.jobs.shift import shift_directory
 
     setup_logging()
     # The images are the data of the series: an empty folder is a usage error, not a "skip".
@@ -99,11 +100,15 @@ def shift(
             corruptions=corruptions,
             severities=severities,
             seed=seed,
-            contact_sheet=None if no_contact_sheet else (contact_sheet or CONTACT_SHEET_AUTO),
             contact_image=contact_image,
             progress=progress,
         )
-    sheet = f", contact sheet {report.contact_sheet}" if report.contact_sheet else ""
+        written = None
+        if not no_contact_sheet:
+            from batchuq.report.contact_sheet import write_contact_sheet
+
+            written = write_contact_sheet(report, contact_sheet)
+    sheet = f", contact sheet {written}" if written else ""
     click.echo(
         f"batchuq: {report.images} images x {len(report.corruptions)} corruptions x "
         f"{len(report.severities)} severities = {report.written} files, "

@@ -19,22 +19,21 @@ severity 0). Files of one method share a name (``--names``, or by default the me
 from the metadata); ``series_table`` averages accuracy, ECE, NLL and Brier over the corruptions
 of each severity, per method (the figure of Ovadia et al. 2019).
 
-``write_comparison_report`` draws from the ``Evaluation`` of each file (its reliability bins and
-risk-coverage curve): reliability diagrams and risk-coverage curves overlaid, cost against
-quality, and the series figure. Matplotlib is imported only there.
+``format_comparison`` renders the tables for a terminal. The HTML report and its figures are
+drawn by ``batchuq.report.compare`` from the ``Comparison`` returned here (the ``Evaluation`` of
+each file keeps its reliability bins and risk-coverage curve); this job draws nothing.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import html
 import logging
 import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePath
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -43,10 +42,6 @@ from batchuq.defaults import DEFAULT_METHOD
 from batchuq.errors import UsageError
 from batchuq.jobs import evaluate as evaluate_job
 from batchuq.jobs.evaluate import Evaluation, evaluate_file
-
-if TYPE_CHECKING:
-    from matplotlib.axes import Axes
-    from matplotlib.figure import Figure
 
 logger = logging.getLogger("batchuq")
 
@@ -57,14 +52,18 @@ SERIES_METRICS = ("accuracy", "ece", "nll", "brier")
 
 __all__ = [
     "COMPARED_SCORE",
+    "SERIES_COLUMNS",
     "SERIES_METRICS",
+    "TABLE_COLUMNS",
     "Comparison",
     "Shift",
     "compare_files",
+    "format_cell",
     "format_comparison",
     "series_table",
     "shift_of",
-    "write_comparison_report",
+    "table_cells",
+    "with_shift_labels",
 ]
 
 
@@ -444,8 +443,9 @@ def compare_files(
 # Table
 # --------------------------------------------------------------------------------------------
 
+# The columns of the terminal table and of the HTML report's (``batchuq.report.compare``):
 # (header, row key, digits); columns whose key is in _OPTIONAL appear only when some row has it.
-_COLUMNS = (
+TABLE_COLUMNS = (
     ("name", "name", None),
     ("shift", "shift", None),
     ("method", "method", None),
@@ -465,7 +465,7 @@ _COLUMNS = (
     ("img/s", "images_per_second", 1),
 )
 _OPTIONAL = {"shift", "ood_auroc", "mean_set_size"}
-_SERIES_COLUMNS = (
+SERIES_COLUMNS = (
     ("name", "name", None),
     ("severity", "severity", None),
     ("corruptions", "corruptions", None),
@@ -476,7 +476,8 @@ _SERIES_COLUMNS = (
 )
 
 
-def _cell(value: Any, digits: int | None) -> str:
+def format_cell(value: Any, digits: int | None) -> str:
+    """A table cell's text: ``n/a`` for ``None``, numbers to ``digits`` decimals if given."""
     if value is None:
         return "n/a"
     if digits is not None and isinstance(value, (int, float)):
@@ -484,16 +485,25 @@ def _cell(value: Any, digits: int | None) -> str:
     return str(value)
 
 
-def _table_cells(
+def table_cells(
     rows: Sequence[dict], columns: Sequence[tuple[str, str, int | None]]
 ) -> tuple[list[str], list[list[str]], list[bool]]:
-    """Headers, cell texts and whether each column is numeric (right-aligned)."""
+    """The cells of a table of ``rows``, for the terminal or an HTML page.
+
+    Args:
+        rows: The rows (``Comparison.rows`` with ``with_shift_labels``, or ``.series``).
+        columns: ``TABLE_COLUMNS`` or ``SERIES_COLUMNS``.
+
+    Returns:
+        The headers, the cell texts row by row, and whether each column is numeric
+        (right-aligned); optional columns no row has are left out.
+    """
     present = [
         (header, key, digits)
         for header, key, digits in columns
         if key not in _OPTIONAL or any(row.get(key) is not None for row in rows)
     ]
-    cells = [[_cell(row.get(key), digits) for _, key, digits in present] for row in rows]
+    cells = [[format_cell(row.get(key), digits) for _, key, digits in present] for row in rows]
     numeric = [
         digits is not None or key in ("passes", "tta", "n", "severity", "corruptions")
         for _, key, digits in present
@@ -503,7 +513,7 @@ def _table_cells(
 
 def _render(rows: Sequence[dict], columns: Sequence[tuple[str, str, int | None]]) -> str:
     """Rows as an aligned plain-text table under a header line and a rule."""
-    headers, cells, numeric = _table_cells(rows, columns)
+    headers, cells, numeric = table_cells(rows, columns)
     widths = [max(len(text) for text in column) for column in zip(headers, *cells, strict=True)]
 
     def line(texts: list[str]) -> str:
@@ -517,7 +527,7 @@ def _render(rows: Sequence[dict], columns: Sequence[tuple[str, str, int | None]]
     return "\n".join([line(headers), rule, *(line(texts) for texts in cells)])
 
 
-def _with_shift(rows: Sequence[dict]) -> list[dict]:
+def with_shift_labels(rows: Sequence[dict]) -> list[dict]:
     """The rows with a ``shift`` label (``<corruption>/<severity>`` or ``clean``) if in a series."""
     return [
         {**row, "shift": Shift(row["corruption"], row["severity"]).label}
@@ -541,7 +551,7 @@ def format_comparison(comparison: Comparison) -> str:
     parts = [
         f"Compared on the labelled ok rows; AUROC of {comparison.settings['score']} "
         "(wrong vs right, and OOD vs in-distribution).",
-        _render(_with_shift(comparison.rows), _COLUMNS),
+        _render(with_shift_labels(comparison.rows), TABLE_COLUMNS),
     ]
     dropped = comparison.settings.get("dropped") or {}
     if dropped:
@@ -549,225 +559,5 @@ def format_comparison(comparison: Comparison) -> str:
         parts.append(f"--intersect dropped rows not held by every file ({lost}).")
     if comparison.series is not None:
         parts.append("Shift series: mean over corruptions per severity (0 = clean)")
-        parts.append(_render(comparison.series, _SERIES_COLUMNS))
+        parts.append(_render(comparison.series, SERIES_COLUMNS))
     return "\n\n".join(parts)
-
-
-# --------------------------------------------------------------------------------------------
-# Report
-# --------------------------------------------------------------------------------------------
-
-
-def _new_figure(width: float, height: float) -> Figure:
-    """A Matplotlib figure on the Agg canvas (imported here: the table needs no Matplotlib)."""
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=(width, height))
-
-
-def _plotted(comparison: Comparison) -> list[tuple[dict, Evaluation]]:
-    """The files the overlays draw: all, or in a series the clean ones (if there are any)."""
-    pairs = list(zip(comparison.rows, comparison.evaluations, strict=True))
-    clean = [(row, e) for row, e in pairs if row.get("severity") == 0]
-    return clean if comparison.series is not None and clean else pairs
-
-
-def _draw_reliability(pairs: list[tuple[dict, Evaluation]]) -> Figure:
-    """Accuracy against mean confidence of each non-empty bin, one line per file."""
-    fig = _new_figure(6.4, 5.2)
-    ax = fig.subplots()
-    ax.plot([0, 1], [0, 1], "--", color="#868e96", label="perfect calibration")
-    for row, evaluation in pairs:
-        bins = evaluation.reliability
-        if bins is None:
-            continue
-        used = bins.counts > 0
-        label = f"{row['name']} (ECE {_cell(row['ece'], 4)})"
-        ax.plot(bins.confidence[used], bins.accuracy[used], marker="o", ms=4, label=label)
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1.02)
-    ax.set_xlabel("mean confidence in bin")
-    ax.set_ylabel("accuracy in bin")
-    ax.set_title(f"Reliability ({metrics.DEFAULT_ECE_BINS} equal bins, empty bins left out)")
-    ax.legend(fontsize=8, loc="upper left")
-    ax.grid(alpha=0.3)
-    return fig
-
-
-def _draw_risk_coverage(pairs: list[tuple[dict, Evaluation]]) -> Figure:
-    """The risk-coverage curve of each file, overlaid."""
-    fig = _new_figure(6.4, 4.6)
-    ax = fig.subplots()
-    for row, evaluation in pairs:
-        curve = evaluation.risk_coverage
-        if curve is not None:
-            label = f"{row['name']} (AURC {_cell(row['aurc'], 4)})"
-            ax.plot(curve.coverage, curve.risk, lw=1.8, label=label)
-    ax.set_xlim(0, 1.02)
-    ax.set_ylim(bottom=0)
-    ax.set_xlabel("coverage (share of images kept, most confident first)")
-    ax.set_ylabel("risk (error rate among kept images)")
-    ax.set_title("Risk-coverage curves")
-    ax.legend(fontsize=8, loc="upper left")
-    ax.grid(alpha=0.3)
-    return fig
-
-
-def _cost_axis(rows: list[dict]) -> tuple[str, str]:
-    """The cost the scatter uses: images/s if every file recorded it, else samples per image."""
-    if all(row.get("images_per_second") is not None for row in rows):
-        return "images_per_second", "images/s (higher is cheaper)"
-    return "samples_per_image", "samples per image (forward passes; lower is cheaper)"
-
-
-def _draw_cost_quality(rows: list[dict]) -> Figure:
-    """NLL and ECE against the cost of each file, as labelled points."""
-    fig = _new_figure(11, 4.4)
-    key, label = _cost_axis(rows)
-    for ax, metric, title in zip(fig.subplots(1, 2), ("nll", "ece"), ("NLL", "ECE"), strict=True):
-        points = [(r[key], r[metric], r["name"]) for r in rows if None not in (r[key], r[metric])]
-        for x, y, name in points:
-            ax.scatter([x], [y], s=40, zorder=3)
-            ax.annotate(name, (x, y), xytext=(4, 4), textcoords="offset points", fontsize=8)
-        xs = [x for x, _, _ in points]
-        if xs and min(xs) > 0 and max(xs) / min(xs) > 10:
-            ax.set_xscale("log")
-        ax.margins(0.15)  # room for the labels of the outermost points
-        ax.set_xlabel(label)
-        ax.set_ylabel(f"{title} (lower is better)")
-        ax.set_title(f"Cost vs {title}")
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return fig
-
-
-def _draw_series(series: list[dict], rows: list[dict]) -> Figure:
-    """Accuracy and ECE against severity per method: means as lines, corruptions as dots."""
-    fig = _new_figure(11, 4.4)
-    axes: list[Axes] = list(fig.subplots(1, 2))
-    names = list(dict.fromkeys(entry["name"] for entry in series))
-    colours = [f"C{i % 10}" for i in range(len(names))]
-    for ax, metric, title in zip(axes, ("accuracy", "ece"), ("accuracy", "ECE"), strict=True):
-        for name, colour in zip(names, colours, strict=True):
-            mine = [e for e in series if e["name"] == name and e[metric] is not None]
-            ax.plot(
-                [e["severity"] for e in mine],
-                [e[metric] for e in mine],
-                marker="o",
-                color=colour,
-                label=name,
-            )
-            dots = [r for r in rows if r["name"] == name and r[metric] is not None]
-            ax.scatter(
-                [r["severity"] for r in dots], [r[metric] for r in dots], s=10, alpha=0.35, c=colour
-            )
-        ax.set_xlabel("severity (0 = clean)")
-        ax.set_ylabel(title)
-        ax.set_title(f"{title} against severity")
-        ax.xaxis.get_major_locator().set_params(integer=True)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle("Shift series: lines are means over corruptions, dots each corruption")
-    fig.tight_layout()
-    return fig
-
-
-def _html_table(rows: Sequence[dict], columns: Sequence[tuple[str, str, int | None]]) -> str:
-    headers, cells, numeric = _table_cells(rows, columns)
-    parts = ["<table>", "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in headers) + "</tr>"]
-    for texts in cells:
-        tds = [
-            ('<td class="num">' if right else "<td>") + html.escape(text) + "</td>"
-            for text, right in zip(texts, numeric, strict=True)
-        ]
-        parts.append("<tr>" + "".join(tds) + "</tr>")
-    parts.append("</table>")
-    return "\n".join(parts)
-
-
-_NOTES = {
-    "reliability": "Accuracy against mean confidence in each confidence bin, one line per file "
-    "(empty bins left out). A calibrated model follows the dashed diagonal: below it means "
-    "over-confident. The bins are those evaluate computed the ECE from.",
-    "risk_coverage": "Error rate among the images kept when keeping only the most confident "
-    "ones, for every share kept. Lower is better; AURC is the area under each curve.",
-    "cost_quality": "Quality against cost: NLL and ECE of each file against the images/s "
-    "batchuq score recorded, or, if a file has none, the samples per image (T x K, times the "
-    "members of an ensemble).",
-    "series": "Accuracy and ECE against the severity of the corruption (0 = the clean folder), "
-    "per method: the lines are means over the corruptions, the dots each corruption.",
-}
-
-
-def _page(comparison: Comparison, plots: dict[str, str]) -> str:
-    parts = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        "<title>batchuq comparison</title>",
-        f"<style>{_CSS}</style></head><body>",
-        "<h1>batchuq comparison</h1>",
-        _html_table(_with_shift(comparison.rows), _COLUMNS),
-        f'<p class="note">On the labelled ok rows of each file; AUROC of '
-        f"{html.escape(comparison.settings['score'])}. Coverage and selective accuracy are "
-        "those of each file's own decision rule.</p>",
-    ]
-    if comparison.series is not None:
-        parts += ["<h2>Shift series</h2>", _html_table(comparison.series, _SERIES_COLUMNS)]
-    for key, src in plots.items():
-        parts += [
-            f"<h2>{html.escape(key.replace('_', ' ').capitalize())}</h2>",
-            f'<img src="{html.escape(src)}" alt="{html.escape(key)}">',
-            f'<p class="note">{html.escape(_NOTES[key])}</p>',
-        ]
-    parts.append("</body></html>")
-    return "\n".join(parts) + "\n"
-
-
-_CSS = """
-body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; }
-h2 { margin-top: 2em; border-bottom: 1px solid #dee2e6; }
-table { border-collapse: collapse; margin: 0.5em 0 1em; font-size: 0.9em; }
-td, th { border: 1px solid #dee2e6; padding: 0.25em 0.6em; text-align: left; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; }
-img { max-width: 100%; height: auto; display: block; margin: 0.5em 0; }
-p.note { color: #495057; max-width: 80ch; }
-"""
-
-
-def write_comparison_report(comparison: Comparison, report_dir: str | os.PathLike[str]) -> Path:
-    """Write ``index.html`` and its PNG plots for a comparison.
-
-    The plots are drawn from each file's ``Evaluation`` (its reliability bins and risk-coverage
-    curve): ``reliability.png`` and ``risk_coverage.png`` overlay the files (in a series, the
-    clean ones), ``cost_quality.png`` puts NLL and ECE against cost, and for a series
-    ``series.png`` draws accuracy and ECE against severity per method.
-
-    Args:
-        comparison: What ``compare_files`` returned.
-        report_dir: Folder for the report; created if needed, existing files are replaced.
-
-    Returns:
-        The path of ``index.html``.
-
-    Raises:
-        OutputError: If ``report_dir`` is an existing file or cannot be created (a
-            ``UsageError``).
-        OSError: If the report cannot be written.
-    """
-    from batchuq.jobs.report import report_folder, save_figure
-
-    folder = report_folder(report_dir)
-    pairs = _plotted(comparison)
-    plots = {
-        "reliability": save_figure(_draw_reliability(pairs), folder, "reliability.png"),
-        "risk_coverage": save_figure(_draw_risk_coverage(pairs), folder, "risk_coverage.png"),
-        "cost_quality": save_figure(
-            _draw_cost_quality([row for row, _ in pairs]), folder, "cost_quality.png"
-        ),
-    }
-    if comparison.series is not None:
-        figure = _draw_series(comparison.series, comparison.rows)
-        plots["series"] = save_figure(figure, folder, "series.png")
-    index = folder / "index.html"
-    index.write_text(_page(comparison, plots), encoding="utf-8")
-    return index

@@ -9,7 +9,8 @@ undefined values), so they can be printed as JSON.
 Each file is read once (``read_scored_file``) and evaluated once (``evaluate_file``); the
 ``Evaluation`` it returns keeps the arrays the metrics were computed from (labelled rows,
 uncertainty scores, reliability bins, risk-coverage curve), which is all that
-``batchuq.jobs.report`` draws from. This module never imports the report: the report imports it.
+``batchuq.report.evaluate`` draws from. This module never imports the report: the report imports
+it.
 """
 
 from __future__ import annotations

@@ -20,8 +20,11 @@ Files:
   interrupted run leaves no half-written image (``discover`` ignores hidden files). Existing
   files of an earlier series are replaced one by one; other files in ``OUT_DIR`` are left alone.
 * ``OUT_DIR/shift.json`` records the images folder, seed, corruptions, severities, their
-  parameters and the counts; ``OUT_DIR/contact_sheet.png`` (by default) shows one image across
-  corruptions (rows) and severities (columns, after the clean image).
+  parameters and the counts.
+
+This job draws nothing: the ``ShiftReport`` names the image a contact sheet shows (the one asked
+for, else the first readable), and ``batchuq.report.contact_sheet`` draws it across corruptions
+(rows) and severities (columns, after the clean image), as ``batchuq shift`` does by default.
 """
 
 from __future__ import annotations
@@ -35,7 +38,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -57,15 +59,8 @@ from batchuq.errors import OutputError, UsageError
 
 logger = logging.getLogger("batchuq")
 
-CONTACT_SHEET_NAME = "contact_sheet.png"
 MANIFEST_NAME = "shift.json"
-# Contact sheet geometry in pixels (the figure is drawn at DPI, so these are exact).
-SHEET_DPI = 100
-SHEET_CELL_PX = 100  # one image per cell, with a small margin
-SHEET_LABEL_PX = 130  # the corruption names, left of the rows
-SHEET_HEADER_PX = 40  # "clean", "severity 1" ... above the columns
 _JPEG_SAVE_QUALITY = 95
-CONTACT_SHEET_AUTO = "auto"  # shift_directory(contact_sheet=...): OUT_DIR/contact_sheet.png
 
 
 @dataclass(frozen=True)
@@ -80,7 +75,11 @@ class ShiftReport:
         corruptions: The corruptions, in the order given.
         severities: The severities, increasing.
         seed: The seed of the random draws.
-        contact_sheet: The contact sheet PNG, or None when none was asked for.
+        out_dir: The series' folder, ``OUT_DIR``.
+        images_root: The folder the images were found in (``Discovery.root``).
+        contact_image: The image a contact sheet shows, by its path relative to
+            ``images_root`` (its real file name): the one asked for, else the first that could
+            be read; None when none could be read.
         manifest: ``OUT_DIR/shift.json``.
         seconds: Wall time.
     """
@@ -92,7 +91,9 @@ class ShiftReport:
     corruptions: tuple[str, ...]
     severities: tuple[int, ...]
     seed: int
-    contact_sheet: Path | None
+    out_dir: Path
+    images_root: Path
+    contact_image: str | None
     manifest: Path
     seconds: float
 
@@ -120,12 +121,6 @@ class _Source:
     image: Image.Image  # in a working mode: L, LA, RGB or RGBA
     format: str
     save_options: dict[str, Any]
-
-
-def contact_sheet_size(rows: int, columns: int) -> tuple[int, int]:
-    """The contact sheet's ``(width, height)`` in pixels for ``rows`` corruptions and
-    ``columns`` images per row (the clean one and one per severity)."""
-    return SHEET_LABEL_PX + columns * SHEET_CELL_PX, SHEET_HEADER_PX + rows * SHEET_CELL_PX
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -328,77 +323,6 @@ def _write_manifest(plan: _Plan, images: int, skipped: list[str]) -> Path:
     return path
 
 
-def _display_array(image: Image.Image) -> np.ndarray:
-    """Pixels for ``imshow``: ``(H, W)`` for grayscale, ``(H, W, 3 or 4)`` otherwise."""
-    if image.mode in ("LA", "RGBA"):
-        return np.asarray(image.convert("RGBA"))
-    return np.asarray(working_image(image))
-
-
-def write_contact_sheet(
-    out_dir: str | os.PathLike[str],
-    relative_path: str,
-    clean: str | os.PathLike[str],
-    corruptions: Sequence[str],
-    severities: Sequence[int],
-    path: str | os.PathLike[str],
-) -> Path:
-    """Draw one image across corruptions (rows) and severities (columns) as a labelled PNG.
-
-    The shifted images are read back from the series' files, so the sheet shows what was
-    written. The PNG is exactly ``contact_sheet_size(len(corruptions), len(severities) + 1)``
-    pixels.
-
-    Args:
-        out_dir: The series' folder.
-        relative_path: The image's path relative to the images folder (real file name).
-        clean: The clean image file.
-        corruptions: The rows.
-        severities: The columns after the clean one.
-        path: The PNG to write.
-
-    Returns:
-        ``path``.
-    """
-    # Imported here: `batchuq shift --help` and the series itself need no Matplotlib.
-    from matplotlib.figure import Figure
-
-    columns = [("clean", Path(clean))] + [(f"severity {s}", None) for s in severities]
-    width, height = contact_sheet_size(len(corruptions), len(columns))
-    fig = Figure(figsize=(width / SHEET_DPI, height / SHEET_DPI), dpi=SHEET_DPI)
-    pad = 4
-    for row, name in enumerate(corruptions):
-        top = SHEET_HEADER_PX + row * SHEET_CELL_PX
-        fig.text(8 / width, 1 - (top + SHEET_CELL_PX / 2) / height, name, va="center", size=9)
-        for column, (title, file) in enumerate(columns):
-            if file is None:
-                file = Path(out_dir) / name / title.split()[-1] / relative_path
-            left = SHEET_LABEL_PX + column * SHEET_CELL_PX
-            box = [
-                (left + pad) / width,
-                1 - (top + SHEET_CELL_PX - pad) / height,
-                (SHEET_CELL_PX - 2 * pad) / width,
-                (SHEET_CELL_PX - 2 * pad) / height,
-            ]
-            axes = fig.add_axes(box)
-            with Image.open(file) as image:
-                pixels = _display_array(image)
-            axes.imshow(pixels, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
-            axes.set_axis_off()
-            if row == 0:
-                x = (left + SHEET_CELL_PX / 2) / width
-                fig.text(x, 1 - (SHEET_HEADER_PX / 2) / height, title, ha="center", size=9)
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    try:
-        fig.savefig(temporary, dpi=SHEET_DPI, format="png")
-        os.replace(temporary, target)
-    finally:
-        temporary.unlink(missing_ok=True)
-    return target
-
-
 def shift_directory(
     images: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
@@ -406,7 +330,6 @@ def shift_directory(
     corruptions: str | Sequence[str] = CORRUPTIONS,
     severities: str | int | Sequence[int] = SEVERITIES,
     seed: int = DEFAULT_SEED,
-    contact_sheet: str | os.PathLike[str] | None = CONTACT_SHEET_AUTO,
     contact_image: str | os.PathLike[str] | None = None,
     progress: bool = False,
 ) -> ShiftReport:
@@ -415,14 +338,13 @@ def shift_directory(
     Args:
         images: The images folder, with class folders or flat (as for ``batchuq score``).
         out_dir: The series' folder; gets ``<corruption>/<severity>/<relative path>`` for every
-            image, ``shift.json`` and the contact sheet.
+            image and ``shift.json``.
         corruptions: Names from ``batchuq.corrupt.CORRUPTIONS``, as a sequence or ``"a,b"``.
         severities: 1 ... 5, as a sequence, an int, or text such as ``"1-5"``, ``"3,5"``.
         seed: Seed of the random draws (noise, rotation signs); see ``corruption_rng``.
-        contact_sheet: Where to write the contact sheet PNG; ``"auto"`` (the default) is
-            ``OUT_DIR/contact_sheet.png``, None writes none.
-        contact_image: The image of the contact sheet (a path relative to ``images`` or a file
-            path); None takes the first image that could be read.
+        contact_image: The image for a contact sheet (a path relative to ``images`` or a file
+            path), checked to be readable before the series is written; None takes the first
+            image that could be read. ``batchuq.report.contact_sheet`` draws the sheet.
         progress: Show a tqdm bar over images x corruptions x severities on stderr.
 
     Returns:
@@ -438,19 +360,8 @@ def shift_directory(
     plan = _plan(images, out_dir, corruptions, severities, seed, contact_image)
     written, skipped, first = _run_series(plan, progress)
     manifest = _write_manifest(plan, len(plan.discovery.files) - len(skipped), skipped)
-    sheet = None
     shown = plan.contact_image or first
-    if contact_sheet == CONTACT_SHEET_AUTO:
-        contact_sheet = plan.out_dir / CONTACT_SHEET_NAME
-    if contact_sheet is not None and shown is not None:
-        sheet = write_contact_sheet(
-            plan.out_dir,
-            Path(shown.path).relative_to(plan.discovery.root).as_posix(),
-            shown.path,
-            plan.corruptions,
-            plan.severities,
-            contact_sheet,
-        )
+    root = Path(plan.discovery.root)
     return ShiftReport(
         images=len(plan.discovery.files) - len(skipped),
         skipped=skipped,
@@ -459,7 +370,9 @@ def shift_directory(
         corruptions=plan.corruptions,
         severities=plan.severities,
         seed=seed,
-        contact_sheet=sheet,
+        out_dir=plan.out_dir,
+        images_root=root,
+        contact_image=None if shown is None else Path(shown.path).relative_to(root).as_posix(),
         manifest=manifest,
         seconds=time.perf_counter() - started,
     )
