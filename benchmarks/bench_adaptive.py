@@ -19,7 +19,7 @@ decisions, the worst-case image (most passes), and the cold (first-call) times.
 starts from its parent's peak on Linux, so measured after the training it would show that.
 ``--memory-only`` runs just that and updates the ``memory`` entry of the existing results.
 
-Writes ``benchmarks/results/adaptive.json`` and the README block ``adaptive``.
+Writes ``benchmarks/results/adaptive.json`` (the docs' results page reads it).
 
     python benchmarks/bench_adaptive.py              # ~10 min on 2 cores (training ~3 min)
     python benchmarks/bench_adaptive.py --memory     # + ~2 min
@@ -45,9 +45,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import bench_mc  # noqa: E402
-import readme_figures  # noqa: E402
+import common  # noqa: E402 (the CPU, versions and date of a result)
 
-TEST = readme_figures.REPO / "sample_data" / "digits" / "test"
+TEST = common.REPO / "sample_data" / "digits" / "test"
 RESULTS_JSON = HERE / "results" / "adaptive.json"
 BANDS = 5
 BRIGHTER = 30.0  # grey levels added to the class's band
@@ -190,9 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "generated_by": "python benchmarks/bench_adaptive.py"
         + (" --memory" if args.memory else ""),
-        "date": readme_figures.now(),
-        "cpu": readme_figures.cpu_info(),
-        "versions": readme_figures.versions(),
+        "date": common.now(),
+        "cpu": common.cpu_info(),
+        "versions": common.versions(),
         "settings": {"min_passes": 10, "max_passes": 100, "alpha": 0.01, "fixed_passes": 100},
     }
     with tempfile.TemporaryDirectory(prefix="bench_adaptive_") as tmp:
@@ -217,9 +217,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _save(result: dict) -> int:
-    """Write the results JSON, the figures JSON and the README block."""
-    readme_figures.record("adaptive", result, RESULTS_JSON)
-    print(readme_figures.render_adaptive({"adaptive": result}))
+    """Write the results JSON, which the docs' results page reads when it is built."""
+    common.record(result, RESULTS_JSON)
     return 0
 
 

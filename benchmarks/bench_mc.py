@@ -792,7 +792,7 @@ def report(r: dict, bf16: bool) -> None:
         )
     print(f"total benchmark time {r['total_seconds']:.0f} s")
 
-    # Markdown for the README.
+    # Markdown, to read at a glance (the docs read the JSON).
     print("\n### MC dropout throughput\n")
     print(
         f"Reference CNN (128x128x3, 5 classes, random weights), N = {n} JPEGs, T = {passes} "

@@ -14,8 +14,8 @@ configuration, so that TensorFlow's tracing is not counted):
 Also: one ensemble member alone, to compare the ensemble's throughput with M times a single
 member's (decoding is shared; only the networks run M times).
 
-Writes ``benchmarks/results/methods.json`` and the README block ``methods`` (through
-``readme_figures.json``). Run from the repository root::
+Writes ``benchmarks/results/methods.json``, which the docs' results page reads when it is
+built. Run from the repository root::
 
     python benchmarks/bench_methods.py
 """
@@ -31,7 +31,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
-import readme_figures  # noqa: E402 (the README block machinery and the CPU record)
+import common  # noqa: E402 (the CPU, versions and date of a result)
 
 TEST = REPO / "sample_data" / "digits" / "test"
 OOD = REPO / "sample_data" / "ood"
@@ -96,9 +96,9 @@ def main() -> int:
     )
     result = {
         "generated_by": "python benchmarks/bench_methods.py",
-        "date": readme_figures.now(),
-        "cpu": readme_figures.cpu_info(),
-        "versions": readme_figures.versions(),
+        "date": common.now(),
+        "cpu": common.cpu_info(),
+        "versions": common.versions(),
         "rows": rows,
         "sngp_t100_over_t1": round(
             rows["sngp_t100"]["seconds"] / rows["sngp_mean_field"]["seconds"], 2
@@ -111,8 +111,7 @@ def main() -> int:
         "package_data_added_bytes": added,
         "seconds": round(time.perf_counter() - started, 1),
     }
-    readme_figures.record("methods", result, RESULTS_JSON)
-    print(readme_figures.render_methods({"methods": result}))
+    common.record(result, RESULTS_JSON)
     return 0
 
 

@@ -35,7 +35,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
-import readme_figures  # noqa: E402 (the CPU record)
+import common  # noqa: E402 (the CPU record)
 
 TEST = REPO / "sample_data" / "digits" / "test"
 
@@ -59,7 +59,7 @@ def score(out: Path, extra: list[str], env: dict[str, str]) -> dict:
         "process_seconds": round(wall, 2),
         "run": read_metadata(out)["run"],
         "load_average_before": round(load, 2),
-        "summary": readme_figures.summary_line(proc.stderr),
+        "summary": common.summary_line(proc.stderr),
     }
 
 
@@ -91,7 +91,7 @@ def compare(local: Path, ray: Path) -> dict:
 def report(result: dict) -> None:
     """Print the figures of a result."""
     cpu, agree = result["cpu"], result["agreement"]
-    print(f"{readme_figures.cpu_name(cpu)} ({readme_figures.isa(cpu)}), T = {result['passes']}")
+    print(f"{cpu['usable_cores']}-core {cpu['model_name']}, T = {result['passes']}")
     print(
         f"max abs difference of the {agree['float_columns']} float columns: "
         f"{agree['max_abs_difference']:.3g} ({agree['column_of_max']}); "
@@ -136,8 +136,8 @@ def main() -> None:
             "ray": score(ray_out, common + ray_args, env),
         }
         result = {
-            "when": readme_figures.now(),
-            "cpu": readme_figures.cpu_info(),
+            "when": common.now(),
+            "cpu": common.cpu_info(),
             "passes": args.passes,
             "runs": runs,
             "agreement": compare(local_out, ray_out),

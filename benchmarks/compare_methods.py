@@ -16,8 +16,8 @@ Configurations: deterministic (one pass); MC dropout T = 100; TTA K = 10 with T 
 5-member ensemble; the ensemble with T = 20; SNGP mean-field; SNGP with T = 100 head samples;
 temperature-scaled MC dropout (T = 100).
 
-Writes ``benchmarks/results/compare_methods.json``, the figure
-``docs/figures/compare_series.png`` and the README block ``compare-methods``. Run from the
+Writes ``benchmarks/results/compare_methods.json`` and the figure
+``docs/figures/compare_series.png``; the docs' results page reads both. Run from the
 repository root::
 
     python benchmarks/compare_methods.py            # severities 1, 3, 5 (about 15 min, 2 cores)
@@ -37,7 +37,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
-import readme_figures  # noqa: E402 (the README block machinery and the CPU record)
+import common  # noqa: E402 (the CPU, versions and date of a result)
 
 TEST = REPO / "sample_data" / "digits" / "test"
 VAL = REPO / "sample_data" / "digits" / "val"
@@ -134,9 +134,9 @@ def main(argv: list[str] | None = None) -> int:
         print(format_comparison(series))
     result = {
         "generated_by": "python benchmarks/compare_methods.py" + (" --quick" if args.quick else ""),
-        "date": readme_figures.now(),
-        "cpu": readme_figures.cpu_info(),
-        "versions": readme_figures.versions(),
+        "date": common.now(),
+        "cpu": common.cpu_info(),
+        "versions": common.versions(),
         "quick": args.quick,
         "corruptions": list(corruptions),
         "severities": severities,
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"compare_methods: {result['seconds']:.0f} s")
     if args.quick:
         return 0  # a smoke run records nothing
-    readme_figures.record("compare_methods", result, RESULTS_JSON)
+    common.record(result, RESULTS_JSON)
     return 0
 
 

@@ -28,7 +28,7 @@ bottleneck is the largest of the three terms. Ray's own per-task overhead is not
 
 Usage::
 
-    python benchmarks/project_scaleout.py           # ~5 min on 2 shared cores: JSON + README
+    python benchmarks/project_scaleout.py           # ~5 min on 2 shared cores: JSON for the docs
     python benchmarks/project_scaleout.py --quick   # smoke run (small sizes); writes nothing
     python benchmarks/project_scaleout.py --compactor batchuq.jobs.ray_engine:compact_parts
 """
@@ -60,7 +60,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
 import bench_mc  # noqa: E402 (the benchmark images and the CPU record)
-import readme_figures  # noqa: E402 (the README block machinery)
+import common  # noqa: E402 (the CPU, versions and date of a result)
 
 RESULTS_JSON = HERE / "results" / "scaleout.json"
 DIGITS = REPO / "sample_data" / "digits" / "test"
@@ -332,8 +332,15 @@ def project(worker: dict, driver_us: float, store_gets: float) -> list[dict]:
 
 
 def markdown(figures: dict) -> str:
-    """The projection table (also the README's), one column group per workload."""
-    return readme_figures.render_scaleout({"scaleout": figures})
+    """The projection, one line per workload, store and worker count (the docs' results page
+    shows it as tables)."""
+    return "\n".join(
+        f"{name:<10} {store:<10} {row['workers']:>4} workers: {row['images_per_second']:>10,.1f} "
+        f"images/s, speed-up {row['speedup']:>6.1f}, bottleneck {row['bottleneck']}"
+        for name, stores in figures["projection"].items()
+        for store, rows in stores.items()
+        for row in rows
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -428,9 +435,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = {
             "generated_by": "python benchmarks/project_scaleout.py",
-            "date": readme_figures.now(),
-            "cpu": readme_figures.cpu_info(),
-            "versions": readme_figures.versions(),
+            "date": common.now(),
+            "cpu": common.cpu_info(),
+            "versions": common.versions(),
             "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
             "config": {k: v for k, v in vars(args).items() if not k.startswith("child")},
             **measure(args, tmp),
@@ -459,8 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown(result))
     if args.quick:
         return 0
-    readme_figures.record("scaleout", result, RESULTS_JSON)
-    print(f"-> {RESULTS_JSON.relative_to(REPO)}, README block scaleout ({result['seconds']} s)")
+    common.record(result, RESULTS_JSON)
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Time every usage error of the README's exit-code table, each in a fresh process.
+"""Time every usage error of the exit-code table (docs/exit-codes.md), each in a fresh process.
 
 Builds the cases of ``tests/usage_error_cases.py`` in a temporary folder, runs each command line
 three times in a fresh interpreter (as the console script would start) and prints a Markdown

@@ -9,7 +9,7 @@ Writes, with a fixed seed:
   scikit-learn (a temple in China and a flower).
 
 Run from the repository root: ``python sample_data/make_sample_data.py``. Then train the bundled
-model with the command in the README.
+model with the command in docs/getting-started.md ("Bundled sample data and model").
 """
 
 from __future__ import annotations

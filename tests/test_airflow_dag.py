@@ -1,6 +1,6 @@
 """examples/airflow_dag.py runs for real through Airflow's own ``dag.test()``.
 
-The DAG test needs Apache Airflow 3 installed beside batchuq (the README's "Airflow" section);
+The DAG test needs Apache Airflow 3 installed beside batchuq (docs/unattended.md, "Airflow");
 without it, it is skipped. Airflow runs in a child process (this file, run as a script) with its
 own AIRFLOW_HOME and sqlite database, so that its configuration and logging set-up stay out of
 the rest of the test session.

@@ -300,31 +300,7 @@ def test_aps_set_holds_every_class_whose_score_is_within_the_quantile() -> None:
 
 def test_lac_and_aps_quantiles_and_sets_match_mapie() -> None:
     pytest.importorskip("mapie", minversion="1.0")
-    from mapie.classification import SplitConformalClassifier
-    from mapie.conformity_scores import APSConformityScore
-    from sklearn.base import BaseEstimator, ClassifierMixin
-
-    class GivenProbabilities(ClassifierMixin, BaseEstimator):
-        """A fitted classifier whose features are its predicted probabilities."""
-
-        def fit(self, X: np.ndarray, y: np.ndarray | None = None) -> GivenProbabilities:
-            self.classes_ = np.arange(np.asarray(X).shape[1])
-            return self
-
-        def predict_proba(self, X: np.ndarray) -> np.ndarray:
-            return np.asarray(X, dtype=np.float64)
-
-        def predict(self, X: np.ndarray) -> np.ndarray:
-            return np.asarray(X).argmax(axis=1)
-
-    class NonRandomisedAPS(APSConformityScore):
-        """MAPIE's APS score without its random ``- u * p_y`` term: the running total of the
-        sorted probabilities up to and including the true class (MAPIE's own
-        ``get_true_label_cumsum_proba``); with ``include_last_label=True`` at prediction."""
-
-        def get_conformity_scores(self, y, y_pred, y_enc=None, **kwargs):  # noqa: ANN001
-            scores, self.cutoff = self.get_true_label_cumsum_proba(y, y_pred, self.classes)
-            return scores
+    from mapie_adapter import mapie_conformal
 
     rng = np.random.default_rng(5)
     worst = 0.0
@@ -334,24 +310,12 @@ def test_lac_and_aps_quantiles_and_sets_match_mapie() -> None:
         labels = np.minimum(labels, classes - 1)
         cal_p, cal_y, test_p = probs[:n_cal], labels[:n_cal], probs[n_cal:]
         for alpha in (0.1, 0.05):
-            for method, score, params in [
-                ("lac", "lac", {}),
-                ("aps", NonRandomisedAPS(), {"include_last_label": True}),
-            ]:
-                mapie = SplitConformalClassifier(
-                    estimator=GivenProbabilities().fit(cal_p),
-                    confidence_level=1 - alpha,
-                    conformity_score=score,
-                    prefit=True,
-                ).conformalize(cal_p, cal_y)
-                _, mapie_sets = mapie.predict_set(test_p, conformity_score_params=params)
-                mapie_q = mapie._mapie_classifier.conformity_score_function_.quantiles_
+            for method in ("lac", "aps"):
+                mapie_q, mapie_sets = mapie_conformal(cal_p, cal_y, alpha, method, test_p)
                 ours = conformal_quantiles(cal_p, cal_y, alpha, method)
                 worst = max(worst, float(np.max(np.abs(mapie_q - ours))))
                 np.testing.assert_allclose(ours, mapie_q, rtol=0, atol=1e-12)
-                np.testing.assert_array_equal(
-                    prediction_sets(test_p, ours, method), mapie_sets[:, :, 0]
-                )
+                np.testing.assert_array_equal(prediction_sets(test_p, ours, method), mapie_sets)
     assert worst <= 1e-12
 
 

@@ -1,4 +1,4 @@
-"""The README's cron line runs as written under cron's bare environment."""
+"""The cron line of docs/unattended.md runs as written under cron's bare environment."""
 
 from __future__ import annotations
 
@@ -15,19 +15,19 @@ from conftest import REPO, SAMPLE_TEST
 
 from batchuq.write import read_metadata
 
-README = (REPO / "README.md").read_text(encoding="utf-8")
+DOCS = (REPO / "docs" / "unattended.md").read_text(encoding="utf-8")
 ISO_TIME = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d"  # local time, its UTC offset
 BATCHUQ = Path(sys.executable).parent / "batchuq"  # the venv's console script
 
 
 def _cron_line() -> str:
-    """The command of the README's crontab line (after the five time fields)."""
-    block = re.search(r"```cron\n(.*?)```", README, re.DOTALL)
-    assert block, "the README has no ```cron block"
+    """The command of the docs' crontab line (after the five time fields)."""
+    block = re.search(r"```cron\n(.*?)```", DOCS, re.DOTALL)
+    assert block, "docs/unattended.md has no ```cron block"
     lines = [line for line in block.group(1).splitlines() if line and not line.startswith("#")]
     assert len(lines) == 1, lines
     fields = lines[0].split(None, 5)
-    # cron turns an unescaped % into a newline; the README escapes them as \%.
+    # cron turns an unescaped % into a newline; the docs escape them as \%.
     return fields[5].replace("\\%", "%")
 
 

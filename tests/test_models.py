@@ -19,8 +19,9 @@ from batchuq.decode import ImageSpec, load_image
 from batchuq.models import ModelError, load_model, preprocessing_layer
 from batchuq.write import read_metadata
 
-# The README's wrap-and-register recipe, verbatim in spirit: a subclassed model registered with
-# Keras, wrapped in a functional model so that batchuq knows its input shape.
+# The docs' wrap-and-register recipe (docs/folders-and-models.md), verbatim in spirit: a
+# subclassed model registered with Keras, wrapped in a functional model so that batchuq knows
+# its input shape.
 MYNET = """
 import keras
 
@@ -186,7 +187,7 @@ def test_class_names_option_overrides_sidecar_with_a_warning(
     assert meta["class_names"] == names and meta["class_names_source"] == "option"
 
 
-def test_readme_shows_the_recipe_this_test_runs() -> None:
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
+def test_docs_show_the_recipe_this_test_runs() -> None:
+    readme = (REPO / "docs" / "folders-and-models.md").read_text(encoding="utf-8")
     assert MYNET.strip() in readme and WRAP.strip() in readme
     assert "--import mynet" in readme

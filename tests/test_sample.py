@@ -346,7 +346,7 @@ SAPPHIRE_RAPIDS = (
     ICE_LAKE_XEON
     + " avx_vnni avx512_bf16 serialize tsxldtrk amx_bf16 avx512_fp16 amx_tile amx_int8"
 )
-EPYC_ZEN3 = (  # the AMD EPYC of the README's figures: AVX2, no AVX-512
+EPYC_ZEN3 = (  # the AMD EPYC of the docs' figures: AVX2, no AVX-512
     "fpu vme de pse tsc msr pae mce cx8 apic sep mtrr pge mca cmov pat pse36 clflush mmx fxsr sse "
     "sse2 ht syscall nx mmxext fxsr_opt pdpe1gb rdtscp lm constant_tsc rep_good nopl nonstop_tsc "
     "cpuid extd_apicid tsc_known_freq pni pclmulqdq ssse3 fma cx16 pcid sse4_1 sse4_2 x2apic movbe "

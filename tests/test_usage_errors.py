@@ -1,4 +1,4 @@
-"""Every usage error of the README's exit-code table is answered before TensorFlow is imported.
+"""Every usage error of docs/exit-codes.md is answered before TensorFlow is imported.
 
 Each case (``usage_error_cases.make_cases``) runs the CLI in a fresh interpreter and must exit
 with its code and message without importing TensorFlow or Keras: the checks that need the model

@@ -1,4 +1,4 @@
-"""The usage errors of the README's exit-code table, each a ``batchuq`` command line that makes
+"""The usage errors of docs/exit-codes.md, each a ``batchuq`` command line that makes
 it, for ``tests/test_usage_errors.py`` and ``benchmarks/usage_errors.py``.
 
 ``make_cases(work)`` builds what the cases need in ``work`` (small models, folders, a calibration

@@ -4,7 +4,7 @@ One module per command (``score``, ``calibrate``, ``evaluate``, ``compare``, ``s
 ``train``), each a thin layer
 that parses options, calls one library function and turns its report into an exit code;
 ``runtime`` holds what they share (logging, the quiet TensorFlow import, signals and the one
-mapping from exceptions to exit codes, documented there and in the README); ``options`` and
+mapping from exceptions to exit codes, documented there and in docs/exit-codes.md); ``options`` and
 ``config`` the shared options and the ``batchuq.toml`` defaults.
 
 The group imports no command module until that command is run or asked for its help, so

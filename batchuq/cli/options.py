@@ -137,8 +137,8 @@ seed_option = click.option(
     type=int,
     default=DEFAULT_SEED,
     show_default=True,
-    help="Seed for augmentation and dropout masks; same seed, same draws (see the README on "
-    "what is bitwise).",
+    help="Seed for augmentation and dropout masks; same seed, same draws (docs/scoring.md "
+    "says what is bitwise).",
 )
 
 batch_size_option = click.option(

@@ -1,6 +1,6 @@
 """What every ``batchuq`` command shares at run time: logging, TensorFlow, signals, exit codes.
 
-Exit codes (the README's "Exit codes" section says the same):
+Exit codes (docs/exit-codes.md says the same):
 
 * 0 (``EXIT_OK``): success; every image scored, or the share of unreadable images is at most
   ``--max-error-rate``.

@@ -170,10 +170,21 @@ def calibrate_directory(
         seed: Seed of augmentation and dropout.
         batch_size: Images per batch.
         progress: Show a progress bar.
-        tta_rotation, tta_zoom, tta_shift, tta_contrast, tta_flip: Augmentation settings of
-            both predictors (the scoring predictor's only matter when ``score_tta > 1``).
-        class_names, labels, class_order, allow_class_mismatch, rescale, sample_layers,
-            precision, logits, exif_transpose: As for ``score_directory``.
+        tta_rotation: Augmentation of both predictors, as ``TTAConfig.rotation`` (the
+            scoring predictor's augmentation only matters when ``score_tta > 1``).
+        tta_zoom: As ``TTAConfig.zoom``, for both predictors.
+        tta_shift: As ``TTAConfig.shift``, for both predictors.
+        tta_contrast: As ``TTAConfig.contrast``, for both predictors.
+        tta_flip: As ``TTAConfig.flip``, for both predictors.
+        class_names: As for ``score_directory``.
+        labels: As for ``score_directory``.
+        class_order: As for ``score_directory``.
+        allow_class_mismatch: As for ``score_directory``.
+        rescale: As for ``score_directory``.
+        sample_layers: As for ``score_directory``.
+        precision: As for ``score_directory``.
+        logits: As for ``score_directory``.
+        exif_transpose: As for ``score_directory``.
         settings: Extra record stored as ``settings["options"]`` (the CLI passes each option's
             value and source).
 

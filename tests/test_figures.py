@@ -1,0 +1,212 @@
+"""Every benchmark figure is in the docs, with the CPU it came from and its date, and the
+sentences around the figures say what the JSON results say.
+
+The figures live in ``benchmarks/results/*.json`` (written by the scripts in ``benchmarks/``)
+and the sentences in ``docs/*.md``; ``benchmarks/figures.py`` fills the numbers in when the site
+is built. Nothing is recomputed here, and nothing depends on the CPU of the machine running the
+tests: a figure names the CPU it was measured on, whatever that was.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+
+import pytest
+from site_build import REPO, page_text
+
+_SPEC = importlib.util.spec_from_file_location("figures", REPO / "benchmarks" / "figures.py")
+figures = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(figures)
+R = figures.results()
+
+
+def _setup(r: dict) -> list[str]:
+    return [r["digits"]["setup"]["summary_line"]]
+
+
+def _digits_accuracy(r: dict) -> list[str]:
+    d = r["digits"]
+    return [figures.pct(d["passes1"]["accuracy"]), figures.pct(d["default"]["accuracy"])]
+
+
+# The 14 figures the README carried before the docs became a site: figure -> (page, results
+# file, what of it the page must show besides the CPU and the date).
+CHECKLIST = {
+    "setup": ("getting-started", "digits", _setup),
+    "sample-data": (
+        "getting-started",
+        "digits",
+        lambda r: [f"val {r['digits']['files']['val']}"],
+    ),
+    "sample-accuracy": ("getting-started", "digits", _digits_accuracy),
+    "bitwise": (
+        "scoring",
+        "digits",
+        lambda r: [figures.sci(r["digits"]["batch_size"]["mean"]["max_abs_diff"])],
+    ),
+    "calibration": (
+        "calibration",
+        "digits",
+        lambda r: [f"fitted temperature {r['digits']['calibration']['temperature']:.2f}"],
+    ),
+    "conformal": (
+        "calibration",
+        "digits",
+        lambda r: [f"expected coverage {r['digits']['conformal']['expected_coverage']:.3f}"],
+    ),
+    "auroc": (
+        "calibration",
+        "digits",
+        lambda r: [f"{r['digits']['evaluate']['auroc_error']['entropy']:.3f}"],
+    ),
+    "performance": (
+        "results",
+        "bench_mc",
+        lambda r: [f"c/d = {r['bench_mc']['ratios']['c/d fp32']:.2f}"],
+    ),
+    "memory-flat": (
+        "results",
+        "memory_flat",
+        lambda r: [f"{run['peak_rss_mib']:,.0f} MiB for" for run in r["memory_flat"]["runs"]],
+    ),
+    "memory-tta": (
+        "results",
+        "memory_tta",
+        lambda r: [
+            f"calibrate {r['memory_tta']['before_chunking']['calibrate']['peak_rss_mib']:,.0f} MiB"
+        ],
+    ),
+    "adaptive": (
+        "results",
+        "adaptive",
+        lambda r: [f"{r['adaptive']['digits']['speedup']:.2f}×"],
+    ),
+    "methods": (
+        "results",
+        "methods",
+        lambda r: [f"{r['methods']['rows']['one_member']['images_per_second']:.1f} images/s"],
+    ),
+    "compare-methods": (
+        "results",
+        "compare_methods",
+        lambda r: [f"{row['nll']:.4f}" for row in r["compare_methods"]["clean"]["rows"]],
+    ),
+    "scaleout": (
+        "results",
+        "scaleout",
+        lambda r: [f"d = {r['scaleout']['driver_us_per_image']['shared_fs']:.1f} µs"],
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CHECKLIST))
+def test_figure_is_on_its_page_with_its_cpu_and_date(name: str) -> None:
+    page, result, shown = CHECKLIST[name]
+    text = page_text(page)
+    cpu, date = figures.cpu_and_date(R[result])
+    assert cpu["model_name"] and cpu["usable_cores"] and date
+    line = figures.source(R[result]).strip("*")
+    assert line in text, f"{name}: no '{line}' on {page}"
+    for expected in shown(R):
+        assert expected in text, f"{name}: {expected!r} is not on {page}"
+
+
+def test_every_result_names_its_cpu_and_date() -> None:
+    for name, result in R.items():
+        cpu, date = figures.cpu_and_date(result)
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT[\d:]+([+-]\d\d:?\d\d|Z)?", date), name
+        assert cpu["model_name"] and cpu["usable_cores"] >= 1, name
+        assert "avx2" in cpu["flags"] and "bf16_native" in cpu, name
+
+
+def test_the_cpu_line_follows_the_recorded_flags_not_this_machine() -> None:
+    amd = {"model_name": "AMD EPYC", "usable_cores": 2, "bf16_native": False}
+    amd["flags"] = {"avx2": True, "avx512f": False}
+    sapphire = {"model_name": "Xeon", "usable_cores": 4, "bf16_native": True}
+    sapphire["flags"] = {"avx2": True, "avx512f": True, "avx512_bf16": True, "amx_bf16": True}
+    assert figures.isa(amd) == "AVX2, no AVX-512, no native bfloat16"
+    assert figures.isa(sapphire) == "AVX-512, AVX512-BF16, AMX-BF16"
+    when = {"cpu": sapphire, "date": "2027-01-02T03:04:05+00:00"}
+    assert (
+        figures.source(when)
+        == "*Measured on a 4-core Xeon (AVX-512, AVX512-BF16, AMX-BF16), 2027-01-02.*"
+    )
+
+
+def test_the_speed_page_says_what_bfloat16_did_on_that_cpu() -> None:
+    text = page_text("results")
+    native = R["bench_mc"]["env"]["cpu"]["bf16_native"]
+    assert ("This CPU has no native bfloat16" in text) is (not native)
+    assert ("bf16 means agree with fp32" in text) is bool(native)
+
+
+def test_the_conformal_sentences_hold_for_the_figures() -> None:
+    d = R["digits"]
+    c = d["conformal"]
+    alpha, lac, cls, aps = c["alpha"], *(c["methods"][m] for m in ("lac", "class", "aps"))
+    assert d["evaluate"]["accuracy"] > 1 - alpha  # "can only come down to 90% by empty sets"
+    assert lac["empty"] > 0 and aps["empty"] == 0
+    assert aps["evaluate"]["coverage"] > 1 - alpha  # "over-covers"
+    assert max(cls["images_per_class"]) < c["min_images_per_class"] and cls["warnings"]
+    assert d["mapie"]["max_abs_diff"] is not None and d["mapie"]["max_abs_diff"] <= 1e-12
+
+
+def test_the_other_sentences_hold_for_the_figures() -> None:
+    runs = sorted(R["memory_flat"]["runs"], key=lambda run: run["images"])
+    growth = runs[-1]["peak_rss_mib"] / runs[0]["peak_rss_mib"] - 1
+    assert growth < 0.1 * (runs[-1]["images"] / runs[0]["images"] - 1)  # "does not grow"
+    b = R["digits"]["batch_size"]
+    assert b["pred_identical"] == b["decision_identical"] == b["images"]  # "identical for all"
+    for workload in ("digits", "digits_confidence", "reference"):
+        assert R["adaptive"][workload]["speedup"] > 1
+
+
+# Kinds of measured figures that must come from the JSON, never typed into a page's sentences
+# (code blocks are examples, and table headers name units).
+STRAY = {
+    "percentage": r"\d\s?%",
+    "throughput": r"(?<![\w.])\d[\d,.]*\s?images/s",
+    "GFLOP": r"\d\s?GFLOP",
+    "peak RSS": r"\d\s?(MiB|MB|GB) for [\d,]+",
+    "unclassified count": r"\d+ (of \d+ )?unclassified",
+    "selective accuracy": r"selective accuracy \d",
+    "coverage value": r"covers? \d",
+    "three-decimal metric": r"(?<![\d.])0\.9\d\d(?!\d)",
+}
+
+
+def typed_lines(markdown: str) -> list[str]:
+    """The lines of a page's sentences and table cells as written, without the filled-in
+    ``{{ ... }}`` and ``{% ... %}``, code blocks or table headers."""
+    text = re.sub(r"\{\{.*?\}\}|\{%.*?%\}", " ", markdown, flags=re.DOTALL)
+    text = re.sub(r"^```.*?^```", "", text, flags=re.DOTALL | re.MULTILINE)
+    lines = text.splitlines()
+    return [
+        line
+        for i, line in enumerate(lines)
+        if not (i + 1 < len(lines) and lines[i + 1].startswith("|--"))
+    ]
+
+
+@pytest.mark.parametrize("kind", sorted(STRAY))
+def test_no_figure_typed_into_a_page(kind: str) -> None:
+    found = [
+        f"{page.name}: {line}"
+        for page in sorted((REPO / "docs").glob("*.md"))
+        for line in typed_lines(page.read_text(encoding="utf-8"))
+        if re.search(STRAY[kind], line, re.IGNORECASE)
+    ]
+    assert not found, f"{kind} typed into the docs instead of read from the results: {found}"
+
+
+def test_the_stray_patterns_catch_a_typed_figure() -> None:
+    typed = "Test accuracy **98.4%**; 5 of 450 unclassified, at 48.1 images/s."
+    assert typed_lines(typed) == [typed]
+    assert all(
+        re.search(STRAY[k], typed) for k in ("percentage", "throughput", "unclassified count")
+    )
+    assert typed_lines("accuracy {{ d.default.accuracy | pct }}") == ["accuracy  "]
+    assert not re.search(STRAY["three-decimal metric"], "--max-error-rate 0.01, rtol=1e-5")
+    assert json.loads((REPO / "benchmarks" / "results" / "digits.json").read_text())
