@@ -30,6 +30,7 @@ import dataclasses
 import logging
 import math
 import os
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePath
@@ -223,34 +224,41 @@ def _ood_rows(evaluation: Evaluation, common: set[str] | None) -> pd.DataFrame:
     return frame[frame["path"].astype(str).isin(common)]
 
 
+def _by_image(positions: np.ndarray, *arrays: np.ndarray) -> list[np.ndarray]:
+    """``positions`` and ``arrays`` in the order of the group's images.
+
+    Every run then sums its images in the same order, so that runs with the same values give
+    the same resampled metrics to the last bit, and their differences are exactly 0.
+    """
+    order = np.argsort(positions, kind="stable")
+    return [positions[order], *(array[order] for array in arrays)]
+
+
 def _run_images(evaluation: Evaluation, index: pd.Index, ood_index: pd.Index | None) -> _RunImages:
     """The arrays the resampled metrics of one run need (``_RunImages``)."""
     lab, frame = evaluation.labelled, evaluation.frame
     positions = index.get_indexer(frame["path"].astype(str))
     probs = frame.loc[lab.mask, [f"mean_{name}" for name in evaluation.class_names]]
     probs = probs.to_numpy(np.float64, na_value=np.nan)
+    labelled = len(lab.labels) > 0
+    nll = metrics.nll_terms(probs, lab.labels) if labelled else np.zeros(0)
+    brier = metrics.brier_terms(probs, lab.labels) if labelled else np.zeros(0)
     entropy = evaluation.scores[COMPARED_SCORE]
     ood = ood_entropy = None
     if ood_index is not None and evaluation.ood_ok is not None:
         ood_frame = _ood_rows(evaluation, set(ood_index))
         ood_ok = evaluation.ood_ok
-        ood = ood_index.get_indexer(ood_frame["path"].astype(str))[ood_ok]
-        ood_entropy = evaluation.ood_scores[COMPARED_SCORE][ood_ok]  # type: ignore[index]
-    labelled = len(lab.labels) > 0
-    return _RunImages(
-        labelled=positions[lab.mask],
-        correct=lab.correct,
-        accepted=lab.accepted,
-        decision_correct=lab.decision_correct,
-        confidence=lab.confidence,
-        nll=metrics.nll_terms(probs, lab.labels) if labelled else np.zeros(0),
-        brier=metrics.brier_terms(probs, lab.labels) if labelled else np.zeros(0),
-        entropy=entropy[lab.mask],
-        ok=positions[evaluation.ok],
-        ok_entropy=entropy[evaluation.ok],
-        ood=ood,
-        ood_entropy=ood_entropy,
+        ood, ood_entropy = _by_image(
+            ood_index.get_indexer(ood_frame["path"].astype(str))[ood_ok],
+            evaluation.ood_scores[COMPARED_SCORE][ood_ok],  # type: ignore[index]
+        )
+    kept = _by_image(
+        positions[lab.mask],
+        *(lab.correct, lab.accepted, lab.decision_correct, lab.confidence, nll, brier),
+        entropy[lab.mask],
     )
+    ok, ok_entropy = _by_image(positions[evaluation.ok], entropy[evaluation.ok])
+    return _RunImages(*kept, ok=ok, ok_entropy=ok_entropy, ood=ood, ood_entropy=ood_entropy)
 
 
 def _resampled(run: _RunImages, row: dict, counts: np.ndarray, ood_counts: Any) -> np.ndarray:
@@ -951,7 +959,7 @@ def _interval_parts(comparison: Comparison) -> list[str]:
         return []
     if comparison.series is not None:
         return ["Intervals of every file of the series: --json or --report."]
-    caption = interval_caption(comparison.settings)
+    caption = textwrap.fill(interval_caption(comparison.settings), width=100)
     return [caption, _render(interval_rows(comparison.rows), INTERVAL_COLUMNS)]
 
 
