@@ -19,9 +19,11 @@ image is drawn) and computes the metrics of many resamples at once from them: th
 above give for each resample expanded into its images (``paired_bootstrap``,
 ``percentile_interval``).
 
-Every function validates its input with ``batchuq.checks`` (the checks the post-processing
+Every metric validates its input with ``batchuq.checks`` (the checks the post-processing
 shares) and raises ``UsageError``, a ``ValueError``, naming the argument in the Keras style
-``... Received: name=...``.
+``... Received: name=...``. The ``resampled_*`` functions take arrays their caller has already
+read through those checks (``batchuq.jobs.compare`` from evaluate's labelled rows) and check
+nothing again, since they run once per chunk of resamples.
 """
 
 from __future__ import annotations
