@@ -9,20 +9,24 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 from conftest import SAMPLE_TEST
 
+from batchuq import metrics
 from batchuq.cli import cli
 from batchuq.errors import UsageError
 from batchuq.jobs.compare import (
     COMPARED_SCORE,
+    INTERVAL_METRICS,
     Shift,
     compare_files,
     format_comparison,
     series_table,
     shift_of,
+    verdict,
 )
 from batchuq.jobs.evaluate import evaluate_frame, evaluate_parquet, read_scored_file
 
@@ -236,3 +240,244 @@ def test_help_imports_nothing_heavy():
     )
     assert done.stdout.strip().splitlines()[-1] == "PROBE 0 []"
     assert "Example:" in done.stdout
+
+
+# --------------------------------------------------------------------------------------------
+# Intervals: the paired bootstrap over images
+# --------------------------------------------------------------------------------------------
+
+
+def test_resampled_metrics_are_the_metrics_of_the_expanded_resample():
+    # Confidences on a grid of 0.01 so that ties occur (AURC keeps their input order, the
+    # AUROC averages their ranks); each resample expanded into its images, in input order.
+    rng = np.random.default_rng(3)
+    n = 120
+    confidence = np.round(rng.uniform(0.2, 1.0, n), 2)
+    correct = rng.uniform(size=n) < confidence
+    probs = rng.dirichlet(np.ones(4), n)
+    labels = rng.integers(0, 4, n)
+    counts = metrics.bootstrap_counts(n, 40, rng)
+    assert counts.shape == (40, n) and (counts.sum(axis=1) == n).all()
+    resampled = {
+        "aurc": metrics.resampled_aurc(confidence, correct, counts),
+        "ece": metrics.resampled_ece(confidence, correct, counts),
+        "auroc": metrics.resampled_auroc(confidence, ~correct, counts),
+        "accuracy": metrics.resampled_mean(correct, counts),
+        "nll": metrics.resampled_mean(metrics.nll_terms(probs, labels), counts),
+        "brier": metrics.resampled_mean(metrics.brier_terms(probs, labels), counts),
+    }
+    for b in range(len(counts)):
+        i = np.repeat(np.arange(n), counts[b].astype(int))
+        expected = {
+            "aurc": metrics.aurc(confidence[i], correct[i]),
+            "ece": metrics.ece(confidence[i], correct[i]),
+            "auroc": metrics.auroc(confidence[i], ~correct[i]),
+            "accuracy": float(np.mean(correct[i])),
+            "nll": metrics.nll(probs[i], labels[i]),
+            "brier": metrics.brier(probs[i], labels[i]),
+        }
+        for key, value in expected.items():
+            assert resampled[key][b] == pytest.approx(value, rel=1e-12, abs=1e-14), (key, b)
+
+
+def test_resampled_metrics_of_nothing_drawn_are_undefined():
+    counts = np.array([[0.0, 0.0], [1.0, 1.0], [2.0, 0.0]])
+    confidence, correct = np.array([0.9, 0.6]), np.array([True, False])
+    assert np.isnan(metrics.resampled_mean(correct, counts)[0])
+    assert np.isnan(metrics.resampled_aurc(confidence, correct, counts)[0])
+    assert np.isnan(metrics.resampled_ece(confidence, correct, counts)[0])
+    # A resample without a negative (or a positive) has no AUROC.
+    auroc = metrics.resampled_auroc(confidence, ~correct, counts)
+    assert np.isnan(auroc[0]) and auroc[1] == 0.0 and np.isnan(auroc[2])  # wrong: 0.6 < 0.9
+
+
+def test_percentile_interval_needs_the_statistic_in_nearly_every_resample():
+    samples = np.tile(np.arange(1000.0)[:, None], (1, 2))
+    samples[:5, 0] = np.nan  # 0.5% undefined: left out
+    samples[:20, 1] = np.nan  # 2% undefined: no interval
+    low, high = metrics.percentile_interval(samples)
+    assert 5 < low[0] < 35 and 970 < high[0] < 999
+    assert np.isnan(low[1]) and np.isnan(high[1])
+
+
+def _simulated_coverage(draw, truth: float, repetitions: int = 400) -> float:
+    """How often the 95% interval of the bootstrap holds ``truth``, over seeded data sets.
+
+    ``draw(rng)`` gives one data set as an ``(n, k)`` array of 0/1 outcomes; the statistic
+    is the last column's mean minus the first's (with k = 1, the mean itself).
+    """
+    hits = 0
+    for repetition in range(repetitions):
+        data = draw(np.random.default_rng([7, repetition]))
+
+        def statistic(counts, data=data):
+            means = np.stack([metrics.resampled_mean(col, counts) for col in data.T], axis=1)
+            return means[:, -1] - (means[:, 0] if data.shape[1] > 1 else 0.0)
+
+        samples = metrics.paired_bootstrap(statistic, [len(data)], 1000, seed=repetition)
+        low, high = metrics.percentile_interval(samples)
+        hits += bool(low <= truth <= high)
+    return hits / repetitions
+
+
+def test_bootstrap_covers_the_true_accuracy_and_the_true_paired_difference():
+    # 400 repetitions: a 95% interval covers in 0.95 +- 0.011 (one Monte-Carlo standard
+    # error) of them; the bounds below are about three standard errors.
+    def bernoulli(rng):
+        return (rng.uniform(size=(200, 1)) < 0.8).astype(float)
+
+    accuracy = _simulated_coverage(bernoulli, 0.8)
+
+    # Two classifiers right on the same images 70% of the time: their difference has a
+    # much smaller spread than either, which only a paired resample sees. Resampling the
+    # two independently would cover the true difference (0.05) in nearly every repetition.
+    def correlated(rng):
+        u = rng.uniform(size=200)
+        v = np.where(rng.uniform(size=200) < 0.7, u, rng.uniform(size=200))
+        return np.column_stack([u < 0.8, v < 0.85]).astype(float)
+
+    difference = _simulated_coverage(correlated, 0.05)
+    print(f"\ncoverage of the 95% interval: accuracy {accuracy:.3f}, difference {difference:.3f}")
+    assert 0.915 <= accuracy <= 0.985
+    assert 0.915 <= difference <= 0.985
+
+
+def test_paired_bootstrap_is_seeded_and_resamples_each_set_within_itself():
+    def statistic(a, b):
+        return np.stack([a.sum(axis=1), b.sum(axis=1), a[:, 0], b[:, 0]], axis=1)
+
+    once = metrics.paired_bootstrap(statistic, [50, 7], 300, seed=4)
+    assert once.shape == (300, 4)
+    assert (once[:, 0] == 50).all() and (once[:, 1] == 7).all()  # each drawn within itself
+    assert np.array_equal(once, metrics.paired_bootstrap(statistic, [50, 7], 300, seed=4))
+    assert not np.array_equal(once, metrics.paired_bootstrap(statistic, [50, 7], 300, seed=5))
+    with pytest.raises(UsageError, match="Received: resamples=0"):
+        metrics.paired_bootstrap(statistic, [50], 0)
+
+
+def _with_probs(src: Path, dst: Path, *, uniform: bool = False, reverse: bool = False) -> Path:
+    """A copy of a scored file: its mean probabilities uniform, or its rows in reverse order."""
+    table = pq.read_table(src)
+    if reverse:
+        table = table.take(list(range(table.num_rows))[::-1])
+    if uniform:
+        for name in [c for c in table.column_names if c.startswith("mean_")]:
+            column = pa.array(np.full(table.num_rows, 0.1), table.schema.field(name).type)
+            table = table.set_column(table.schema.get_field_index(name), name, column)
+    pq.write_table(table, dst)
+    return dst
+
+
+def test_baseline_verdicts_better_worse_and_tie(scored, tmp_path):
+    same = _with_probs(scored["det"], tmp_path / "same.parquet", reverse=True)
+    flat = _with_probs(scored["det"], tmp_path / "flat.parquet", uniform=True)
+    files = [scored["det"], same, flat]
+    comparison = compare_files(files, names=["det", "same", "flat"], baseline="det")
+    det, same_row, flat_row = comparison.rows
+    assert det["difference_to_baseline"] is None
+    # The same predictions with their rows reversed: matched by path, every resample's
+    # difference is exactly 0 (matched by row position, it would not be); evaluate's own
+    # values may differ in the last bit, summed in another order.
+    for key, entry in same_row["difference_to_baseline"].items():
+        if det[key] is None or (key == "auroc_error" and det["accuracy"] > 0.9):
+            # A wrong prediction or two in 30: many resamples draw none, the AUROC has no
+            # interval (metrics.percentile_interval).
+            assert entry["low"] is entry["verdict"] is None, key
+        else:
+            assert (entry["low"], entry["high"], entry["verdict"]) == (0.0, 0.0, "tie"), key
+            assert entry["value"] == pytest.approx(0.0, abs=1e-12), key  # evaluate's sums
+    # Uniform probabilities (NLL ln 10, Brier 0.9) over the same decisions: worse NLL and
+    # Brier, and the metrics of the confidence column unchanged.
+    diff = flat_row["difference_to_baseline"]
+    assert flat_row["nll"] == pytest.approx(np.log(10)) and flat_row["brier"] == pytest.approx(0.9)
+    assert diff["nll"]["verdict"] == diff["brier"]["verdict"] == "worse"
+    assert diff["nll"]["low"] > 0 and diff["brier"]["low"] > 0
+    assert diff["accuracy"]["verdict"] == diff["ece"]["verdict"] == "tie"
+    # Seen from the flat file, det is better.
+    reverse = compare_files([flat, scored["det"]], names=["flat", "det"], baseline="flat")
+    assert reverse.rows[1]["difference_to_baseline"]["nll"]["verdict"] == "better"
+    assert verdict("nll", -0.2, -0.1) == "better" and verdict("accuracy", -0.2, -0.1) == "worse"
+    assert verdict("coverage", 0.1, 0.2) == "higher" and verdict("ece", None, 0.1) is None
+
+
+def test_json_intervals_and_differences(scored, tmp_path):
+    args = [scored["det"], scored["mc"], "--names", "det,mc", "--ood", scored["mc"]]
+    args += ["--ood", scored["det"], "--baseline", str(scored["det"]), "--json"]
+    code, out, _ = _run(*args, "--bootstrap", "200", "--seed", "3")
+    assert code == 0
+    parsed = json.loads(out)
+    assert parsed["settings"]["bootstrap"] == {
+        "method": "paired percentile bootstrap over images",
+        "resamples": 200,
+        "seed": 3,
+        "level": 0.95,
+    }
+    det, mc = parsed["rows"]
+    assert set(det["intervals"]) == set(INTERVAL_METRICS)
+    for key in ("accuracy", "nll", "brier", "ece", "aurc", "ood_auroc"):
+        entry = mc["intervals"][key]
+        assert entry["value"] == mc[key] and entry["low"] <= entry["high"], key
+        difference = mc["difference_to_baseline"][key]
+        assert difference["value"] == pytest.approx(mc[key] - det[key], abs=1e-15)
+        assert difference["low"] <= difference["high"]
+        assert difference["verdict"] in ("better", "worse", "tie")
+    assert mc["intervals"]["nll"]["low"] < mc["nll"] < mc["intervals"]["nll"]["high"]
+    again = json.loads(_run(*args, "--bootstrap", "200", "--seed", "3")[1])
+    assert again["rows"] == parsed["rows"]  # the same seed, the same intervals
+    other = json.loads(_run(*args, "--bootstrap", "200", "--seed", "4")[1])
+    assert other["rows"][1]["intervals"] != mc["intervals"]
+
+    code, out, _ = _run(scored["det"], scored["mc"], "--bootstrap", "0", "--json")
+    parsed = json.loads(out)
+    assert code == 0 and parsed["settings"]["bootstrap"] is None
+    assert [row["intervals"] for row in parsed["rows"]] == [None, None]
+
+
+def test_table_and_report_show_the_intervals(scored, tmp_path):
+    args = [scored["det"], scored["mc"], "--names", "det,mc", "--baseline", "det"]
+    code, out, _ = _run(*args, "--bootstrap", "200")
+    assert code == 0
+    print(out)
+    assert "paired percentile bootstrap over images, B = 200, seed 0" in out
+    assert max(len(line) for line in out.split("95% intervals")[1].splitlines()) <= 100
+    nll = [line.split() for line in out.splitlines() if line.startswith("NLL ")]
+    assert [line[1] for line in nll] == ["det", "mc"] and nll[0][-1] == "baseline"
+    assert nll[1][-1] in ("better", "worse", "tie") and nll[1][3].startswith("[")
+
+    code, _, _ = _run(*args, "--bootstrap", "200", "--report", tmp_path)
+    page = (tmp_path / "index.html").read_text(encoding="utf-8")
+    assert code == 0 and "<h2>Intervals</h2>" in page
+    assert page.count('<span class="ci">') >= 2 * 7  # under each metric of each file
+
+
+def test_baseline_must_be_a_compared_file(scored):
+    code, _, err = _run(scored["det"], scored["mc"], "--names", "det,mc", "--baseline", "nope")
+    assert code == 2 and "Received: baseline='nope'" in err and "['det', 'mc']" in err
+    code, _, err = _run(scored["det"], scored["mc"], "--baseline", "det", "--bootstrap", "0")
+    assert code == 2 and "bootstrap > 0" in err
+    code, _, err = _run(scored["det"], "--bootstrap", "-1")
+    assert code == 2 and "--bootstrap" in err
+
+
+def test_series_pairs_the_files_of_each_corruption_and_severity(scored, tmp_path):
+    files = _series_files(scored, tmp_path)
+    args = [*files, "--series", "--baseline", "mc_dropout T=1", "--bootstrap", "100"]
+    code, out, _ = _run(*args, "--json")
+    assert code == 0
+    rows = json.loads(out)["rows"]
+    for row in rows:
+        assert row["intervals"]["accuracy"]["value"] == row["accuracy"]
+        if row["name"] == "mc_dropout T=1":
+            assert row["difference_to_baseline"] is None
+            continue
+        # The baseline of each cell is the T=1 file of the same corruption and severity.
+        (base,) = [
+            r
+            for r in rows
+            if r["name"] == "mc_dropout T=1"
+            and (r["corruption"], r["severity"]) == (row["corruption"], row["severity"])
+        ]
+        difference = row["difference_to_baseline"]["nll"]
+        assert difference["value"] == pytest.approx(row["nll"] - base["nll"], abs=1e-15)
+    code, out, _ = _run(*args)
+    assert code == 0 and "Intervals of every file of the series: --json or --report." in out

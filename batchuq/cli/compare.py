@@ -9,6 +9,8 @@ import click
 
 from batchuq.cli.config import config_option
 from batchuq.cli.runtime import exit_on_error, setup_logging
+from batchuq.defaults import DEFAULT_SEED
+from batchuq.metrics import DEFAULT_RESAMPLES
 
 _PARQUET = click.Path(exists=True, dir_okay=False, path_type=Path)
 
@@ -55,6 +57,33 @@ def _split_names(ctx: click.Context, param: click.Parameter, value: str | None) 
     "folder is clean, severity 0). Adds the mean over corruptions per severity and method.",
 )
 @click.option(
+    "--bootstrap",
+    type=click.IntRange(min=0),
+    default=DEFAULT_RESAMPLES,
+    show_default=True,
+    help="Resamples B of the paired bootstrap over images that gives every metric, and every "
+    "difference to --baseline, a percentile 95% interval: the images (matched by `path`) are "
+    "drawn with replacement B times, the same draws for every file; OOD images are drawn "
+    "independently, within themselves. 0: no intervals.",
+)
+@click.option(
+    "--seed",
+    type=int,
+    default=DEFAULT_SEED,
+    show_default=True,
+    help="Seed of the bootstrap's resamples; the same seed gives the same intervals.",
+)
+@click.option(
+    "--baseline",
+    default=None,
+    show_default=True,
+    metavar="NAME_OR_PATH",
+    help="One of the files, by its name (--names) or its path: adds each other file's "
+    "difference to it per metric, with its 95% interval and a verdict: better or worse "
+    "(each metric's own direction: lower NLL, Brier, ECE and AURC is better) only where the "
+    "interval excludes 0, tie where it holds 0; higher or lower for coverage.",
+)
+@click.option(
     "--report",
     "report_dir",
     type=click.Path(file_okay=False, path_type=Path),
@@ -78,6 +107,9 @@ def compare_command(
     ood: tuple[Path, ...],
     intersect: bool,
     series: bool,
+    bootstrap: int,
+    seed: int,
+    baseline: str | None,
     report_dir: Path | None,
     as_json: bool,
 ) -> None:
@@ -89,6 +121,10 @@ def compare_command(
     with --ood for OOD vs in-distribution), the mean set size of a pred_set column, and the
     images/s score recorded. The metrics are those of `batchuq evaluate`.
 
+    Each metric gets a paired bootstrap 95% interval over the images (--bootstrap, --seed);
+    with --baseline, each file's difference to it, with its interval and a verdict: a file is
+    better or worse than the baseline only where the interval excludes 0, a tie otherwise.
+
     With --series the files are scored on a folder and the copies `batchuq shift` wrote of it
     (OUT_DIR/<corruption>/<severity>); the tables add, per method, the mean over corruptions
     at each severity (0 = clean).
@@ -96,6 +132,8 @@ def compare_command(
     Example:
 
         batchuq compare det.parquet mc.parquet --names det,mc --report compare/
+
+        batchuq compare det.parquet mc.parquet --names det,mc --baseline det --json
 
         batchuq compare mc.parquet shift_mc/*.parquet --series --report series/
     """
@@ -106,7 +144,14 @@ def compare_command(
     setup_logging()
     with exit_on_error():
         comparison = compare_files(
-            files, names=names, ood=ood or None, intersect=intersect, series=series
+            files,
+            names=names,
+            ood=ood or None,
+            intersect=intersect,
+            series=series,
+            bootstrap=bootstrap,
+            seed=seed,
+            baseline=baseline,
         )
         output = comparison.as_json()
         if report_dir is not None:

@@ -30,15 +30,17 @@ import dataclasses
 import logging
 import math
 import os
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from batchuq import metrics
-from batchuq.defaults import DEFAULT_METHOD
+from batchuq.defaults import DEFAULT_METHOD, DEFAULT_SEED
 from batchuq.errors import UsageError
 from batchuq.jobs import evaluate as evaluate_job
 from batchuq.jobs.evaluate import Evaluation, evaluate_file
@@ -57,12 +59,22 @@ __all__ = [
     "TABLE_COLUMNS",
     "Comparison",
     "Shift",
+    "DEFAULT_BOOTSTRAP",
+    "INTERVAL_LEVEL",
+    "INTERVAL_METRICS",
+    "INTERVAL_COLUMNS",
     "compare_files",
     "format_cell",
     "format_comparison",
+    "format_interval",
+    "format_signed",
+    "interval_caption",
+    "interval_rows",
+    "present_columns",
     "series_table",
     "shift_of",
     "table_cells",
+    "verdict",
     "with_shift_labels",
 ]
 
@@ -158,6 +170,285 @@ def _check_series_cells(names: list[str], shifts: list[Shift], paths: list[str])
                 f"files their own name with `names`. Received: paths={[seen[(name, shift)], path]}"
             )
         seen[(name, shift)] = path
+
+
+# --------------------------------------------------------------------------------------------
+# Intervals: a paired bootstrap over images
+# --------------------------------------------------------------------------------------------
+
+# The metrics given an interval, and which way is better: +1 higher, -1 lower, 0 neither (a
+# rule that accepts more images is not better or worse for it; its verdict is higher/lower).
+INTERVAL_METRICS = {
+    "accuracy": 1,
+    "coverage": 0,
+    "selective_accuracy": 1,
+    "nll": -1,
+    "brier": -1,
+    "ece": -1,
+    "aurc": -1,
+    "auroc_error": 1,
+    "ood_auroc": 1,
+}
+DEFAULT_BOOTSTRAP = metrics.DEFAULT_RESAMPLES
+INTERVAL_LEVEL = 0.95
+
+
+@dataclass(frozen=True, eq=False)
+class _RunImages:
+    """One run's per-image arrays for the bootstrap; positions index the group's images.
+
+    ``labelled`` are the positions of the labelled ok rows, which the next seven arrays
+    describe; ``ok`` / ``ok_entropy`` the ok rows (the in-distribution side of the OOD
+    AUROC); ``ood`` / ``ood_entropy`` the ok OOD rows, positions into the group's OOD images.
+    """
+
+    labelled: np.ndarray
+    correct: np.ndarray
+    accepted: np.ndarray
+    decision_correct: np.ndarray
+    confidence: np.ndarray
+    nll: np.ndarray
+    brier: np.ndarray
+    entropy: np.ndarray
+    ok: np.ndarray
+    ok_entropy: np.ndarray
+    ood: np.ndarray | None
+    ood_entropy: np.ndarray | None
+
+
+def _ood_rows(evaluation: Evaluation, common: set[str] | None) -> pd.DataFrame:
+    """The OOD rows of a file: all, or with ``common`` those ``--intersect`` kept if it cut."""
+    frame = evaluation.ood_source.frame  # type: ignore[union-attr]
+    if common is None or len(frame) == len(evaluation.ood_ok):  # type: ignore[arg-type]
+        return frame
+    return frame[frame["path"].astype(str).isin(common)]
+
+
+def _by_image(positions: np.ndarray, *arrays: np.ndarray) -> list[np.ndarray]:
+    """``positions`` and ``arrays`` in the order of the group's images.
+
+    Every run then sums its images in the same order, so that runs with the same values give
+    the same resampled metrics to the last bit, and their differences are exactly 0.
+    """
+    order = np.argsort(positions, kind="stable")
+    return [positions[order], *(array[order] for array in arrays)]
+
+
+def _run_images(evaluation: Evaluation, index: pd.Index, ood_index: pd.Index | None) -> _RunImages:
+    """The arrays the resampled metrics of one run need (``_RunImages``)."""
+    lab, frame = evaluation.labelled, evaluation.frame
+    positions = index.get_indexer(frame["path"].astype(str))
+    probs = frame.loc[lab.mask, [f"mean_{name}" for name in evaluation.class_names]]
+    probs = probs.to_numpy(np.float64, na_value=np.nan)
+    labelled = len(lab.labels) > 0
+    nll = metrics.nll_terms(probs, lab.labels) if labelled else np.zeros(0)
+    brier = metrics.brier_terms(probs, lab.labels) if labelled else np.zeros(0)
+    entropy = evaluation.scores[COMPARED_SCORE]
+    ood = ood_entropy = None
+    if ood_index is not None and evaluation.ood_ok is not None:
+        ood_frame = _ood_rows(evaluation, set(ood_index))
+        ood_ok = evaluation.ood_ok
+        ood, ood_entropy = _by_image(
+            ood_index.get_indexer(ood_frame["path"].astype(str))[ood_ok],
+            evaluation.ood_scores[COMPARED_SCORE][ood_ok],  # type: ignore[index]
+        )
+    kept = _by_image(
+        positions[lab.mask],
+        *(lab.correct, lab.accepted, lab.decision_correct, lab.confidence, nll, brier),
+        entropy[lab.mask],
+    )
+    ok, ok_entropy = _by_image(positions[evaluation.ok], entropy[evaluation.ok])
+    return _RunImages(*kept, ok=ok, ok_entropy=ok_entropy, ood=ood, ood_entropy=ood_entropy)
+
+
+def _resampled(run: _RunImages, row: dict, counts: np.ndarray, ood_counts: Any) -> np.ndarray:
+    """Every ``INTERVAL_METRICS`` entry of one run in each resample, shape ``(b, metrics)``.
+
+    A metric whose value is undefined for the whole file (``None`` in its row) stays NaN.
+    """
+    w = counts[:, run.labelled]
+    accepted = run.accepted
+    compute = {
+        "accuracy": lambda: metrics.resampled_mean(run.correct, w),
+        "coverage": lambda: metrics.resampled_mean(accepted, w),
+        "selective_accuracy": lambda: metrics.resampled_mean(
+            run.decision_correct[accepted], w[:, accepted]
+        ),
+        "nll": lambda: metrics.resampled_mean(run.nll, w),
+        "brier": lambda: metrics.resampled_mean(run.brier, w),
+        "ece": lambda: metrics.resampled_ece(run.confidence, run.correct, w),
+        "aurc": lambda: metrics.resampled_aurc(run.confidence, run.correct, w),
+        "auroc_error": lambda: metrics.resampled_auroc(run.entropy, ~run.correct, w),
+        "ood_auroc": lambda: metrics.resampled_auroc(
+            np.concatenate([run.ok_entropy, run.ood_entropy]),
+            np.repeat([False, True], [len(run.ok), len(run.ood)]),
+            np.concatenate([counts[:, run.ok], ood_counts[:, run.ood]], axis=1),
+        ),
+    }
+    out = np.full((len(counts), len(INTERVAL_METRICS)), np.nan)
+    for j, key in enumerate(INTERVAL_METRICS):
+        if row.get(key) is not None:
+            out[:, j] = compute[key]()
+    return out
+
+
+def _group_samples(
+    evaluations: list[Evaluation], rows: list[dict], resamples: int, seed: int
+) -> np.ndarray:
+    """The metrics of each run of one group on the same resamples, shape ``(B, runs, metrics)``.
+
+    The images (by ``path``) are resampled once per resample for all runs; with OOD files, the
+    OOD images are resampled too, independently, from their own stream of the seed.
+    """
+    index = pd.Index(sorted(set().union(*_path_sets([e.frame for e in evaluations]))))
+    ood_index = None
+    if all(e.ood_source is not None and e.ood_ok is not None for e in evaluations):
+        paths = [_ood_rows(e, None)["path"].astype(str) for e in evaluations]
+        ood_index = pd.Index(sorted(set.intersection(*map(set, paths))))
+    runs = [_run_images(e, index, ood_index) for e in evaluations]
+    sizes = [len(index)] + ([] if ood_index is None else [len(ood_index)])
+
+    def statistic(counts: np.ndarray, ood_counts: np.ndarray | None = None) -> np.ndarray:
+        return np.stack(
+            [_resampled(run, row, counts, ood_counts) for run, row in zip(runs, rows, strict=True)],
+            axis=1,
+        )
+
+    return metrics.paired_bootstrap(statistic, sizes, resamples, seed)
+
+
+def _interval(value: float | None, low: float, high: float) -> dict[str, float | None]:
+    """``{value, low, high}``; the bounds ``None`` where undefined."""
+    finite = value is not None and math.isfinite(low) and math.isfinite(high)
+    return {
+        "value": value,
+        "low": float(low) if finite else None,
+        "high": float(high) if finite else None,
+    }
+
+
+def verdict(metric: str, low: float | None, high: float | None) -> str | None:
+    """Better, worse or tie for the interval of a difference (run minus baseline).
+
+    Args:
+        metric: A key of ``INTERVAL_METRICS`` (which way is better).
+        low: The lower bound of the difference's interval.
+        high: The upper bound.
+
+    Returns:
+        ``tie`` if the interval contains 0; else ``better`` or ``worse`` by the metric's
+        direction (``higher`` or ``lower`` for coverage, which has none); ``None`` if the
+        interval is undefined.
+    """
+    if low is None or high is None:
+        return None
+    if low <= 0.0 <= high:
+        return "tie"
+    direction = INTERVAL_METRICS[metric]
+    if direction == 0:
+        return "higher" if low > 0 else "lower"
+    return "better" if (low > 0) == (direction > 0) else "worse"
+
+
+def _add_intervals(rows: list[dict], samples: np.ndarray, baseline: int | None) -> None:
+    """Set ``intervals`` and ``difference_to_baseline`` of one group's rows (in place)."""
+    low, high = metrics.percentile_interval(samples, INTERVAL_LEVEL)
+    if baseline is not None:
+        d_low, d_high = metrics.percentile_interval(
+            samples - samples[:, baseline : baseline + 1], INTERVAL_LEVEL
+        )
+    for i, row in enumerate(rows):
+        row["intervals"] = {
+            key: _interval(row.get(key), low[i, j], high[i, j])
+            for j, key in enumerate(INTERVAL_METRICS)
+        }
+        if baseline is None or i == baseline:
+            continue
+        differences = {}
+        for j, key in enumerate(INTERVAL_METRICS):
+            value, base = row.get(key), rows[baseline].get(key)
+            entry = _interval(
+                None if None in (value, base) else value - base, d_low[i, j], d_high[i, j]
+            )
+            entry["verdict"] = verdict(key, entry["low"], entry["high"])
+            differences[key] = entry
+        row["difference_to_baseline"] = differences
+
+
+def _check_bootstrap(bootstrap: int, baseline: Any) -> int:
+    """``bootstrap`` as an int, checked.
+
+    Raises:
+        UsageError: If it is not an integer >= 0, or is 0 with a baseline.
+    """
+    if isinstance(bootstrap, bool) or not isinstance(bootstrap, (int, np.integer)) or bootstrap < 0:
+        raise UsageError(
+            "`bootstrap` must be the number of resamples, an integer >= 0 (0: no intervals). "
+            f"Received: bootstrap={bootstrap!r}"
+        )
+    if bootstrap == 0 and baseline is not None:
+        raise UsageError(
+            "`baseline` needs the bootstrap for the intervals of the differences; give "
+            f"bootstrap > 0. Received: bootstrap=0, baseline={str(baseline)!r}"
+        )
+    return int(bootstrap)
+
+
+def _bootstrap_settings(bootstrap: int, seed: int) -> dict[str, Any] | None:
+    """What the intervals are, for the settings; ``None`` without them."""
+    if not bootstrap:
+        return None
+    return {
+        "method": "paired percentile bootstrap over images",
+        "resamples": bootstrap,
+        "seed": seed,
+        "level": INTERVAL_LEVEL,
+    }
+
+
+def _intervals(
+    rows: list[dict],
+    evaluations: list[Evaluation],
+    groups: list[list[int]],
+    bootstrap: int,
+    seed: int,
+    baseline: str | os.PathLike[str] | None,
+) -> None:
+    """Add ``intervals`` and ``difference_to_baseline`` to the rows, group by group (in place).
+
+    Raises:
+        UsageError: If ``baseline`` names no file of any group.
+    """
+    for row in rows:
+        row["intervals"] = row["difference_to_baseline"] = None
+    if not bootstrap:
+        return
+    bases = [
+        None if baseline is None else _baseline_of([rows[i] for i in group], str(baseline))
+        for group in groups
+    ]
+    if baseline is not None and all(base is None for base in bases):
+        names = list(dict.fromkeys(row["name"] for row in rows))
+        raise UsageError(
+            f"`baseline` must be the name or the file of one of the compared files ({names!r}). "
+            f"Received: baseline={str(baseline)!r}"
+        )
+    for group, base in zip(groups, bases, strict=True):
+        members = [rows[i] for i in group]
+        samples = _group_samples([evaluations[i] for i in group], members, bootstrap, seed)
+        _add_intervals(members, samples, base)
+
+
+def _baseline_of(rows: list[dict], baseline: str) -> int | None:
+    """The row of a group that is the baseline: by name, else by file; ``None`` if none is."""
+    for key in ("name", "file"):
+        for i, row in enumerate(rows):
+            if str(row.get(key)) == baseline:
+                return i
+    wanted = Path(baseline).resolve()
+    return next(
+        (i for i, row in enumerate(rows) if Path(str(row["file"])).resolve() == wanted), None
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -377,6 +668,9 @@ def compare_files(
     ood: Sequence[str | os.PathLike[str]] | None = None,
     intersect: bool = False,
     series: bool = False,
+    bootstrap: int = DEFAULT_BOOTSTRAP,
+    seed: int = DEFAULT_SEED,
+    baseline: str | os.PathLike[str] | None = None,
 ) -> Comparison:
     """Evaluate files scored on the same images, one per method or setting, into one table.
 
@@ -391,6 +685,15 @@ def compare_files(
         series: The files are a shift series: each file's corruption and severity come from
             its metadata's ``images`` folder (``shift_of``); files are compared within each
             corruption and severity, and ``Comparison.series`` holds ``series_table``.
+        bootstrap: The resamples B of the paired bootstrap over images that gives each metric
+            (and each difference to ``baseline``) its percentile 95% interval; 0 for none.
+            All files (in a series: of one corruption and severity) are resampled alike, by
+            ``path``; OOD images independently, within themselves.
+        seed: The seed of the resamples.
+        baseline: The name or file of one of the files: adds each other file's difference to
+            it, with its interval and a verdict (``better``, ``worse`` or ``tie`` when the
+            interval holds 0; ``higher`` or ``lower`` for coverage). In a series, the file of
+            that name in each corruption and severity.
 
     Returns:
         The ``Comparison``. Each row has ``name``, ``file``, ``ood_file``, ``method``,
@@ -398,12 +701,17 @@ def compare_files(
         ``selective_accuracy``, ``nll``, ``brier``, ``ece``, ``aurc``, ``auroc_error`` and
         ``ood_auroc`` (of ``entropy``), ``mean_set_size`` and ``images_per_second`` (``None``
         when undefined or not recorded); with ``series``, also ``corruption`` and ``severity``.
-        The values are those of ``evaluate_file``.
+        The values are those of ``evaluate_file``. With ``bootstrap``, ``intervals`` maps each
+        ``INTERVAL_METRICS`` key to ``{value, low, high}`` (bounds ``None`` where undefined,
+        see ``metrics.percentile_interval``), and ``difference_to_baseline`` (``None`` for the
+        baseline and without one) maps it to ``{value, low, high, verdict}``.
 
     Raises:
         UsageError: If there is no file, ``names`` or ``ood`` has not one entry per file, a
             file is not a batchuq Parquet file, path sets differ (without ``intersect``) or
-            have nothing in common, or two series files share name, corruption and severity.
+            have nothing in common, two series files share name, corruption and severity,
+            ``bootstrap`` is negative, or ``baseline`` is no file's name or file (or is given
+            with ``bootstrap=0``).
     """
     files = [str(path) for path in paths]
     if not files:
@@ -420,6 +728,7 @@ def compare_files(
     ]
     if shifts is not None:
         _check_series_cells(chosen, shifts, files)
+    bootstrap = _check_bootstrap(bootstrap, baseline)
     evaluations, dropped = _align(evaluations, _groups(shifts, len(files)), intersect)
     for file, count in dropped.items():
         logger.warning(
@@ -429,12 +738,16 @@ def compare_files(
         _row(name, evaluation, None if shifts is None else shifts[i])
         for i, (name, evaluation) in enumerate(zip(chosen, evaluations, strict=True))
     ]
+    groups = _groups(shifts, len(files))
+    _intervals(rows, evaluations, groups, bootstrap, seed, baseline)
     settings = {
         "score": COMPARED_SCORE,
         "ece_bins": metrics.DEFAULT_ECE_BINS,
         "intersect": intersect,
         "dropped": dropped,
         "series": series,
+        "bootstrap": _bootstrap_settings(bootstrap, seed),
+        "baseline": None if baseline is None else str(baseline),
     }
     return Comparison(rows, evaluations, settings, series_table(rows) if series else None)
 
@@ -464,7 +777,7 @@ TABLE_COLUMNS = (
     ("set size", "mean_set_size", 3),
     ("img/s", "images_per_second", 1),
 )
-_OPTIONAL = {"shift", "ood_auroc", "mean_set_size"}
+_OPTIONAL = {"shift", "ood_auroc", "mean_set_size", "difference", "difference_interval", "verdict"}
 SERIES_COLUMNS = (
     ("name", "name", None),
     ("severity", "severity", None),
@@ -476,6 +789,90 @@ SERIES_COLUMNS = (
 )
 
 
+# The long table of intervals: one line per metric and file (``interval_rows``).
+INTERVAL_COLUMNS = (
+    ("metric", "metric", None),
+    ("name", "name", None),
+    ("shift", "shift", None),
+    ("value", "value", None),
+    ("95% interval", "interval", None),
+    ("difference", "difference", None),
+    ("95% interval", "difference_interval", None),
+    ("verdict", "verdict", None),
+)
+_RIGHT = {"passes", "tta", "n", "severity", "corruptions", "value", "difference"}
+_METRIC_LABELS = {
+    "accuracy": "accuracy",
+    "coverage": "coverage",
+    "selective_accuracy": "sel. accuracy",
+    "nll": "NLL",
+    "brier": "Brier",
+    "ece": "ECE",
+    "aurc": "AURC",
+    "auroc_error": "AUROC err",
+    "ood_auroc": "AUROC OOD",
+}
+
+
+def _bound(value: float, signed: bool) -> str:
+    """A bound to 4 decimals; one that would show as 0 but is not, in two digits of ``e``."""
+    sign = "+" if signed else ""
+    if value != 0 and abs(value) < 5e-5:
+        return f"{value:{sign}.1e}"  # +2.0e-05: excludes 0, which +0.0000 would hide
+    return f"{value:{sign}.4f}"
+
+
+def format_interval(entry: dict | None, signed: bool = False) -> str:
+    """``[low, high]`` to 4 decimals (with signs if ``signed``); ``n/a`` where undefined."""
+    if not entry or entry.get("low") is None or entry.get("high") is None:
+        return "n/a"
+    return f"[{_bound(entry['low'], signed)}, {_bound(entry['high'], signed)}]"
+
+
+def interval_rows(rows: Sequence[dict]) -> list[dict]:
+    """The lines of the table of intervals (``INTERVAL_COLUMNS``), metric by metric.
+
+    Args:
+        rows: ``Comparison.rows`` made with a bootstrap (with ``with_shift_labels`` in a
+            series).
+
+    Returns:
+        One dict of texts per metric defined for some file and per file: ``metric``, ``name``,
+        ``shift`` (``None`` outside a series),
+        ``value``, ``interval``, and with a baseline ``difference``, ``difference_interval``
+        and ``verdict`` (``baseline`` on the baseline's lines; ``None`` without one).
+    """
+    baseline = any(row.get("difference_to_baseline") for row in rows)
+    mark = {"difference": "", "difference_interval": "", "verdict": "baseline"}
+    lines = []
+    for key, label in _METRIC_LABELS.items():
+        if all((row.get("intervals") or {}).get(key, {}).get("value") is None for row in rows):
+            continue
+        for row in rows:
+            entry = (row.get("intervals") or {}).get(key) or {}
+            line = {
+                "metric": label,
+                "name": row["name"],
+                "shift": row.get("shift"),
+                "value": format_cell(entry.get("value"), 4),
+                "interval": format_interval(entry),
+            }
+            diff = (row.get("difference_to_baseline") or {}).get(key)
+            if diff is not None:
+                line["difference"] = format_signed(diff.get("value"))
+                line["difference_interval"] = format_interval(diff, signed=True)
+                line["verdict"] = format_cell(diff.get("verdict"), None)
+            elif baseline and row.get("difference_to_baseline") is None:
+                line.update(mark)
+            lines.append(line)
+    return lines
+
+
+def format_signed(value: float | None) -> str:
+    """A difference to 4 decimals with its sign; ``n/a`` for ``None``."""
+    return "n/a" if value is None else f"{value:+.4f}"
+
+
 def format_cell(value: Any, digits: int | None) -> str:
     """A table cell's text: ``n/a`` for ``None``, numbers to ``digits`` decimals if given."""
     if value is None:
@@ -483,6 +880,17 @@ def format_cell(value: Any, digits: int | None) -> str:
     if digits is not None and isinstance(value, (int, float)):
         return f"{value:.{digits}f}"
     return str(value)
+
+
+def present_columns(
+    rows: Sequence[dict], columns: Sequence[tuple[str, str, int | None]]
+) -> list[tuple[str, str, int | None]]:
+    """The columns a table of ``rows`` shows: optional ones only when some row has them."""
+    return [
+        (header, key, digits)
+        for header, key, digits in columns
+        if key not in _OPTIONAL or any(row.get(key) is not None for row in rows)
+    ]
 
 
 def table_cells(
@@ -498,16 +906,9 @@ def table_cells(
         The headers, the cell texts row by row, and whether each column is numeric
         (right-aligned); optional columns no row has are left out.
     """
-    present = [
-        (header, key, digits)
-        for header, key, digits in columns
-        if key not in _OPTIONAL or any(row.get(key) is not None for row in rows)
-    ]
+    present = present_columns(rows, columns)
     cells = [[format_cell(row.get(key), digits) for _, key, digits in present] for row in rows]
-    numeric = [
-        digits is not None or key in ("passes", "tta", "n", "severity", "corruptions")
-        for _, key, digits in present
-    ]
+    numeric = [digits is not None or key in _RIGHT for _, key, digits in present]
     return [header for header, _, _ in present], cells, numeric
 
 
@@ -537,6 +938,31 @@ def with_shift_labels(rows: Sequence[dict]) -> list[dict]:
     ]
 
 
+def interval_caption(settings: dict) -> str:
+    """What the intervals are, for the table's caption (``settings`` of a ``Comparison``)."""
+    boot = settings["bootstrap"]
+    text = (
+        f"{boot['level']:.0%} intervals: paired percentile bootstrap over images, "
+        f"B = {boot['resamples']}, seed {boot['seed']}."
+    )
+    if settings.get("baseline") is not None:
+        text += (
+            f" Difference = file - baseline ({settings['baseline']}); better or worse only "
+            "where its interval excludes 0, else tie."
+        )
+    return text
+
+
+def _interval_parts(comparison: Comparison) -> list[str]:
+    """The caption and table of intervals; for a series a pointer to --json and --report."""
+    if comparison.settings.get("bootstrap") is None:
+        return []
+    if comparison.series is not None:
+        return ["Intervals of every file of the series: --json or --report."]
+    caption = textwrap.fill(interval_caption(comparison.settings), width=100)
+    return [caption, _render(interval_rows(comparison.rows), INTERVAL_COLUMNS)]
+
+
 def format_comparison(comparison: Comparison) -> str:
     """Render a comparison as plain-text tables for a terminal.
 
@@ -553,6 +979,7 @@ def format_comparison(comparison: Comparison) -> str:
         "(wrong vs right, and OOD vs in-distribution).",
         _render(with_shift_labels(comparison.rows), TABLE_COLUMNS),
     ]
+    parts += _interval_parts(comparison)
     dropped = comparison.settings.get("dropped") or {}
     if dropped:
         lost = ", ".join(f"{file}: {count}" for file, count in dropped.items())

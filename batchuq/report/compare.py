@@ -19,10 +19,15 @@ from matplotlib.figure import Figure
 
 from batchuq import metrics
 from batchuq.jobs.compare import (
+    INTERVAL_COLUMNS,
     SERIES_COLUMNS,
     TABLE_COLUMNS,
     Comparison,
     format_cell,
+    format_interval,
+    interval_caption,
+    interval_rows,
+    present_columns,
     table_cells,
     with_shift_labels,
 )
@@ -92,15 +97,23 @@ def _cost_axis(rows: list[dict]) -> tuple[str, str]:
     return "samples_per_image", "samples per image (forward passes; lower is cheaper)"
 
 
+def _error_bar(row: dict, metric: str) -> list[list[float]] | None:
+    """The distances from a metric's value down and up to its interval's bounds, if it has one."""
+    entry = (row.get("intervals") or {}).get(metric) or {}
+    if entry.get("low") is None or entry.get("high") is None:
+        return None
+    return [[max(row[metric] - entry["low"], 0.0)], [max(entry["high"] - row[metric], 0.0)]]
+
+
 def _draw_cost_quality(rows: list[dict]) -> Figure:
-    """NLL and ECE against the cost of each file, as labelled points."""
+    """NLL and ECE against the cost of each file, as labelled points with their intervals."""
     fig = _new_figure(11, 4.4)
     key, label = _cost_axis(rows)
     for ax, metric, title in zip(fig.subplots(1, 2), ("nll", "ece"), ("NLL", "ECE"), strict=True):
-        points = [(r[key], r[metric], r["name"]) for r in rows if None not in (r[key], r[metric])]
-        for x, y, name in points:
-            ax.scatter([x], [y], s=40, zorder=3)
-            ax.annotate(name, (x, y), xytext=(4, 4), textcoords="offset points", fontsize=8)
+        points = [(r[key], r[metric], r) for r in rows if None not in (r[key], r[metric])]
+        for x, y, row in points:
+            ax.errorbar([x], [y], yerr=_error_bar(row, metric), fmt="o", ms=6, capsize=3, zorder=3)
+            ax.annotate(row["name"], (x, y), xytext=(4, 4), textcoords="offset points", fontsize=8)
         xs = [x for x, _, _ in points]
         if xs and min(xs) > 0 and max(xs) / min(xs) > 10:
             ax.set_xscale("log")
@@ -145,13 +158,20 @@ def _draw_series(series: list[dict], rows: list[dict]) -> Figure:
 
 
 def _html_table(rows: Sequence[dict], columns: Sequence[tuple[str, str, int | None]]) -> str:
+    """The rows as an HTML table; a metric with an interval shows it under its value."""
     headers, cells, numeric = table_cells(rows, columns)
+    keys = [key for _, key, _ in present_columns(rows, columns)]
     parts = ["<table>", "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in headers) + "</tr>"]
-    for texts in cells:
-        tds = [
-            ('<td class="num">' if right else "<td>") + html.escape(text) + "</td>"
-            for text, right in zip(texts, numeric, strict=True)
-        ]
+    for row, texts in zip(rows, cells, strict=True):
+        intervals = row.get("intervals") or {}
+        tds = []
+        for key, text, right in zip(keys, texts, numeric, strict=True):
+            cell = html.escape(text)
+            if (intervals.get(key) or {}).get("low") is not None:
+                cell += (
+                    f'<br><span class="ci">{html.escape(format_interval(intervals[key]))}</span>'
+                )
+            tds.append(('<td class="num">' if right else "<td>") + cell + "</td>")
         parts.append("<tr>" + "".join(tds) + "</tr>")
     parts.append("</table>")
     return "\n".join(parts)
@@ -165,7 +185,7 @@ _NOTES = {
     "ones, for every share kept. Lower is better; AURC is the area under each curve.",
     "cost_quality": "Quality against cost: NLL and ECE of each file against the images/s "
     "batchuq score recorded, or, if a file has none, the samples per image (T x K, times the "
-    "members of an ensemble).",
+    "members of an ensemble). The error bars are the 95% intervals of the bootstrap.",
     "series": "Accuracy and ECE against the severity of the corruption (0 = the clean folder), "
     "per method: the lines are means over the corruptions, the dots each corruption.",
 }
@@ -183,6 +203,13 @@ def _page(comparison: Comparison, plots: dict[str, str]) -> str:
         f"{html.escape(comparison.settings['score'])}. Coverage and selective accuracy are "
         "those of each file's own decision rule.</p>",
     ]
+    if comparison.settings.get("bootstrap") is not None:
+        rows = interval_rows(with_shift_labels(comparison.rows))
+        parts += [
+            "<h2>Intervals</h2>",
+            f'<p class="note">{html.escape(interval_caption(comparison.settings))}</p>',
+            _html_table(rows, INTERVAL_COLUMNS),
+        ]
     if comparison.series is not None:
         parts += ["<h2>Shift series</h2>", _html_table(comparison.series, SERIES_COLUMNS)]
     for key, src in plots.items():
@@ -201,6 +228,7 @@ h2 { margin-top: 2em; border-bottom: 1px solid #dee2e6; }
 table { border-collapse: collapse; margin: 0.5em 0 1em; font-size: 0.9em; }
 td, th { border: 1px solid #dee2e6; padding: 0.25em 0.6em; text-align: left; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
+span.ci { color: #495057; font-size: 0.85em; white-space: nowrap; }
 img { max-width: 100%; height: auto; display: block; margin: 0.5em 0; }
 p.note { color: #495057; max-width: 80ch; }
 """
