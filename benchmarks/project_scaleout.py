@@ -30,7 +30,7 @@ Usage::
 
     python benchmarks/project_scaleout.py           # ~5 min on 2 shared cores: JSON + README
     python benchmarks/project_scaleout.py --quick   # smoke run (small sizes); writes nothing
-    python benchmarks/project_scaleout.py --compactor batchuq.jobs.ray_engine:compact_parts
+    python benchmarks/project_scaleout.py --compactor batchuq.jobs.score.ray_engine:compact_parts
 """
 
 from __future__ import annotations

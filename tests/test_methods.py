@@ -13,8 +13,8 @@ from conftest import ROUNDING, assert_frames_equal_to_rounding
 
 from batchuq import score_directory
 from batchuq.decode import load_image
-from batchuq.jobs.batches import iter_sampled_batches
-from batchuq.jobs.run import ScoreOptions, prepare_run
+from batchuq.jobs.score.batches import iter_sampled_batches
+from batchuq.jobs.score.plan import ScoreOptions, prepare_run
 from batchuq.methods import UncertaintyMethod
 from batchuq.methods.mc_dropout import MCDropout
 from batchuq.models import BUNDLED_MODEL, LoadedModel, load_model

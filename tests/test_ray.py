@@ -48,10 +48,10 @@ from batchuq import score_directory  # noqa: E402
 from batchuq.cli.runtime import EXIT_IMAGE_ERRORS  # noqa: E402
 from batchuq.compact import SortedParts, part_name_at, write_part_file  # noqa: E402
 from batchuq.errors import OutputError, StopRequested, UsageError  # noqa: E402
-from batchuq.jobs.ray_engine import OutputTarget, finalise  # noqa: E402
-from batchuq.jobs.ray_worker import PartJob, PartScorer  # noqa: E402
-from batchuq.jobs.rows import checkpoint_fingerprint, run_schema  # noqa: E402
-from batchuq.jobs.run import ScoreOptions, prepare_run  # noqa: E402
+from batchuq.jobs.score.plan import ScoreOptions, prepare_run  # noqa: E402
+from batchuq.jobs.score.ray_engine import OutputTarget, finalise  # noqa: E402
+from batchuq.jobs.score.ray_worker import PartJob, PartScorer  # noqa: E402
+from batchuq.jobs.score.rows import checkpoint_fingerprint, run_schema  # noqa: E402
 from batchuq.write import (  # noqa: E402
     Checkpoint,
     check_output_folder,

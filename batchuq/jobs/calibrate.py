@@ -55,9 +55,16 @@ from batchuq.defaults import (
     UNCLASSIFIED,
 )
 from batchuq.errors import NoDropoutError, UsageError
-from batchuq.jobs.batches import iter_sampled_batches
-from batchuq.jobs.rows import log_unreadable
-from batchuq.jobs.run import ModelArg, RunPlan, ScoreOptions, discover, load_for_run, prepare_run
+from batchuq.jobs.score.batches import iter_sampled_batches
+from batchuq.jobs.score.plan import (
+    ModelArg,
+    RunPlan,
+    ScoreOptions,
+    discover,
+    load_for_run,
+    prepare_run,
+)
+from batchuq.jobs.score.rows import log_unreadable
 from batchuq.metrics import nll
 from batchuq.postprocess.calibration_file import (
     Calibration,

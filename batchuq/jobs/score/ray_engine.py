@@ -39,9 +39,10 @@ from tqdm.auto import tqdm
 
 from batchuq.defaults import DEFAULT_CPUS_PER_WORKER
 from batchuq.errors import StopRequested, UsageError
-from batchuq.jobs.ray_session import ray_session
-from batchuq.jobs.ray_worker import PartJob, PartScorer, threads_for
-from batchuq.jobs.rows import (
+from batchuq.jobs.score.plan import RunPlan, ScoreOptions, prepare_run
+from batchuq.jobs.score.ray_session import ray_session
+from batchuq.jobs.score.ray_worker import PartJob, PartScorer, threads_for
+from batchuq.jobs.score.rows import (
     RunControl,
     ScoreReport,
     checkpoint_fingerprint,
@@ -52,7 +53,6 @@ from batchuq.jobs.rows import (
     row_group_rows,
     run_schema,
 )
-from batchuq.jobs.run import RunPlan, ScoreOptions, prepare_run
 from batchuq.methods.base import UncertaintyMethod
 from batchuq.models import LoadedModel
 from batchuq.write import (

@@ -29,8 +29,8 @@ from batchuq.defaults import (
     UNCLASSIFIED,
     UNCLASSIFIED_NAME,
 )
-from batchuq.jobs.batches import SampledBatch
-from batchuq.jobs.run import RunPlan
+from batchuq.jobs.score.batches import SampledBatch
+from batchuq.jobs.score.plan import RunPlan
 from batchuq.postprocess.rules import decide
 from batchuq.postprocess.temperature import apply_temperature
 from batchuq.summarise import Summary, mean_statistics, summarise_images

@@ -1,11 +1,11 @@
 """The score job: discover -> decode/augment -> sample -> summarise -> decide -> write.
 
 ``score_directory`` is the library entry point used by the CLI, notebooks and Airflow tasks. It
-composes named steps: ``prepare_run`` (jobs/run.py) resolves the settings, then
-``iter_sampled_batches`` (jobs/batches.py) yields samples, ``score_rows`` (jobs/rows.py) turns
+composes named steps: ``prepare_run`` (``plan``) resolves the settings, then
+``iter_sampled_batches`` (``batches``) yields samples, ``score_rows`` (``rows``) turns
 them into columns, and a ``ParquetSink`` writes them atomically (or resumably, with a
 checkpoint). That is the local engine; ``engine="ray"`` runs the same steps on a Ray cluster
-(jobs/ray_engine.py), with the same rows.
+(``ray_engine``), with the same rows.
 """
 
 from __future__ import annotations
@@ -36,8 +36,9 @@ from batchuq.defaults import (
     DEFAULT_TTA,
 )
 from batchuq.errors import OutputError, UsageError
-from batchuq.jobs.batches import iter_sampled_batches
-from batchuq.jobs.rows import (
+from batchuq.jobs.score.batches import iter_sampled_batches
+from batchuq.jobs.score.plan import RunPlan, ScoreOptions, prepare_run
+from batchuq.jobs.score.rows import (
     RunControl,
     ScoreReport,
     checkpoint_fingerprint,
@@ -49,7 +50,6 @@ from batchuq.jobs.rows import (
     run_schema,
     score_rows,
 )
-from batchuq.jobs.run import RunPlan, ScoreOptions, prepare_run
 from batchuq.methods.base import MethodFactory, UncertaintyMethod
 from batchuq.models import LoadedModel
 from batchuq.postprocess.calibration_file import Calibration
@@ -177,7 +177,7 @@ def score_directory(
         adaptive_alpha: With ``passes="auto"``, the bound on the share of decisions that
             differ from those of unlimited passes.
         engine: ``local`` scores in this process; ``ray`` on a Ray cluster, with the same rows
-            (see ``batchuq.jobs.ray_engine``; needs ``pip install "batchuq[ray]"``).
+            (see ``batchuq.jobs.score.ray_engine``; needs ``pip install "batchuq[ray]"``).
         ray_address: With ``ray``: the cluster to connect to; default ``$RAY_ADDRESS``, else a
             Ray started on this machine for the run. A Ray already initialised in this process
             is used as it is.
@@ -203,7 +203,7 @@ def score_directory(
     control = RunControl(resume, checkpoint_rows, should_stop, progress)
     options = ScoreOptions(**{f.name: arguments[f.name] for f in dataclasses.fields(ScoreOptions)})
     if engine == "ray":
-        from batchuq.jobs.ray_engine import RaySettings, score_with_ray
+        from batchuq.jobs.score.ray_engine import RaySettings, score_with_ray
 
         ray_settings = RaySettings(ray_address, workers, cpus_per_worker, tuple(worker_imports))
         return score_with_ray(images, output, options, control, ray_settings)
