@@ -11,15 +11,37 @@ from typing import TYPE_CHECKING, Any
 from batchuq._version import __version__
 
 if TYPE_CHECKING:
-    from batchuq.jobs.calibrate import calibrate_directory
-    from batchuq.jobs.score import ScoreReport, score_directory
+    from batchuq.augment import TTAConfig
+    from batchuq.jobs.calibrate import CalibrateOptions, calibrate_directory
+    from batchuq.jobs.score import (
+        RaySettings,
+        RunControl,
+        ScoreOptions,
+        ScoreReport,
+        score_directory,
+    )
 
-__all__ = ["ScoreReport", "__version__", "calibrate_directory", "score_directory"]
+__all__ = [
+    "CalibrateOptions",
+    "RaySettings",
+    "RunControl",
+    "ScoreOptions",
+    "ScoreReport",
+    "TTAConfig",
+    "__version__",
+    "calibrate_directory",
+    "score_directory",
+]
 
 _LAZY = {
     "score_directory": "batchuq.jobs.score",
     "ScoreReport": "batchuq.jobs.score",
+    "ScoreOptions": "batchuq.jobs.score",
+    "RunControl": "batchuq.jobs.score",
+    "RaySettings": "batchuq.jobs.score",
+    "TTAConfig": "batchuq.augment",
     "calibrate_directory": "batchuq.jobs.calibrate",
+    "CalibrateOptions": "batchuq.jobs.calibrate",
 }
 
 

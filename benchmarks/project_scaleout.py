@@ -78,11 +78,17 @@ def worker_child(args: argparse.Namespace) -> None:
     """In a fresh process pinned to one core: a warm-up run, then the timed run."""
     os.sched_setaffinity(0, {args.core})  # before TensorFlow sizes its thread pools
     from batchuq import score_directory
+    from batchuq.jobs.score import RunControl, ScoreOptions
 
     model = args.child_model or None
     out = Path(args.child_output)
-    score_directory(args.child_warmup, out, model=model, passes=args.passes, progress=False)
-    report = score_directory(args.child_images, out, model=model, passes=args.passes)
+    score_directory(
+        args.child_warmup,
+        out,
+        ScoreOptions(model=model, passes=args.passes),
+        control=RunControl(progress=False),
+    )
+    report = score_directory(args.child_images, out, ScoreOptions(model=model, passes=args.passes))
     result = {
         "images": report.images,
         "seconds": report.seconds,

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from conftest import ROUNDING
 
 from batchuq.cli import cli
-from batchuq.jobs.score import score_directory
+from batchuq.jobs.score import ScoreOptions, score_directory
 from batchuq.methods.mc_dropout import MCDropout
 from batchuq.model_files import BUNDLED_MODEL as DEFAULT_MODEL_PATH
 from batchuq.sample import MCSampler, bucket_rows
@@ -34,8 +34,8 @@ def test_adaptive_samples_are_the_first_passes_of_the_fixed_run(
 ) -> None:
     common = {"tta": 2, "seed": 3, "save_samples": True, "batch_size": 7}
     auto, fixed = tmp_path / "auto.parquet", tmp_path / "fixed.parquet"
-    score_directory(digits_subset, auto, passes="auto", max_passes=60, **common)
-    score_directory(digits_subset, fixed, passes=60, **common)
+    score_directory(digits_subset, auto, ScoreOptions(passes="auto", max_passes=60, **common))
+    score_directory(digits_subset, fixed, ScoreOptions(passes=60, **common))
     auto_rows, auto_samples = _samples(auto)
     fixed_rows, fixed_samples = _samples(fixed)
     assert auto_rows.path.tolist() == fixed_rows.path.tolist()
@@ -72,8 +72,10 @@ def test_adaptive_run_on_the_bundled_test_set_keeps_the_fixed_decisions_and_comp
     images = Path(__file__).resolve().parents[1] / "sample_data" / "digits" / "test"
     method = MCDropout(keras.saving.load_model(DEFAULT_MODEL_PATH), passes=100)
     out, fixed_out = tmp_path / "out.parquet", tmp_path / "fixed.parquet"
-    score_directory(images, out, passes="auto", method=lambda loaded: method, batch_size=16)
-    score_directory(images, fixed_out, passes=100, batch_size=16)
+    score_directory(
+        images, out, ScoreOptions(passes="auto", method=lambda loaded: method, batch_size=16)
+    )
+    score_directory(images, fixed_out, ScoreOptions(passes=100, batch_size=16))
     frame, fixed = pd.read_parquet(out), pd.read_parquet(fixed_out)
     # What --adaptive-alpha 0.01 promises, and far fewer passes.
     assert (frame.decision != fixed.decision).mean() <= 0.01
@@ -133,8 +135,8 @@ def test_adaptive_ensemble_keeps_the_copy_member_pass_order(
 ) -> None:
     common = {"tta": 2, "seed": 5, "save_samples": True, "model": DATA / "digits_ensemble"}
     auto, fixed = tmp_path / "auto.parquet", tmp_path / "fixed.parquet"
-    score_directory(digits_subset, auto, passes="auto", max_passes=20, **common)
-    score_directory(digits_subset, fixed, passes=20, **common)
+    score_directory(digits_subset, auto, ScoreOptions(passes="auto", max_passes=20, **common))
+    score_directory(digits_subset, fixed, ScoreOptions(passes=20, **common))
     auto_rows, auto_samples = _samples(auto)
     _, fixed_samples = _samples(fixed)
     members = 5
