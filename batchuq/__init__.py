@@ -11,13 +11,25 @@ from typing import TYPE_CHECKING, Any
 from batchuq._version import __version__
 
 if TYPE_CHECKING:
-    from batchuq.jobs.calibrate import calibrate_directory
-    from batchuq.jobs.score import ScoreReport, score_directory
+    from batchuq.augment import TTAConfig
+    from batchuq.jobs.calibrate import CalibrateOptions, calibrate_directory
+    from batchuq.jobs.score import (
+        RaySettings,
+        RunControl,
+        ScoreOptions,
+        ScoreReport,
+        score_directory,
+    )
     from batchuq.postprocess.selective import SelectiveCertificate, fit_selective_threshold
 
 __all__ = [
+    "CalibrateOptions",
+    "RaySettings",
+    "RunControl",
+    "ScoreOptions",
     "ScoreReport",
     "SelectiveCertificate",
+    "TTAConfig",
     "__version__",
     "calibrate_directory",
     "fit_selective_threshold",
@@ -27,9 +39,14 @@ __all__ = [
 _LAZY = {
     "score_directory": "batchuq.jobs.score",
     "ScoreReport": "batchuq.jobs.score",
+    "ScoreOptions": "batchuq.jobs.score",
+    "RunControl": "batchuq.jobs.score",
+    "RaySettings": "batchuq.jobs.score",
+    "TTAConfig": "batchuq.augment",
     "calibrate_directory": "batchuq.jobs.calibrate",
     "fit_selective_threshold": "batchuq.postprocess.selective",
     "SelectiveCertificate": "batchuq.postprocess.selective",
+    "CalibrateOptions": "batchuq.jobs.calibrate",
 }
 
 

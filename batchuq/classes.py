@@ -1,6 +1,6 @@
 """Which class each model output is, and which output each class folder is: no TensorFlow.
 
-One precedence, used after the model is loaded (``batchuq.jobs.run``) and, from the model
+One precedence, used after the model is loaded (``batchuq.jobs.score.plan``) and, from the model
 file's config, before TensorFlow is imported (``batchuq.prechecks``):
 
 1. ``--class-names`` (a warning names the sidecar's names when it overrides them);

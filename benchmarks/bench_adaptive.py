@@ -78,14 +78,15 @@ def write_band_images(folder: Path, count: int, seed: int) -> None:
 
 def train_reference(work: Path, epochs: int) -> Path:
     """The reference CNN at 128x128x3 trained on 1,500 band images; returns the model path."""
-    from batchuq.jobs.train import train_directory
+    from batchuq.jobs.train import TrainOptions, train_directory
 
     train = work / "train"
     write_band_images(train, 1500, seed=101)
     model = work / "reference.keras"
-    report = train_directory(
-        train, model, epochs=epochs, image_size=(128, 128), channels=3, augment=False, verbose=0
+    options = TrainOptions(
+        epochs=epochs, image_size=(128, 128), channels=3, augment=False, verbose=0
     )
+    report = train_directory(train, model, options)
     print(f"  trained: validation accuracy {report.val_accuracy:.3f}", flush=True)
     return model
 
@@ -95,19 +96,22 @@ def compare(images: Path, work: Path, name: str, repeats: int, **options) -> dic
     import pandas as pd
 
     from batchuq import score_directory
+    from batchuq.jobs.score import ScoreOptions
 
     fixed_out, auto_out = work / f"{name}-fixed.parquet", work / f"{name}-auto.parquet"
     cold = {}
     for mode, out in (("fixed", fixed_out), ("auto", auto_out)):
         started = time.perf_counter()
-        score_directory(images, out, passes=100 if mode == "fixed" else "auto", **options)
+        score_directory(
+            images, out, ScoreOptions(passes=100 if mode == "fixed" else "auto", **options)
+        )
         cold[mode] = round(time.perf_counter() - started, 2)
     best = {"fixed": float("inf"), "auto": float("inf")}
     for _ in range(repeats):
         for mode, out in (("fixed", fixed_out), ("auto", auto_out)):
             started = time.perf_counter()
             report = score_directory(
-                images, out, passes=100 if mode == "fixed" else "auto", **options
+                images, out, ScoreOptions(passes=100 if mode == "fixed" else "auto", **options)
             )
             best[mode] = min(best[mode], time.perf_counter() - started)
     fixed, auto = pd.read_parquet(fixed_out), pd.read_parquet(auto_out)

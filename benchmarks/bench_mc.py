@@ -341,19 +341,17 @@ def supports_precision() -> bool:
 
 def run_score(images_dir, output, model_path, passes, batch_size, precision) -> dict:
     from batchuq import score_directory
+    from batchuq.jobs.score import RunControl, ScoreOptions
 
     kwargs = {"precision": precision} if precision != "float32" else {}
     started = time.perf_counter()
     report = score_directory(
         images_dir,
         output,
-        model=str(model_path),
-        passes=passes,
-        tta=1,
-        seed=0,
-        batch_size=batch_size,
-        progress=False,
-        **kwargs,
+        ScoreOptions(
+            model=str(model_path), passes=passes, tta=1, seed=0, batch_size=batch_size, **kwargs
+        ),
+        control=RunControl(progress=False),
     )
     wall = time.perf_counter() - started
     return {

@@ -54,16 +54,17 @@ def run(name: str, work: Path) -> dict:
     """Score test (warm-up, then timed) and OOD with one configuration and evaluate."""
     from batchuq import score_directory
     from batchuq.jobs.evaluate import evaluate_parquet
+    from batchuq.jobs.score import ScoreOptions
     from batchuq.write import read_metadata
 
     model, passes = CONFIGS[name]
     test_out, ood_out = work / f"{name}.parquet", work / f"{name}-ood.parquet"
     common = {"model": model, "passes": passes, "seed": 1}
-    score_directory(TEST, test_out, **common)  # warm-up: loading and tracing
+    score_directory(TEST, test_out, ScoreOptions(**common))  # warm-up: loading and tracing
     started = time.perf_counter()
-    report = score_directory(TEST, test_out, **common)
+    report = score_directory(TEST, test_out, ScoreOptions(**common))
     seconds = time.perf_counter() - started
-    score_directory(OOD, ood_out, **common)
+    score_directory(OOD, ood_out, ScoreOptions(**common))
     results = evaluate_parquet(test_out, ood_out)
     return {
         "passes": passes,

@@ -77,13 +77,14 @@ def subset(source: Path, target: Path, per_class: int) -> Path:
 def score_config(name: str, options: dict, folders: dict[str, Path], work: Path) -> dict:
     """Score every folder with one configuration; returns folder label -> Parquet file."""
     from batchuq import score_directory
+    from batchuq.jobs.score import ScoreOptions
 
     files = {}
     slug = "".join(c if c.isalnum() else "_" for c in name)
     for label, folder in folders.items():
         out = work / "scores" / slug / (label.replace("/", "-") + ".parquet")
         out.parent.mkdir(parents=True, exist_ok=True)
-        score_directory(folder, out, seed=1, **options)
+        score_directory(folder, out, ScoreOptions(seed=1, **options))
         files[label] = out
     return files
 
@@ -94,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--severities", default="1,3,5", help="severities of the series")
     args = parser.parse_args(argv)
     from batchuq import calibrate_directory
+    from batchuq.jobs.calibrate import CalibrateOptions
     from batchuq.jobs.compare import compare_files, format_comparison
     from batchuq.jobs.shift import shift_directory
     from batchuq.report.compare import write_comparison_report
@@ -110,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             for severity in severities:
                 folders[f"{corruption}/{severity}"] = work / "shift" / corruption / str(severity)
         calibration = work / "calibration.json"
-        calibrate_directory(VAL, calibration, model=DEMO, tta=1, passes=1, seed=1)
+        calibrate_directory(VAL, calibration, CalibrateOptions(tta=1, model=DEMO, passes=1, seed=1))
         files = {}
         for name, options in CONFIGS.items():
             print(f"{name} ...", flush=True)

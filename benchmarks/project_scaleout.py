@@ -30,7 +30,7 @@ Usage::
 
     python benchmarks/project_scaleout.py           # ~5 min on 2 shared cores: JSON for the docs
     python benchmarks/project_scaleout.py --quick   # smoke run (small sizes); writes nothing
-    python benchmarks/project_scaleout.py --compactor batchuq.jobs.ray_engine:compact_parts
+    python benchmarks/project_scaleout.py --compactor batchuq.jobs.score.ray_engine:compact_parts
 """
 
 from __future__ import annotations
@@ -78,11 +78,17 @@ def worker_child(args: argparse.Namespace) -> None:
     """In a fresh process pinned to one core: a warm-up run, then the timed run."""
     os.sched_setaffinity(0, {args.core})  # before TensorFlow sizes its thread pools
     from batchuq import score_directory
+    from batchuq.jobs.score import RunControl, ScoreOptions
 
     model = args.child_model or None
     out = Path(args.child_output)
-    score_directory(args.child_warmup, out, model=model, passes=args.passes, progress=False)
-    report = score_directory(args.child_images, out, model=model, passes=args.passes)
+    score_directory(
+        args.child_warmup,
+        out,
+        ScoreOptions(model=model, passes=args.passes),
+        control=RunControl(progress=False),
+    )
+    report = score_directory(args.child_images, out, ScoreOptions(model=model, passes=args.passes))
     result = {
         "images": report.images,
         "seconds": report.seconds,

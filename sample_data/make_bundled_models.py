@@ -28,26 +28,28 @@ RECIPE = {"epochs": 40, "image_size": (64, 64), "channels": 1, "val_split": 0.1}
 
 def make_ensemble() -> None:
     """The 5-member ensemble, seeds 1-5 (the demo model itself was trained with seed 0)."""
-    from batchuq.jobs.train import train_ensemble
+    from batchuq.jobs.train import TrainOptions, train_ensemble
 
     folder = DATA / "digits_ensemble"
     shutil.rmtree(folder, ignore_errors=True)
-    train_ensemble(TRAIN, folder, members=5, seed=1, verbose=0, **RECIPE)
+    train_ensemble(TRAIN, folder, 5, TrainOptions(seed=1, verbose=0, **RECIPE))
 
 
 def make_sngp() -> None:
     """The SNGP model, with 256 random features instead of the default 1024: the GP precision
     matrix is saved in the file (1024 features: 4 MB; 256: 0.26 MB)."""
-    from batchuq.jobs.train import train_directory
+    from batchuq.jobs.train import TrainOptions, train_directory
 
     train_directory(
         TRAIN,
         DATA / "digits_sngp.keras",
-        method="sngp",
-        num_inducing=256,
-        seed=0,
-        verbose=0,
-        **RECIPE,
+        TrainOptions(
+            method="sngp",
+            num_inducing=256,
+            seed=0,
+            verbose=0,
+            **RECIPE,
+        ),
     )
 
 

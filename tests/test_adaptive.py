@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from conftest import ROUNDING
 
 from batchuq.cli import cli
-from batchuq.jobs.score import score_directory
+from batchuq.jobs.score import ScoreOptions, score_directory
 from batchuq.methods.mc_dropout import MCDropout
 from batchuq.model_files import BUNDLED_MODEL as DEFAULT_MODEL_PATH
 from batchuq.postprocess.rules import DecisionRule
@@ -35,8 +35,8 @@ def test_adaptive_samples_are_the_first_passes_of_the_fixed_run(
 ) -> None:
     common = {"tta": 2, "seed": 3, "save_samples": True, "batch_size": 7}
     auto, fixed = tmp_path / "auto.parquet", tmp_path / "fixed.parquet"
-    score_directory(digits_subset, auto, passes="auto", max_passes=60, **common)
-    score_directory(digits_subset, fixed, passes=60, **common)
+    score_directory(digits_subset, auto, ScoreOptions(passes="auto", max_passes=60, **common))
+    score_directory(digits_subset, fixed, ScoreOptions(passes=60, **common))
     auto_rows, auto_samples = _samples(auto)
     fixed_rows, fixed_samples = _samples(fixed)
     assert auto_rows.path.tolist() == fixed_rows.path.tolist()
@@ -73,8 +73,10 @@ def test_adaptive_run_on_the_bundled_test_set_keeps_the_fixed_decisions_and_comp
     images = Path(__file__).resolve().parents[1] / "sample_data" / "digits" / "test"
     method = MCDropout(keras.saving.load_model(DEFAULT_MODEL_PATH), passes=100)
     out, fixed_out = tmp_path / "out.parquet", tmp_path / "fixed.parquet"
-    score_directory(images, out, passes="auto", method=lambda loaded: method, batch_size=16)
-    score_directory(images, fixed_out, passes=100, batch_size=16)
+    score_directory(
+        images, out, ScoreOptions(passes="auto", method=lambda loaded: method, batch_size=16)
+    )
+    score_directory(images, fixed_out, ScoreOptions(passes=100, batch_size=16))
     frame, fixed = pd.read_parquet(out), pd.read_parquet(fixed_out)
     # Not what --adaptive-alpha promises (that is about unlimited passes), but measured: the
     # decisions of T = 100 (450 of 450), with far fewer passes (17.0 on average).
@@ -86,7 +88,7 @@ def test_adaptive_run_on_the_bundled_test_set_keeps_the_fixed_decisions_and_comp
     # decisions follow from the fixed run's pred and confidence.
     confidence_out = tmp_path / "confidence.parquet"
     rule = DecisionRule("confidence", min_confidence=0.5)
-    score_directory(images, confidence_out, passes="auto", rule=rule, batch_size=16)
+    score_directory(images, confidence_out, ScoreOptions(passes="auto", rule=rule, batch_size=16))
     confident = pd.read_parquet(confidence_out)
     fixed_decision = fixed.pred.where(fixed.confidence >= 0.5, "unclassified")
     assert (confident.decision == fixed_decision).mean() >= 0.995
@@ -145,8 +147,8 @@ def test_adaptive_ensemble_keeps_the_copy_member_pass_order(
 ) -> None:
     common = {"tta": 2, "seed": 5, "save_samples": True, "model": DATA / "digits_ensemble"}
     auto, fixed = tmp_path / "auto.parquet", tmp_path / "fixed.parquet"
-    score_directory(digits_subset, auto, passes="auto", max_passes=20, **common)
-    score_directory(digits_subset, fixed, passes=20, **common)
+    score_directory(digits_subset, auto, ScoreOptions(passes="auto", max_passes=20, **common))
+    score_directory(digits_subset, fixed, ScoreOptions(passes=20, **common))
     auto_rows, auto_samples = _samples(auto)
     _, fixed_samples = _samples(fixed)
     members = 5

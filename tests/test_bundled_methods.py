@@ -12,6 +12,7 @@ from conftest import ROUNDING
 import batchuq
 from batchuq import score_directory
 from batchuq.decode import load_image
+from batchuq.jobs.score import ScoreOptions
 from batchuq.models import file_sha256, load_models
 from batchuq.write import read_metadata
 
@@ -37,7 +38,9 @@ def test_bundled_ensemble_with_one_pass_is_the_mean_of_the_members_predictions(
     digits_subset: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "ens.parquet"
-    report = score_directory(digits_subset, out, model=ENSEMBLE, passes=1, batch_size=7)
+    report = score_directory(
+        digits_subset, out, ScoreOptions(model=ENSEMBLE, passes=1, batch_size=7)
+    )
     assert report.errors == 0
     metadata = read_metadata(out)
     assert metadata["method"] == "deep_ensemble" and metadata["samples_per_image"] == 5
@@ -70,7 +73,7 @@ def test_bundled_sngp_model_is_detected_and_scores_the_test_set(tmp_path: Path) 
     for name, norm, bound in iter_spectral_norms(loaded.model):
         assert norm <= bound + 1e-5, name  # every bounded layer within its bound after training
     out = tmp_path / "sngp.parquet"
-    score_directory(SAMPLE / "digits" / "test", out, model=SNGP_MODEL, passes=1)
+    score_directory(SAMPLE / "digits" / "test", out, ScoreOptions(model=SNGP_MODEL, passes=1))
     metadata = read_metadata(out)
     assert metadata["method"] == "sngp" and metadata["lambda"] == np.pi / 8
     frame = pd.read_parquet(out)

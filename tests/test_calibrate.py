@@ -16,7 +16,8 @@ from batchuq.cli import cli
 from batchuq.cli.calibrate import calibrate_command
 from batchuq.cli.runtime import EXIT_OK, EXIT_USAGE
 from batchuq.errors import CalibrationError, UsageError
-from batchuq.jobs.calibrate import calibrate_directory
+from batchuq.jobs.calibrate import CalibrateOptions, calibrate_directory
+from batchuq.jobs.score import ScoreOptions
 from batchuq.metrics import nll
 from batchuq.postprocess.calibration_file import (
     CALIBRATION_FORMAT,
@@ -466,7 +467,7 @@ def test_calibrate_directory_fits_conformal_on_the_scoring_predictor(
     loaded = load_model(None)
     out = tmp_path / "calibration.json"
     calibration = calibrate_directory(
-        val_subset, out, model=loaded, tta=4, passes=1, score_passes=3, seed=3
+        val_subset, out, CalibrateOptions(tta=4, model=loaded, passes=1, score_passes=3, seed=3)
     )
     raw = json.loads(out.read_text())
     for key in (
@@ -520,11 +521,7 @@ def test_calibrate_directory_fits_conformal_on_the_scoring_predictor(
         score_directory(
             val_subset,
             scored,
-            model=loaded,
-            passes=3,
-            seed=3,
-            calibration=out,
-            temperature=tempered,
+            ScoreOptions(model=loaded, passes=3, seed=3, calibration=out, temperature=tempered),
         )
         frame = pd.read_parquet(scored)
         covered = [
@@ -539,7 +536,9 @@ def test_calibrate_directory_fits_conformal_on_the_scoring_predictor(
         PredictorMismatchError,
         match=r"tta \(score --tta, calibrate --score-tta\): 1 in the calibration, 2",
     ):
-        score_directory(val_subset, scored, model=loaded, passes=3, tta=2, calibration=out)
+        score_directory(
+            val_subset, scored, ScoreOptions(model=loaded, passes=3, tta=2, calibration=out)
+        )
 
 
 # --conformal class at alpha 0.4: k = ceil((n + 1) * 0.6) is 3 of 4 images (a finite quantile
@@ -571,13 +570,15 @@ def test_calibrate_class_quantiles_are_the_kth_smallest_scores_of_the_scored_mea
     same = {"tta": 1, "passes": 2, "score_passes": 2, "score_tta": 1, "seed": 7}
     with pytest.warns(CalibrationWarning, match=r"10 of 10 classes have fewer than 25"):
         calibration = calibrate_directory(
-            val_uneven, out, model=loaded, conformal="class", alpha=CLASS_ALPHA, **same
+            val_uneven,
+            out,
+            CalibrateOptions(model=loaded, conformal="class", alpha=CLASS_ALPHA, **same),
         )
     assert calibration.stats["runs"] == 1
     assert calibration.predictor == calibration.threshold_predictor
 
     scored = tmp_path / "val.parquet"
-    score_directory(val_uneven, scored, model=loaded, passes=2, seed=7)
+    score_directory(val_uneven, scored, ScoreOptions(model=loaded, passes=2, seed=7))
     frame = pd.read_parquet(scored)
     means = frame[[f"mean_n{i}" for i in range(10)]].to_numpy(np.float64)
     labels = frame.label_index.to_numpy()
@@ -624,9 +625,11 @@ def digits_lac(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     loaded = load_model(None)
     same = {"tta": 1, "passes": DIGITS_PASSES, "score_tta": 1, "score_passes": DIGITS_PASSES}
     cal = folder / "lac.json"
-    calibrate_directory(SAMPLE_VAL, cal, model=loaded, alpha=0.1, **same)
+    calibrate_directory(SAMPLE_VAL, cal, CalibrateOptions(model=loaded, alpha=0.1, **same))
     out = folder / "test.parquet"
-    score_directory(SAMPLE_TEST, out, model=loaded, passes=DIGITS_PASSES, calibration=cal)
+    score_directory(
+        SAMPLE_TEST, out, ScoreOptions(model=loaded, passes=DIGITS_PASSES, calibration=cal)
+    )
     return {"model": loaded, "same": same, "calibration": cal, "test": pd.read_parquet(out)}
 
 
@@ -643,7 +646,9 @@ def test_lac_coverage_on_the_bundled_digits(digits_lac: dict, alpha: float) -> N
         assert [list(np.array(names)[row]) for row in expected] == [list(m) for m in members]
     else:
         calibration = calibrate_directory(
-            SAMPLE_VAL, None, model=digits_lac["model"], alpha=alpha, **digits_lac["same"]
+            SAMPLE_VAL,
+            None,
+            CalibrateOptions(model=digits_lac["model"], alpha=alpha, **digits_lac["same"]),
         )
     n_cal = calibration.stats["images"]
     assert n_cal == 269 and calibration.settings["alpha"] == alpha

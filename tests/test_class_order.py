@@ -133,16 +133,20 @@ def test_folders_that_do_not_fit_the_outputs_need_allow_class_mismatch(tmp_path)
     """5 outputs, 10 labelled folders, nothing naming the outputs: refused before any scoring;
     --allow-class-mismatch scores them (for OOD), every label_index null."""
     from batchuq.errors import ClassMismatchError
-    from batchuq.jobs.score import score_directory
+    from batchuq.jobs.score import ScoreOptions, score_directory
 
     _write_dataset(tmp_path / "images", [f"n{i}" for i in range(10)], seed=0)
     _untrained(tmp_path / "five.keras", 5)
     out = tmp_path / "out.parquet"
     with pytest.raises(ClassMismatchError, match="5 outputs .* 10 class folders"):
-        score_directory(tmp_path / "images", out, model=tmp_path / "five.keras", passes=2)
+        score_directory(
+            tmp_path / "images", out, ScoreOptions(model=tmp_path / "five.keras", passes=2)
+        )
     assert not out.exists()
     score_directory(
-        tmp_path / "images", out, model=tmp_path / "five.keras", passes=2, allow_class_mismatch=True
+        tmp_path / "images",
+        out,
+        ScoreOptions(model=tmp_path / "five.keras", passes=2, allow_class_mismatch=True),
     )
     frame = pd.read_parquet(out)
     assert len(frame) == 30 and frame["label_index"].isna().all()

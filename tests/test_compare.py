@@ -37,6 +37,7 @@ METRICS = ("accuracy", "coverage", "selective_accuracy", "nll", "brier", "ece", 
 def scored(tmp_path_factory) -> dict[str, Path]:
     """The same 30 digits scored deterministically (T = 1) and with MC dropout (T = 5)."""
     from batchuq import score_directory
+    from batchuq.jobs.score import ScoreOptions
 
     root = tmp_path_factory.mktemp("compare")
     images = root / "digits"
@@ -45,8 +46,8 @@ def scored(tmp_path_factory) -> dict[str, Path]:
         for image in sorted(folder.iterdir())[:3]:
             shutil.copy(image, images / folder.name / image.name)
     files = {"det": root / "det.parquet", "mc": root / "mc.parquet"}
-    score_directory(images, files["det"], passes=1)
-    score_directory(images, files["mc"], passes=5)
+    score_directory(images, files["det"], ScoreOptions(passes=1))
+    score_directory(images, files["mc"], ScoreOptions(passes=5))
     return files
 
 

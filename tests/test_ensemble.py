@@ -17,6 +17,7 @@ from conftest import ROUNDING, assert_parquet_bitwise_equal
 from batchuq import score_directory
 from batchuq.decode import load_image
 from batchuq.errors import NoDropoutError, UsageError
+from batchuq.jobs.score import ScoreOptions
 from batchuq.methods import UncertaintyMethod
 from batchuq.methods.ensemble import METHOD_NAME, DeepEnsemble
 from batchuq.methods.mc_dropout import MCDropout
@@ -97,12 +98,14 @@ def test_samples_are_each_members_own_ordered_copy_member_pass(
     report = score_directory(
         digits_subset,
         out,
-        model=members[0],
-        method=lambda loaded: DeepEnsemble(members, passes=t),
-        tta=k,
-        seed=5,
-        batch_size=7,
-        save_samples=True,
+        ScoreOptions(
+            model=members[0],
+            method=lambda loaded: DeepEnsemble(members, passes=t),
+            tta=k,
+            seed=5,
+            batch_size=7,
+            save_samples=True,
+        ),
     )
     assert report.images == 30 and report.errors == 0
     metadata = read_metadata(out)
@@ -115,12 +118,14 @@ def test_samples_are_each_members_own_ordered_copy_member_pass(
         score_directory(
             digits_subset,
             alone,
-            model=member,
-            method=lambda loaded, i=index: KeyedMember(loaded, i, t),
-            tta=k,
-            seed=5,
-            batch_size=11,  # another batching: a row's samples do not depend on it
-            save_samples=True,
+            ScoreOptions(
+                model=member,
+                method=lambda loaded, i=index: KeyedMember(loaded, i, t),
+                tta=k,
+                seed=5,
+                batch_size=11,  # another batching: a row's samples do not depend on it
+                save_samples=True,
+            ),
         )
         own = _samples(alone).reshape(30, k, t, CLASSES)  # copy, pass
         np.testing.assert_allclose(ensemble[:, :, index], own, **ROUNDING)
@@ -144,7 +149,9 @@ def test_one_pass_ensemble_is_the_mean_of_the_members_predictions(
 ) -> None:
     out = tmp_path / "classic.parquet"
     score_directory(
-        digits_subset, out, model=members[0], method=lambda loaded: DeepEnsemble(members)
+        digits_subset,
+        out,
+        ScoreOptions(model=members[0], method=lambda loaded: DeepEnsemble(members)),
     )
     frame = pd.read_parquet(out).set_index("path")
     mean = frame[[f"mean_{n}" for n in NAMES]].to_numpy()
@@ -166,8 +173,10 @@ def test_one_member_ensemble_is_mc_dropout_of_that_member(
     """Bitwise with passes=1; with passes=T it is MC dropout under the keys mix(key, 0)."""
     a, b = tmp_path / "mc.parquet", tmp_path / "one.parquet"
     common = {"model": members[1], "passes": 1, "tta": 2, "seed": 3, "save_samples": True}
-    score_directory(digits_subset, a, **common)
-    score_directory(digits_subset, b, method=lambda loaded: DeepEnsemble([loaded]), **common)
+    score_directory(digits_subset, a, ScoreOptions(**common))
+    score_directory(
+        digits_subset, b, ScoreOptions(method=lambda loaded: DeepEnsemble([loaded]), **common)
+    )
     assert_parquet_bitwise_equal(a, b)
     meta_a, meta_b = read_metadata(a), read_metadata(b)
     differ = {key for key in meta_a.keys() | meta_b.keys() if meta_a.get(key) != meta_b.get(key)}

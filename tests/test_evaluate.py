@@ -457,10 +457,11 @@ def test_uncertain_image_titles_say_correct_or_wrong(files, tmp_path, monkeypatc
 
 def test_report_draws_saved_samples_as_box_plots(digits_subset, tmp_path, monkeypatch):
     from batchuq import score_directory
+    from batchuq.jobs.score import ScoreOptions
 
     with_samples, without = tmp_path / "samples.parquet", tmp_path / "plain.parquet"
-    score_directory(digits_subset, with_samples, passes=8, save_samples=True)
-    score_directory(digits_subset, without, passes=8)
+    score_directory(digits_subset, with_samples, ScoreOptions(passes=8, save_samples=True))
+    score_directory(digits_subset, without, ScoreOptions(passes=8))
     figures = spy(monkeypatch, uncertain, "_draw_uncertain_image")
     boxes = write_report(with_samples, tmp_path / "boxes")
     box_chart = figures[0].axes[1]

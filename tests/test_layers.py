@@ -8,7 +8,10 @@ on a small broken package built in ``tmp_path`` and see it fail:
   core library; Matplotlib imported only by the presentation and the commands);
 * ``find_import_cycle``: no cycle among the modules of the import graph, imports inside functions
   included, every package ``__init__`` a module of its own;
-* ``long_functions``: no function or method with more than ``MAX_FUNCTION_LINES`` lines of code.
+* ``long_functions``: no function or method with more than ``MAX_FUNCTION_LINES`` lines of code;
+* ``long_parameter_lists`` and ``locals_calls``: no function taking more than
+  ``MAX_PARAMETERS`` parameters (options travel as objects: ``ScoreOptions``, ``RunControl``,
+  ...), and no ``locals()`` hiding which values a function passes on.
 
 ``pytest -s tests/test_layers.py`` prints the five longest functions.
 """
@@ -37,6 +40,9 @@ PYPROJECT = REPO / "pyproject.toml"
 # line: the signature, decorators and docstring are not counted; comments and blank lines inside
 # the body are, as are the bodies of nested functions.
 MAX_FUNCTION_LINES = 60
+# Parameters of a function: positional ones (``self`` and ``cls`` not counted), keyword-only ones,
+# and ``*args`` and ``**kwargs`` one each.
+MAX_PARAMETERS = 12
 
 
 # --- the checks ----------------------------------------------------------------------------------
@@ -165,6 +171,51 @@ def long_functions(package_dir: Path, limit: int = MAX_FUNCTION_LINES) -> list[t
     return [(lines, where) for lines, where in function_lengths(package_dir) if lines > limit]
 
 
+def parameter_counts(package_dir: Path) -> list[tuple[int, str]]:
+    """Counts the parameters of every function and method of a package.
+
+    Args:
+        package_dir: folder of the package; every ``*.py`` file under it is parsed.
+
+    Returns:
+        ``(parameters, "path/to/module.py:LINE Class.method")`` for every function, most
+        first; ``self`` and ``cls`` are not counted, ``*args`` and ``**kwargs`` count one each.
+    """
+    counts = []
+    for path in sorted(package_dir.rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        where = path.relative_to(package_dir.parent).as_posix()
+        for qualname, node in _functions(tree, ""):
+            args = node.args
+            positional = [*args.posonlyargs, *args.args]
+            if positional and positional[0].arg in ("self", "cls"):
+                positional = positional[1:]
+            count = len(positional) + len(args.kwonlyargs) + bool(args.vararg) + bool(args.kwarg)
+            counts.append((count, f"{where}:{node.lineno} {qualname}"))
+    return sorted(counts, key=lambda item: (-item[0], item[1]))
+
+
+def long_parameter_lists(package_dir: Path, limit: int = MAX_PARAMETERS) -> list[tuple[int, str]]:
+    """The functions of a package taking more than ``limit`` parameters, most first."""
+    return [(n, where) for n, where in parameter_counts(package_dir) if n > limit]
+
+
+def locals_calls(package_dir: Path) -> list[str]:
+    """Where a package calls ``locals()``: ``"path/to/module.py:LINE"`` of each call."""
+    found = []
+    for path in sorted(package_dir.rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        where = path.relative_to(package_dir.parent).as_posix()
+        for node in ast.walk(tree):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Name)
+                and node.func.id == "locals"
+            ):
+                found.append(f"{where}:{node.lineno}")
+    return found
+
+
 # --- the checks on batchuq -----------------------------------------------------------------------
 
 
@@ -192,6 +243,19 @@ def test_no_long_function() -> None:
     )
 
 
+def test_no_long_parameter_list_and_no_locals() -> None:
+    counts = parameter_counts(PACKAGE)
+    print(f"\nlongest parameter lists (limit {MAX_PARAMETERS}):")
+    for n, where in counts[:5]:
+        print(f"  {n:4d}  {where}")
+    offenders = long_parameter_lists(PACKAGE)
+    assert not offenders, (
+        f"functions taking more than {MAX_PARAMETERS} parameters (group them in an options "
+        "object):\n" + "\n".join(f"  {n:4d}  {where}" for n, where in offenders)
+    )
+    assert not locals_calls(PACKAGE), f"locals() called at {locals_calls(PACKAGE)}"
+
+
 # --- the checks fail on a package that breaks them -----------------------------------------------
 
 
@@ -203,20 +267,27 @@ def _write(root: Path, files: dict[str, str]) -> None:
         path.write_text(textwrap.dedent(source), encoding="utf-8")
 
 
-def _contract(kind: str) -> dict:
-    """The one import-linter contract of type ``kind`` in pyproject.toml."""
-    config = tomllib.loads(PYPROJECT.read_text(encoding="utf-8"))
-    (contract,) = [c for c in config["tool"]["importlinter"]["contracts"] if c["type"] == kind]
-    return contract
-
-
 def _layer_modules() -> list[str]:
-    """The module names the layers contract of pyproject.toml declares, optional ones included."""
+    """The module paths (relative to ``batchuq``, dotted) the layers contracts of pyproject.toml
+    declare, optional ones included."""
+    config = tomllib.loads(PYPROJECT.read_text(encoding="utf-8"))
+    contracts = [c for c in config["tool"]["importlinter"]["contracts"] if c["type"] == "layers"]
     names = []
-    for layer in _contract("layers")["layers"]:
-        for tail in layer.replace("|", ":").split(":"):
-            names.append(tail.strip().strip("()"))
+    for contract in contracts:
+        (container,) = contract["containers"]
+        prefix = container.removeprefix("batchuq").lstrip(".")
+        for layer in contract["layers"]:
+            for tail in layer.replace("|", ":").split(":"):
+                name = tail.strip().strip("()")
+                names.append(f"{prefix}.{name}" if prefix else name)
     return names
+
+
+def _contract(contract_id: str) -> dict:
+    """The import-linter contract of pyproject.toml with this ``id``."""
+    config = tomllib.loads(PYPROJECT.read_text(encoding="utf-8"))
+    (contract,) = [c for c in config["tool"]["importlinter"]["contracts"] if c["id"] == contract_id]
+    return contract
 
 
 # The modules that may import Matplotlib: the presentation layer and what sits above it.
@@ -224,10 +295,15 @@ DRAWING_LAYERS = {"__main__", "cli", "report"}
 
 
 def test_matplotlib_is_forbidden_in_every_module_below_the_presentation() -> None:
-    """The forbidden contract lists every module of the layers contract below ``report``, so a
-    module added to a layer without being added there fails here."""
-    below = [name for name in _layer_modules() if name not in DRAWING_LAYERS]
-    contract = _contract("forbidden")
+    """The forbidden contract lists every module of the top layers contract below ``report``,
+    so a module added to a layer without being added there fails here."""
+    top = [
+        tail.strip().strip("()")
+        for layer in _contract("layers")["layers"]
+        for tail in layer.replace("|", ":").split(":")
+    ]
+    below = [name for name in top if name not in DRAWING_LAYERS]
+    contract = _contract("drawing")
     assert contract["forbidden_modules"] == ["matplotlib"]
     assert sorted(contract["source_modules"]) == sorted(f"batchuq.{name}" for name in below)
     layers = [layer.split(":")[0].split("|")[0].strip() for layer in _contract("layers")["layers"]]
@@ -236,20 +312,30 @@ def test_matplotlib_is_forbidden_in_every_module_below_the_presentation() -> Non
 
 @pytest.fixture
 def fake_batchuq(tmp_path: Path) -> Path:
-    """An empty ``batchuq`` with every module of the layers contract, shadowing the real one.
+    """An empty ``batchuq`` with every module of the layers contracts, shadowing the real one.
 
     Commands import the report and jobs, the report imports jobs and Matplotlib, jobs import
-    methods and postprocess, methods import the core; so it keeps the contracts, until a test
-    adds a bad import.
+    methods and postprocess, methods import the core, the score job's entry imports its engines
+    and they the shared steps; so it keeps the contracts, until a test adds a bad import.
     """
-    files = {"batchuq/__init__.py": ""}
+    packages = {"cli", "report", "jobs", "jobs.score", "methods", "postprocess"}
+    files = {"batchuq/__init__.py": "", "batchuq/jobs/score/__init__.py": ""}
     for name in _layer_modules():
-        is_package = name in {"cli", "report", "jobs", "methods", "postprocess"}
-        files[f"batchuq/{name}/__init__.py" if is_package else f"batchuq/{name}.py"] = ""
+        path = "batchuq/" + name.replace(".", "/")
+        files[f"{path}/__init__.py" if name in packages else f"{path}.py"] = ""
     files["batchuq/__main__.py"] = "import batchuq.cli\n"
-    files["batchuq/cli/score.py"] = "from batchuq.jobs import score\nimport batchuq.report.score\n"
-    files["batchuq/report/score.py"] = "import matplotlib.figure\nfrom batchuq.jobs import score\n"
-    files["batchuq/jobs/score.py"] = "import batchuq.methods.base\nimport batchuq.postprocess\n"
+    files["batchuq/cli/score.py"] = (
+        "from batchuq.jobs.score import job\nimport batchuq.report.score\n"
+    )
+    files["batchuq/report/score.py"] = (
+        "import matplotlib.figure\nfrom batchuq.jobs.score import job\n"
+    )
+    files["batchuq/jobs/score/job.py"] = (
+        "import batchuq.methods.base\nimport batchuq.postprocess\n"
+        "from batchuq.jobs.score import local, ray_engine\n"
+    )
+    files["batchuq/jobs/score/local.py"] = "from batchuq.jobs.score import rows, plan\n"
+    files["batchuq/jobs/score/ray_engine.py"] = "from batchuq.jobs.score import ray_worker, rows\n"
     files["batchuq/methods/base.py"] = "from batchuq import sample, errors\n"
     files["batchuq/sample.py"] = "from batchuq import seeds\n"
     _write(tmp_path, files)
@@ -259,7 +345,7 @@ def fake_batchuq(tmp_path: Path) -> Path:
 def test_lint_imports_passes_on_a_package_that_keeps_the_contracts(fake_batchuq: Path) -> None:
     result = run_lint_imports(fake_batchuq)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "3 kept, 0 broken" in result.stdout
+    assert "4 kept, 0 broken" in result.stdout
 
 
 @pytest.mark.parametrize(
@@ -300,6 +386,21 @@ def test_lint_imports_passes_on_a_package_that_keeps_the_contracts(fake_batchuq:
             id="jobs-import-each-other",
         ),
         pytest.param(
+            {"batchuq/jobs/score/local.py": "from batchuq.jobs.score import ray_engine\n"},
+            "batchuq.jobs.score.local is not allowed to import batchuq.jobs.score.ray_engine",
+            id="local-engine-imports-the-ray-engine",
+        ),
+        pytest.param(
+            {"batchuq/jobs/score/rows.py": "def f():\n    import batchuq.jobs.score.local\n"},
+            "batchuq.jobs.score.rows is not allowed to import batchuq.jobs.score.local",
+            id="a-shared-step-imports-an-engine",
+        ),
+        pytest.param(
+            {"batchuq/jobs/score/helpers.py": ""},
+            "- batchuq.jobs.score.helpers",
+            id="score-module-in-no-layer",
+        ),
+        pytest.param(
             {"batchuq/helpers.py": ""},
             "- batchuq.helpers",
             id="module-in-no-layer",
@@ -321,7 +422,7 @@ def test_lint_imports_passes_on_a_package_that_keeps_the_contracts(fake_batchuq:
             id="method-draws-through-the-core",
         ),
         pytest.param(
-            {"batchuq/jobs/score.py": "import batchuq.report.score\n"},
+            {"batchuq/jobs/train.py": "import batchuq.report.score\n"},
             "batchuq.jobs is not allowed to import batchuq.report",
             id="job-imports-the-presentation",
         ),
@@ -390,3 +491,30 @@ def test_long_functions(tmp_path: Path) -> None:
         (62, "pkg/mod.py:139 outer"),
         (61, "pkg/mod.py:72 Job.run"),
     ]
+
+
+def test_long_parameter_lists_and_locals(tmp_path: Path) -> None:
+    twelve = ", ".join(f"a{i}" for i in range(10))
+    source = (
+        f"def just_right({twelve}, *args, **kwargs):\n    return args\n"
+        "\n"
+        "class Job:\n"
+        f"    def run(self, {twelve}, *, b, c):\n        return b\n"
+        f"    def over(self, {twelve}, b, c, *, d):\n        return locals()\n"
+        "\n"
+        "def outer():\n"
+        f"    def inner(x, /, {twelve}, y, *rest):\n        return x\n"
+        "    return inner\n"
+    )
+    _write(tmp_path, {"pkg/__init__.py": "", "pkg/mod.py": source})
+    counts = {where.split(" ")[1]: n for n, where in parameter_counts(tmp_path / "pkg")}
+    assert counts == {
+        "just_right": 12,
+        "Job.run": 12,
+        "Job.over": 13,
+        "outer": 0,
+        "outer.<locals>.inner": 13,
+    }
+    offenders = {where.split(" ")[1] for _, where in long_parameter_lists(tmp_path / "pkg")}
+    assert offenders == {"Job.over", "outer.<locals>.inner"}
+    assert locals_calls(tmp_path / "pkg") == ["pkg/mod.py:8"]

@@ -15,6 +15,7 @@ from conftest import ROUNDING, assert_frames_equal_to_rounding, bn_dropout_model
 
 from batchuq import score_directory
 from batchuq.augment import CopyMaker, TTAConfig, augment_copies
+from batchuq.jobs.score import ScoreOptions
 from batchuq.sample import MCSampler
 
 
@@ -94,7 +95,9 @@ def test_score_bounds_rows_per_chunk_under_large_tta(
     monkeypatch.setattr(CopyMaker, "rows", rows)
     monkeypatch.setattr(MCSampler, "sample", sample)
     options = {"passes": 2, "tta": 40, "batch_size": 16, "seed": 5}
-    score_directory(digits_subset, tmp_path / "small.parquet", memory_budget_mb=16, **options)
+    score_directory(
+        digits_subset, tmp_path / "small.parquet", ScoreOptions(memory_budget_mb=16, **options)
+    )
     bound = seen[0][2]
     assert 1 <= bound < 16 * 40
     assert max(r for r, _, _ in seen) <= bound and max(s for _, s, _ in seen) <= bound
@@ -102,7 +105,9 @@ def test_score_bounds_rows_per_chunk_under_large_tta(
 
     seen.clear()
     made.clear()
-    score_directory(digits_subset, tmp_path / "big.parquet", memory_budget_mb=4096, **options)
+    score_directory(
+        digits_subset, tmp_path / "big.parquet", ScoreOptions(memory_budget_mb=4096, **options)
+    )
     assert max(s for _, s, _ in seen) == 16 * 40  # a budget this large runs a batch at once
     small = pd.read_parquet(tmp_path / "small.parquet")
     big = pd.read_parquet(tmp_path / "big.parquet")

@@ -13,8 +13,9 @@ from conftest import ROUNDING, assert_frames_equal_to_rounding
 
 from batchuq import score_directory
 from batchuq.decode import load_image
-from batchuq.jobs.batches import iter_sampled_batches
-from batchuq.jobs.run import ScoreOptions, prepare_run
+from batchuq.errors import UsageError
+from batchuq.jobs.score.batches import iter_sampled_batches
+from batchuq.jobs.score.plan import ScoreOptions, prepare_run
 from batchuq.methods import UncertaintyMethod
 from batchuq.methods.mc_dropout import MCDropout
 from batchuq.models import BUNDLED_MODEL, LoadedModel, load_model
@@ -63,7 +64,9 @@ def test_a_second_method_runs_through_score_directory(digits_subset: Path, tmp_p
         return built[-1]
 
     out = tmp_path / "one_pass.parquet"
-    report = score_directory(digits_subset, out, model=loaded, method=factory, batch_size=7)
+    report = score_directory(
+        digits_subset, out, ScoreOptions(model=loaded, method=factory, batch_size=7)
+    )
     assert report.images == 30 and report.errors == 0
     assert built[0].rows_seen == 30  # one row per image: TTA K = 1, S = 1
 
@@ -91,9 +94,13 @@ def test_one_pass_of_mc_dropout_equals_the_one_pass_method(
     """passes=1 of the default method is the deterministic softmax too: same rows."""
     loaded = load_model(BUNDLED_MODEL)
     a, b = tmp_path / "mc.parquet", tmp_path / "one.parquet"
-    score_directory(digits_subset, a, model=loaded, passes=1, tta=2, save_samples=True, seed=3)
     score_directory(
-        digits_subset, b, model=loaded, method=OnePassSoftmax, tta=2, save_samples=True, seed=3
+        digits_subset, a, ScoreOptions(model=loaded, passes=1, tta=2, save_samples=True, seed=3)
+    )
+    score_directory(
+        digits_subset,
+        b,
+        ScoreOptions(model=loaded, method=OnePassSoftmax, tta=2, save_samples=True, seed=3),
     )
     frame_a, frame_b = pd.read_parquet(a), pd.read_parquet(b)
     samples_a = np.stack([np.stack(s) for s in frame_a.pop("samples")])
@@ -163,3 +170,90 @@ def test_prepare_run_reads_the_sidecar_once_and_iter_sampled_batches_covers_ever
         assert batch.ok.all()
         positions.extend(batch.positions)
     assert positions == list(range(30))  # every image once, in discovery order
+
+
+# --- a method from outside the package, chosen by the registry ------------------------------------
+
+# Two samples per row, known exactly: sample 0 gives class 3 a quarter and class 4 a quarter more
+# than the other classes; sample 1 gives class 3 three quarters. Their mean favours class 3 (0.5).
+_TOY_SAMPLES = np.empty((2, 10), dtype=np.float32)
+_TOY_SAMPLES[0] = 0.5 / 9
+_TOY_SAMPLES[0, 3], _TOY_SAMPLES[0, 4] = 0.25, 0.25 + 0.5 / 9
+_TOY_SAMPLES[1] = 0.25 / 9
+_TOY_SAMPLES[1, 3] = 0.75
+
+
+class FixedProbabilities(UncertaintyMethod):
+    """A toy method that ignores the images: every row gets the same two known samples."""
+
+    samples_per_row = 2
+
+    def __init__(self, passes: int) -> None:
+        self.passes = passes  # what the run's options asked for, recorded to show it arrived
+
+    def sample(self, rows: tf.Tensor, row_keys: tf.Tensor) -> np.ndarray:
+        return np.broadcast_to(_TOY_SAMPLES, (int(rows.shape[0]), 2, 10)).copy()
+
+    def metadata(self) -> dict[str, Any]:
+        return {"method": "fixed_probabilities", "passes": 2, "asked_passes": self.passes}
+
+
+@pytest.fixture
+def toy_method() -> Any:
+    """``fixed_probabilities`` in the registry, claiming model files named ``toy*.keras``."""
+    from batchuq.methods import register_method, registered_methods, unregister_method
+
+    def build(models: Any, settings: Any) -> FixedProbabilities:
+        return FixedProbabilities(settings.passes)
+
+    register_method(
+        "fixed_probabilities", build, detect=lambda models: models[0].path.name.startswith("toy")
+    )
+    assert "fixed_probabilities" in registered_methods()
+    yield
+    unregister_method("fixed_probabilities")
+
+
+def _assert_toy_rows(out: Path) -> None:
+    frame = pd.read_parquet(out)
+    names = [f"n{i}" for i in range(10)]
+    mean = frame[[f"mean_{n}" for n in names]].to_numpy()
+    expected = _TOY_SAMPLES.astype(np.float64).mean(axis=0).astype(np.float32)
+    np.testing.assert_array_equal(mean, np.broadcast_to(expected, mean.shape))
+    assert (frame["std_n3"] > 0).all()  # the two samples really were both summarised
+    assert (frame["pred"] == "n3").all()
+
+
+def test_a_registered_method_is_detected_from_the_model_and_scores_through_the_job(
+    toy_method: None, digits_subset: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    model = tmp_path / "toy_digits.keras"  # the toy method's detector claims this file
+    shutil.copy(BUNDLED_MODEL, model)
+    out = tmp_path / "toy.parquet"
+    report = score_directory(digits_subset, out, ScoreOptions(model=model, passes=7, seed=1))
+    assert report.images == 30 and report.errors == 0
+    _assert_toy_rows(out)
+    metadata = read_metadata(out)
+    assert metadata["method"] == "fixed_probabilities"
+    assert metadata["asked_passes"] == 7 and metadata["samples_per_image"] == 2
+
+
+def test_a_registered_method_is_chosen_by_name(
+    toy_method: None, digits_subset: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "toy.parquet"
+    score_directory(digits_subset, out, ScoreOptions(method="fixed_probabilities", passes=3))
+    _assert_toy_rows(out)
+    assert read_metadata(out)["method"] == "fixed_probabilities"
+    # Without the name, the bundled model is MC dropout's, as before.
+    score_directory(digits_subset, out, ScoreOptions(passes=3))
+    assert read_metadata(out)["method"] == "mc_dropout"
+
+
+def test_an_unregistered_method_name_is_a_usage_error() -> None:
+    with pytest.raises(
+        UsageError, match=r"registered: deep_ensemble, mc_dropout, sngp .*Received: method='nope'"
+    ):
+        ScoreOptions(method="nope")

@@ -16,6 +16,7 @@ from conftest import REPO, SAMPLE_TEST, bn_dropout_model, write_image
 
 from batchuq import score_directory
 from batchuq.decode import ImageSpec, load_image
+from batchuq.jobs.score import ScoreOptions
 from batchuq.models import ModelError, load_model, preprocessing_layer
 from batchuq.write import read_metadata
 
@@ -69,7 +70,9 @@ def test_h5_model_scores_like_its_keras_twin(tmp_path: Path) -> None:
     frames = {}
     for suffix in ("h5", "keras"):
         out = tmp_path / f"{suffix}.parquet"
-        score_directory(images, out, model=tmp_path / f"m.{suffix}", passes=8, rescale=1 / 255)
+        score_directory(
+            images, out, ScoreOptions(model=tmp_path / f"m.{suffix}", passes=8, rescale=1 / 255)
+        )
         frames[suffix] = out
     import pandas as pd
 
@@ -118,7 +121,7 @@ def test_height_width_input_model_is_scored_as_one_channel(tmp_path: Path) -> No
         images.mkdir(exist_ok=True)
         shutil.copy(path, images / path.name)
     out = tmp_path / "out.parquet"
-    score_directory(images, out, model=model, passes=1)
+    score_directory(images, out, ScoreOptions(model=model, passes=1))
     import pandas as pd
 
     got = pd.read_parquet(out).filter(like="mean_").to_numpy()
@@ -159,7 +162,9 @@ def test_model_that_rescales_itself_gets_raw_pixels(tmp_path: Path, caplog) -> N
     images = _rgb_folder(tmp_path / "imgs")
     out = tmp_path / "out.parquet"
     with caplog.at_level(logging.WARNING, logger="batchuq"):
-        score_directory(images, out, model=tmp_path / "self_rescaling.keras", passes=1)
+        score_directory(
+            images, out, ScoreOptions(model=tmp_path / "self_rescaling.keras", passes=1)
+        )
     assert "scales pixels itself" in caplog.text
     meta = read_metadata(out)
     assert meta["rescale"] == 1.0 and meta["rescale_source"] == "model layer backbone/to_unit"
@@ -170,7 +175,9 @@ def test_model_that_rescales_itself_gets_raw_pixels(tmp_path: Path, caplog) -> N
     pixels = np.stack([load_image(str(p), spec) for p in sorted(images.iterdir())])
     expected = model.predict(pixels.astype("float32"), verbose=0)  # 0..255: the model scales
     np.testing.assert_allclose(got, expected, atol=1e-6)
-    score_directory(images, out, model=tmp_path / "self_rescaling.keras", passes=1, rescale=0.5)
+    score_directory(
+        images, out, ScoreOptions(model=tmp_path / "self_rescaling.keras", passes=1, rescale=0.5)
+    )
     assert read_metadata(out)["rescale_source"] == "option"  # an explicit value wins
 
 
@@ -180,7 +187,7 @@ def test_class_names_option_overrides_sidecar_with_a_warning(
     names = [f"digit_{i}" for i in range(10)]
     out = tmp_path / "out.parquet"
     with caplog.at_level(logging.WARNING, logger="batchuq"):
-        score_directory(digits_subset, out, passes=2, class_names=names)
+        score_directory(digits_subset, out, ScoreOptions(passes=2, class_names=names))
     assert "overrides the names in the model's sidecar" in caplog.text
     assert "n0,n1" in caplog.text and "digit_0,digit_1" in caplog.text
     meta = read_metadata(out)

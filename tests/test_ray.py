@@ -48,10 +48,11 @@ from batchuq import score_directory  # noqa: E402
 from batchuq.cli.runtime import EXIT_IMAGE_ERRORS  # noqa: E402
 from batchuq.compact import SortedParts, part_name_at, write_part_file  # noqa: E402
 from batchuq.errors import OutputError, StopRequested, UsageError  # noqa: E402
-from batchuq.jobs.ray_engine import OutputTarget, finalise  # noqa: E402
-from batchuq.jobs.ray_worker import PartJob, PartScorer  # noqa: E402
-from batchuq.jobs.rows import checkpoint_fingerprint, run_schema  # noqa: E402
-from batchuq.jobs.run import ScoreOptions, prepare_run  # noqa: E402
+from batchuq.jobs.score import RaySettings, RunControl  # noqa: E402
+from batchuq.jobs.score.plan import ScoreOptions, prepare_run  # noqa: E402
+from batchuq.jobs.score.ray_engine import OutputTarget, finalise  # noqa: E402
+from batchuq.jobs.score.ray_worker import PartJob, PartScorer  # noqa: E402
+from batchuq.jobs.score.rows import checkpoint_fingerprint, run_schema  # noqa: E402
 from batchuq.write import (  # noqa: E402
     Checkpoint,
     check_output_folder,
@@ -96,7 +97,7 @@ def local_ray(ray_module) -> Iterator[str]:
 def local_reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The bundled test digits scored by the local engine."""
     out = tmp_path_factory.mktemp("local") / "local.parquet"
-    score_directory(SAMPLE_TEST, out, passes=PASSES)
+    score_directory(SAMPLE_TEST, out, ScoreOptions(passes=PASSES))
     return out
 
 
@@ -196,9 +197,12 @@ def test_ray_engine_writes_the_local_engines_rows(
     local_ray: str, local_reference: Path, tmp_path: Path
 ) -> None:
     report = score_directory(
-        SAMPLE_TEST, f"{tmp_path}/scores/", passes=PASSES, engine="ray", workers=2,
-        checkpoint_rows=PART,
-    )  # fmt: skip
+        SAMPLE_TEST,
+        f"{tmp_path}/scores/",
+        ScoreOptions(passes=PASSES),
+        control=RunControl(checkpoint_rows=PART),
+        ray=RaySettings(workers=2),
+    )
     # A folder dataset: files whose names sort as their rows, read as one table.
     files = sorted((tmp_path / "scores").iterdir())
     assert [f.name for f in files] == [f"part-{i:06d}.parquet" for i in range(15)]
@@ -229,9 +233,13 @@ def test_a_killed_worker_is_retried_while_ray_finishes_a_local_checkpoint(
     checks = itertools.count()
     with pytest.raises(StopRequested):  # the local engine stops at its fourth batch
         score_directory(
-            SAMPLE_TEST, out, passes=PASSES, resume=True, checkpoint_rows=PART,
-            should_stop=lambda: next(checks) >= 6,
-        )  # fmt: skip
+            SAMPLE_TEST,
+            out,
+            ScoreOptions(passes=PASSES),
+            control=RunControl(
+                resume=True, checkpoint_rows=PART, should_stop=lambda: next(checks) >= 6
+            ),
+        )
     checkpoint = tmp_path / "out.parquet.checkpoint"
     local_parts = sorted(p.name for p in checkpoint.glob("part-*.parquet"))
     assert local_parts == ["part-000000.parquet", "part-000001.parquet", "part-000002.parquet"]
@@ -252,9 +260,12 @@ def test_a_killed_worker_is_retried_while_ray_finishes_a_local_checkpoint(
     killer = threading.Thread(target=kill_an_actor_once_ray_writes_parts, daemon=True)
     killer.start()
     report = score_directory(
-        SAMPLE_TEST, out, passes=PASSES, resume=True, checkpoint_rows=PART, engine="ray",
-        workers=2,
-    )  # fmt: skip
+        SAMPLE_TEST,
+        out,
+        ScoreOptions(passes=PASSES),
+        control=RunControl(resume=True, checkpoint_rows=PART),
+        ray=RaySettings(workers=2),
+    )
     killer.join(timeout=5)
     assert killed, "no scoring actor was found to kill"
     assert not _alive(killed[0])
@@ -307,7 +318,7 @@ def test_cli_ray_engine_turns_bad_files_into_error_rows(ray_module, tmp_path: Pa
     assert rows.loc[rows.status != "ok", means].isna().all().all()  # no statistics
     assert_integer_columns_stay_integers(tmp_path / "ray.parquet", ("pred_index", "passes"))
     local_out = tmp_path / "local.parquet"
-    score_directory(images, local_out, passes=PASSES)
+    score_directory(images, local_out, ScoreOptions(passes=PASSES))
     assert_same_rows(tmp_path / "ray.parquet", local_out)
 
 
@@ -361,14 +372,12 @@ def test_cli_ray_address_runs_on_a_two_node_cluster(
 def test_the_ray_engine_without_ray_is_a_usage_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "ray", None)  # what `import ray` finds when not installed
     with pytest.raises(UsageError, match=r'pip install "batchuq\[ray\]".*Received: engine=.ray.'):
-        score_directory(SAMPLE_TEST, "/tmp/never-written.parquet", engine="ray")
-    with pytest.raises(UsageError, match="must be local or ray. Received: engine='spark'"):
-        score_directory(SAMPLE_TEST, "/tmp/never-written.parquet", engine="spark")
+        score_directory(SAMPLE_TEST, "/tmp/never-written.parquet", ray=RaySettings())
 
 
 def test_the_local_engine_refuses_a_folder_output(tmp_path: Path) -> None:
     with pytest.raises(OutputError, match="--engine ray"):
-        score_directory(SAMPLE_TEST, f"{tmp_path}/scores/", passes=1)
+        score_directory(SAMPLE_TEST, f"{tmp_path}/scores/", ScoreOptions(passes=1))
 
 
 _PART_SCHEMA = pa.schema([("path", pa.string()), ("x", pa.float32())])
@@ -467,10 +476,12 @@ def test_a_local_resume_finishes_parts_written_by_the_ray_worker(tmp_path: Path)
         part_name_at(2),
         part_name_at(8),
     ]
-    report = score_directory(images, out, passes=PASSES, resume=True, checkpoint_rows=4)
+    report = score_directory(
+        images, out, ScoreOptions(passes=PASSES), control=RunControl(resume=True, checkpoint_rows=4)
+    )
     assert report.images == 12 and not checkpoint.folder.exists()
     reference = tmp_path / "reference.parquet"
-    score_directory(images, reference, passes=PASSES)
+    score_directory(images, reference, ScoreOptions(passes=PASSES))
     assert_same_rows(out, reference)
     assert pd.read_parquet(out).path.tolist() == plan.relative_paths
 
@@ -523,5 +534,5 @@ def test_the_ray_worker_reads_images_from_object_storage(
     )
     summaries = PartScorer(job)(pa.table({"positions": [list(range(12))]})).to_pylist()
     assert summaries[0]["rows"] == 12 and summaries[0]["error_positions"] == []
-    score_directory(local, tmp_path / "local.parquet", passes=PASSES)
+    score_directory(local, tmp_path / "local.parquet", ScoreOptions(passes=PASSES))
     assert_same_rows(folder / part_name_at(0), tmp_path / "local.parquet")

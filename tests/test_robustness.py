@@ -25,6 +25,7 @@ from PIL import Image
 from batchuq import score_directory
 from batchuq.cli import cli
 from batchuq.cli.runtime import EXIT_IMAGE_ERRORS, EXIT_SIGINT, EXIT_SIGTERM, EXIT_USAGE
+from batchuq.jobs.score import RunControl, ScoreOptions
 from batchuq.models import ModelError, load_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -84,7 +85,7 @@ def test_every_bad_input_kind_gets_its_reason_and_good_rows_match(tmp_path: Path
     root = tmp_path / "images"
     expected = build_bad_folder(root, tmp_path / "outside")
     out = tmp_path / "out.parquet"
-    report = score_directory(root, out, passes=4, max_pixels=4_000_000)
+    report = score_directory(root, out, ScoreOptions(passes=4, max_pixels=4_000_000))
     frame = pd.read_parquet(out).set_index("path")
     assert sorted(frame.index) == sorted(expected)
     for path, reason in expected.items():
@@ -99,7 +100,7 @@ def test_every_bad_input_kind_gets_its_reason_and_good_rows_match(tmp_path: Path
     for path, reason in expected.items():
         if reason is None:
             shutil.copy(root / path, clean / path)
-    score_directory(clean, tmp_path / "clean.parquet", passes=4, max_pixels=4_000_000)
+    score_directory(clean, tmp_path / "clean.parquet", ScoreOptions(passes=4, max_pixels=4_000_000))
     reference = pd.read_parquet(tmp_path / "clean.parquet").set_index("path")
     good = frame[frame.status == "ok"].loc[reference.index]
     # Without the bad files the good images sit at other batch positions: equal to rounding.
@@ -110,7 +111,7 @@ def test_symlinks_can_be_followed(tmp_path: Path) -> None:
     root = tmp_path / "images"
     build_bad_folder(root, tmp_path / "outside")
     out = tmp_path / "out.parquet"
-    score_directory(root, out, passes=2, follow_symlinks=True)
+    score_directory(root, out, ScoreOptions(passes=2, follow_symlinks=True))
     assert pd.read_parquet(out).set_index("path").loc["n7/escape.png", "status"] == "ok"
 
 
@@ -120,7 +121,7 @@ def test_unreadable_file_is_an_error_row(tmp_path: Path) -> None:
     shutil.copytree(REPO / "sample_data/digits/test/n1", root)
     locked = sorted(root.iterdir())[0]
     locked.chmod(0)
-    score_directory(root, tmp_path / "out.parquet", passes=2)
+    score_directory(root, tmp_path / "out.parquet", ScoreOptions(passes=2))
     frame = pd.read_parquet(tmp_path / "out.parquet").set_index("path")
     assert frame.loc[locked.name, "status"] == "error: permission denied"
 
@@ -132,7 +133,7 @@ def test_batch_size_changes_probabilities_only_by_rounding(
     frames = []
     for size in (1, 7, 32, 7):
         out = tmp_path / f"b{size}-{len(frames)}.parquet"
-        score_directory(digits_subset, out, passes=6, tta=2, seed=3, batch_size=size)
+        score_directory(digits_subset, out, ScoreOptions(passes=6, tta=2, seed=3, batch_size=size))
         frames.append(pd.read_parquet(out))
     # The random draws do not depend on the batch, but the kernels' rounding may depend on an
     # image's position in it (up to 6e-8 measured on AVX2): probabilities equal to float32
@@ -153,7 +154,7 @@ def test_random_bytes_never_crash_and_give_one_row_per_file(blobs: list[bytes]) 
         for i, blob in enumerate(blobs):
             (root / f"f{i}.{['png', 'jpg', 'gif', 'bmp'][i % 4]}").write_bytes(blob)
         out = Path(folder) / "out.parquet"
-        report = score_directory(root, out, passes=2)
+        report = score_directory(root, out, ScoreOptions(passes=2))
         frame = pd.read_parquet(out)
         assert len(frame) == len(blobs) == report.images
         assert frame.status.str.match(r"^(ok|error: .+)$").all()
@@ -312,7 +313,7 @@ def test_resume_refuses_a_checkpoint_from_other_settings(
     checkpoint.mkdir()
     (checkpoint / "run.json").write_text(json.dumps({"seed": 999}))
     with pytest.raises(ValueError, match="other settings"):
-        score_directory(digits_subset, out, passes=2, resume=True)
+        score_directory(digits_subset, out, ScoreOptions(passes=2), control=RunControl(resume=True))
 
 
 @pytest.mark.numerics
@@ -324,7 +325,7 @@ def test_file_and_folder_names_that_are_not_utf8_are_scored(tmp_path: Path) -> N
     shutil.copy(source, latin1 / os.fsdecode(b"\xff\xfe photo.png"))
     shutil.copy(source, latin1 / "plain.png")
     out = tmp_path / "out.parquet"
-    report = score_directory(root, out, passes=1)
+    report = score_directory(root, out, ScoreOptions(passes=1))
     frame = pd.read_parquet(out)
     assert report.errors == 0 and (frame.status == "ok").all()
     assert frame.path.tolist() == ["caf\\xe9/plain.png", "caf\\xe9/\\xff\\xfe photo.png"]
@@ -378,17 +379,24 @@ def test_resumed_run_reports_the_counts_of_an_uninterrupted_run(
 
     (digits_subset / "n0" / "aaa_bad.jpg").write_text("not an image")  # first: checkpointed
     (digits_subset / "n9" / "zzz_bad.jpg").write_text("not an image")  # last: after resuming
-    clean = score_directory(digits_subset, tmp_path / "clean.parquet", passes=4)
+    clean = score_directory(digits_subset, tmp_path / "clean.parquet", ScoreOptions(passes=4))
     out = tmp_path / "out.parquet"
     checks = iter(range(1000))
     with pytest.raises(StopRequested):  # stops at the start of the third batch
         score_directory(
-            digits_subset, out, passes=4, batch_size=4, resume=True, checkpoint_rows=4,
-            should_stop=lambda: next(checks) >= 4,
-        )  # fmt: skip
+            digits_subset,
+            out,
+            ScoreOptions(passes=4, batch_size=4),
+            control=RunControl(
+                resume=True, checkpoint_rows=4, should_stop=lambda: next(checks) >= 4
+            ),
+        )
     assert not out.exists() and (tmp_path / "out.parquet.checkpoint").is_dir()
     resumed = score_directory(
-        digits_subset, out, passes=4, batch_size=4, resume=True, checkpoint_rows=4
+        digits_subset,
+        out,
+        ScoreOptions(passes=4, batch_size=4),
+        control=RunControl(resume=True, checkpoint_rows=4),
     )
     assert (resumed.images, resumed.errors, resumed.unclassified) == (
         clean.images, clean.errors, clean.unclassified

@@ -29,6 +29,7 @@ from batchuq import score_directory
 from batchuq.cli import cli
 from batchuq.cli.runtime import EXIT_IMAGE_ERRORS, EXIT_OK, EXIT_USAGE
 from batchuq.discover import NoImagesFoundError
+from batchuq.jobs.score import ScoreOptions
 from batchuq.write import read_metadata
 
 BASE_COLUMNS = [
@@ -54,7 +55,7 @@ def _run(*args: str) -> object:
 
 def test_scores_labelled_folder_with_all_columns(digits_subset: Path, tmp_path: Path) -> None:
     out = tmp_path / "out.parquet"
-    report = score_directory(digits_subset, out, passes=20, tta=2, seed=1)
+    report = score_directory(digits_subset, out, ScoreOptions(passes=20, tta=2, seed=1))
     frame = pd.read_parquet(out)
     classes = [f"n{i}" for i in range(10)]
     expected = BASE_COLUMNS + [f"{s}_{c}" for s in ("mean", "median", "std") for c in classes]
@@ -89,10 +90,10 @@ def test_rerun_is_bitwise_identical_and_batch_size_changes_only_rounding(
 ) -> None:
     a, again, cli_run = tmp_path / "a.parquet", tmp_path / "again.parquet", tmp_path / "cli.parquet"
     b, c = tmp_path / "b.parquet", tmp_path / "c.parquet"
-    score_directory(digits_subset, a, passes=10, tta=3, seed=7, batch_size=8)
-    score_directory(digits_subset, again, passes=10, tta=3, seed=7, batch_size=8)
-    score_directory(digits_subset, b, passes=10, tta=3, seed=7, batch_size=5)
-    score_directory(digits_subset, c, passes=10, tta=3, seed=8, batch_size=8)
+    score_directory(digits_subset, a, ScoreOptions(passes=10, tta=3, seed=7, batch_size=8))
+    score_directory(digits_subset, again, ScoreOptions(passes=10, tta=3, seed=7, batch_size=8))
+    score_directory(digits_subset, b, ScoreOptions(passes=10, tta=3, seed=7, batch_size=5))
+    score_directory(digits_subset, c, ScoreOptions(passes=10, tta=3, seed=8, batch_size=8))
     # The same settings, seed and batch size: the same computation, so the same bits, in this
     # process and in a fresh one (as the next night's cron run would be).
     assert_parquet_bitwise_equal(a, again)
@@ -125,7 +126,7 @@ def test_corrupt_image_becomes_error_row_and_others_are_written(
     (digits_subset / "n4" / "truncated.png").write_bytes(png[: len(png) // 2])
     out = tmp_path / "out.parquet"
     clean = tmp_path / "clean.parquet"
-    report = score_directory(digits_subset, out, passes=5)
+    report = score_directory(digits_subset, out, ScoreOptions(passes=5))
     frame = pd.read_parquet(out)
     assert len(frame) == 32 and report.errors == 2
     errors = frame[frame.status != "ok"].set_index("path")
@@ -138,7 +139,7 @@ def test_corrupt_image_becomes_error_row_and_others_are_written(
     assert_integer_columns_stay_integers(out, with_nulls=("pred_index", "passes"))
     for bad in ("n3/broken.png", "n4/truncated.png"):
         (digits_subset / bad).unlink()
-    score_directory(digits_subset, clean, passes=5)
+    score_directory(digits_subset, clean, ScoreOptions(passes=5))
     good = frame[frame.status == "ok"].reset_index(drop=True)
     # Without the bad files the good images sit at other batch positions: equal to rounding.
     assert_frames_equal_to_rounding(good, pd.read_parquet(clean), check_dtype=False)
@@ -151,7 +152,9 @@ def test_flat_folder_and_bn_model_leave_labels_empty_and_model_unchanged(tmp_pat
     for i in range(5):
         write_image(tmp_path / "flat" / f"img{i}.jpg", size=24, seed=i)
     out = tmp_path / "out.parquet"
-    score_directory(tmp_path / "flat", out, model=model, passes=8, class_names=["a", "b", "c"])
+    score_directory(
+        tmp_path / "flat", out, ScoreOptions(model=model, passes=8, class_names=["a", "b", "c"])
+    )
     frame = pd.read_parquet(out)
     assert frame.label.isna().all() and frame.label_index.isna().all()
     assert {"mean_a", "median_b", "std_c"} <= set(frame.columns)
@@ -201,7 +204,7 @@ def test_cli_usage_errors_exit_2(digits_subset: Path, tmp_path: Path, args, mess
 def test_library_no_images_names_the_extensions(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(NoImagesFoundError, match=r"No images found.*\.png"):
-        score_directory(tmp_path / "empty", tmp_path / "out.parquet", passes=2)
+        score_directory(tmp_path / "empty", tmp_path / "out.parquet", ScoreOptions(passes=2))
 
 
 def test_output_problems_are_reported_before_work(digits_subset: Path, tmp_path: Path) -> None:
@@ -218,7 +221,9 @@ def test_failed_run_keeps_previous_output_and_leaves_no_temp_file(
     out.write_bytes(b"previous")
     model = bn_dropout_model(classes=3)  # 16x16 RGB model, 10 folder classes: names mismatch
     with pytest.raises(ValueError):
-        score_directory(digits_subset, out, model=model, passes=3, class_names=["a", "b"])
+        score_directory(
+            digits_subset, out, ScoreOptions(model=model, passes=3, class_names=["a", "b"])
+        )
     assert out.read_bytes() == b"previous"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
@@ -283,11 +288,15 @@ def test_subclassed_model_is_refused_clearly_and_scores_once_wrapped(tmp_path: P
     subclassed = _SubclassedClassifier()
     subclassed(np.zeros((1, 8, 8, 1), np.float32))  # built, but still without symbolic inputs
     with pytest.raises(ModelError, match="wrap a subclassed model"):
-        score_directory(tmp_path / "images", tmp_path / "refused.parquet", model=subclassed)
+        score_directory(
+            tmp_path / "images", tmp_path / "refused.parquet", ScoreOptions(model=subclassed)
+        )
     assert not (tmp_path / "refused.parquet").exists()
     inputs = keras.Input((8, 8, 1))
     wrapped = keras.Model(inputs, subclassed(inputs))
-    score_directory(tmp_path / "images", tmp_path / "out.parquet", model=wrapped, passes=8)
+    score_directory(
+        tmp_path / "images", tmp_path / "out.parquet", ScoreOptions(model=wrapped, passes=8)
+    )
     frame = pd.read_parquet(tmp_path / "out.parquet")
     assert len(frame) == 3 and (frame.filter(like="std_").to_numpy() > 0).any()
 

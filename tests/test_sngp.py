@@ -18,6 +18,7 @@ from conftest import REPO, ROUNDING, SAMPLE_TEST
 from batchuq import score_directory
 from batchuq.decode import ImageSpec, load_image
 from batchuq.errors import ModelError, UsageError
+from batchuq.jobs.score import ScoreOptions
 from batchuq.methods.sngp import SNGP, standard_normal_from_keys
 from batchuq.sngp import (
     RandomFeatureGaussianProcess,
@@ -238,7 +239,9 @@ def test_sngp_runs_through_score_directory(trained, digits_subset: Path, tmp_pat
     _, path = trained
     out = tmp_path / "sngp.parquet"
     report = score_directory(
-        digits_subset, out, model=path, method=lambda loaded: SNGP(loaded.model), rescale=1 / 255
+        digits_subset,
+        out,
+        ScoreOptions(model=path, method=lambda loaded: SNGP(loaded.model), rescale=1 / 255),
     )
     assert report.images == 30 and report.errors == 0
     frame = pd.read_parquet(out)
@@ -252,9 +255,9 @@ def test_sngp_runs_through_score_directory(trained, digits_subset: Path, tmp_pat
     score_directory(
         digits_subset,
         sampled,
-        model=path,
-        method=lambda loaded: SNGP(loaded.model, passes=5),
-        rescale=1 / 255,
+        ScoreOptions(
+            model=path, method=lambda loaded: SNGP(loaded.model, passes=5), rescale=1 / 255
+        ),
     )
     assert read_metadata(sampled)["samples_per_image"] == 5
     assert pd.read_parquet(sampled)[[f"std_n{i}" for i in range(10)]].to_numpy().max() > 0

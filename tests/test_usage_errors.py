@@ -85,7 +85,7 @@ def test_five_outputs_on_ten_folders_names_both_counts_and_the_ways_out(cases) -
 def test_predictor_read_from_files_is_the_loaded_runs(model: Path) -> None:
     """The settings the pre-check compares are those the run records once the model is loaded,
     so a calibration that fits the run is never refused early."""
-    from batchuq.jobs.run import ScoreOptions, prepare_run
+    from batchuq.jobs.score.plan import ScoreOptions, prepare_run
     from batchuq.model_files import model_paths
 
     request = RunRequest(models=[model], passes=100, tta=1)

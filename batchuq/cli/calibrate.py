@@ -28,6 +28,7 @@ from batchuq.cli.options import (
     sample_layers_option,
     seed_option,
     split_csv,
+    tta_config,
 )
 from batchuq.cli.runtime import exit_on_error, import_tensorflow_quietly, logger, setup_logging
 from batchuq.defaults import (
@@ -42,7 +43,8 @@ from batchuq.defaults import (
 from batchuq.postprocess.calibration_file import CalibrationWarning
 from batchuq.postprocess.conformal import CONFORMAL_METHODS
 
-if TYPE_CHECKING:  # imported where used: the pre-check loads NumPy
+if TYPE_CHECKING:  # imported where used: the pre-check loads NumPy, the job TensorFlow
+    from batchuq.jobs.calibrate import CalibrateOptions
     from batchuq.jobs.precheck import RunRequest
 
 # calibrate option -> score option whose value in the config's [score] table becomes its
@@ -185,15 +187,18 @@ def calibrate_command(
 
         import_user_modules(values["imports"])
         calibration = calibrate_directory(
-            val_images, output, **_calibrate_keywords(values), settings=settings
+            val_images,
+            output,
+            calibrate_options(values),
+            progress=values["progress"],
+            settings=settings,
         )
     click.echo(format_summary(calibration))
     logger.info("-> %s", output)
 
 
-# calibrate options that calibrate_directory takes under the same name and as they are.
+# calibrate options that CalibrateOptions takes under the same name and as they are.
 _AS_THEY_ARE = (
-    "tta",
     "passes",
     "score_passes",
     "score_tta",
@@ -202,12 +207,6 @@ _AS_THEY_ARE = (
     "alpha",
     "seed",
     "batch_size",
-    "progress",
-    "tta_rotation",
-    "tta_zoom",
-    "tta_shift",
-    "tta_contrast",
-    "tta_flip",
     "labels",
     "class_order",
     "allow_class_mismatch",
@@ -260,21 +259,29 @@ def _run_request(values: Mapping[str, Any]) -> RunRequest:
     )
 
 
-def _calibrate_keywords(values: Mapping[str, Any]) -> dict[str, Any]:
-    """The keyword arguments of ``calibrate_directory`` for the values of ``batchuq calibrate``.
+def calibrate_options(values: Mapping[str, Any]) -> CalibrateOptions:
+    """The ``CalibrateOptions`` of the values of ``batchuq calibrate``.
+
+    Imports TensorFlow (through the job): call it after ``import_tensorflow_quietly``.
 
     Args:
         values: The command's values by parameter name (``_with_score_table_defaults``).
 
     Returns:
-        ``calibrate_directory``'s keywords, except ``settings``.
+        The calibration's options.
+
+    Raises:
+        UsageError: If a value is out of range.
     """
-    return {
+    from batchuq.jobs.calibrate import CalibrateOptions
+
+    return CalibrateOptions(
         **{name: values[name] for name in _AS_THEY_ARE},
-        "model": model_argument(values["model"]),
-        "class_names": split_csv(values["class_names"]),
-        "sample_layers": split_csv(values["sample_layers"]),
-    }
+        model=model_argument(values["model"]),
+        tta=tta_config(values, copies=values["tta"]),
+        class_names=split_csv(values["class_names"]),
+        sample_layers=split_csv(values["sample_layers"]),
+    )
 
 
 @contextmanager

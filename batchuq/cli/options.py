@@ -6,9 +6,9 @@ read and behave the same; they are defined once here.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -25,6 +25,9 @@ from batchuq.defaults import (
 )
 from batchuq.discover import CLASS_ORDERS
 from batchuq.storage import is_url
+
+if TYPE_CHECKING:  # imported where used: batchuq.augment loads TensorFlow
+    from batchuq.augment import TTAConfig
 
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
 
@@ -266,3 +269,25 @@ def model_argument(models: tuple[Path, ...] | list[str] | str | None) -> Any:
     if not models:
         return None
     return models[0] if len(models) == 1 else models
+
+
+def tta_config(options: Mapping[str, Any], copies: int) -> TTAConfig:
+    """The ``TTAConfig`` of a command's ``--tta-*`` options (``augmentation_options``), with
+    ``copies`` augmented copies per image.
+
+    Imports TensorFlow (through ``batchuq.augment``): call it after
+    ``import_tensorflow_quietly``.
+
+    Raises:
+        UsageError: If a range is out of bounds.
+    """
+    from batchuq.augment import TTAConfig
+
+    return TTAConfig(
+        copies=copies,
+        rotation=options["tta_rotation"],
+        zoom=options["tta_zoom"],
+        shift=options["tta_shift"],
+        contrast=options["tta_contrast"],
+        flip=options["tta_flip"],
+    )

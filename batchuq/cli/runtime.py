@@ -301,7 +301,7 @@ class StopOnSignal:
     Example::
 
         with StopOnSignal(output, resume) as stop:
-            score_directory(..., should_stop=stop.should_stop)
+            score_directory(..., control=RunControl(should_stop=stop.should_stop))
 
     Args:
         output: The file the job writes (renamed into place when it completes).

@@ -35,6 +35,7 @@ from batchuq.cli.options import (
     sample_layers_option,
     seed_option,
     split_csv,
+    tta_config,
 )
 from batchuq.cli.runtime import (
     EXIT_IMAGE_ERRORS,
@@ -66,8 +67,9 @@ from batchuq.errors import (
     UsageError,
 )
 
-if TYPE_CHECKING:  # imported where used: the pre-check loads NumPy
+if TYPE_CHECKING:  # imported where used: the pre-check loads NumPy, the jobs TensorFlow
     from batchuq.jobs.precheck import RunRequest
+    from batchuq.jobs.score import RaySettings, ScoreOptions
 
 
 @click.command("score")
@@ -342,18 +344,21 @@ def score(ctx: click.Context, images: Path | str, output: str, **options: Any) -
 
         check_before_loading(images, run_request(options))
         import_tensorflow_quietly(options["log_format"])
-        from batchuq.jobs.score import score_directory
+        from batchuq.jobs.score import RunControl, score_directory
         from batchuq.model_files import import_user_modules
 
         with StopOnSignal(Path(output), options["resume"]) as stop:
             import_user_modules(options["imports"])
-            report = score_directory(
-                images,
-                output,
-                **score_keywords(options),
+            control = RunControl(
+                resume=options["resume"],
+                checkpoint_rows=options["checkpoint_rows"],
                 should_stop=stop.should_stop,
+                # The bar would break "one JSON object per line" on stderr.
+                progress=options["progress"] and options["log_format"] == "text",
                 settings=settings_provenance(ctx),
-                worker_imports=tuple(options["imports"] or ()),
+            )
+            report = score_directory(
+                images, output, score_options(options), control, ray_settings(options)
             )
     if report.errors and report.error_rate > options["max_error_rate"]:
         say(
@@ -365,7 +370,7 @@ def score(ctx: click.Context, images: Path | str, output: str, **options: Any) -
         sys.exit(EXIT_IMAGE_ERRORS)
 
 
-# score options that score_directory takes under the same name and as they are.
+# score options that ScoreOptions takes under the same name and as they are.
 _AS_THEY_ARE = (
     "passes",
     "min_passes",
@@ -384,20 +389,14 @@ _AS_THEY_ARE = (
     "precision",
     "logits",
     "save_samples",
-    "resume",
-    "checkpoint_rows",
     "follow_symlinks",
     "include_all",
     "exif_transpose",
-    "engine",
-    "ray_address",
-    "workers",
-    "cpus_per_worker",
 )
 
 
-def score_keywords(options: Mapping[str, Any]) -> dict[str, Any]:
-    """The keyword arguments of ``score_directory`` for the options of ``batchuq score``.
+def score_options(options: Mapping[str, Any]) -> ScoreOptions:
+    """The ``ScoreOptions`` of ``batchuq score``'s options: what decides the rows.
 
     Imports TensorFlow (through ``batchuq.augment``): call it after
     ``import_tensorflow_quietly``.
@@ -406,32 +405,37 @@ def score_keywords(options: Mapping[str, Any]) -> dict[str, Any]:
         options: The command's parsed options, by parameter name.
 
     Returns:
-        ``score_directory``'s keywords, except ``should_stop`` and ``settings``.
+        The score options.
 
     Raises:
-        UsageError: If the TTA or rule settings are out of range.
+        UsageError: If a value is out of range.
     """
-    from batchuq.augment import TTAConfig
+    from batchuq.jobs.score import ScoreOptions
     from batchuq.postprocess.rules import DecisionRule
 
-    return {
+    return ScoreOptions(
         **{name: options[name] for name in _AS_THEY_ARE},
-        "model": model_argument(options["model"]),
-        "tta": TTAConfig(
-            options["tta"],
-            options["tta_rotation"],
-            options["tta_zoom"],
-            options["tta_shift"],
-            options["tta_contrast"],
-            options["tta_flip"],
-        ),
-        "rule": DecisionRule(options["rule"], options["min_median"], options["min_confidence"]),
-        "class_names": split_csv(options["class_names"]),
-        "sample_layers": split_csv(options["sample_layers"]),
-        "memory_budget_mb": options["memory_budget"],
-        # The bar would break "one JSON object per line" on stderr.
-        "progress": options["progress"] and options["log_format"] == "text",
-    }
+        model=model_argument(options["model"]),
+        tta=tta_config(options, copies=options["tta"]),
+        rule=DecisionRule(options["rule"], options["min_median"], options["min_confidence"]),
+        class_names=split_csv(options["class_names"]),
+        sample_layers=split_csv(options["sample_layers"]),
+        memory_budget_mb=options["memory_budget"],
+    )
+
+
+def ray_settings(options: Mapping[str, Any]) -> RaySettings | None:
+    """The ``RaySettings`` of ``batchuq score --engine ray``, or None for the local engine."""
+    if options["engine"] != "ray":
+        return None
+    from batchuq.jobs.score import RaySettings
+
+    return RaySettings(
+        address=options["ray_address"],
+        workers=options["workers"],
+        cpus_per_worker=options["cpus_per_worker"],
+        imports=tuple(options["imports"] or ()),
+    )
 
 
 _AUGMENTATION = ("rotation", "zoom", "shift", "contrast", "flip")  # TTAConfig's, from --tta-*

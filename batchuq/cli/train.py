@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -102,21 +103,7 @@ from batchuq.defaults import (
     "holds a num-inducing x num-inducing precision matrix: 4 MB at 1024).",
 )
 @config_option
-def train(
-    images: Path,
-    model: Path,
-    epochs: int,
-    image_size: int,
-    channels: str,
-    val_split: float,
-    batch_size: int,
-    augment: bool,
-    seed: int,
-    exif_transpose: bool,
-    members: int,
-    method: str,
-    num_inducing: int,
-) -> None:
+def train(images: Path, model: Path, members: int, **options: Any) -> None:
     """Train the reference CNN on the class folders in IMAGES and save it to MODEL.
 
     The network is the 10-monkey-species post's CNN (Conv32-Pool-Conv32-Pool-Dropout0.5-
@@ -135,25 +122,15 @@ def train(
     # The images are the training data: an empty folder is a usage error, not a "skip".
     with exit_on_error(skip_on_no_images=False):
         import_tensorflow_quietly()
-        from batchuq.jobs.train import train_directory, train_ensemble
+        from batchuq.jobs.train import TrainOptions, train_directory, train_ensemble
 
-        options = {
-            "epochs": epochs,
-            "image_size": (image_size, image_size),
-            "channels": int(channels),
-            "val_split": val_split,
-            "batch_size": batch_size,
-            "augment": augment,
-            "seed": seed,
-            "exif_transpose": exif_transpose,
-            "method": method,
-            "num_inducing": num_inducing,
-        }
+        size, channels = options.pop("image_size"), int(options.pop("channels"))
+        train_options = TrainOptions(**options, image_size=(size, size), channels=channels)
         if members > 1:
-            ensemble = train_ensemble(images, model, members=members, **options)
+            ensemble = train_ensemble(images, model, members, train_options)
             report = ensemble.members[0]
         else:
-            report = train_directory(images, model, **options)
+            report = train_directory(images, model, train_options)
     if members > 1:
         accuracies = [r.val_accuracy for r in ensemble.members]
         shown = ", ".join("n/a" if a is None else f"{a:.4f}" for a in accuracies)

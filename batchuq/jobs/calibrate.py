@@ -29,7 +29,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -47,17 +47,18 @@ from batchuq.defaults import (
     DEFAULT_PRECISION,
     DEFAULT_SEED,
     DEFAULT_TTA,
-    DEFAULT_TTA_CONTRAST,
-    DEFAULT_TTA_FLIP,
-    DEFAULT_TTA_ROTATION,
-    DEFAULT_TTA_SHIFT,
-    DEFAULT_TTA_ZOOM,
     UNCLASSIFIED,
 )
 from batchuq.errors import NoDropoutError, UsageError
-from batchuq.jobs.batches import iter_sampled_batches
-from batchuq.jobs.rows import log_unreadable
-from batchuq.jobs.run import ModelArg, RunPlan, ScoreOptions, discover, load_for_run, prepare_run
+from batchuq.jobs.score.batches import iter_sampled_batches
+from batchuq.jobs.score.options import ModelsArg, ScoreOptions
+from batchuq.jobs.score.plan import (
+    RunPlan,
+    discover,
+    load_for_run,
+    prepare_run,
+)
+from batchuq.jobs.score.rows import log_unreadable
 from batchuq.metrics import nll
 from batchuq.postprocess.calibration_file import (
     Calibration,
@@ -108,59 +109,21 @@ class ValidationSamples:
     unreadable: list[str] = dataclasses.field(default_factory=list)
 
 
-def calibrate_directory(
-    val_images: str | os.PathLike[str],
-    output_json: str | os.PathLike[str] | None,
-    *,
-    model: ModelArg = None,
-    tta: int = DEFAULT_CALIBRATION_TTA,
-    passes: int = DEFAULT_CALIBRATION_PASSES,
-    score_passes: int = DEFAULT_PASSES,
-    score_tta: int = DEFAULT_TTA,
-    conformal: str = DEFAULT_CONFORMAL,
-    percentile: float = DEFAULT_PERCENTILE,
-    alpha: float = DEFAULT_ALPHA,
-    seed: int = DEFAULT_SEED,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    progress: bool = False,
-    tta_rotation: float = DEFAULT_TTA_ROTATION,
-    tta_zoom: float = DEFAULT_TTA_ZOOM,
-    tta_shift: float = DEFAULT_TTA_SHIFT,
-    tta_contrast: float = DEFAULT_TTA_CONTRAST,
-    tta_flip: bool = DEFAULT_TTA_FLIP,
-    class_names: list[str] | None = None,
-    labels: str | os.PathLike[str] | dict[str, str] | None = None,
-    class_order: str = DEFAULT_CLASS_ORDER,
-    allow_class_mismatch: bool = False,
-    rescale: float | None = None,
-    sample_layers: list[str] | None = None,
-    precision: str = DEFAULT_PRECISION,
-    logits: bool = False,
-    exif_transpose: bool | None = None,
-    settings: dict[str, Any] | None = None,
-) -> Calibration:
-    """Fit thresholds, a temperature and conformal quantiles on a labelled folder.
+@dataclass(frozen=True)
+class CalibrateOptions:
+    """What decides a calibration: its two predictors and the fit.
 
-    Samples ``val_images`` (class subfolders) with two predictors:
+    The threshold predictor is ``tta`` (copies and augmentation) x ``passes``; the scoring
+    predictor ``score_tta`` copies (same augmentation) x ``score_passes``, as ``batchuq score
+    --tta score_tta --passes score_passes`` computes it. Both share the model, seed,
+    augmentation, rescale, sampled layers, precision, logits and EXIF handling.
 
-    * the threshold predictor, ``tta`` copies x ``passes`` MC passes per copy: the thresholds
-      use one vector per copy (the mean of its passes);
-    * the scoring predictor, ``score_tta`` copies x ``score_passes`` passes, as ``batchuq
-      score --tta score_tta --passes score_passes`` computes it: the temperature and the
-      conformal quantiles use its per-image MC mean, exactly the ``mean_*`` values ``score``
-      writes (and builds ``pred_set`` from).
-
-    Both share the model, seed, augmentation settings, rescale, sampled layers, precision,
-    logits and EXIF handling. When they are the same predictor one run serves both. Images that
-    could not be read (each named in a warning, as ``score`` does) or have no label among the
-    model's classes are skipped.
-
-    Args:
-        val_images: Labelled validation folder (one subfolder per class).
-        output_json: Where to write the calibration JSON (``None``: do not write).
+    Attributes:
         model: ``.keras`` path, Keras model, ``LoadedModel``, or ``None`` for
             ``$BATCHUQ_MODEL`` or the bundled demo model.
-        tta: Augmented copies per image for the thresholds (default 100, as in docs/methods.md).
+        tta: The threshold predictor's test-time augmentation: copies per image (default 100,
+            as in docs/methods.md) and the augmentation of both predictors (the scoring
+            predictor's only matters when ``score_tta > 1``); a number is just the copies.
         passes: MC dropout passes per copy for the thresholds (default 1: plain TTA).
         score_passes: MC passes of the scoring predictor (default: ``score``'s, 100).
         score_tta: TTA copies of the scoring predictor (default: ``score``'s, 1).
@@ -169,22 +132,111 @@ def calibrate_directory(
         alpha: Miscoverage of the conformal sets (default 0.1).
         seed: Seed of augmentation and dropout.
         batch_size: Images per batch.
+        class_names, labels, class_order, allow_class_mismatch, rescale, sample_layers,
+            precision, logits, exif_transpose: As for ``ScoreOptions``.
+
+    Raises:
+        UsageError: For counts below 1, a percentile outside [0, 100], alpha outside (0, 1) or
+            an unknown conformal method.
+    """
+
+    model: ModelsArg = None
+    tta: TTAConfig = field(default_factory=lambda: TTAConfig(copies=DEFAULT_CALIBRATION_TTA))
+    passes: int = DEFAULT_CALIBRATION_PASSES
+    score_passes: int = DEFAULT_PASSES
+    score_tta: int = DEFAULT_TTA
+    conformal: str = DEFAULT_CONFORMAL
+    percentile: float = DEFAULT_PERCENTILE
+    alpha: float = DEFAULT_ALPHA
+    seed: int = DEFAULT_SEED
+    batch_size: int = DEFAULT_BATCH_SIZE
+    class_names: list[str] | None = None
+    labels: str | os.PathLike[str] | dict[str, str] | None = None
+    class_order: str = DEFAULT_CLASS_ORDER
+    allow_class_mismatch: bool = False
+    rescale: float | None = None
+    sample_layers: list[str] | None = None
+    precision: str = DEFAULT_PRECISION
+    logits: bool = False
+    exif_transpose: bool | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.tta, TTAConfig):  # just the copies: the default augmentation
+            _check_count("tta", self.tta)
+            object.__setattr__(self, "tta", TTAConfig(copies=int(self.tta)))
+        for name in ("passes", "score_tta", "score_passes", "batch_size"):
+            _check_count(name, getattr(self, name))
+        if not 0.0 <= float(self.percentile) <= 100.0:
+            raise UsageError(
+                f"`percentile` must be in [0, 100]. Received: percentile={self.percentile}"
+            )
+        if not 0.0 < float(self.alpha) < 1.0:
+            raise UsageError(f"`alpha` must be in (0.0, 1.0). Received: alpha={float(self.alpha)}")
+        check_method(self.conformal)
+
+    def predictors(self) -> tuple[ScoreOptions, ScoreOptions]:
+        """The scoring and the threshold predictor, as score options."""
+        shared = ScoreOptions(
+            model=self.model,
+            seed=self.seed,
+            batch_size=self.batch_size,
+            rule=DecisionRule("none"),
+            class_names=self.class_names,
+            labels=self.labels,
+            class_order=self.class_order,
+            allow_class_mismatch=self.allow_class_mismatch,
+            rescale=self.rescale,
+            sample_layers=self.sample_layers,
+            precision=self.precision,
+            logits=self.logits,
+            exif_transpose=self.exif_transpose,
+        )
+        scoring = dataclasses.replace(
+            shared,
+            passes=int(self.score_passes),
+            tta=dataclasses.replace(self.tta, copies=int(self.score_tta)),
+        )
+        threshold = dataclasses.replace(shared, passes=int(self.passes), tta=self.tta)
+        return scoring, threshold
+
+
+def _check_count(name: str, value: Any) -> None:
+    if int(value) != value or value < 1:
+        raise UsageError(f"`{name}` must be an integer >= 1. Received: {name}={value}")
+
+
+def calibrate_directory(
+    val_images: str | os.PathLike[str],
+    output_json: str | os.PathLike[str] | None,
+    options: CalibrateOptions | None = None,
+    *,
+    progress: bool = False,
+    settings: dict[str, Any] | None = None,
+) -> Calibration:
+    """Fit thresholds, a temperature and conformal quantiles on a labelled folder.
+
+    Samples ``val_images`` (class subfolders) with two predictors (``CalibrateOptions``):
+
+    * the threshold predictor, ``tta`` copies x ``passes`` MC passes per copy: the thresholds
+      use one vector per copy (the mean of its passes);
+    * the scoring predictor, ``score_tta`` copies x ``score_passes`` passes, as ``batchuq
+      score --tta score_tta --passes score_passes`` computes it: the temperature and the
+      conformal quantiles use its per-image MC mean, exactly the ``mean_*`` values ``score``
+      writes (and builds ``pred_set`` from).
+
+    When they are the same predictor one run serves both. Images that could not be read (each
+    named in a warning, as ``score`` does) or have no label among the model's classes are
+    skipped.
+
+    Example::
+
+        calibrate_directory("val", "cal.json", CalibrateOptions(tta=TTAConfig(copies=20)))
+
+    Args:
+        val_images: Labelled validation folder (one subfolder per class).
+        output_json: Where to write the calibration JSON (``None``: do not write).
+        options: The predictors and the fit (default: ``CalibrateOptions()``).
         progress: Show a progress bar.
-        tta_rotation: Augmentation of both predictors, as ``TTAConfig.rotation`` (the
-            scoring predictor's augmentation only matters when ``score_tta > 1``).
-        tta_zoom: As ``TTAConfig.zoom``, for both predictors.
-        tta_shift: As ``TTAConfig.shift``, for both predictors.
-        tta_contrast: As ``TTAConfig.contrast``, for both predictors.
-        tta_flip: As ``TTAConfig.flip``, for both predictors.
-        class_names: As for ``score_directory``.
-        labels: As for ``score_directory``.
-        class_order: As for ``score_directory``.
-        allow_class_mismatch: As for ``score_directory``.
-        rescale: As for ``score_directory``.
-        sample_layers: As for ``score_directory``.
-        precision: As for ``score_directory``.
-        logits: As for ``score_directory``.
-        exif_transpose: As for ``score_directory``.
         settings: Extra record stored as ``settings["options"]`` (the CLI passes each option's
             value and source).
 
@@ -192,72 +244,28 @@ def calibrate_directory(
         The ``Calibration`` (also written to ``output_json``).
 
     Raises:
-        UsageError: For bad arguments, an unwritable output, an unusable model or folder, or
-            no usable labelled images (see ``batchuq.errors``).
+        UsageError: For an unwritable output, an unusable model or folder, or no usable
+            labelled images (see ``batchuq.errors``).
         NoImagesFoundError: If the folder holds no image.
     """
     started = time.perf_counter()
-    _check_arguments(tta, passes, score_tta, score_passes, batch_size, percentile, alpha)
-    check_method(conformal)
+    options = options if options is not None else CalibrateOptions()
     if output_json is not None:
         check_output_path(output_json)
-    augmentation = TTAConfig(1, tta_rotation, tta_zoom, tta_shift, tta_contrast, tta_flip)
-    shared = ScoreOptions(
-        model=model,
-        seed=seed,
-        batch_size=batch_size,
-        rule=DecisionRule("none"),
-        class_names=class_names,
-        labels=labels,
-        class_order=class_order,
-        allow_class_mismatch=allow_class_mismatch,
-        rescale=rescale,
-        sample_layers=sample_layers,
-        precision=precision,
-        logits=logits,
-        exif_transpose=exif_transpose,
-    )
-    scoring = dataclasses.replace(
-        shared, passes=int(score_passes), tta=dataclasses.replace(augmentation, copies=score_tta)
-    )
-    threshold = dataclasses.replace(
-        shared, passes=int(passes), tta=dataclasses.replace(augmentation, copies=int(tta))
-    )
-    scoring_plan, threshold_plan = _plans(val_images, scoring, threshold)
+    scoring_plan, threshold_plan = _plans(val_images, *options.predictors())
     data = collect_samples(scoring_plan, threshold_plan, progress)
-    record = _settings(scoring_plan, threshold_plan, sample_layers, settings)
-    record |= {"percentile": float(percentile), "alpha": float(alpha), "conformal": conformal}
-    record["conformal_score"] = _CONFORMAL_SCORE[conformal]
+    record = _settings(scoring_plan, threshold_plan, options.sample_layers, settings)
+    record |= {
+        "percentile": float(options.percentile),
+        "alpha": float(options.alpha),
+        "conformal": options.conformal,
+    }
+    record["conformal_score"] = _CONFORMAL_SCORE[options.conformal]
     calibration = fit_calibration(data, scoring_plan, threshold_plan, record)
     calibration.stats["seconds"] = round(time.perf_counter() - started, 3)
     if output_json is not None:
         calibration.to_json(output_json)
     return calibration
-
-
-def _check_arguments(
-    tta: int,
-    passes: int,
-    score_tta: int,
-    score_passes: int,
-    batch_size: int,
-    percentile: float,
-    alpha: float,
-) -> None:
-    """Refuse counts below 1, a percentile outside [0, 100] and alpha outside (0, 1)."""
-    for name, value in (
-        ("tta", tta),
-        ("passes", passes),
-        ("score_tta", score_tta),
-        ("score_passes", score_passes),
-        ("batch_size", batch_size),
-    ):
-        if int(value) != value or value < 1:
-            raise UsageError(f"`{name}` must be an integer >= 1. Received: {name}={value}")
-    if not 0.0 <= float(percentile) <= 100.0:
-        raise UsageError(f"`percentile` must be in [0, 100]. Received: percentile={percentile}")
-    if not 0.0 < float(alpha) < 1.0:
-        raise UsageError(f"`alpha` must be in (0.0, 1.0). Received: alpha={float(alpha)}")
 
 
 def _plans(
@@ -277,7 +285,7 @@ def _plans(
             raise NoDropoutError(
                 f"{exc} (for calibrate: --score-passes, the scoring predictor's passes)"
             ) from None
-        if (threshold.passes, threshold.tta_config) == (scoring.passes, scoring.tta_config):
+        if (threshold.passes, threshold.tta) == (scoring.passes, scoring.tta):
             return scoring_plan, scoring_plan
         threshold_plan = prepare_run(
             val_images, threshold, discovery=discovery, models=members, announce=False

@@ -11,12 +11,12 @@ lets ``batchuq score`` name the output columns.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import keras
 import numpy as np
@@ -98,38 +98,21 @@ def _load_arrays(
     return np.stack(images), np.asarray(labels, np.int64)
 
 
-def train_directory(
-    images: str | os.PathLike[str],
-    model_path: str | os.PathLike[str],
-    *,
-    epochs: int = DEFAULT_EPOCHS,
-    image_size: tuple[int, int] = (DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE),
-    channels: int = 3,
-    val_split: float = DEFAULT_VAL_SPLIT,
-    batch_size: int = DEFAULT_TRAIN_BATCH_SIZE,
-    learning_rate: float = 1e-3,
-    augment: bool = True,
-    rescale: float = DEFAULT_RESCALE,
-    seed: int = DEFAULT_SEED,
-    verbose: int = 2,
-    exif_transpose: bool = False,
-    method: str = "reference",
-    num_inducing: int = DEFAULT_NUM_INDUCING,
-) -> TrainReport:
-    """Train the reference CNN on a class-folder tree and save it with its sidecar.
+@dataclass(frozen=True)
+class TrainOptions:
+    """How ``batchuq train`` fits a network.
 
-    Args:
-        images: Folder with one subfolder per class.
-        model_path: Where to write the ``.keras`` model.
+    Attributes:
         epochs: Training epochs.
-        image_size: ``(height, width)`` of the model input.
+        image_size: ``(height, width)`` of the model input (a number: a square).
         channels: 1 (grayscale) or 3 (RGB).
         val_split: Fraction of images held out (stratified) to report validation accuracy.
         batch_size: Training batch size.
         learning_rate: Adam learning rate.
         augment: Random rotation/zoom/translation of training images.
         rescale: Factor applied to pixel values ``0..255``; stored in the sidecar.
-        seed: Seed for the split, initial weights, shuffling and augmentation.
+        seed: Seed for the split, initial weights, shuffling and augmentation (member ``i`` of
+            an ensemble: ``seed + i``).
         verbose: Keras ``fit`` verbosity.
         exif_transpose: Turn training images upright by their EXIF orientation; recorded in
             the sidecar, so that ``batchuq score`` reads images the same way.
@@ -139,17 +122,64 @@ def train_directory(
         num_inducing: SNGP: random Fourier features of the GP head (its precision matrix,
             saved in the file, has ``num_inducing**2`` entries).
 
+    Raises:
+        UsageError: For a value out of range or an unknown method.
+    """
+
+    epochs: int = DEFAULT_EPOCHS
+    image_size: tuple[int, int] = (DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE)
+    channels: int = 3
+    val_split: float = DEFAULT_VAL_SPLIT
+    batch_size: int = DEFAULT_TRAIN_BATCH_SIZE
+    learning_rate: float = 1e-3
+    augment: bool = True
+    rescale: float = DEFAULT_RESCALE
+    seed: int = DEFAULT_SEED
+    verbose: int = 2
+    exif_transpose: bool = False
+    method: str = "reference"
+    num_inducing: int = DEFAULT_NUM_INDUCING
+
+    def __post_init__(self) -> None:
+        if isinstance(self.image_size, int):
+            object.__setattr__(self, "image_size", (self.image_size, self.image_size))
+        else:
+            object.__setattr__(self, "image_size", tuple(self.image_size))
+        if not 0.0 <= self.val_split < 1.0:
+            raise UsageError(f"`val_split` must be in [0, 1). Received: val_split={self.val_split}")
+        if self.epochs < 1:
+            raise UsageError(f"`epochs` must be at least 1. Received: epochs={self.epochs}")
+        if self.channels not in (1, 3):
+            raise UsageError(f"`channels` must be 1 or 3. Received: channels={self.channels}")
+        if self.method not in ARCHITECTURES:
+            raise UsageError(
+                f"`method` must be one of {sorted(ARCHITECTURES)}. Received: method={self.method!r}"
+            )
+
+
+def train_directory(
+    images: str | os.PathLike[str],
+    model_path: str | os.PathLike[str],
+    options: TrainOptions | None = None,
+) -> TrainReport:
+    """Train the reference CNN (or an SNGP network) on a class-folder tree and save it with its
+    sidecar.
+
+    Args:
+        images: Folder with one subfolder per class.
+        model_path: Where to write the ``.keras`` model.
+        options: How to train (default: ``TrainOptions()``).
+
     Returns:
         A ``TrainReport``.
 
     Raises:
-        UsageError: If the folder has fewer than two classes or the arguments are invalid.
+        UsageError: If the folder has fewer than two classes or the model path does not end in
+            ``.keras``.
     """
-    _check_train_arguments(model_path, epochs, val_split)
-    if method not in ARCHITECTURES:
-        raise UsageError(
-            f"`method` must be one of {sorted(ARCHITECTURES)}. Received: method={method!r}"
-        )
+    options = options if options is not None else TrainOptions()
+    if not str(model_path).endswith(".keras"):
+        raise UsageError(f"The model path must end in .keras. Received: model={str(model_path)!r}")
     discovery = discover_images(images)
     classes = discovery.class_folders
     if len(classes) < 2:
@@ -157,21 +187,23 @@ def train_directory(
             "Training needs a folder with at least two class subfolders. "
             f"Received: images={str(images)!r} with classes={classes}"
         )
-    spec = ImageSpec(image_size[0], image_size[1], channels)
+    o = options
+    spec = ImageSpec(o.image_size[0], o.image_size[1], o.channels)
     labelled = [f for f in discovery.files if f.folder_label is not None]
-    x, y = _load_arrays(labelled, spec, classes, exif_transpose)
-    keras.utils.set_random_seed(seed)
-    val_mask = _stratified_holdout(y, len(classes), val_split, seed)
+    x, y = _load_arrays(labelled, spec, classes, o.exif_transpose)
+    keras.utils.set_random_seed(o.seed)
+    val_mask = _stratified_holdout(y, len(classes), o.val_split, o.seed)
     train_ds, val_ds = _datasets(
-        x, y, val_mask, len(classes), batch_size, augment=augment, rescale=rescale, seed=seed
-    )
-    build = ARCHITECTURES[method]
-    if method == "sngp":
-        build = functools.partial(sngp_cnn, num_inducing=num_inducing)
+        x, y, val_mask, len(classes), o.batch_size, augment=o.augment, rescale=o.rescale,
+        seed=o.seed,
+    )  # fmt: skip
+    build = ARCHITECTURES[o.method]
+    if o.method == "sngp":
+        build = functools.partial(sngp_cnn, num_inducing=o.num_inducing)
     model = build(spec, len(classes))
-    sngp = method == "sngp"  # its head outputs logits, and its GP precision needs a callback
+    sngp = o.method == "sngp"  # its head outputs logits, and its GP precision needs a callback
     model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate),
+        optimizer=keras.optimizers.Adam(o.learning_rate),
         loss=keras.losses.CategoricalCrossentropy(from_logits=sngp),
         metrics=["accuracy"],
     )
@@ -179,8 +211,8 @@ def train_directory(
     history = model.fit(
         train_ds,
         validation_data=val_ds,
-        epochs=epochs,
-        verbose=verbose,
+        epochs=o.epochs,
+        verbose=o.verbose,
         shuffle=False,
         callbacks=[SNGPCallback()] if sngp else None,
     )
@@ -194,9 +226,9 @@ def train_directory(
     write_sidecar(
         model_path,
         classes,
-        method=method,
-        rescale=rescale,
-        exif_transpose=exif_transpose,
+        method=o.method,
+        rescale=o.rescale,
+        exif_transpose=o.exif_transpose,
         image_size=[spec.height, spec.width],
         channels=spec.channels,
         trained_on=str(images),
@@ -204,17 +236,6 @@ def train_directory(
     )
     n_val = int(val_mask.sum())
     return TrainReport(Path(model_path), classes, len(y) - n_val, n_val, val_accuracy)
-
-
-def _check_train_arguments(
-    model_path: str | os.PathLike[str], epochs: int, val_split: float
-) -> None:
-    if not 0.0 <= val_split < 1.0:
-        raise UsageError(f"`val_split` must be in [0, 1). Received: val_split={val_split}")
-    if epochs < 1:
-        raise UsageError(f"`epochs` must be at least 1. Received: epochs={epochs}")
-    if not str(model_path).endswith(".keras"):
-        raise UsageError(f"The model path must end in .keras. Received: model={str(model_path)!r}")
 
 
 def _stratified_holdout(y: np.ndarray, classes: int, val_split: float, seed: int) -> np.ndarray:
@@ -283,10 +304,8 @@ class EnsembleReport:
 def train_ensemble(
     images: str | os.PathLike[str],
     folder: str | os.PathLike[str],
-    *,
     members: int,
-    seed: int = DEFAULT_SEED,
-    **options: Any,
+    options: TrainOptions | None = None,
 ) -> EnsembleReport:
     """Train a deep ensemble: ``members`` reference CNNs that differ in seed, hence in initial
     weights, data order, augmentation and validation split.
@@ -299,8 +318,8 @@ def train_ensemble(
         images: Folder with one subfolder per class.
         folder: The ensemble folder (created; must not hold another ensemble's files).
         members: M, at least 2.
-        seed: Member ``i`` is trained with seed ``seed + i``.
-        options: Passed on to ``train_directory`` (epochs, image_size, channels, ...).
+        options: How to train each member; member ``i`` is trained with seed
+            ``options.seed + i``.
 
     Returns:
         An ``EnsembleReport``.
@@ -308,6 +327,7 @@ def train_ensemble(
     Raises:
         UsageError: If ``members`` < 2, ``folder`` is a file, or the training arguments are bad.
     """
+    options = options if options is not None else TrainOptions()
     if members < 2:
         raise UsageError(f"An ensemble needs at least 2 members. Received: members={members}")
     folder = Path(folder)
@@ -316,17 +336,18 @@ def train_ensemble(
             f"With --members, MODEL is the ensemble's folder. Received: model={str(folder)!r}"
         )
     folder.mkdir(parents=True, exist_ok=True)
+    seeds = [options.seed + i for i in range(members)]
     reports = []
-    for i in range(members):
+    for i, seed in enumerate(seeds):
         logger.info("training ensemble member %d of %d", i + 1, members)
         path = folder / f"member-{i}.keras"
-        reports.append(train_directory(images, path, seed=seed + i, **options))
+        reports.append(train_directory(images, path, dataclasses.replace(options, seed=seed)))
     manifest = write_ensemble_manifest(
         folder,
         [r.model_path for r in reports],
         class_names=reports[0].class_names,
-        rescale=options.get("rescale", DEFAULT_RESCALE),
-        seeds=[seed + i for i in range(members)],
+        rescale=options.rescale,
+        seeds=seeds,
         trained_on=str(images),
     )
     return EnsembleReport(folder, reports, manifest)

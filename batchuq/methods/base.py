@@ -108,5 +108,6 @@ class UncertaintyMethod(ABC):
         return [(0, rows)] if rows > 0 else []
 
 
-#: Builds a method for a loaded model (what ``score_directory(method=...)`` accepts).
+#: Builds a method for a loaded model (what ``ScoreOptions(method=...)`` accepts; the registry's
+#: builders, ``batchuq.methods.registry``, take every model of the run and its settings instead).
 MethodFactory = Callable[["LoadedModel"], UncertaintyMethod]

@@ -24,6 +24,7 @@ from batchuq.defaults import DEFAULT_MEMORY_BUDGET_MB, DEFAULT_PRECISION
 from batchuq.errors import ModelError, UsageError
 from batchuq.methods.base import UncertaintyMethod
 from batchuq.methods.mc_dropout import MCDropout
+from batchuq.methods.registry import MethodSettings, register_method
 from batchuq.models import LoadedModel, as_loaded_model
 from batchuq.seeds import mix
 
@@ -303,3 +304,22 @@ def _same(a: Any, b: Any) -> bool:
 def _agreed(members: list[LoadedModel], key: str) -> Any:
     """The first sidecar value of ``key`` among the members (they agree: checked), or None."""
     return next((m.sidecar[key] for m in members if m.sidecar.get(key) is not None), None)
+
+
+def build_deep_ensemble(models: Sequence[LoadedModel], settings: MethodSettings) -> DeepEnsemble:
+    """The deep ensemble of a run's models, as its settings ask (the registry's builder)."""
+    return DeepEnsemble(
+        list(models),
+        settings.passes,
+        settings.sample_layers,
+        settings.memory_budget_mb,
+        precision=settings.precision,
+        logits=settings.logits,
+    )
+
+
+def _several_models(models: Sequence[LoadedModel]) -> bool:
+    return len(models) > 1
+
+
+register_method(METHOD_NAME, build_deep_ensemble, detect=_several_models)

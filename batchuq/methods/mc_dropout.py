@@ -8,7 +8,8 @@ first dropout layer runs once, the passes are tiled inside one compiled function
 from __future__ import annotations
 
 import logging
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import keras
 import numpy as np
@@ -20,8 +21,13 @@ from batchuq.defaults import (
     DEFAULT_PASSES,
     DEFAULT_PRECISION,
 )
+from batchuq.errors import UsageError
 from batchuq.methods.base import UncertaintyMethod
+from batchuq.methods.registry import MethodSettings, register_method
 from batchuq.sample import MCSampler, PreparedRows, resolve_precision
+
+if TYPE_CHECKING:
+    from batchuq.models import LoadedModel
 
 logger = logging.getLogger("batchuq")
 # Precision notices given in this process: each once, however many predictors a command builds
@@ -95,3 +101,28 @@ class MCDropout(UncertaintyMethod):
             "sampled_layers": [layer.name for layer in self.sampler.dropout_layers],
             "logits": self.sampler.logits,
         }
+
+
+def build_mc_dropout(models: Sequence[LoadedModel], settings: MethodSettings) -> MCDropout:
+    """MC dropout of one model, as the run's settings ask (the registry's builder).
+
+    Raises:
+        UsageError: If the run has several models (they are a deep ensemble).
+    """
+    if len(models) != 1:
+        raise UsageError(
+            "MC dropout scores one model; several models are a deep ensemble "
+            f"(method='deep_ensemble'). Received: {len(models)} models, method='{DEFAULT_METHOD}'"
+        )
+    return MCDropout(
+        models[0].model,
+        settings.passes,
+        settings.sample_layers,
+        settings.memory_budget_mb,
+        precision=settings.precision,
+        logits=settings.logits,
+    )
+
+
+# The default: the method of a run whose models no other method claims.
+register_method(DEFAULT_METHOD, build_mc_dropout)

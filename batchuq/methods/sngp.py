@@ -15,7 +15,8 @@ class; see ``batchuq.sngp``). Then:
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import keras
 import numpy as np
@@ -24,13 +25,21 @@ import tensorflow as tf
 from batchuq.defaults import DEFAULT_MEAN_FIELD_LAMBDA, DEFAULT_MEMORY_BUDGET_MB
 from batchuq.errors import ModelError, UsageError
 from batchuq.methods.base import UncertaintyMethod
+from batchuq.methods.registry import MethodSettings, register_method
 from batchuq.sample import balanced_chunks
 from batchuq.seeds import mix, uniform_from_keys
 from batchuq.sngp import (
     RandomFeatureGaussianProcess,
     gp_layers,
+    is_sngp_model,
     mean_field_logits,
 )
+
+if TYPE_CHECKING:
+    from batchuq.models import LoadedModel
+
+#: The ``method`` recorded in the Parquet metadata of an SNGP run.
+METHOD_NAME = "sngp"
 
 # Mixed into a pass key for the head's normal draws (as dropout layers mix in their own id).
 _HEAD_SALT = 0x53A6
@@ -152,7 +161,7 @@ class SNGP(UncertaintyMethod):
     def metadata(self) -> dict[str, Any]:
         """The method, T, lambda and the GP's features; nothing sampled inside the network."""
         return {
-            "method": "sngp",
+            "method": METHOD_NAME,
             "passes": self.passes,
             "lambda": self.lambda_,
             "num_inducing": self.head.num_inducing,
@@ -161,3 +170,24 @@ class SNGP(UncertaintyMethod):
             "logits": False,
             "sampled_layers": [],
         }
+
+
+def build_sngp(models: Sequence[LoadedModel], settings: MethodSettings) -> SNGP:
+    """SNGP of one model with a GP head, as the run's settings ask (the registry's builder).
+
+    Raises:
+        UsageError: If the run has several models.
+        ModelError: If the model has no GP head.
+    """
+    if len(models) != 1:
+        raise UsageError(
+            f"SNGP scores one model. Received: {len(models)} models, method='{METHOD_NAME}'"
+        )
+    return SNGP(models[0].model, settings.passes, memory_budget_mb=settings.memory_budget_mb)
+
+
+def _is_one_sngp_model(models: Sequence[LoadedModel]) -> bool:
+    return len(models) == 1 and is_sngp_model(models[0].model)
+
+
+register_method(METHOD_NAME, build_sngp, detect=_is_one_sngp_model)

@@ -20,7 +20,7 @@ from batchuq.augment import CopyMaker, TTAConfig
 from batchuq.decode import make_dataset
 from batchuq.defaults import STATUS_OK
 from batchuq.errors import ModelError, StopRequested
-from batchuq.jobs.run import RunPlan
+from batchuq.jobs.score.plan import RunPlan
 from batchuq.postprocess.stopping import AdaptiveResult, sample_adaptively
 from batchuq.sample import balanced_chunks
 from batchuq.seeds import image_keys, mix

@@ -37,12 +37,12 @@ from typing import Any
 import keras
 from tqdm.auto import tqdm
 
-from batchuq.defaults import DEFAULT_CPUS_PER_WORKER
 from batchuq.errors import StopRequested, UsageError
-from batchuq.jobs.ray_session import ray_session
-from batchuq.jobs.ray_worker import PartJob, PartScorer, threads_for
-from batchuq.jobs.rows import (
-    RunControl,
+from batchuq.jobs.score.options import RaySettings, RunControl, ScoreOptions
+from batchuq.jobs.score.plan import RunPlan, prepare_run
+from batchuq.jobs.score.ray_session import ray_session
+from batchuq.jobs.score.ray_worker import PartJob, PartScorer, threads_for
+from batchuq.jobs.score.rows import (
     ScoreReport,
     checkpoint_fingerprint,
     log_image_errors,
@@ -52,7 +52,6 @@ from batchuq.jobs.rows import (
     row_group_rows,
     run_schema,
 )
-from batchuq.jobs.run import RunPlan, ScoreOptions, prepare_run
 from batchuq.methods.base import UncertaintyMethod
 from batchuq.models import LoadedModel
 from batchuq.write import (
@@ -70,35 +69,6 @@ logger = logging.getLogger("batchuq")
 # kills its worker this many times over fails the run rather than looping forever.
 TASK_RETRIES = 3
 INSTALL_HINT = 'pip install "batchuq[ray]"'
-
-
-@dataclass(frozen=True)
-class RaySettings:
-    """Where and how wide the Ray engine runs.
-
-    Attributes:
-        address: The cluster (``host:port`` or ``ray://host:port``); ``None`` takes
-            ``$RAY_ADDRESS``, else starts a Ray on this machine for the run.
-        workers: Actors in the pool, each holding the model; ``None``: one per cluster CPU.
-        cpus_per_worker: CPUs Ray reserves per actor; TensorFlow runs on the next whole number
-            of threads.
-        imports: Modules each worker imports before loading the model (the CLI's
-            ``--import``: custom layers must be registered in the workers too).
-    """
-
-    address: str | None = None
-    workers: int | None = None
-    cpus_per_worker: float = DEFAULT_CPUS_PER_WORKER
-    imports: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        if self.workers is not None and self.workers < 1:
-            raise UsageError(f"`workers` must be at least 1. Received: workers={self.workers}")
-        if not self.cpus_per_worker > 0:
-            raise UsageError(
-                "`cpus_per_worker` must be above 0 (fractions such as 0.5 are fine). "
-                f"Received: cpus_per_worker={self.cpus_per_worker}"
-            )
 
 
 @dataclass(frozen=True)
@@ -169,7 +139,7 @@ def score_with_ray(
     ray = import_ray()
     target = OutputTarget.check(output)
     check_shippable(options)
-    plan = prepare_run(images, options)
+    plan = prepare_run(images, options, settings=control.settings)
     schema = run_schema(plan, "ray")
     report = ScoreReport(
         output=target.path,

@@ -22,27 +22,16 @@ import tensorflow as tf
 
 from batchuq._version import __version__
 from batchuq.augment import TTAConfig
-from batchuq.classes import DEFAULT_CLASS_ORDER, check_folders_match, labels_name_some
+from batchuq.classes import check_folders_match, labels_name_some
 from batchuq.decode import ImageSpec
 from batchuq.defaults import (
-    DEFAULT_ADAPTIVE_ALPHA,
-    DEFAULT_BATCH_SIZE,
-    DEFAULT_MAX_PASSES,
-    DEFAULT_MAX_PIXELS,
-    DEFAULT_MEMORY_BUDGET_MB,
-    DEFAULT_MIN_PASSES,
-    DEFAULT_PASSES,
-    DEFAULT_PRECISION,
     DEFAULT_RESCALE,
-    DEFAULT_SEED,
-    DEFAULT_TTA,
 )
 from batchuq.discover import IMAGE_EXTENSIONS, Discovery, discover_images, read_labels_file
 from batchuq.errors import UsageError
-from batchuq.methods.base import MethodFactory, UncertaintyMethod
-from batchuq.methods.ensemble import DeepEnsemble
-from batchuq.methods.mc_dropout import MCDropout
-from batchuq.methods.sngp import SNGP
+from batchuq.jobs.score.options import ModelsArg, ScoreOptions
+from batchuq.methods.base import UncertaintyMethod
+from batchuq.methods.registry import choose_method
 from batchuq.models import (
     LoadedModel,
     combined_sha256,
@@ -53,79 +42,8 @@ from batchuq.models import (
 from batchuq.postprocess.calibration_file import Calibration, predictor_mismatch_message
 from batchuq.postprocess.rules import DecisionRule
 from batchuq.postprocess.stopping import AdaptivePasses
-from batchuq.sngp import is_sngp_model
 
 logger = logging.getLogger("batchuq")
-
-ModelArg = str | os.PathLike[str] | keras.Model | LoadedModel | None
-# One model, an ensemble folder, or several models (the members of a deep ensemble, in order).
-ModelsArg = ModelArg | Sequence[ModelArg]
-
-
-@dataclass(frozen=True)
-class ScoreOptions:
-    """What decides a scoring run's rows (see ``score_directory`` for each field)."""
-
-    model: ModelsArg = None
-    passes: int | str = DEFAULT_PASSES
-    tta: TTAConfig | int = DEFAULT_TTA
-    seed: int = DEFAULT_SEED
-    batch_size: int = DEFAULT_BATCH_SIZE
-    rule: DecisionRule | None = None
-    class_names: list[str] | None = None
-    labels: str | os.PathLike[str] | dict[str, str] | None = None
-    class_order: str = DEFAULT_CLASS_ORDER
-    allow_class_mismatch: bool = False
-    rescale: float | None = None
-    sample_layers: list[str] | None = None
-    memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    precision: str = DEFAULT_PRECISION
-    logits: bool = False
-    save_samples: bool = False
-    calibration: str | os.PathLike[str] | Calibration | None = None
-    temperature: bool = False
-    allow_predictor_mismatch: bool = False
-    settings: dict[str, Any] | None = None
-    include_all: bool = False
-    exif_transpose: bool | None = None
-    follow_symlinks: bool = False
-    method: UncertaintyMethod | MethodFactory | None = None
-    min_passes: int = DEFAULT_MIN_PASSES
-    max_passes: int = DEFAULT_MAX_PASSES
-    adaptive_alpha: float = DEFAULT_ADAPTIVE_ALPHA
-
-    def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise UsageError(
-                f"`batch_size` must be at least 1. Received: batch_size={self.batch_size}"
-            )
-        if isinstance(self.passes, str) and self.passes != "auto":
-            raise UsageError(
-                f"`passes` must be a number or 'auto'. Received: passes={self.passes!r}"
-            )
-        if self.adaptive is not None and self.max_passes < 2:
-            raise UsageError(
-                "--passes auto needs max_passes of at least 2. "
-                f"Received: max_passes={self.max_passes}"
-            )
-
-    @property
-    def adaptive(self) -> AdaptivePasses | None:
-        """The adaptive-passes settings with ``passes='auto'``, else None."""
-        if self.passes != "auto":
-            return None
-        return AdaptivePasses(self.min_passes, self.max_passes, self.adaptive_alpha)
-
-    @property
-    def fixed_passes(self) -> int:
-        """Passes the method is built for: ``passes``, or ``max_passes`` with ``'auto'``."""
-        return self.max_passes if self.passes == "auto" else int(self.passes)
-
-    @property
-    def tta_config(self) -> TTAConfig:
-        """The TTA settings (``tta`` may be given as just the number of copies)."""
-        return self.tta if isinstance(self.tta, TTAConfig) else TTAConfig(copies=int(self.tta))
 
 
 @dataclass(frozen=True)
@@ -249,6 +167,7 @@ def prepare_run(
     images: str | os.PathLike[str],
     options: ScoreOptions,
     *,
+    settings: dict[str, Any] | None = None,
     discovery: Discovery | None = None,
     models: Sequence[LoadedModel] | None = None,
     announce: bool = True,
@@ -258,6 +177,7 @@ def prepare_run(
     Args:
         images: The images folder.
         options: The run's options.
+        settings: Where each setting came from, for the metadata (``RunControl.settings``).
         discovery: Files already discovered in ``images`` (default: discover them now).
         models: The model (or ensemble members) already loaded (default: load
             ``options.model``).
@@ -302,7 +222,7 @@ def prepare_run(
         spec=spec,
         labels=labels,
         class_names_source=names_source,
-        tta=options.tta_config,
+        tta=options.tta,
         seed=options.seed,
         batch_size=options.batch_size,
         max_pixels=options.max_pixels,
@@ -316,7 +236,7 @@ def prepare_run(
         metadata={},
         adaptive=options.adaptive,
     )
-    plan.metadata.update(run_metadata(plan, options, rescale_source))
+    plan.metadata.update(run_metadata(plan, options, rescale_source, settings))
     _check_predictor(plan, options.allow_predictor_mismatch)
     return plan
 
@@ -357,33 +277,13 @@ def _rescale(loaded: LoadedModel, rescale: float | None) -> tuple[float, str]:
 
 
 def _method(options: ScoreOptions, members: Sequence[LoadedModel]) -> UncertaintyMethod:
-    """The uncertainty method: the one given (or built by the factory given); else a deep
-    ensemble for several models; else SNGP for a model with a GP head; else MC dropout."""
+    """The uncertainty method: the one given (or built by the factory given), else the one the
+    registry names or detects for the models (``batchuq.methods.registry``)."""
     if isinstance(options.method, UncertaintyMethod):
         return options.method
-    if options.method is not None:
+    if callable(options.method):
         return options.method(members[0])
-    if len(members) > 1:
-        return DeepEnsemble(
-            list(members),
-            options.fixed_passes,
-            options.sample_layers,
-            options.memory_budget_mb,
-            precision=options.precision,
-            logits=options.logits,
-        )
-    if is_sngp_model(members[0].model):
-        return SNGP(
-            members[0].model, options.fixed_passes, memory_budget_mb=options.memory_budget_mb
-        )
-    return MCDropout(
-        members[0].model,
-        options.fixed_passes,
-        options.sample_layers,
-        options.memory_budget_mb,
-        precision=options.precision,
-        logits=options.logits,
-    )
+    return choose_method(members, options.method_settings, options.method)
 
 
 def resolve_labels(
@@ -443,7 +343,12 @@ def check_labels_match(label_map: dict[str, str], class_folders: list[str]) -> N
         )
 
 
-def run_metadata(plan: RunPlan, options: ScoreOptions, rescale_source: str) -> dict[str, Any]:
+def run_metadata(
+    plan: RunPlan,
+    options: ScoreOptions,
+    rescale_source: str,
+    settings: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """The Parquet metadata of a run: versions, inputs, every setting and the method's own."""
     return {
         "batchuq_version": __version__,
@@ -469,7 +374,7 @@ def run_metadata(plan: RunPlan, options: ScoreOptions, rescale_source: str) -> d
         "samples_per_image": plan.samples_per_image,
         "samples_saved": plan.save_samples,
         "calibration": _calibration_metadata(plan),
-        "settings": options.settings,
+        "settings": settings,
         **plan.method.metadata(),
         **_adaptive_metadata(plan),
     }

@@ -13,8 +13,7 @@ import dataclasses
 import hashlib
 import logging
 import math
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,14 +22,13 @@ import numpy as np
 import pyarrow as pa
 
 from batchuq.defaults import (
-    DEFAULT_CHECKPOINT_ROWS,
     DEFAULT_ROW_GROUP_SIZE,
     STATUS_OK,
     UNCLASSIFIED,
     UNCLASSIFIED_NAME,
 )
-from batchuq.jobs.batches import SampledBatch
-from batchuq.jobs.run import RunPlan
+from batchuq.jobs.score.batches import SampledBatch
+from batchuq.jobs.score.plan import RunPlan
 from batchuq.postprocess.rules import decide
 from batchuq.postprocess.temperature import apply_temperature
 from batchuq.summarise import Summary, mean_statistics, summarise_images
@@ -42,25 +40,6 @@ from batchuq.write import (
 )
 
 logger = logging.getLogger("batchuq")
-
-
-@dataclass(frozen=True)
-class RunControl:
-    """How a scoring run is driven, apart from what decides its rows (``ScoreOptions``).
-
-    Attributes:
-        resume: Keep finished rows in ``OUTPUT.checkpoint/`` and skip those already there.
-        checkpoint_rows: Rows per part file (with ``resume``; the Ray engine's unit of work).
-        should_stop: Polled between batches (or finished parts); True stops the run.
-        progress: Show a tqdm bar on stderr.
-        started: ``time.perf_counter()`` when the run was asked for.
-    """
-
-    resume: bool = False
-    checkpoint_rows: int = DEFAULT_CHECKPOINT_ROWS
-    should_stop: Callable[[], bool] | None = None
-    progress: bool = False
-    started: float = field(default_factory=time.perf_counter)
 
 
 @dataclass

@@ -29,9 +29,10 @@ import tensorflow as tf
 from batchuq.compact import part_name_at, write_part_file
 from batchuq.defaults import STATUS_OK
 from batchuq.discover import Discovery
-from batchuq.jobs.batches import iter_sampled_batches
-from batchuq.jobs.rows import ScoreReport, checkpoint_fingerprint, score_rows
-from batchuq.jobs.run import RunPlan, ScoreOptions, prepare_run
+from batchuq.jobs.score.batches import iter_sampled_batches
+from batchuq.jobs.score.options import ScoreOptions
+from batchuq.jobs.score.plan import RunPlan, prepare_run
+from batchuq.jobs.score.rows import ScoreReport, checkpoint_fingerprint, score_rows
 from batchuq.model_files import MODEL_ENV, import_user_modules
 from batchuq.storage import is_url
 

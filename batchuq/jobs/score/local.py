@@ -1,0 +1,100 @@
+"""The local engine of the score job: every step in this process, a batch at a time.
+
+``score_locally`` composes named steps: ``prepare_run`` (``plan``) resolves the settings, then
+``iter_sampled_batches`` (``batches``) yields samples, ``score_rows`` (``rows``) turns them into
+columns, and a ``ParquetSink`` writes them atomically (or resumably, with a checkpoint). The Ray
+engine (``ray_engine``) runs the same steps on a cluster, with the same rows.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from batchuq.errors import OutputError
+from batchuq.jobs.score.batches import iter_sampled_batches
+from batchuq.jobs.score.options import RunControl, ScoreOptions
+from batchuq.jobs.score.plan import RunPlan, prepare_run
+from batchuq.jobs.score.rows import (
+    ScoreReport,
+    checkpoint_fingerprint,
+    log_image_errors,
+    log_resuming,
+    log_start,
+    log_summary,
+    row_group_rows,
+    run_schema,
+    score_rows,
+)
+from batchuq.write import Checkpoint, ParquetSink, check_output_path, is_folder_output
+
+
+def score_locally(
+    images: str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    options: ScoreOptions,
+    control: RunControl,
+) -> ScoreReport:
+    """The local engine: score the images in this process, a batch at a time, in path order.
+
+    Args:
+        images: The images folder.
+        output: The Parquet file to write.
+        options: What decides the rows.
+        control: Resume, stop requests, progress and the start time.
+
+    Returns:
+        A ``ScoreReport``.
+
+    Raises:
+        OutputError: If ``output`` is a folder (ending in ``/``): only the Ray engine writes one.
+    """
+    if is_folder_output(output):
+        raise OutputError(
+            "A folder OUTPUT (ending in /) is written by the Ray engine only (--engine ray); "
+            f"the local engine writes one .parquet file. Received: output={str(output)!r}"
+        )
+    out_path = check_output_path(output, suffix=".parquet")
+    plan = prepare_run(images, options, settings=control.settings)
+    report = ScoreReport(
+        output=out_path,
+        images=len(plan.discovery.files),
+        demo_model=plan.loaded.bundled,
+        skipped=len(plan.discovery.skipped),
+    )
+    log_start(plan, out_path)
+    with open_sink(plan, out_path, control.resume, control.checkpoint_rows) as sink:
+        report.count(sink.done.statuses, sink.done.decisions)  # rows kept from a previous run
+        todo = [i for i, path in enumerate(plan.relative_paths) if path not in sink.done.paths]
+        log_resuming(len(sink.done.paths), report.images)
+        batches = iter_sampled_batches(
+            plan, todo, should_stop=control.should_stop, progress=control.progress
+        )
+        for batch in batches:
+            columns, decisions = score_rows(plan, batch, sink.schema)
+            report.count(batch.statuses, decisions)
+            log_image_errors(report, plan, batch.positions, batch.statuses)
+            sink.write(columns)
+        report.seconds = time.perf_counter() - control.started
+        sink.record_run(
+            {
+                "seconds": round(report.seconds, 3),
+                "images_per_second": round(report.images_per_second, 3),
+                "images": report.images,
+                "errors": report.errors,
+            }
+        )
+    log_summary(report)
+    return report
+
+
+def open_sink(plan: RunPlan, out_path: Path, resume: bool, checkpoint_rows: int) -> ParquetSink:
+    """The sink of a run: atomic, and with ``resume`` backed by a checkpoint of finished rows."""
+    group_rows = row_group_rows(plan)
+    checkpoint = None
+    if resume:
+        fingerprint = checkpoint_fingerprint(plan)
+        rows = min(checkpoint_rows, group_rows)
+        checkpoint = Checkpoint(out_path, fingerprint, rows, order=plan.relative_paths)
+    return ParquetSink(out_path, run_schema(plan), row_group_size=group_rows, checkpoint=checkpoint)
