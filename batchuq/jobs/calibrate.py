@@ -132,8 +132,9 @@ class CalibrateOptions:
         alpha: Miscoverage of the conformal sets (default 0.1).
         seed: Seed of augmentation and dropout.
         batch_size: Images per batch.
-        class_names, labels, class_order, allow_class_mismatch, rescale, sample_layers,
-            precision, logits, exif_transpose: As for ``ScoreOptions``.
+        class_names: As for ``ScoreOptions``, and so are ``labels``, ``class_order``,
+            ``allow_class_mismatch``, ``rescale``, ``sample_layers``, ``precision``, ``logits``
+            and ``exif_transpose``.
 
     Raises:
         UsageError: For counts below 1, a percentile outside [0, 100], alpha outside (0, 1) or
