@@ -12,7 +12,7 @@ STATUS_OK = "ok"
 # Scoring.
 DEFAULT_METHOD = "mc_dropout"  # the uncertainty method of a plain model (methods/)
 DEFAULT_PASSES = 100
-# --passes auto (postprocess/stopping.py): rounds of DEFAULT_MIN_PASSES up to DEFAULT_MAX_PASSES.
+# --passes auto (sampling/stopping.py): rounds of DEFAULT_MIN_PASSES up to DEFAULT_MAX_PASSES.
 DEFAULT_MIN_PASSES = 10
 DEFAULT_MAX_PASSES = 100
 DEFAULT_ADAPTIVE_ALPHA = 0.01

@@ -2,7 +2,7 @@
 
 Keras 3 has no public way to list a model's nested layers, walk a functional graph node by
 node, run one node, or read a spatial dropout layer's mask shape, and MC sampling
-(``batchuq.sample``) needs all four. Each function below says which private attribute or
+(``batchuq.sampling``) needs all four. Each function below says which private attribute or
 behaviour it relies on and the Keras version it was checked against, so that a Keras upgrade
 is checked here and nowhere else (``tests/test_sample.py`` exercises every function).
 """

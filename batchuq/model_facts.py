@@ -28,7 +28,7 @@ from batchuq.classes import sidecar_file
 
 # Model classes whose config holds layers of their own.
 _MODEL_CLASSES = frozenset({"Functional", "Sequential", "Model"})
-# Dropout layers that MC dropout samples (batchuq.sample.DROPOUT_TYPES and subclasses).
+# Dropout layers that MC dropout samples (batchuq.sampling.dropout.DROPOUT_TYPES and subclasses).
 _DROPOUT_CLASSES = frozenset(
     {
         "Dropout",

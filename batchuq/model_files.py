@@ -1,6 +1,10 @@
-"""Checks on a model file that need no TensorFlow, so that the CLI reports a wrong path at once.
+"""The model file on disk, before anything loads it: which paths, which files, their hashes.
 
-``models.load_model`` runs the same checks before it loads the file.
+Resolves ``--model`` (the bundled demo model, ``BATCHUQ_MODEL``, an ensemble folder and its
+manifest), checks the paths and hashes the files, imports ``--import`` user modules, and
+words the usage errors about a model's inputs and outputs. No TensorFlow, so that the CLI
+reports a wrong path at once; ``models.load_model`` runs the same checks before it loads the file
+(``models``), and ``model_facts`` reads what the file describes.
 """
 
 from __future__ import annotations

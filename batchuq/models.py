@@ -1,4 +1,11 @@
-"""Loading the Keras model and working out its classes and input format."""
+"""The loaded model: a Keras model (or ensemble) in memory with its classes and input format.
+
+This is the one module of the three ``model*`` modules that imports TensorFlow: it loads the
+file (``load_model``, ``load_models``), reads and writes its sidecar and ensemble manifest, and
+works out the class names, image size and pixel scaling from the loaded model. The file on disk
+before loading is ``model_files`` (paths, hashes, checks); what the file says about itself,
+read without loading it, is ``model_facts``.
+"""
 
 from __future__ import annotations
 

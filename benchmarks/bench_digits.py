@@ -169,8 +169,8 @@ def mapie_agreement(val_parquet: Path, calibrations: dict[str, dict], alpha: flo
 
 def digits_figures() -> dict:
     """Run the docs' commands on the bundled digits and collect every figure."""
+    from batchuq.output.schema import read_metadata
     from batchuq.postprocess.conformal import conformal_level, min_images_per_class
-    from batchuq.write import read_metadata
 
     with tempfile.TemporaryDirectory(prefix="bench_digits_") as tmp:
         work = Path(tmp)

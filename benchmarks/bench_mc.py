@@ -102,7 +102,7 @@ def count_flops(model) -> dict[str, float]:
     dropout layer (layers are in execution order for the reference CNN)."""
     import keras
 
-    from batchuq.sample import DROPOUT_TYPES
+    from batchuq.sampling.dropout import DROPOUT_TYPES
 
     prefix = tail = 0.0
     in_tail = False
@@ -198,7 +198,7 @@ def bench_classic(model, images: np.ndarray, passes: int, batch_size: int) -> di
 
 def bench_sampler(model, images, keys, passes, batch_size, **kwargs) -> dict:
     """(b)/(b2) MCSampler on preloaded arrays, batches of ``batch_size`` rows."""
-    from batchuq.sample import MCSampler
+    from batchuq.sampling.sampler import MCSampler
 
     sampler = MCSampler(model, passes, **kwargs)
     slices = batches(len(images), batch_size)
@@ -222,7 +222,7 @@ def bench_compute_bound(model, images, passes, batch_size, dtype_name="float32")
     import keras
     import tensorflow as tf
 
-    from batchuq.sample import DROPOUT_TYPES
+    from batchuq.sampling.dropout import DROPOUT_TYPES
 
     dtype = tf.bfloat16 if dtype_name == "bfloat16" else tf.float32
 
@@ -334,7 +334,7 @@ def cpu_info(cpuinfo: str | None = None) -> dict:
 
 def supports_precision() -> bool:
     from batchuq import score_directory
-    from batchuq.sample import MCSampler
+    from batchuq.sampling.sampler import MCSampler
 
     return all("precision" in inspect.signature(f).parameters for f in (score_directory, MCSampler))
 

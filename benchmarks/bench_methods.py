@@ -55,7 +55,7 @@ def run(name: str, work: Path) -> dict:
     from batchuq import score_directory
     from batchuq.jobs.evaluate import evaluate_parquet
     from batchuq.jobs.score import ScoreOptions
-    from batchuq.write import read_metadata
+    from batchuq.output.schema import read_metadata
 
     model, passes = CONFIGS[name]
     test_out, ood_out = work / f"{name}.parquet", work / f"{name}-ood.parquet"

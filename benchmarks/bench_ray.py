@@ -52,7 +52,7 @@ def score(out: Path, extra: list[str], env: dict[str, str]) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"batchuq score {' '.join(extra)} exited {proc.returncode}:\n"
                            f"{proc.stderr[-3000:]}")  # fmt: skip
-    from batchuq.write import read_metadata
+    from batchuq.output.schema import read_metadata
 
     return {
         "arguments": extra,

@@ -209,7 +209,12 @@ def score_rows_table(rows: int, classes: int, seed: int):
     """A table of ``rows`` realistic score rows (10 classes by default), the schema of a run."""
     import pyarrow as pa
 
-    from batchuq.write import CLASS_STATISTICS, SCORE_COLUMNS, output_schema, score_record_batch
+    from batchuq.output.schema import (
+        CLASS_STATISTICS,
+        SCORE_COLUMNS,
+        output_schema,
+        score_record_batch,
+    )
 
     names = [f"n{i}" for i in range(classes)]
     schema = output_schema(names, {"bench": "project_scaleout"})
@@ -250,7 +255,7 @@ def batchuq_compact(parts: list[Path], output: Path) -> None:
     import pyarrow.parquet as pq
 
     from batchuq.compact import SortedParts
-    from batchuq.write import write_file_from_parts
+    from batchuq.output.sink import write_file_from_parts
 
     paths = [p for part in parts for p in pq.read_table(part, columns=["path"])["path"].to_pylist()]
     position_of = {path: i for i, path in enumerate(sorted(paths))}

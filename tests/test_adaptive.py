@@ -17,9 +17,10 @@ from batchuq.cli import cli
 from batchuq.jobs.score import ScoreOptions, score_directory
 from batchuq.methods.mc_dropout import MCDropout
 from batchuq.model_files import BUNDLED_MODEL as DEFAULT_MODEL_PATH
+from batchuq.output.schema import read_metadata
 from batchuq.postprocess.rules import DecisionRule
-from batchuq.sample import MCSampler, bucket_rows
-from batchuq.write import read_metadata
+from batchuq.sampling.memory import bucket_rows
+from batchuq.sampling.sampler import MCSampler
 
 DATA = Path(DEFAULT_MODEL_PATH).parent
 

@@ -14,7 +14,7 @@ from batchuq import score_directory
 from batchuq.decode import load_image
 from batchuq.jobs.score import ScoreOptions
 from batchuq.models import file_sha256, load_models
-from batchuq.write import read_metadata
+from batchuq.output.schema import read_metadata
 
 DATA = Path(batchuq.__file__).parent / "data"
 ENSEMBLE = DATA / "digits_ensemble"

@@ -19,6 +19,7 @@ from batchuq.errors import CalibrationError, UsageError
 from batchuq.jobs.calibrate import CalibrateOptions, calibrate_directory
 from batchuq.jobs.score import ScoreOptions
 from batchuq.metrics import nll
+from batchuq.output.schema import read_metadata
 from batchuq.postprocess.calibration_file import (
     CALIBRATION_FORMAT,
     Calibration,
@@ -36,7 +37,6 @@ from batchuq.postprocess.conformal import (
 from batchuq.postprocess.rules import UNCLASSIFIED, threshold_decisions
 from batchuq.postprocess.temperature import apply_temperature, fit_temperature
 from batchuq.postprocess.thresholds import class_thresholds
-from batchuq.write import read_metadata
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_VAL = REPO / "sample_data" / "digits" / "val"

@@ -13,7 +13,7 @@ from conftest import REPO
 
 from batchuq.cli import cli
 from batchuq.cli.runtime import EXIT_OK, EXIT_USAGE
-from batchuq.write import read_metadata
+from batchuq.output.schema import read_metadata
 
 BUNDLED = REPO / "batchuq" / "data" / "digits_cnn.keras"
 

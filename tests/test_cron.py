@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import REPO, SAMPLE_TEST
 
-from batchuq.write import read_metadata
+from batchuq.output.schema import read_metadata
 
 DOCS = (REPO / "docs" / "unattended.md").read_text(encoding="utf-8")
 ISO_TIME = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d"  # local time, its UTC offset

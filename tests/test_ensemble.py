@@ -22,8 +22,8 @@ from batchuq.methods import UncertaintyMethod
 from batchuq.methods.ensemble import METHOD_NAME, DeepEnsemble
 from batchuq.methods.mc_dropout import MCDropout
 from batchuq.models import BUNDLED_MODEL, LoadedModel, load_model, read_sidecar, write_sidecar
+from batchuq.output.schema import read_metadata
 from batchuq.seeds import mix
-from batchuq.write import read_metadata
 
 CLASSES = 10
 NAMES = [f"n{i}" for i in range(CLASSES)]

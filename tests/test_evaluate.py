@@ -26,10 +26,10 @@ from batchuq.jobs.evaluate import (
     format_rule,
     format_table,
 )
+from batchuq.output.schema import output_schema
 from batchuq.report import evaluate as evaluate_report
 from batchuq.report import evaluate_figures, uncertain
 from batchuq.report.evaluate import write_evaluation_report, write_report
-from batchuq.write import output_schema
 
 CLASSES = ["cat", "dog", "fox"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

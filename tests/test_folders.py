@@ -15,7 +15,7 @@ from PIL import Image
 
 from batchuq.cli import cli
 from batchuq.cli.runtime import EXIT_OK, EXIT_USAGE
-from batchuq.write import read_metadata
+from batchuq.output.schema import read_metadata
 
 # Kaggle's monkey_labels.txt, with its ragged spacing and trailing tabs.
 MONKEY_LABELS = "Label,  Latin Name           , Common Name                   , Train Images\n" + (

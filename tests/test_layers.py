@@ -5,7 +5,8 @@ on a small broken package built in ``tmp_path`` and see it fail:
 
 * ``run_lint_imports``: the import-linter contracts of ``pyproject.toml`` (``[tool.importlinter]``:
   commands over the presentation (``report``) over jobs over methods and post-processing over the
-  core library; Matplotlib imported only by the presentation and the commands);
+  core library, itself in sub-layers; inside the score job, sampling and the output, their own
+  layers; Matplotlib imported only by the presentation and the commands);
 * ``find_import_cycle``: no cycle among the modules of the import graph, imports inside functions
   included, every package ``__init__`` a module of its own;
 * ``long_functions``: no function or method with more than ``MAX_FUNCTION_LINES`` lines of code;
@@ -316,9 +317,20 @@ def fake_batchuq(tmp_path: Path) -> Path:
 
     Commands import the report and jobs, the report imports jobs and Matplotlib, jobs import
     methods and postprocess, methods import the core, the score job's entry imports its engines
-    and they the shared steps; so it keeps the contracts, until a test adds a bad import.
+    and they the shared steps, the core's modules import lower sub-layers (models -> classes ->
+    discover -> storage -> errors; the sampler its steps, the sink the schema); so it keeps the
+    contracts, until a test adds a bad import.
     """
-    packages = {"cli", "report", "jobs", "jobs.score", "methods", "postprocess"}
+    packages = {
+        "cli",
+        "report",
+        "jobs",
+        "jobs.score",
+        "methods",
+        "postprocess",
+        "sampling",
+        "output",
+    }
     files = {"batchuq/__init__.py": "", "batchuq/jobs/score/__init__.py": ""}
     for name in _layer_modules():
         path = "batchuq/" + name.replace(".", "/")
@@ -336,8 +348,18 @@ def fake_batchuq(tmp_path: Path) -> Path:
     )
     files["batchuq/jobs/score/local.py"] = "from batchuq.jobs.score import rows, plan\n"
     files["batchuq/jobs/score/ray_engine.py"] = "from batchuq.jobs.score import ray_worker, rows\n"
-    files["batchuq/methods/base.py"] = "from batchuq import sample, errors\n"
-    files["batchuq/sample.py"] = "from batchuq import seeds\n"
+    files["batchuq/methods/base.py"] = (
+        "from batchuq.sampling import sampler\nimport batchuq.errors\n"
+    )
+    files["batchuq/sampling/sampler.py"] = (
+        "from batchuq import seeds\nfrom batchuq.sampling import dropout, memory\n"
+    )
+    files["batchuq/sampling/probe.py"] = "from batchuq.sampling import sampler, precision\n"
+    files["batchuq/output/sink.py"] = "from batchuq.output import schema\nimport batchuq.compact\n"
+    files["batchuq/models.py"] = "import batchuq.classes\nimport batchuq.sngp\n"
+    files["batchuq/classes.py"] = "import batchuq.discover\n"
+    files["batchuq/discover.py"] = "import batchuq.storage\n"
+    files["batchuq/storage.py"] = "import batchuq.errors\n"
     _write(tmp_path, files)
     return tmp_path
 
@@ -345,7 +367,7 @@ def fake_batchuq(tmp_path: Path) -> Path:
 def test_lint_imports_passes_on_a_package_that_keeps_the_contracts(fake_batchuq: Path) -> None:
     result = run_lint_imports(fake_batchuq)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "4 kept, 0 broken" in result.stdout
+    assert "6 kept, 0 broken" in result.stdout
 
 
 @pytest.mark.parametrize(
@@ -355,6 +377,31 @@ def test_lint_imports_passes_on_a_package_that_keeps_the_contracts(fake_batchuq:
             {"batchuq/errors.py": "def f():\n    import batchuq.jobs.score\n"},
             "batchuq.errors is not allowed to import batchuq.jobs",
             id="core-imports-a-job-inside-a-function",
+        ),
+        pytest.param(
+            {"batchuq/storage.py": "def f():\n    from batchuq.sampling import sampler\n"},
+            "batchuq.storage is not allowed to import batchuq.sampling",
+            id="lower-core-sub-layer-imports-a-higher-one",
+        ),
+        pytest.param(
+            {"batchuq/errors.py": "import batchuq.models\n"},
+            "batchuq.errors is not allowed to import batchuq.models",
+            id="core-foundation-imports-the-top-of-the-core",
+        ),
+        pytest.param(
+            {"batchuq/metrics.py": "from batchuq.output import schema\n"},
+            "batchuq.metrics is not allowed to import batchuq.output",
+            id="independent-core-siblings",
+        ),
+        pytest.param(
+            {"batchuq/sampling/stopping.py": "from batchuq.sampling import sampler\n"},
+            "batchuq.sampling.stopping is not allowed to import batchuq.sampling.sampler",
+            id="stopping-imports-the-sampler",
+        ),
+        pytest.param(
+            {"batchuq/output/paths.py": "from batchuq.output import sink\n"},
+            "batchuq.output.paths is not allowed to import batchuq.output.sink",
+            id="path-checks-import-the-sink",
         ),
         pytest.param(
             {"batchuq/seeds.py": "import batchuq.methods.base\n"},
@@ -416,7 +463,7 @@ def test_lint_imports_passes_on_a_package_that_keeps_the_contracts(fake_batchuq:
             id="core-draws",
         ),
         pytest.param(
-            # methods.base -> sample -> seeds -> matplotlib
+            # methods.base -> sampling.sampler -> seeds -> matplotlib
             {"batchuq/seeds.py": "import matplotlib\n"},
             "batchuq.methods is not allowed to import matplotlib",
             id="method-draws-through-the-core",

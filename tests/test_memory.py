@@ -16,7 +16,7 @@ from conftest import ROUNDING, assert_frames_equal_to_rounding, bn_dropout_model
 from batchuq import score_directory
 from batchuq.augment import CopyMaker, TTAConfig, augment_copies
 from batchuq.jobs.score import ScoreOptions
-from batchuq.sample import MCSampler
+from batchuq.sampling.sampler import MCSampler
 
 
 def _row_bytes(shape: tuple) -> int:

@@ -19,8 +19,8 @@ from batchuq.jobs.score.plan import ScoreOptions, prepare_run
 from batchuq.methods import UncertaintyMethod
 from batchuq.methods.mc_dropout import MCDropout
 from batchuq.models import BUNDLED_MODEL, LoadedModel, load_model
+from batchuq.output.schema import read_metadata
 from batchuq.postprocess.rules import UNCLASSIFIED, median_rule
-from batchuq.write import read_metadata
 
 
 class OnePassSoftmax(UncertaintyMethod):

@@ -13,7 +13,7 @@ from conftest import REPO
 
 from batchuq.model_facts import read_model_facts
 from batchuq.models import load_model, preprocessing_layer
-from batchuq.sample import find_dropout_layers
+from batchuq.sampling.dropout import find_dropout_layers
 
 
 def _sequential_softmax_activation() -> keras.Model:

@@ -18,7 +18,7 @@ from batchuq import score_directory
 from batchuq.decode import ImageSpec, load_image
 from batchuq.jobs.score import ScoreOptions
 from batchuq.models import ModelError, load_model, preprocessing_layer
-from batchuq.write import read_metadata
+from batchuq.output.schema import read_metadata
 
 # The docs' wrap-and-register recipe (docs/folders-and-models.md), verbatim in spirit: a
 # subclassed model registered with Keras, wrapped in a functional model so that batchuq knows

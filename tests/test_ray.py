@@ -53,12 +53,9 @@ from batchuq.jobs.score.plan import ScoreOptions, prepare_run  # noqa: E402
 from batchuq.jobs.score.ray_engine import OutputTarget, finalise  # noqa: E402
 from batchuq.jobs.score.ray_worker import PartJob, PartScorer  # noqa: E402
 from batchuq.jobs.score.rows import checkpoint_fingerprint, run_schema  # noqa: E402
-from batchuq.write import (  # noqa: E402
-    Checkpoint,
-    check_output_folder,
-    read_metadata,
-    write_folder_from_parts,
-)
+from batchuq.output.paths import check_output_folder
+from batchuq.output.schema import read_metadata
+from batchuq.output.sink import Checkpoint, write_folder_from_parts
 
 PASSES = 10  # few passes: the rows' equality does not depend on T, the tests' time does
 PART = 32  # images per part: 15 parts of the 450 test digits

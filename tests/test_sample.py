@@ -9,7 +9,8 @@ import pytest
 from conftest import ROUNDING, bn_dropout_model
 
 from batchuq.errors import NoDropoutError, UsageError
-from batchuq.sample import MCSampler, find_dropout_layers, sample_dropout
+from batchuq.sampling.dropout import find_dropout_layers, sample_dropout
+from batchuq.sampling.sampler import MCSampler
 from batchuq.seeds import mix
 from batchuq.summarise import summarise
 
@@ -43,7 +44,8 @@ def bf16_runs() -> None:
     ``batchuq score --precision bfloat16`` falls back to float32. Without a cap bf16 runs on
     every CPU (natively or emulated), so there the probe must pass.
     """
-    from batchuq.sample import bf16_probe, onednn_isa_cap
+    from batchuq.sampling.precision import onednn_isa_cap
+    from batchuq.sampling.probe import bf16_probe
 
     failure = bf16_probe()
     if failure is not None:
@@ -247,7 +249,7 @@ def test_dropout_kinds_keep_the_expectation(layer: keras.layers.Layer) -> None:
 def test_fused_dropout_kernel_equals_the_op_by_op_formula(spatial: bool, dtype: str) -> None:
     import tensorflow as tf
 
-    from batchuq.sample import _inverted_dropout
+    from batchuq.sampling.dropout import _inverted_dropout
     from batchuq.seeds import uniform_from_keys
 
     x = tf.cast(tf.random.stateless_normal((37, 9, 11, 6), seed=(1, 2)), dtype)
@@ -317,7 +319,7 @@ def test_bfloat16_keeps_softmax_and_everything_after_it_in_float32(bf16_runs: No
 
 
 def test_cpu_bf16_detection_reads_the_feature_flags() -> None:
-    from batchuq.sample import cpu_has_bf16
+    from batchuq.sampling.precision import cpu_has_bf16
 
     x86 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f {}\n\nprocessor\t: 1\n"
     assert cpu_has_bf16(x86.format("avx512_bf16 avx512_vnni")) is True
@@ -410,7 +412,8 @@ NO_BF16 = "this CPU has no native bfloat16"
 def test_native_bf16_needs_the_instructions_and_a_onednn_cap_that_allows_them(
     cpu: str, environ: dict[str, str], why_not: str
 ) -> None:
-    from batchuq.sample import native_bf16, resolve_precision
+    from batchuq.sampling.precision import native_bf16
+    from batchuq.sampling.probe import resolve_precision
 
     native, reason = native_bf16(_cpuinfo(cpu), environ)
     assert native is not why_not
@@ -422,7 +425,7 @@ def test_native_bf16_needs_the_instructions_and_a_onednn_cap_that_allows_them(
 
 
 def test_native_bf16_reads_arm_features_and_unknown_cpus() -> None:
-    from batchuq.sample import native_bf16
+    from batchuq.sampling.precision import native_bf16
 
     assert native_bf16(_cpuinfo(GRAVITON3, arm=True), {})[0] is True
     assert native_bf16(_cpuinfo("fp asimd evtstrm aes pmull", arm=True), {})[0] is False
@@ -430,7 +433,7 @@ def test_native_bf16_reads_arm_features_and_unknown_cpus() -> None:
 
 
 def test_float32_is_never_changed() -> None:
-    from batchuq.sample import resolve_precision
+    from batchuq.sampling.probe import resolve_precision
 
     assert resolve_precision("float32", _cpuinfo(EPYC_ZEN3), {}) == ("float32", None)
 
@@ -448,13 +451,13 @@ def test_the_bf16_probe_fails_for_real_where_onednn_is_capped_below_bf16(tmp_pat
 
     from conftest import REPO
 
-    from batchuq.sample import cpu_flags
+    from batchuq.sampling.precision import cpu_flags
 
     if "avx512f" not in (cpu_flags() or set()):
         pytest.skip("TensorFlow leaves bf16 convolutions to oneDNN only on AVX-512 CPUs")
     script = (
         "import json, sys\n"
-        "from batchuq.sample import bf16_probe, resolve_precision\n"
+        "from batchuq.sampling.probe import bf16_probe, resolve_precision\n"
         "failure = bf16_probe()\n"
         "json.dump([failure, resolve_precision('bfloat16', sys.argv[1], {})], sys.stdout)\n"
     )
@@ -475,11 +478,12 @@ def test_the_bf16_probe_fails_for_real_where_onednn_is_capped_below_bf16(tmp_pat
 
 
 def test_cli_memory_budget_default_is_the_samplers() -> None:
+    import inspect
+
     from batchuq.cli.score import score
-    from batchuq.sample import DEFAULT_MEMORY_BUDGET_MB
 
     (option,) = [p for p in score.params if p.name == "memory_budget"]
-    assert option.default == DEFAULT_MEMORY_BUDGET_MB
+    assert option.default == inspect.signature(MCSampler).parameters["memory_budget_mb"].default
 
 
 def test_bad_sampler_arguments_are_usage_errors(bn_model: keras.Model) -> None:
@@ -494,13 +498,14 @@ def test_bad_sampler_arguments_are_usage_errors(bn_model: keras.Model) -> None:
 
 def test_sample_uses_private_keras_apis_only_through_keras_private() -> None:
     """Every private Keras attribute sits in batchuq/keras_private.py, so that a Keras upgrade
-    is checked in one place; sample.py names none (its own ``self._x`` attributes aside)."""
+    is checked in one place; batchuq/sampling/ names none (its own ``self._x`` attributes aside)."""
     import re
     from pathlib import Path
 
-    import batchuq.sample
+    import batchuq.sampling
 
-    source = Path(batchuq.sample.__file__).read_text()
+    folder = Path(batchuq.sampling.__file__).parent
+    source = "".join(path.read_text() for path in sorted(folder.glob("*.py")))
     # Attribute access (x._name), names passed as strings (getattr(x, "_name")), internals.
     pattern = (
         r"(?<!self)\._[a-z]\w*|[\"']_[a-z]\w*[\"']|keras\.src|__setattr__|__delattr__|__dict__"

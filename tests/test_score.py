@@ -30,7 +30,7 @@ from batchuq.cli import cli
 from batchuq.cli.runtime import EXIT_IMAGE_ERRORS, EXIT_OK, EXIT_USAGE
 from batchuq.discover import NoImagesFoundError
 from batchuq.jobs.score import ScoreOptions
-from batchuq.write import read_metadata
+from batchuq.output.schema import read_metadata
 
 BASE_COLUMNS = [
     "path",

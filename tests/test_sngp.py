@@ -20,6 +20,7 @@ from batchuq.decode import ImageSpec, load_image
 from batchuq.errors import ModelError, UsageError
 from batchuq.jobs.score import ScoreOptions
 from batchuq.methods.sngp import SNGP, standard_normal_from_keys
+from batchuq.output.schema import read_metadata
 from batchuq.sngp import (
     RandomFeatureGaussianProcess,
     SNGPCallback,
@@ -28,7 +29,6 @@ from batchuq.sngp import (
     mean_field_logits,
     sngp_cnn,
 )
-from batchuq.write import read_metadata
 
 SPEC = ImageSpec(64, 64, 1)
 RIDGE = 1.0

@@ -1,4 +1,4 @@
-"""The stopping rule of ``--passes auto`` (postprocess/stopping.py), on synthetic samples whose
+"""The stopping rule of ``--passes auto`` (sampling/stopping.py), on synthetic samples whose
 population decision is known: the bounds hold as often as their proofs say, and images at the
 decision boundary stop early with a wrong decision at most ``alpha`` of the time, where a naive
 rule errs far more often."""
@@ -11,8 +11,9 @@ from scipy import stats
 
 from batchuq.errors import UsageError
 from batchuq.postprocess.rules import DecisionRule, median_rule
-from batchuq.postprocess.stopping import (
+from batchuq.sampling.stopping import (
     AdaptivePasses,
+    StoppingRule,
     betting_log_wealth,
     mean_bounds,
     median_bounds,
@@ -21,6 +22,14 @@ from batchuq.postprocess.stopping import (
     settled,
 )
 from batchuq.summarise import summarise_images
+
+
+def test_the_decision_rule_is_what_stopping_reads() -> None:
+    """Stopping sits below post-processing and names the fields it reads of the rule in a
+    protocol; every rule satisfies it, and an object missing a field does not."""
+    for name in ("median", "threshold", "confidence", "none"):
+        assert isinstance(DecisionRule(name), StoppingRule)
+    assert not isinstance(AdaptivePasses(), StoppingRule)
 
 
 @pytest.mark.parametrize("samples", [5, 10, 20, 37, 100, 400])

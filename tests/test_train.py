@@ -72,7 +72,7 @@ def test_train_members_writes_an_ensemble_that_score_reads_in_order(
 
     from batchuq.decode import load_image
     from batchuq.models import file_sha256
-    from batchuq.write import read_metadata
+    from batchuq.output.schema import read_metadata
 
     folder = tmp_path / "ens"
     result = CliRunner().invoke(

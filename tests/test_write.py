@@ -14,16 +14,9 @@ from conftest import INTEGER_COLUMNS, assert_integer_columns_stay_integers
 from batchuq.compact import SortedParts, part_name_at, write_part_file
 from batchuq.defaults import STATUS_OK, UNCLASSIFIED, UNCLASSIFIED_NAME
 from batchuq.errors import CheckpointError, OutputError, UsageError
-from batchuq.write import (
-    SCORE_COLUMNS,
-    Checkpoint,
-    ParquetSink,
-    check_output_path,
-    output_schema,
-    read_metadata,
-    score_record_batch,
-    write_folder_from_parts,
-)
+from batchuq.output.paths import check_output_path
+from batchuq.output.schema import SCORE_COLUMNS, output_schema, read_metadata, score_record_batch
+from batchuq.output.sink import Checkpoint, ParquetSink, write_folder_from_parts
 
 CLASSES = ["cat", "dog", "owl"]
 GARBAGE = 1234.5  # what an unreadable image's rows hold; it must not reach the output

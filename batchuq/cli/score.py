@@ -540,8 +540,8 @@ def check_output_argument(output: str | Path, engine: str) -> None:
             cannot be written.
         UsageError: If ``engine`` is ``ray`` and Ray is not installed.
     """
+    from batchuq.output.paths import check_output_folder, check_output_path, is_folder_output
     from batchuq.storage import is_url
-    from batchuq.write import check_output_folder, check_output_path, is_folder_output
 
     if is_url(str(output)):
         check_output_path(output)  # refuses it, saying why

@@ -60,6 +60,7 @@ from batchuq.jobs.score.plan import (
 )
 from batchuq.jobs.score.rows import log_unreadable
 from batchuq.metrics import nll
+from batchuq.output.paths import check_output_path
 from batchuq.postprocess.calibration_file import (
     Calibration,
     CalibrationWarning,
@@ -76,7 +77,6 @@ from batchuq.postprocess.rules import DecisionRule, threshold_decisions
 from batchuq.postprocess.temperature import TEMPERATURE_BOUNDS, apply_temperature, fit_temperature
 from batchuq.postprocess.thresholds import thresholds_from_predictions
 from batchuq.summarise import summarise
-from batchuq.write import check_output_path
 
 logger = logging.getLogger("batchuq")
 

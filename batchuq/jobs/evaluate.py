@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 from batchuq import metrics
 from batchuq.defaults import STATUS_OK, UNCLASSIFIED_NAME
 from batchuq.errors import UsageError
-from batchuq.write import metadata_of
+from batchuq.output.schema import metadata_of
 
 # Uncertainty scores compared by AUROC; higher = more uncertain.
 SCORE_NAMES = ("1 - confidence", "entropy", "mutual_info", "mean_std", "variation_ratio")

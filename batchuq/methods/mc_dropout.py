@@ -1,8 +1,8 @@
 """Monte Carlo dropout (docs/methods.md, "MC dropout"): T passes with only dropout sampled.
 
-A thin adapter of ``batchuq.sample.MCSampler`` (which holds the numerics: the prefix before the
-first dropout layer runs once, the passes are tiled inside one compiled function) to the
-``UncertaintyMethod`` interface.
+A thin adapter of ``batchuq.sampling.sampler.MCSampler`` (which holds the numerics: the prefix
+before the first dropout layer runs once, the passes are tiled inside one compiled function) to
+the ``UncertaintyMethod`` interface.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from batchuq.defaults import (
 from batchuq.errors import UsageError
 from batchuq.methods.base import UncertaintyMethod
 from batchuq.methods.registry import MethodSettings, register_method
-from batchuq.sample import MCSampler, PreparedRows, resolve_precision
+from batchuq.sampling.probe import resolve_precision
+from batchuq.sampling.sampler import MCSampler, PreparedRows
 
 if TYPE_CHECKING:
     from batchuq.models import LoadedModel
@@ -45,7 +46,7 @@ class MCDropout(UncertaintyMethod):
         memory_budget_mb: Bound on the activations of one chunk of rows and their passes.
         precision: ``float32``, or ``bfloat16`` for the sampled part; falls back to float32
             with a warning where bfloat16 is not native or does not run here
-            (``batchuq.sample.resolve_precision``).
+            (``batchuq.sampling.probe.resolve_precision``).
         logits: The model outputs logits: apply a softmax to every pass.
 
     Raises:

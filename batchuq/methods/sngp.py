@@ -26,7 +26,7 @@ from batchuq.defaults import DEFAULT_MEAN_FIELD_LAMBDA, DEFAULT_MEMORY_BUDGET_MB
 from batchuq.errors import ModelError, UsageError
 from batchuq.methods.base import UncertaintyMethod
 from batchuq.methods.registry import MethodSettings, register_method
-from batchuq.sample import balanced_chunks
+from batchuq.sampling.memory import balanced_chunks
 from batchuq.seeds import mix, uniform_from_keys
 from batchuq.sngp import (
     RandomFeatureGaussianProcess,

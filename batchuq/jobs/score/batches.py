@@ -21,8 +21,8 @@ from batchuq.decode import make_dataset
 from batchuq.defaults import STATUS_OK
 from batchuq.errors import ModelError, StopRequested
 from batchuq.jobs.score.plan import RunPlan
-from batchuq.postprocess.stopping import AdaptiveResult, sample_adaptively
-from batchuq.sample import balanced_chunks
+from batchuq.sampling.memory import balanced_chunks
+from batchuq.sampling.stopping import AdaptiveResult, sample_adaptively
 from batchuq.seeds import image_keys, mix
 
 

@@ -27,7 +27,8 @@ from batchuq.jobs.score.rows import (
     run_schema,
     score_rows,
 )
-from batchuq.write import Checkpoint, ParquetSink, check_output_path, is_folder_output
+from batchuq.output.paths import check_output_path, is_folder_output
+from batchuq.output.sink import Checkpoint, ParquetSink
 
 
 def score_locally(

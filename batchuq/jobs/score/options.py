@@ -44,8 +44,8 @@ from batchuq.methods.registry import MethodSettings, method_named
 from batchuq.models import LoadedModel
 from batchuq.postprocess.calibration_file import Calibration
 from batchuq.postprocess.rules import DecisionRule
-from batchuq.postprocess.stopping import AdaptivePasses
-from batchuq.sample import PRECISIONS
+from batchuq.sampling.precision import PRECISIONS
+from batchuq.sampling.stopping import AdaptivePasses
 
 ModelArg = str | os.PathLike[str] | keras.Model | LoadedModel | None
 # One model, an ensemble folder, or several models (the members of a deep ensemble, in order).

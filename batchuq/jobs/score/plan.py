@@ -41,7 +41,7 @@ from batchuq.models import (
 )
 from batchuq.postprocess.calibration_file import Calibration, predictor_mismatch_message
 from batchuq.postprocess.rules import DecisionRule
-from batchuq.postprocess.stopping import AdaptivePasses
+from batchuq.sampling.stopping import AdaptivePasses
 
 logger = logging.getLogger("batchuq")
 

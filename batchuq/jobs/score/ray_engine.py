@@ -54,14 +54,8 @@ from batchuq.jobs.score.rows import (
 )
 from batchuq.methods.base import UncertaintyMethod
 from batchuq.models import LoadedModel
-from batchuq.write import (
-    Checkpoint,
-    check_output_folder,
-    check_output_path,
-    is_folder_output,
-    write_file_from_parts,
-    write_folder_from_parts,
-)
+from batchuq.output.paths import check_output_folder, check_output_path, is_folder_output
+from batchuq.output.sink import Checkpoint, write_file_from_parts, write_folder_from_parts
 
 logger = logging.getLogger("batchuq")
 

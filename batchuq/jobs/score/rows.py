@@ -29,15 +29,10 @@ from batchuq.defaults import (
 )
 from batchuq.jobs.score.batches import SampledBatch
 from batchuq.jobs.score.plan import RunPlan
+from batchuq.output.schema import CLASS_STATISTICS, SCORE_COLUMNS, output_schema, score_record_batch
 from batchuq.postprocess.rules import decide
 from batchuq.postprocess.temperature import apply_temperature
 from batchuq.summarise import Summary, mean_statistics, summarise_images
-from batchuq.write import (
-    CLASS_STATISTICS,
-    SCORE_COLUMNS,
-    output_schema,
-    score_record_batch,
-)
 
 logger = logging.getLogger("batchuq")
 

@@ -30,14 +30,41 @@ import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from batchuq import checks
 from batchuq.defaults import DEFAULT_ADAPTIVE_ALPHA, DEFAULT_MAX_PASSES, DEFAULT_MIN_PASSES
 from batchuq.errors import UsageError
-from batchuq.postprocess.rules import DecisionRule
+
+
+@runtime_checkable
+class StoppingRule(Protocol):
+    """What stopping reads of the run's decision rule (``batchuq.postprocess.rules.DecisionRule``).
+
+    Stopping controls sampling and sits below post-processing, so it names the four fields it
+    reads instead of importing the rule; the rule satisfies this protocol as it is.
+
+    Attributes:
+        name: ``median``, ``threshold``, ``confidence`` or ``none``.
+        min_median: Threshold of the median rule.
+        min_confidence: Threshold of the confidence rule.
+        thresholds: ``(classes,)`` per-class thresholds of the threshold rule, or ``None``.
+    """
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def min_median(self) -> float: ...
+
+    @property
+    def min_confidence(self) -> float: ...
+
+    @property
+    def thresholds(self) -> np.ndarray | None: ...
+
 
 #: ``draw(images, first_pass, passes)``: passes ``first_pass ..`` of the given images, float32
 #: ``(len(images), groups, passes, classes)`` (groups: TTA copies x ensemble members).
@@ -91,7 +118,7 @@ class AdaptivePasses:
             return self.alpha
         return self.alpha / 2 if look == 0 else self.alpha / 2 / (self.looks - 1)
 
-    def level(self, rule: DecisionRule, look: int) -> float:
+    def level(self, rule: StoppingRule, look: int) -> float:
         """The error level of the bounds at look ``look``: the median rule's share of
         ``alpha`` (``look_alpha``); all of ``alpha`` for the mean-based rules, whose
         confidence sequence holds at every look at once."""
@@ -250,7 +277,7 @@ def _on_the_simplex(lower: np.ndarray, upper: np.ndarray) -> tuple[np.ndarray, n
 
 
 def settled(
-    samples: np.ndarray, rule: DecisionRule, level: float, temperature: float | None = None
+    samples: np.ndarray, rule: StoppingRule, level: float, temperature: float | None = None
 ) -> np.ndarray:
     """Which images' decisions more samples could not change, at error ``level``.
 
@@ -288,7 +315,7 @@ def settled(
     return _stable(lower, upper, _mean_rule_limits(rule, classes), strict_top=False)
 
 
-def _mean_rule_limits(rule: DecisionRule, classes: int) -> np.ndarray:
+def _mean_rule_limits(rule: StoppingRule, classes: int) -> np.ndarray:
     """Per class, the least mean its prediction needs to stand (``-inf``: always stands)."""
     if rule.name == "threshold":
         thresholds = checks.float_vector(rule.thresholds, "thresholds", allow_nan=True)
@@ -356,7 +383,7 @@ def sample_adaptively(
     draw: Draw,
     images: int,
     adaptive: AdaptivePasses,
-    rule: DecisionRule,
+    rule: StoppingRule,
     *,
     temperature: float | None = None,
     stop_after_first: np.ndarray | None = None,
