@@ -56,6 +56,9 @@ DEFAULT_CALIBRATION_TTA = 100
 DEFAULT_CALIBRATION_PASSES = 1
 DEFAULT_PERCENTILE = 10.0
 DEFAULT_ALPHA = 0.1
+# `calibrate --target-risk`: the selective threshold's failure probability and score.
+DEFAULT_DELTA = 0.1
+DEFAULT_RISK_SCORE = "confidence"
 DEFAULT_CONFORMAL = "lac"
 
 # Training the reference CNN.

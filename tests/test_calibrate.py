@@ -34,7 +34,7 @@ from batchuq.postprocess.conformal import (
     conformal_scores,
     prediction_sets,
 )
-from batchuq.postprocess.rules import UNCLASSIFIED, threshold_decisions
+from batchuq.postprocess.rules import UNCLASSIFIED, SelectiveRule, threshold_decisions
 from batchuq.postprocess.temperature import apply_temperature, fit_temperature
 from batchuq.postprocess.thresholds import class_thresholds
 
@@ -789,3 +789,98 @@ def test_calibrate_names_each_unreadable_file_once_in_batchuq_lines(tmp_path: Pa
     assert "validation: 9 images (1 skipped: 1 unreadable)" in result.stdout
     stats = json.loads(out.read_text())["stats"]
     assert (stats["images"], stats["skipped"], stats["unreadable"], stats["runs"]) == (9, 1, 1, 2)
+
+
+# --- the risk rule: calibrate --target-risk, score --rule risk, evaluate ---------------------
+
+
+def test_calibration_round_trip_with_and_without_a_selective_threshold(tmp_path: Path) -> None:
+    selective = SelectiveRule(
+        score="entropy",
+        threshold=-0.123456789012345,
+        statement="selective risk <= 5% ...",
+        certificate={"target_risk": 0.05, "delta": 0.1, "n": 300, "accepted": 200},
+    )
+    calibration = make_calibration("lac")
+    calibration.selective = selective
+    path = calibration.to_json(tmp_path / "risk.json")
+    assert json.loads(path.read_text())["selective"]["threshold"] == -0.123456789012345
+    assert Calibration.from_json(path).selective == selective  # every digit kept
+    # A file written before the selective threshold existed has no such key and still loads.
+    old = make_calibration("lac").as_dict()
+    del old["selective"]
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    assert Calibration.from_json(tmp_path / "old.json").selective is None
+    old["selective"] = {"score": "variance", "threshold": 0.5, "statement": "", "certificate": {}}
+    (tmp_path / "bad.json").write_text(json.dumps(old))
+    with pytest.raises(CalibrationError, match="variance"):
+        Calibration.from_json(tmp_path / "bad.json")
+
+
+def test_calibrate_target_risk_then_score_rule_risk_then_evaluate(
+    val_subset: Path, digits_subset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The chain on 20 validation and 30 test images, 5 passes throughout. The threshold is
+    fitted on the scoring predictor: scoring the validation images again reproduces the
+    certificate's counts exactly; score accepts at or above it; evaluate checks the target."""
+    from scipy.stats import beta
+
+    monkeypatch.chdir(tmp_path)
+    fast = ["--tta", "1", "--passes", "5", "--score-passes", "5"]
+    # 20 images: k = 5 steps, the first accepts the 10 most confident.
+    risk = ["--target-risk", "0.4", "--delta", "0.5"]
+    result = _invoke(["calibrate", str(val_subset), "-o", "cal.json", *fast, *risk])
+    assert result.exit_code == EXIT_OK, result.output
+    calibration = Calibration.from_json("cal.json")
+    selective = calibration.selective
+    certificate = selective.certificate
+    assert selective.score == "confidence" and certificate["n"] == 20
+    assert (certificate["target_risk"], certificate["delta"]) == (0.4, 0.5)
+    assert certificate["risk_bound"] < 0.4
+    assert selective.statement in result.stdout
+    assert calibration.settings["target_risk"] == 0.4
+
+    again = _invoke(["score", str(val_subset), "val.parquet", "--passes", "5"])
+    assert again.exit_code == EXIT_OK, again.output
+    val = pd.read_parquet("val.parquet")
+    accepted = val.confidence.astype(np.float64) >= selective.threshold
+    assert accepted.sum() == certificate["accepted"]
+    assert (val.pred_index[accepted] != val.label_index[accepted]).sum() == certificate["errors"]
+
+    args = ["score", str(digits_subset), "out.parquet", "--passes", "5", "--rule", "risk"]
+    scored = _invoke([*args, "--calibration", "cal.json"])
+    assert scored.exit_code == EXIT_OK, scored.output
+    assert f"; risk rule: {selective.statement}" in scored.stderr
+    frame = pd.read_parquet("out.parquet")
+    keep = frame.confidence.astype(np.float64) >= selective.threshold
+    assert 0 < keep.sum() < len(frame)  # some accepted, some not, on these 30 images
+    assert (frame.decision[keep] == frame.pred[keep]).all()
+    assert (frame.decision[~keep] == "unclassified").all()
+    rule = read_metadata("out.parquet")["decision_rule"]
+    assert rule["rule"] == "risk" and rule["risk_threshold"] == selective.threshold
+    assert rule["statement"] == selective.statement and rule["certificate"] == certificate
+
+    evaluated = CliRunner().invoke(cli, ["evaluate", "out.parquet", "--json"])
+    assert evaluated.exit_code == EXIT_OK, evaluated.output
+    check = json.loads(evaluated.stdout)["selective"]
+    errors = int((frame.decision[keep] != frame.label[keep]).sum())
+    m, n = int(keep.sum()), len(frame)
+    assert (check["n"], check["accepted"], check["errors"]) == (n, m, errors)
+    assert check["risk"] == errors / m and check["coverage"] == m / n
+    assert check["target_held"] == (errors / m <= 0.4)
+    low = beta.ppf(0.025, errors, m - errors + 1) if errors else 0.0
+    np.testing.assert_allclose(
+        check["risk_interval"], [low, beta.ppf(0.975, errors + 1, m - errors)], rtol=1e-9
+    )
+    text = CliRunner().invoke(cli, ["evaluate", "out.parquet"]).stdout
+    assert "realised selective risk" in text and selective.statement in text
+    assert ("target held" if check["target_held"] else "target exceeded") in text
+
+    # A target these 20 images cannot certify: exit 2, how many images it needs, no file.
+    refused = _invoke(
+        ["calibrate", str(val_subset), "-o", "no.json", *fast, "--target-risk", "0.001"]
+    )
+    assert refused.exit_code == EXIT_USAGE, refused.output
+    assert "cannot be certified on 20 calibration images" in refused.stderr
+    assert "labelled calibration images would be needed" in refused.stderr
+    assert not Path("no.json").exists()

@@ -7,11 +7,15 @@ import pytest
 
 from batchuq.errors import UsageError
 from batchuq.postprocess.rules import (
+    RISK_SCORES,
     UNCLASSIFIED,
     UNCLASSIFIED_NAME,
     DecisionRule,
+    SelectiveRule,
+    check_risk_options,
     decide,
     median_rule,
+    risk_scores,
 )
 from batchuq.summarise import summarise
 
@@ -82,3 +86,80 @@ def test_invalid_rule_is_a_clear_error() -> None:
         DecisionRule("median", min_median=1.5)
     with pytest.raises(ValueError, match=r"must be in \[0, 1\]. Received: min_confidence=-0.1"):
         DecisionRule("confidence", min_confidence=-0.1)
+
+
+# --- the risk rule: a certified selective threshold on one score of the MC mean --------------
+
+
+def _risk_summary() -> object:
+    # Three images, two passes each: confident, torn between two classes, and unsure overall.
+    samples = np.array(
+        [
+            [[0.9, 0.05, 0.05], [0.8, 0.1, 0.1]],
+            [[0.5, 0.45, 0.05], [0.4, 0.55, 0.05]],
+            [[0.4, 0.3, 0.3], [0.2, 0.3, 0.5]],
+        ],
+        np.float32,
+    )
+    return summarise(samples)
+
+
+def test_risk_scores_are_the_summary_columns_higher_more_confident() -> None:
+    summary = _risk_summary()
+    mean = summary.mean.astype(np.float64)
+    top2 = np.sort(mean, axis=1)[:, ::-1][:, :2]
+    np.testing.assert_allclose(risk_scores(summary, "confidence"), top2[:, 0], atol=1e-6)
+    np.testing.assert_allclose(risk_scores(summary, "margin"), top2[:, 0] - top2[:, 1], atol=1e-6)
+    entropy = -(mean * np.log(mean)).sum(axis=1)
+    np.testing.assert_allclose(risk_scores(summary, "entropy"), -entropy, atol=1e-6)
+    # The float32 columns, widened exactly: calibrate and score compare the same numbers.
+    assert (
+        risk_scores(summary, "mutual_information").tolist()
+        == (-summary.mutual_info.astype(np.float64)).tolist()
+    )
+    for name in ("confidence", "margin", "entropy"):  # the confident image ranks first
+        assert risk_scores(summary, name).argmax() == 0
+    # Mutual information ranks by disagreement between passes: the torn image's passes agree
+    # most with each other here, so it ranks first.
+    assert risk_scores(summary, "mutual_information").argmax() == 1
+    with pytest.raises(UsageError, match="risk_score"):
+        risk_scores(summary, "variance")
+
+
+@pytest.mark.parametrize("score", RISK_SCORES)
+def test_risk_rule_accepts_at_or_above_the_threshold(score: str) -> None:
+    summary = _risk_summary()
+    values = risk_scores(summary, score)
+    middle = float(np.sort(values)[1])
+    selective = SelectiveRule(score=score, threshold=middle, statement="s", certificate={})
+    rule = DecisionRule("risk").with_thresholds(None, selective)
+    decisions = decide(summary, rule)
+    expected = np.where(values >= middle, summary.pred, UNCLASSIFIED)
+    assert decisions.tolist() == expected.tolist()
+    assert (decisions == UNCLASSIFIED).sum() == 1  # exactly at the threshold is accepted
+    nudged = SelectiveRule(score, float(np.nextafter(middle, np.inf)), "s", {})
+    assert (decide(summary, DecisionRule("risk", selective=nudged)) == UNCLASSIFIED).sum() == 2
+
+
+def test_risk_rule_metadata_and_refusals() -> None:
+    selective = SelectiveRule("margin", 0.25, "the statement", {"target_risk": 0.02})
+    rule = DecisionRule("risk").with_thresholds(np.array([0.5, 0.5, 0.5]), selective)
+    assert rule.thresholds is None  # per-class thresholds are the threshold rule's
+    assert rule.as_metadata() == {
+        "rule": "risk",
+        "risk_score": "margin",
+        "risk_threshold": 0.25,
+        "certificate": {"target_risk": 0.02},
+        "statement": "the statement",
+    }
+    # Another rule ignores a calibration's selective threshold.
+    assert DecisionRule("median").with_thresholds(None, selective).selective is None
+    with pytest.raises(UsageError, match="--target-risk"):
+        DecisionRule("risk").with_thresholds(np.array([0.5]), None)
+    with pytest.raises(UsageError, match="calibration=None"):
+        check_risk_options(calibration=False, temperature=False, adaptive=False)
+    with pytest.raises(UsageError, match="Drop --temperature"):
+        check_risk_options(calibration=True, temperature=True, adaptive=False)
+    with pytest.raises(UsageError, match="passes='auto'"):
+        check_risk_options(calibration=True, temperature=False, adaptive=True)
+    check_risk_options(calibration=True, temperature=False, adaptive=False)

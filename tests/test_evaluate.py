@@ -631,3 +631,66 @@ def test_evaluate_never_imports_the_report_or_the_commands():
             imported.update(f"{node.module}.{alias.name}" for alias in node.names)
     assert not {name for name in imported if "report" in name or name.startswith("batchuq.cli")}
     assert "matplotlib" not in " ".join(imported)
+
+
+# --- a --rule risk run: realised selective risk and coverage against the certified target ----
+
+
+@pytest.mark.parametrize(
+    ("k", "m"), [(0, 1), (0, 30), (1, 1), (3, 10), (4, 445), (30, 30), (7, 2000)]
+)
+def test_clopper_pearson_is_the_beta_quantiles(k: int, m: int) -> None:
+    from scipy.stats import beta
+
+    from batchuq.postprocess.selective import clopper_pearson
+
+    low, high = clopper_pearson(k, m)
+    assert low == pytest.approx(beta.ppf(0.025, k, m - k + 1) if k else 0.0, abs=1e-12)
+    assert high == pytest.approx(beta.ppf(0.975, k + 1, m - k) if k < m else 1.0, abs=1e-12)
+    low90, high90 = clopper_pearson(k, m, 0.9)
+    assert low <= low90 <= high90 <= high
+    with pytest.raises(UsageError, match="k"):
+        clopper_pearson(m + 1, m)
+
+
+def _lab(decision_correct: list[bool], accepted: list[bool]) -> evaluate.LabelledRows:
+    n = len(accepted)
+    return evaluate.LabelledRows(
+        mask=np.ones(n, bool),
+        labels=np.zeros(n, np.int64),
+        pred=np.zeros(n),
+        confidence=np.ones(n),
+        correct=np.array(decision_correct),
+        accepted=np.array(accepted),
+        decision_correct=np.array(decision_correct) & np.array(accepted),
+    )
+
+
+def test_selective_check_counts_errors_among_the_accepted_only() -> None:
+    rule = {
+        "rule": "risk",
+        "certificate": {"target_risk": 0.25, "delta": 0.1},
+        "statement": "the statement",
+    }
+    # 8 rows: 4 accepted (1 wrong), 4 refused (all wrong: they do not count).
+    correct = [True, True, True, False, False, False, False, False]
+    check = evaluate.selective_check(_lab(correct, [True] * 4 + [False] * 4), rule)
+    assert (check["n"], check["accepted"], check["errors"]) == (8, 4, 1)
+    assert check["risk"] == 0.25 and check["coverage"] == 0.5
+    assert check["target_held"] is True  # at the target counts as held
+    assert check["risk_interval"] == list(clopper_pearson_of(1, 4))
+    assert check["coverage_interval"] == list(clopper_pearson_of(4, 8))
+    worse = evaluate.selective_check(_lab([True, False, False, True], [True] * 4), rule)
+    assert worse["risk"] == 0.5 and worse["target_held"] is False
+    nothing = evaluate.selective_check(_lab([True, True], [False, False]), rule)
+    assert nothing["risk"] is None and nothing["target_held"] is None
+    assert nothing["risk_interval"] is None and nothing["coverage"] == 0.0
+    assert evaluate.selective_check(_lab([True], [True]), {"rule": "median"}) is None
+    table = evaluate.format_table({"rows": {}, "selective": check})
+    assert "0.2500 (95% CI" in table and "target held (target 0.25 is inside" in table
+
+
+def clopper_pearson_of(k: int, m: int) -> tuple[float, float]:
+    from batchuq.postprocess.selective import clopper_pearson
+
+    return clopper_pearson(k, m)

@@ -190,6 +190,28 @@ def make_cases(work: Path) -> dict[str, Case]:
         "--temperature without --calibration": Case(
             ["score", digits, out, "--temperature"], 2, "--calibration"
         ),
+        "--rule risk without --calibration": Case(
+            ["score", digits, out, "--rule", "risk"], 2, "--target-risk"
+        ),
+        "--rule risk, calibration without --target-risk": Case(
+            ["score", digits, out, "--rule", "risk", "--calibration", str(calibration)],
+            2,
+            "selective=None",
+        ),
+        "--rule risk with --temperature": Case(
+            [
+                "score",
+                digits,
+                out,
+                "--rule",
+                "risk",
+                "--calibration",
+                str(calibration),
+                "--temperature",
+            ],
+            2,
+            "Drop --temperature",
+        ),
         "unreadable calibration file": Case(
             ["score", digits, out, "--calibration", "notcal.json"], 2, "calibration"
         ),

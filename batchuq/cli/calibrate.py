@@ -36,12 +36,15 @@ from batchuq.defaults import (
     DEFAULT_CALIBRATION_PASSES,
     DEFAULT_CALIBRATION_TTA,
     DEFAULT_CONFORMAL,
+    DEFAULT_DELTA,
     DEFAULT_PASSES,
     DEFAULT_PERCENTILE,
+    DEFAULT_RISK_SCORE,
     DEFAULT_TTA,
 )
 from batchuq.postprocess.calibration_file import CalibrationWarning
 from batchuq.postprocess.conformal import CONFORMAL_METHODS
+from batchuq.postprocess.rules import RISK_SCORES
 
 if TYPE_CHECKING:  # imported where used: the pre-check loads NumPy, the job TensorFlow
     from batchuq.jobs.calibrate import CalibrateOptions
@@ -137,6 +140,32 @@ _FROM_SCORE_TABLE = {
     help="Conformal sets: lac = marginal, {c : 1 - p_c <= q}; class = one quantile per class "
     "(needs about 10/alpha images per class); aps = adaptive sets, never empty.",
 )
+@click.option(
+    "--target-risk",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    default=None,
+    show_default=True,
+    help="Also fit the selective threshold of score --rule risk: of the images it accepts, "
+    "at most this share wrong (population selective risk, certified with probability "
+    ">= 1 - delta by Geifman & El-Yaniv's SGR). Exit 2 with the images needed if the "
+    "validation set cannot certify it. Default: not fitted.",
+)
+@click.option(
+    "--delta",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    default=DEFAULT_DELTA,
+    show_default=True,
+    help="With --target-risk: the probability that the certificate is wrong.",
+)
+@click.option(
+    "--risk-score",
+    type=click.Choice(RISK_SCORES),
+    default=DEFAULT_RISK_SCORE,
+    show_default=True,
+    help="With --target-risk: the score the threshold is on, from the scoring predictor's MC "
+    "mean as score writes it (entropy and mutual_information negated: higher = more "
+    "confident).",
+)
 @augmentation_options
 # The predictor options, shared with score; defaults come from the config's [score] table
 # when it has them (see _FROM_SCORE_TABLE), else they are score's defaults.
@@ -165,12 +194,15 @@ def calibrate_command(
     score's defaults), exactly as `batchuq score` computes it; score refuses the calibration
     for a run with another predictor. The temperature minimises the NLL; the conformal quantile
     (--conformal, at level --alpha) makes sets that hold the true class with probability
-    >= 1 - alpha. The result, with the model's sha256, both predictors and all settings, is
-    written to --output as JSON.
+    >= 1 - alpha. With --target-risk, the selective threshold of `score --rule risk` is fitted
+    on the same MC mean, with its certificate. The result, with the model's sha256, both
+    predictors and all settings, is written to --output as JSON.
 
     Example:
 
         batchuq calibrate sample_data/digits/val -o calibration.json
+
+        batchuq calibrate sample_data/digits/val -o cal.json --target-risk 0.02 --delta 0.1
     """
     from batchuq.postprocess.calibration_file import format_summary
 
@@ -214,6 +246,9 @@ _AS_THEY_ARE = (
     "precision",
     "logits",
     "exif_transpose",
+    "target_risk",
+    "delta",
+    "risk_score",
 )
 
 

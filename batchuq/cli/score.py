@@ -125,19 +125,22 @@ if TYPE_CHECKING:  # imported where used: the pre-check loads NumPy, the jobs Te
 @batch_size_option
 @click.option(
     "--rule",
-    type=click.Choice(["median", "threshold", "confidence", "none"]),
+    type=click.Choice(["median", "threshold", "confidence", "risk", "none"]),
     default=DEFAULT_RULE,
     show_default=True,
     help="Decision rule: median = top median beats all others and >= --min-median; "
     "threshold = pred unless below its class's threshold from --calibration; "
-    "confidence = mean probability of the prediction >= --min-confidence; none.",
+    "confidence = mean probability of the prediction >= --min-confidence; risk = pred when "
+    "its risk score is at or above the certified selective threshold from --calibration "
+    "(calibrate --target-risk), else unclassified; none.",
 )
 @click.option(
     "--calibration",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     default=None,
     help="calibration.json from `batchuq calibrate` for this model: thresholds for "
-    "--rule threshold, the temperature, and a conformal pred_set column.",
+    "--rule threshold, the selective threshold for --rule risk, the temperature, and a "
+    "conformal pred_set column.",
 )
 @click.option(
     "--temperature/--no-temperature",

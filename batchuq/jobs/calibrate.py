@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from batchuq import checks
 from batchuq.augment import TTAConfig
 from batchuq.classes import DEFAULT_CLASS_ORDER
 from batchuq.defaults import (
@@ -42,9 +43,11 @@ from batchuq.defaults import (
     DEFAULT_CALIBRATION_PASSES,
     DEFAULT_CALIBRATION_TTA,
     DEFAULT_CONFORMAL,
+    DEFAULT_DELTA,
     DEFAULT_PASSES,
     DEFAULT_PERCENTILE,
     DEFAULT_PRECISION,
+    DEFAULT_RISK_SCORE,
     DEFAULT_SEED,
     DEFAULT_TTA,
     UNCLASSIFIED,
@@ -73,7 +76,14 @@ from batchuq.postprocess.conformal import (
     conformal_warnings,
     prediction_sets,
 )
-from batchuq.postprocess.rules import DecisionRule, threshold_decisions
+from batchuq.postprocess.rules import (
+    RISK_SCORES,
+    DecisionRule,
+    SelectiveRule,
+    risk_scores,
+    threshold_decisions,
+)
+from batchuq.postprocess.selective import fit_selective_threshold
 from batchuq.postprocess.temperature import TEMPERATURE_BOUNDS, apply_temperature, fit_temperature
 from batchuq.postprocess.thresholds import thresholds_from_predictions
 from batchuq.summarise import summarise
@@ -99,6 +109,10 @@ class ValidationSamples:
         copy_pred, copy_conf: ``(images, copies)`` each augmented copy's predicted class and
             its probability, under the threshold predictor.
         unreadable: Relative paths of the images that could not be read (each logged once).
+        pred: ``(images,)`` the scoring predictor's ``pred`` (argmax of the MC mean), as
+            ``score`` writes it.
+        risk_scores: Per name of ``RISK_SCORES``, ``(images,)`` that score of the scoring
+            predictor (``rules.risk_scores``: the Parquet columns' float32 values).
     """
 
     keep: np.ndarray
@@ -107,6 +121,8 @@ class ValidationSamples:
     copy_pred: np.ndarray
     copy_conf: np.ndarray
     unreadable: list[str] = dataclasses.field(default_factory=list)
+    pred: np.ndarray | None = None
+    risk_scores: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -141,10 +157,14 @@ class CalibrateOptions:
         precision: As for ``ScoreOptions``.
         logits: As for ``ScoreOptions``.
         exif_transpose: As for ``ScoreOptions``.
+        target_risk: Fit the selective threshold of ``score --rule risk`` for this selective
+            risk (``fit_selective_threshold``; default ``None``: not fitted).
+        delta: The certificate's failure probability (default 0.1).
+        risk_score: The score the selective threshold is on, one of ``RISK_SCORES``.
 
     Raises:
-        UsageError: For counts below 1, a percentile outside [0, 100], alpha outside (0, 1) or
-            an unknown conformal method.
+        UsageError: For counts below 1, a percentile outside [0, 100], alpha, target_risk or
+            delta outside (0, 1), an unknown conformal method or risk score.
     """
 
     model: ModelsArg = None
@@ -166,8 +186,15 @@ class CalibrateOptions:
     precision: str = DEFAULT_PRECISION
     logits: bool = False
     exif_transpose: bool | None = None
+    target_risk: float | None = None
+    delta: float = DEFAULT_DELTA
+    risk_score: str = DEFAULT_RISK_SCORE
 
     def __post_init__(self) -> None:
+        if self.target_risk is not None:
+            checks.fraction(self.target_risk, "target_risk")
+        checks.fraction(self.delta, "delta")
+        checks.one_of(self.risk_score, "risk_score", RISK_SCORES)
         if not isinstance(self.tta, TTAConfig):  # just the copies: the default augmentation
             _check_count("tta", self.tta)
             object.__setattr__(self, "tta", TTAConfig(copies=int(self.tta)))
@@ -268,6 +295,10 @@ def calibrate_directory(
         "conformal": options.conformal,
     }
     record["conformal_score"] = _CONFORMAL_SCORE[options.conformal]
+    if options.target_risk is not None:
+        record["target_risk"] = float(options.target_risk)
+        record["delta"] = float(options.delta)
+        record["risk_score"] = options.risk_score
     calibration = fit_calibration(data, scoring_plan, threshold_plan, record)
     calibration.stats["seconds"] = round(time.perf_counter() - started, 3)
     if output_json is not None:
@@ -344,6 +375,8 @@ def collect_samples(
     copies, passes = threshold_plan.tta.copies, threshold_plan.method.samples_per_row
     ok = np.zeros(n, dtype=bool)
     mean_probs = np.zeros((n, classes), dtype=np.float64)
+    mean_pred = np.zeros(n, dtype=np.int64)
+    scores = {name: np.full(n, np.nan) for name in RISK_SCORES}
     copy_pred = np.zeros((n, copies), dtype=np.int64)
     copy_conf = np.zeros((n, copies), dtype=np.float64)
     unreadable: list[str] = []
@@ -352,7 +385,11 @@ def collect_samples(
         for batch in iter_sampled_batches(plan, progress=progress, desc="calibrating"):
             index = np.asarray(batch.positions)
             if plan is scoring_plan:  # the float32 means `score` writes and builds sets from
-                mean_probs[index] = summarise(batch.samples).mean
+                summary = summarise(batch.samples)
+                mean_probs[index] = summary.mean
+                mean_pred[index] = summary.pred
+                for name in RISK_SCORES:
+                    scores[name][index] = risk_scores(summary, name)
                 ok[index] = batch.ok
                 unreadable += log_unreadable(plan, batch.positions, batch.statuses)
             if plan is threshold_plan:
@@ -367,7 +404,14 @@ def collect_samples(
     )
     keep = ok & ~np.isnan(label_index)
     return ValidationSamples(
-        keep, label_index, np.clip(mean_probs, 0.0, 1.0), copy_pred, copy_conf, unreadable
+        keep,
+        label_index,
+        np.clip(mean_probs, 0.0, 1.0),
+        copy_pred,
+        copy_conf,
+        unreadable,
+        pred=mean_pred,
+        risk_scores=scores,
     )
 
 
@@ -383,13 +427,16 @@ def fit_calibration(
         data: What the predictors gave on the validation images.
         scoring_plan, threshold_plan: The two predictors' runs.
         settings: The calibration's settings record; its ``percentile``, ``alpha`` and
-            ``conformal`` drive the fit.
+            ``conformal`` drive the fit, and ``target_risk`` (with ``delta`` and
+            ``risk_score``), when present, the selective threshold.
 
     Returns:
         The calibration (its ``stats`` lack only ``seconds``).
 
     Raises:
-        UsageError: If no readable image has a label among the model's classes.
+        UsageError: If no readable image has a label among the model's classes, or the
+            calibration images cannot certify ``target_risk`` (the message says how many
+            accepted images it would need).
     """
     names = list(scoring_plan.labels.class_names)
     conformal, percentile, alpha = settings["conformal"], settings["percentile"], settings["alpha"]
@@ -409,6 +456,9 @@ def fit_calibration(
     )
     temperature = fit_temperature(probs, y)
     quantiles = conformal_quantiles(probs, y, alpha, conformal)
+    selective = None
+    if settings.get("target_risk") is not None:
+        selective = fit_selective(data, y, settings)
     per_class = np.bincount(y, minlength=len(names))
     notes = conformal_warnings(conformal, alpha, per_class, names, quantiles)
     for note in notes:
@@ -437,6 +487,41 @@ def fit_calibration(
         settings=settings,
         stats=stats,
         created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        selective=selective,
+    )
+
+
+def fit_selective(
+    data: ValidationSamples, y: np.ndarray, settings: dict[str, Any]
+) -> SelectiveRule:
+    """The selective threshold of ``score --rule risk``, on the scoring predictor's MC mean.
+
+    Each kept image's ``settings["risk_score"]`` and whether its ``pred`` (argmax of the MC
+    mean, as ``score`` writes it) equals its label go to ``fit_selective_threshold`` with
+    ``target_risk`` and ``delta``. No temperature: ``score --rule risk`` compares the
+    untempered scores (and refuses ``--temperature``).
+
+    Args:
+        data: What the scoring predictor gave on the validation images.
+        y: The kept images' labels.
+        settings: ``target_risk``, ``delta`` and ``risk_score``.
+
+    Returns:
+        The fitted rule, with its certificate and statement.
+
+    Raises:
+        UsageError: If the calibration images cannot certify ``target_risk``.
+    """
+    name = settings["risk_score"]
+    correct = data.pred[data.keep] == y
+    threshold, certificate = fit_selective_threshold(
+        data.risk_scores[name][data.keep], correct, settings["target_risk"], settings["delta"]
+    )
+    return SelectiveRule(
+        score=name,
+        threshold=float(threshold),
+        statement=certificate.statement(),
+        certificate=dataclasses.asdict(certificate),
     )
 
 

@@ -30,6 +30,7 @@ from batchuq import metrics
 from batchuq.defaults import STATUS_OK, UNCLASSIFIED_NAME
 from batchuq.errors import UsageError
 from batchuq.output.schema import metadata_of
+from batchuq.postprocess.selective import clopper_pearson
 
 # Uncertainty scores compared by AUROC; higher = more uncertain.
 SCORE_NAMES = ("1 - confidence", "entropy", "mutual_info", "mean_std", "variation_ratio")
@@ -522,8 +523,57 @@ def evaluate_file(
         "tta": metadata.get("tta"),
         "decision_rule": metadata.get("decision_rule"),
         **evaluation.results,
+        "selective": selective_check(evaluation.labelled, metadata.get("decision_rule")),
     }
     return dataclasses.replace(evaluation, results=results, source=scored, ood_source=ood)
+
+
+def selective_check(lab: LabelledRows, rule: dict[str, Any] | None) -> dict[str, Any] | None:
+    """For a ``--rule risk`` run: the realised selective risk and coverage against the target.
+
+    Over the labelled ok rows: ``risk`` = wrong decisions among the accepted ones / accepted,
+    ``coverage`` = accepted / N, each with its two-sided 95% Clopper–Pearson interval
+    (``clopper_pearson``). ``target_held`` is whether the realised risk is at or below the
+    certified ``target_risk``. The certificate bounds the *population* selective risk (with
+    probability ``1 - delta``); one night's share scatters around it, which the interval
+    shows: a realised risk above the target with an interval that reaches below it is not, by
+    itself, evidence that the certificate failed.
+
+    Args:
+        lab: The labelled ok rows.
+        rule: The ``decision_rule`` entry of the metadata.
+
+    Returns:
+        ``None`` for another rule; else ``target_risk``, ``delta``, ``statement``, ``n``,
+        ``accepted``, ``errors``, ``risk``, ``risk_interval``, ``coverage``,
+        ``coverage_interval``, ``interval_level`` (0.95) and ``target_held`` (values ``None``
+        where undefined: no labelled row, nothing accepted).
+    """
+    if not isinstance(rule, dict) or rule.get("rule") != "risk":
+        return None
+    certificate = rule.get("certificate") or {}
+    target = certificate.get("target_risk")
+    n = int(lab.mask.sum())
+    accepted = int(lab.accepted.sum())
+    errors = int((lab.accepted & ~lab.decision_correct).sum())
+    risk = errors / accepted if accepted else None
+    return {
+        "target_risk": target,
+        "delta": certificate.get("delta"),
+        "statement": rule.get("statement"),
+        "n": n,
+        "accepted": accepted,
+        "errors": errors,
+        "risk": risk,
+        "risk_interval": list(clopper_pearson(errors, accepted, _LEVEL)) if accepted else None,
+        "coverage": accepted / n if n else None,
+        "coverage_interval": list(clopper_pearson(accepted, n, _LEVEL)) if n else None,
+        "interval_level": _LEVEL,
+        "target_held": None if risk is None or target is None else bool(risk <= target),
+    }
+
+
+_LEVEL = 0.95  # of the Clopper–Pearson intervals of ``selective_check``
 
 
 def _mean_passes(frame: pd.DataFrame) -> float | None:
@@ -593,7 +643,8 @@ def format_rule(rule: dict[str, Any] | None) -> str:
     """
     if not isinstance(rule, dict):
         return "n/a"
-    params = ", ".join(f"{k}={_significant(v)}" for k, v in rule.items() if k != "rule")
+    shown = {k: v for k, v in rule.items() if k not in ("rule", "certificate", "statement")}
+    params = ", ".join(f"{k}={_significant(v)}" for k, v in shown.items())
     return f"{rule.get('rule', 'n/a')}" + (f" ({params})" if params else "")
 
 
@@ -646,7 +697,42 @@ def _metric_sections(results: dict) -> list[_Section]:
             ("mean set size", conformal.get("mean_set_size")),
         ]
         sections.append((f"Conformal prediction sets (N = {conformal.get('n')})", items))
+    selective = results.get("selective")
+    if selective:
+        sections.append(_selective_section(selective))
     return sections
+
+
+def _interval_text(value: float | None, interval: list[float] | None) -> str:
+    """``0.0153 (95% CI 0.0050-0.0353)``, or ``n/a``."""
+    if value is None or interval is None:
+        return "n/a"
+    return f"{value:.4f} (95% CI {interval[0]:.4f}-{interval[1]:.4f})"
+
+
+def _selective_section(selective: dict[str, Any]) -> _Section:
+    """The ``--rule risk`` check: certified target, realised risk and coverage, verdict."""
+    target, held = selective.get("target_risk"), selective.get("target_held")
+    verdict = "n/a" if held is None else ("target held" if held else "target exceeded")
+    if held is not None and selective.get("risk_interval"):
+        low, high = selective["risk_interval"]
+        where = "inside" if low <= target <= high else ("above" if target > high else "below")
+        verdict += f" (target {target:.4g} is {where} the risk's 95% CI)"
+    items = [
+        ("certificate", selective.get("statement")),
+        ("target selective risk", target),
+        ("accepted / errors", f"{selective.get('accepted')} / {selective.get('errors')}"),
+        (
+            "realised selective risk",
+            _interval_text(selective.get("risk"), selective.get("risk_interval")),
+        ),
+        (
+            "coverage (accepted / N)",
+            _interval_text(selective.get("coverage"), selective.get("coverage_interval")),
+        ),
+        ("verdict", verdict),
+    ]
+    return f"Selective risk, --rule risk (N = {selective.get('n')})", items
 
 
 def _render(sections: list[_Section]) -> str:

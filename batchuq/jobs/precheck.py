@@ -6,8 +6,10 @@ model takes seconds. The same checks are made here first, in a moment, from what
 calibration JSON; the labels file; the folder listing): the model's inputs, outputs and Lambda
 layers, a model with no dropout layer to sample, ``--class-names`` against the outputs, class
 folders against the outputs (``--allow-class-mismatch``), a labels file naming no folder,
-``--rule threshold`` or ``--temperature`` without a calibration, a calibration made for another
-model or fitted on another predictor (``--allow-predictor-mismatch``).
+``--rule threshold`` or ``--temperature`` without a calibration, ``--rule risk`` without a
+calibration that holds a selective threshold (or with ``--temperature`` or ``--passes auto``), a
+calibration made for another model or fitted on another predictor
+(``--allow-predictor-mismatch``).
 
 A check whose facts the files do not state plainly (a custom layer, a nested model, bfloat16
 that may fall back) is left to ``prepare_run``: the run is then refused after the model loads,
@@ -50,6 +52,7 @@ from batchuq.model_files import (
     outputs_message,
 )
 from batchuq.postprocess.calibration_file import Calibration
+from batchuq.postprocess.rules import RISK_RULE_NEEDS, check_risk_options
 from batchuq.storage import is_url
 
 ENSEMBLE_METHOD = "deep_ensemble"  # methods.ensemble.METHOD_NAME (that module imports TF)
@@ -107,6 +110,12 @@ def check_before_loading(images: str | os.PathLike[str], request: RunRequest) ->
         raise UsageError(
             "The threshold rule needs per-class thresholds: pass --calibration "
             "calibration.json (made by `batchuq calibrate`). Received: calibration=None"
+        )
+    if request.rule == "risk":
+        check_risk_options(
+            calibration=request.calibration is not None,
+            temperature=request.temperature,
+            adaptive=request.passes == "auto",
         )
     if request.temperature and request.calibration is None:
         raise UsageError("--temperature needs --calibration. Received: calibration=None")
@@ -183,6 +192,10 @@ def _check_classes(
 def _check_calibration(paths: list[Path], members: list[ModelFacts], request: RunRequest) -> None:
     """The calibration file, its model's sha256, and the predictor settings known now."""
     calibration = Calibration.from_json(request.calibration)
+    if request.rule == "risk" and calibration.selective is None:
+        raise UsageError(
+            f"{RISK_RULE_NEEDS} Received: calibration={str(request.calibration)!r}, selective=None"
+        )
     calibration.check_model(combined_digest([file_sha256(path) for path in paths]))
     run = run_predictor(members, request)
     calibration.check_predictor(run, allow=request.allow_predictor_mismatch, only=set(run))

@@ -36,6 +36,7 @@ from batchuq._version import __version__
 from batchuq.defaults import DEFAULT_CONFORMAL, DEFAULT_METHOD
 from batchuq.errors import CalibrationError, PredictorMismatchError
 from batchuq.postprocess.conformal import check_method, prediction_sets
+from batchuq.postprocess.rules import RISK_SCORES, SelectiveRule
 
 __all__ = [
     "CALIBRATION_FORMAT",
@@ -190,6 +191,21 @@ def _array(values: list[float | None], missing: float) -> np.ndarray:
     return np.array([missing if v is None else float(v) for v in values], dtype=np.float64)
 
 
+def _selective(data: dict[str, Any] | None) -> SelectiveRule | None:
+    """The ``selective`` entry of a calibration file (``None``: not fitted)."""
+    if data is None:
+        return None
+    score = str(data["score"])
+    if score not in RISK_SCORES:
+        raise ValueError(f"selective.score {score!r} is not one of {RISK_SCORES}")
+    return SelectiveRule(
+        score=score,
+        threshold=float(data["threshold"]),
+        statement=str(data["statement"]),
+        certificate=dict(data["certificate"]),
+    )
+
+
 @dataclass
 class Calibration:
     """Everything ``batchuq calibrate`` fits, with what it was fitted on.
@@ -221,6 +237,9 @@ class Calibration:
             one run served both predictors, else 2) and ``warnings``.
         created: ISO time of the run (UTC).
         batchuq_version: Version that wrote the file.
+        selective: The selective threshold of ``score --rule risk`` and its certificate
+            (``calibrate --target-risk``), fitted on the scoring predictor's MC mean; ``None``
+            when not fitted (files written before it existed have none and still load).
 
     Raises:
         CalibrationError: If ``thresholds`` or ``conformal_quantiles`` do not fit the classes
@@ -241,6 +260,7 @@ class Calibration:
     stats: dict[str, Any] = field(default_factory=dict)
     created: str = ""
     batchuq_version: str = __version__
+    selective: SelectiveRule | None = None
 
     def __post_init__(self) -> None:
         self.thresholds = np.asarray(self.thresholds, dtype=np.float64)
@@ -326,6 +346,7 @@ class Calibration:
                 stats=dict(data.get("stats", {})),
                 created=str(data.get("created", "")),
                 batchuq_version=str(data.get("batchuq_version", "")),
+                selective=_selective(data.get("selective")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise CalibrationError(
@@ -454,5 +475,11 @@ def format_summary(calibration: Calibration) -> str:
             f"{stats['accuracy']:.4f}; thresholds accept {coverage:.1%} (accuracy {sel_text}); "
             f"conformal coverage {stats['conformal_coverage']:.1%}, mean set size "
             f"{stats['mean_set_size']:.2f}"
+        )
+    selective = calibration.selective
+    if selective is not None:
+        lines.append(
+            f"risk rule: accept {selective.score} >= {selective.threshold:.6g}; "
+            f"{selective.statement}"
         )
     return "\n".join(lines)

@@ -10,6 +10,9 @@ Rules (docs/methods.md, "Decision rules"):
   calibration). ``threshold_decisions`` applies them.
 * ``confidence``: recommend ``pred`` when the mean probability of ``pred`` is at least
   ``min_confidence``.
+* ``risk`` (needs a calibration fitted with ``--target-risk``): recommend ``pred`` when the
+  image's risk score (``risk_scores``; higher = more confident) is at or above the selective
+  threshold that ``batchuq.fit_selective_threshold`` certified; otherwise ``unclassified``.
 * ``none``: always recommend ``pred``.
 
 ``UNCLASSIFIED`` (-1, written as ``UNCLASSIFIED_NAME``) is defined in ``batchuq.defaults`` and
@@ -39,12 +42,110 @@ __all__ = [
     "UNCLASSIFIED",
     "UNCLASSIFIED_NAME",
     "DecisionRule",
+    "RISK_RULE_NEEDS",
+    "RISK_SCORES",
+    "SelectiveRule",
+    "check_risk_options",
     "decide",
     "median_rule",
+    "risk_scores",
+    "selective_decisions",
     "threshold_decisions",
 ]
 
-RULES = ("median", "threshold", "confidence", "none")
+RISK_RULE_NEEDS = (
+    "The risk rule needs a selective threshold: pass --calibration calibration.json made by "
+    "`batchuq calibrate --target-risk R` (a calibration fitted without --target-risk has none)."
+)
+RULES = ("median", "threshold", "confidence", "risk", "none")
+# Scores a selective threshold can be fitted on, each higher = more confident, from the same
+# Summary fields that `score` writes as Parquet columns (batchuq.summarise).
+RISK_SCORES = ("confidence", "margin", "entropy", "mutual_information")
+
+
+def risk_scores(summary: Summary, name: str) -> np.ndarray:
+    """The risk score ``name`` of each image, higher = more confident.
+
+    ``confidence`` (max of the MC mean) and ``margin`` (top-1 minus top-2 of the mean) as
+    they are; ``entropy`` (of the mean) and ``mutual_information`` (``mutual_info``, BALD)
+    negated. They are the float32 values of the Parquet columns, widened exactly to float64,
+    so a threshold fitted by ``calibrate`` compares with ``score``'s values bit for bit.
+
+    Args:
+        summary: The images' statistics (``batchuq.summarise``).
+        name: One of ``RISK_SCORES``.
+
+    Returns:
+        ``(batch,)`` float64.
+
+    Raises:
+        UsageError: If ``name`` is not one of ``RISK_SCORES``.
+    """
+    checks.one_of(name, "risk_score", RISK_SCORES)
+    if name == "confidence":
+        return np.asarray(summary.confidence, np.float64)
+    if name == "margin":
+        return np.asarray(summary.margin, np.float64)
+    if name == "entropy":
+        return -np.asarray(summary.entropy, np.float64)
+    return -np.asarray(summary.mutual_info, np.float64)
+
+
+def check_risk_options(*, calibration: bool, temperature: bool, adaptive: bool) -> None:
+    """Refuse the options the ``risk`` rule cannot honour.
+
+    Its threshold was fitted on the untempered MC mean of a fixed number of passes, so the
+    scores it compares must be those too: ``--temperature`` would move them (and can reorder
+    images), and ``--passes auto`` stops sampling without knowing the rule.
+
+    Args:
+        calibration: Whether a calibration was given.
+        temperature: Whether ``--temperature`` was asked for.
+        adaptive: Whether ``--passes auto`` was asked for.
+
+    Raises:
+        UsageError: Naming the option to drop.
+    """
+    if not calibration:
+        raise UsageError(f"{RISK_RULE_NEEDS} Received: calibration=None")
+    if temperature:
+        raise UsageError(
+            "--rule risk compares the untempered MC mean's score with a threshold fitted on "
+            "it; a temperature would change the scores (and their order). Drop --temperature. "
+            "Received: rule='risk', temperature=True"
+        )
+    if adaptive:
+        raise UsageError(
+            "--rule risk needs a fixed number of passes, as calibrated (--passes auto is not "
+            "fitted for it). Received: rule='risk', passes='auto'"
+        )
+
+
+@dataclass(frozen=True)
+class SelectiveRule:
+    """The fitted selective threshold of the ``risk`` rule, as a calibration file holds it.
+
+    Attributes:
+        score: The risk score, one of ``RISK_SCORES``.
+        threshold: Accept an image when its score is at or above it.
+        statement: The certificate's guarantee in one sentence (``SelectiveCertificate``).
+        certificate: The certificate's fields (target risk, delta, n, accepted, errors, bound,
+            method).
+    """
+
+    score: str
+    threshold: float
+    statement: str
+    certificate: dict = field(default_factory=dict)
+
+    def as_metadata(self) -> dict:
+        """The entries the Parquet metadata records for the ``risk`` rule."""
+        return {
+            "risk_score": self.score,
+            "risk_threshold": float(self.threshold),
+            "certificate": dict(self.certificate),
+            "statement": self.statement,
+        }
 
 
 @dataclass(frozen=True)
@@ -57,6 +158,8 @@ class DecisionRule:
         min_confidence: Threshold of the confidence rule.
         thresholds: ``(classes,)`` per-class thresholds of the threshold rule (``NaN`` = none),
             usually filled in from a calibration by ``with_thresholds``.
+        selective: The ``risk`` rule's fitted threshold, filled in from a calibration by
+            ``with_thresholds``.
         extra: More entries for the Parquet metadata.
 
     Raises:
@@ -68,6 +171,7 @@ class DecisionRule:
     min_confidence: float = DEFAULT_MIN_CONFIDENCE
     thresholds: np.ndarray | None = None
     extra: dict = field(default_factory=dict)
+    selective: SelectiveRule | None = None
 
     def __post_init__(self) -> None:
         checks.one_of(self.name, "rule", RULES)
@@ -75,21 +179,29 @@ class DecisionRule:
         checks.in_range(self.min_median, "min_median", 0.0, 1.0)
         checks.in_range(self.min_confidence, "min_confidence", 0.0, 1.0)
 
-    def with_thresholds(self, thresholds: np.ndarray | None) -> DecisionRule:
+    def with_thresholds(
+        self, thresholds: np.ndarray | None, selective: SelectiveRule | None = None
+    ) -> DecisionRule:
         """This rule with calibration thresholds filled in where it has none of its own.
 
         Args:
             thresholds: Per-class thresholds ``(classes,)`` from a calibration, or ``None``.
+            selective: The calibration's selective threshold, or ``None``.
 
         Returns:
             The rule, ready to ``decide``.
 
         Raises:
-            UsageError: If the threshold rule ends up without thresholds.
+            UsageError: If the threshold rule ends up without thresholds, or the risk rule
+                without a selective threshold.
         """
         rule = self
         if self.thresholds is None and thresholds is not None and self.name == "threshold":
             rule = dataclasses.replace(self, thresholds=np.asarray(thresholds, float))
+        if self.selective is None and selective is not None and self.name == "risk":
+            rule = dataclasses.replace(self, selective=selective)
+        if rule.name == "risk" and rule.selective is None:
+            raise UsageError(f"{RISK_RULE_NEEDS} Received: selective=None")
         if rule.name == "threshold" and rule.thresholds is None:
             raise UsageError(
                 "The threshold rule needs per-class thresholds: pass --calibration "
@@ -106,6 +218,7 @@ class DecisionRule:
             "median": {"min_median": self.min_median},
             "threshold": {"thresholds": thresholds},
             "confidence": {"min_confidence": self.min_confidence},
+            "risk": self.selective.as_metadata() if self.selective is not None else {},
             "none": {},
         }[self.name]
         return {"rule": self.name, **params, **self.extra}
@@ -184,4 +297,21 @@ def decide(summary: Summary, rule: DecisionRule) -> np.ndarray:
     if rule.name == "confidence":
         keep = summary.confidence >= rule.min_confidence
         return np.where(keep, summary.pred, UNCLASSIFIED).astype(np.int64)
+    if rule.name == "risk":
+        return selective_decisions(summary, rule.selective)
     return summary.pred.astype(np.int64)
+
+
+def selective_decisions(summary: Summary, selective: SelectiveRule) -> np.ndarray:
+    """Apply the ``risk`` rule: accept ``pred`` where the risk score is ``>= threshold``.
+
+    Args:
+        summary: The images' statistics (the untempered MC mean, as fitted).
+        selective: The fitted selective threshold.
+
+    Returns:
+        ``(batch,)`` int64: ``pred``, or ``UNCLASSIFIED`` (-1) below the threshold (a NaN
+        score is below it).
+    """
+    keep = risk_scores(summary, selective.score) >= selective.threshold
+    return np.where(keep, summary.pred, UNCLASSIFIED).astype(np.int64)

@@ -38,6 +38,7 @@ __all__ = [
     "SelectiveCertificate",
     "binomial_cdf",
     "binomial_upper_bound",
+    "clopper_pearson",
     "fit_selective_threshold",
     "min_accepted",
     "search_steps",
@@ -175,6 +176,36 @@ def binomial_upper_bound(k: int, m: int, delta: float) -> float:
         else:
             high = mid
     return high
+
+
+def clopper_pearson(k: int, m: int, level: float = 0.95) -> tuple[float, float]:
+    """The two-sided Clopper–Pearson interval of a binomial rate, at confidence ``level``.
+
+    Each end leaves ``(1 - level) / 2`` in its tail: the upper end is
+    ``binomial_upper_bound(k, m, (1 - level) / 2)``, the lower one ``1 -`` the same bound for the
+    ``m - k`` failures (0 when ``k = 0``, 1 when ``k = m``). They equal the Beta quantiles
+    ``Beta((1 - level) / 2; k, m - k + 1)`` and ``Beta((1 + level) / 2; k + 1, m - k)``.
+
+    Args:
+        k: Observed successes, ``0 <= k <= m``.
+        m: Trials ``>= 1``.
+        level: Confidence level in ``(0, 1)``.
+
+    Returns:
+        ``(lower, upper)``.
+
+    Raises:
+        UsageError: If ``m < 1``, ``k`` is outside ``[0, m]`` or ``level`` outside ``(0, 1)``.
+    """
+    m = checks.positive_int(m, "m")
+    level = checks.fraction(level, "level")
+    if int(k) != k or not 0 <= k <= m:
+        raise UsageError(f"`k` must be an integer in [0, m={m}]. Received: k={k}")
+    tail = (1.0 - level) / 2.0
+    k = int(k)
+    upper = binomial_upper_bound(k, m, tail)
+    lower = 0.0 if k == 0 else 1.0 - binomial_upper_bound(m - k, m, tail)
+    return lower, upper
 
 
 def search_steps(n: int) -> int:

@@ -24,6 +24,7 @@ from batchuq.jobs.score.rows import (
     log_start,
     log_summary,
     row_group_rows,
+    rule_certificate,
     run_schema,
     score_rows,
 )
@@ -63,6 +64,7 @@ def score_locally(
         images=len(plan.discovery.files),
         demo_model=plan.loaded.bundled,
         skipped=len(plan.discovery.skipped),
+        certificate=rule_certificate(plan),
     )
     log_start(plan, out_path)
     with open_sink(plan, out_path, control.resume, control.checkpoint_rows) as sink:

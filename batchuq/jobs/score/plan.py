@@ -40,7 +40,7 @@ from batchuq.models import (
     resolve_rescale,
 )
 from batchuq.postprocess.calibration_file import Calibration, predictor_mismatch_message
-from batchuq.postprocess.rules import DecisionRule
+from batchuq.postprocess.rules import DecisionRule, check_risk_options
 from batchuq.sampling.stopping import AdaptivePasses
 
 logger = logging.getLogger("batchuq")
@@ -195,8 +195,16 @@ def prepare_run(
     loaded = members[0]
     spec = loaded.image_spec  # refuses a model without one image input before any work
     calibration = _calibration(options, combined_sha256(members))
-    rule = (options.rule or DecisionRule()).with_thresholds(
-        None if calibration is None else calibration.thresholds
+    rule = options.rule or DecisionRule()
+    if rule.name == "risk":
+        check_risk_options(
+            calibration=calibration is not None,
+            temperature=options.temperature,
+            adaptive=options.adaptive is not None,
+        )
+    rule = rule.with_thresholds(
+        None if calibration is None else calibration.thresholds,
+        None if calibration is None else calibration.selective,
     )
     resolved = resolve_class_names(
         loaded, options.class_names, discovery.class_folders, options.class_order

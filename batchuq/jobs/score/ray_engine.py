@@ -50,6 +50,7 @@ from batchuq.jobs.score.rows import (
     log_start,
     log_summary,
     row_group_rows,
+    rule_certificate,
     run_schema,
 )
 from batchuq.methods.base import UncertaintyMethod
@@ -140,6 +141,7 @@ def score_with_ray(
         images=len(plan.discovery.files),
         demo_model=plan.loaded.bundled,
         skipped=len(plan.discovery.skipped),
+        certificate=rule_certificate(plan),
     )
     log_start(plan, target.path)
     checkpoint = open_parts_folder(plan, target.path, control)

@@ -51,6 +51,8 @@ class ScoreReport:
         demo_model: Whether the run used the bundled demo model because none was given.
         skipped: Files left out because their extension is not an image's (see
             ``include_all``).
+        certificate: With ``--rule risk``, the guarantee of its selective threshold
+            (``SelectiveCertificate.statement``), stated at the end of the summary line.
     """
 
     output: Path
@@ -61,6 +63,7 @@ class ScoreReport:
     error_paths: list[str] = field(default_factory=list)
     demo_model: bool = False
     skipped: int = 0
+    certificate: str | None = None
 
     @property
     def images_per_second(self) -> float:
@@ -79,6 +82,7 @@ class ScoreReport:
             f"{self.images} images, {self.unclassified} unclassified, {self.errors} errors, "
             f"{self.skipped} skipped, {self.seconds:.1f} s, {self.images_per_second:.1f} "
             f"images/s -> {self.output}{demo}"
+            + (f"; risk rule: {self.certificate}" if self.certificate else "")
         )
 
     def count(self, statuses: list[str], decisions: list[str | None] | np.ndarray) -> None:
@@ -178,6 +182,12 @@ def checkpoint_fingerprint(plan: RunPlan) -> dict[str, Any]:
     files = "\0".join(plan.relative_paths).encode()
     fingerprint["files"] = hashlib.sha256(files).hexdigest()
     return fingerprint
+
+
+def rule_certificate(plan: RunPlan) -> str | None:
+    """The run's ``--rule risk`` certificate statement, or ``None`` for another rule."""
+    selective = plan.rule.selective if plan.rule.name == "risk" else None
+    return None if selective is None else selective.statement
 
 
 def log_start(plan: RunPlan, out_path: Path) -> None:
