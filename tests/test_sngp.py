@@ -186,6 +186,11 @@ def test_mean_field_probabilities_match_the_formula_and_are_deterministic(tiny) 
         np.asarray(mean_field_logits(logits, variance, 0.5)),
         logits / np.sqrt(1 + 0.5 * variance)[:, None],
     )
+    # The variance comes out of the same pass, and alone: the GP head's, clamped at 0.
+    probs, row_variance = method.sample_and_variance(x[:10], keys)
+    np.testing.assert_array_equal(probs, first)
+    np.testing.assert_allclose(row_variance, np.maximum(variance, 0), **ROUNDING)
+    np.testing.assert_allclose(method.variance(x[:10]), row_variance, **ROUNDING)
 
 
 def test_posterior_samples_are_softmaxes_of_normal_logits(tiny) -> None:
@@ -376,3 +381,15 @@ def test_sngp_refuses_models_without_a_gp_head_and_bad_settings(tiny, bn_model) 
         SNGP(bn_model)
     with pytest.raises(UsageError, match="Received: passes=0"):
         SNGP(tiny[0], passes=0)
+
+
+def test_every_spectral_layer_of_the_bundled_model_is_within_its_bound_as_an_operator() -> None:
+    """Measured independently (``operator_norm``), not by the layers' own power iteration."""
+    from batchuq.models import load_models
+
+    (loaded,) = load_models(REPO / "batchuq" / "data" / "digits_sngp.keras")
+    layers = spectral_layers(loaded.model)
+    # Every convolution and dense layer of the backbone is wrapped, so none escapes a bound.
+    assert [layer.name for layer in layers] == ["conv1", "conv2", "conv3", "conv4", "dense"]
+    for layer in layers:
+        assert operator_norm(layer) <= layer.norm_multiplier * (1 + 1e-6), layer.name
