@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 import tensorflow as tf
 from conftest import REPO, ROUNDING, SAMPLE_TEST
+from scipy.sparse.linalg import LinearOperator, svds
 
 from batchuq import score_directory
 from batchuq.decode import ImageSpec, load_image
@@ -22,16 +23,63 @@ from batchuq.jobs.score import ScoreOptions
 from batchuq.methods.sngp import SNGP, standard_normal_from_keys
 from batchuq.output.schema import read_metadata
 from batchuq.sngp import (
+    BoundedSpectralNormalization,
+    BoundedSpectralNormalizationConv2D,
     RandomFeatureGaussianProcess,
     SNGPCallback,
+    ZeroPadShortcut,
     is_sngp_model,
     iter_spectral_norms,
     mean_field_logits,
     sngp_cnn,
+    spectral_layers,
 )
 
 SPEC = ImageSpec(64, 64, 1)
 RIDGE = 1.0
+
+
+def operator_norm(layer: BoundedSpectralNormalization) -> float:
+    """The largest singular value of a spectral layer's linear map, computed independently of
+    batchuq: for a dense layer the kernel's 2-norm; for a convolution, ARPACK (``svds``) on a
+    ``LinearOperator`` whose matvec is the convolution written here in numpy (zero padding as
+    TensorFlow's "same" pads, then a strided sliding window) and whose rmatvec is its adjoint
+    (each output scattered back through the kernel)."""
+    kernel = np.asarray(layer.kernel.numpy(), np.float64)
+    if not isinstance(layer, BoundedSpectralNormalizationConv2D):
+        return float(np.linalg.norm(kernel.reshape(-1, kernel.shape[-1]), 2))
+    conv = layer.layer
+    assert conv.dilation_rate == (1, 1)
+    kh, kw, cin, cout = kernel.shape
+    (sh, sw), (h, w) = conv.strides, layer.input.shape[1:3]
+    if conv.padding == "same":
+        oh, ow = -(-h // sh), -(-w // sw)
+        pad_h, pad_w = max((oh - 1) * sh + kh - h, 0), max((ow - 1) * sw + kw - w, 0)
+        top, left = pad_h // 2, pad_w // 2
+    else:
+        oh, ow, pad_h, pad_w, top, left = (h - kh) // sh + 1, (w - kw) // sw + 1, 0, 0, 0, 0
+    padded = (h + pad_h, w + pad_w, cin)
+
+    def matvec(x: np.ndarray) -> np.ndarray:
+        full = np.zeros(padded)
+        full[top : top + h, left : left + w] = np.reshape(x, (h, w, cin))
+        windows = np.lib.stride_tricks.sliding_window_view(full, (kh, kw), axis=(0, 1))
+        windows = windows[: (oh - 1) * sh + 1 : sh, : (ow - 1) * sw + 1 : sw]
+        return np.einsum("abcij,ijcd->abd", windows, kernel).ravel()
+
+    def rmatvec(y: np.ndarray) -> np.ndarray:
+        y = np.reshape(y, (oh, ow, cout))
+        full = np.zeros(padded)
+        for i in range(kh):
+            for j in range(kw):
+                full[i : i + (oh - 1) * sh + 1 : sh, j : j + (ow - 1) * sw + 1 : sw] += (
+                    y @ kernel[i, j].T
+                )
+        return full[top : top + h, left : left + w].ravel()
+
+    shape = (oh * ow * cout, h * w * cin)
+    operator = LinearOperator(shape, matvec=matvec, rmatvec=rmatvec, dtype=np.float64)
+    return float(svds(operator, k=1, return_singular_vectors=False, random_state=0)[0])
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
@@ -88,7 +136,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[keras.Model, Path
     """A narrow ``sngp_cnn`` fitted on 30 training digits per class, saved as ``.keras``."""
     keras.utils.set_random_seed(0)
     x, y = _digits(REPO / "sample_data" / "digits" / "train", 30)
-    model = sngp_cnn(SPEC, 10, width=8, hidden=32, num_inducing=256)
+    model = sngp_cnn(SPEC, 10, width=8, hidden=64, num_inducing=256)
     _fit(model, x, y, epochs=4)
     path = tmp_path_factory.mktemp("sngp") / "sngp.keras"
     model.save(path)
@@ -139,6 +187,11 @@ def test_mean_field_probabilities_match_the_formula_and_are_deterministic(tiny) 
         np.asarray(mean_field_logits(logits, variance, 0.5)),
         logits / np.sqrt(1 + 0.5 * variance)[:, None],
     )
+    # The variance comes out of the same pass, and alone: the GP head's, clamped at 0.
+    probs, row_variance = method.sample_and_variance(x[:10], keys)
+    np.testing.assert_array_equal(probs, first)
+    np.testing.assert_allclose(row_variance, np.maximum(variance, 0), **ROUNDING)
+    np.testing.assert_allclose(method.variance(x[:10]), row_variance, **ROUNDING)
 
 
 def test_posterior_samples_are_softmaxes_of_normal_logits(tiny) -> None:
@@ -183,11 +236,73 @@ def test_samples_of_a_row_do_not_depend_on_its_batch(tiny) -> None:
     assert together.std(axis=1).max() > 0
 
 
+def _wrapped_conv(input_shape: tuple, filters: int, scale: float, **conv_kwargs: object):
+    """A ``BoundedSpectralNormalizationConv2D`` built on ``input_shape``, its kernel random
+    with entries of standard deviation ``scale`` (so far above the bound)."""
+    keras.utils.set_random_seed(3)
+    conv = keras.layers.Conv2D(filters, 3, **conv_kwargs)
+    layer = BoundedSpectralNormalizationConv2D(conv, norm_multiplier=0.9)
+    keras.Model(inputs := keras.Input(input_shape), layer(inputs))
+    kernel = np.random.default_rng(1).normal(scale=scale, size=conv.kernel.shape)
+    conv.kernel.assign(kernel.astype(np.float32))
+    return layer
+
+
+@pytest.mark.parametrize(
+    "input_shape, filters, conv_kwargs",
+    [
+        ((12, 12, 3), 5, {}),  # the bundled model's kind: stride 1, valid padding
+        ((11, 9, 3), 4, {"strides": 2, "padding": "same"}),  # odd sizes, uneven "same" padding
+        ((10, 10, 2), 3, {"strides": 2}),
+    ],
+)
+def test_a_convolution_is_bounded_as_an_operator_with_its_strides_and_padding(
+    input_shape: tuple, filters: int, conv_kwargs: dict
+) -> None:
+    layer = _wrapped_conv(input_shape, filters, 0.5, **conv_kwargs)
+    exact = operator_norm(layer)
+    assert layer.spectral_norm() == pytest.approx(exact, rel=1e-5)
+    # The norm of the kernel reshaped to (fan_in, units), what was bounded before, is smaller
+    # than the operator's: bounding it left the convolution itself unbounded.
+    reshaped = np.linalg.norm(layer.kernel.numpy().reshape(-1, filters), 2)
+    assert reshaped < exact
+    # Training steps (one power iteration each) bring the operator norm near the bound (power
+    # iteration approaches it from below, so not under it)...
+    for _ in range(30):
+        layer(np.zeros((1, *input_shape), np.float32), training=True)
+    assert 0.9 * (1 - 1e-6) <= operator_norm(layer) < 0.9 * 1.03
+    # ...and the end of training puts it under the bound exactly.
+    layer.enforce_bound()
+    assert 0.9 * (1 - 2e-4) < operator_norm(layer) <= 0.9
+
+
+def test_a_residual_block_keeps_distances_within_one_plus_and_minus_the_bound() -> None:
+    """``shortcut(x) + relu(SN(conv)(x))``: for inputs that differ away from the border the
+    valid convolution drops, ``(1 - c) |dx| <= |dy| <= (1 + c) |dx|``."""
+    layer = _wrapped_conv((10, 10, 4), 8, 0.5, activation="relu")
+    layer.enforce_bound()
+    shortcut = ZeroPadShortcut(8, crop=1)
+    rng = np.random.default_rng(0)
+    x = rng.uniform(size=(200, 10, 10, 4)).astype(np.float32)
+    step = np.zeros_like(x)
+    step[:, 1:-1, 1:-1] = rng.normal(size=(200, 8, 8, 4)) * rng.uniform(0.01, 2, (200, 1, 1, 1))
+    block = lambda z: np.asarray(shortcut(z)) + np.asarray(layer(z))  # noqa: E731
+    dx = np.linalg.norm(step.reshape(200, -1), axis=1)
+    dy = np.linalg.norm((block(x + step) - block(x)).reshape(200, -1), axis=1)
+    assert (dy >= 0.1 * dx * (1 - 1e-4)).all() and (dy <= 1.9 * dx * (1 + 1e-4)).all()
+    # The shortcut alone is an isometry of the cropped input, zero channels appended.
+    moved = np.asarray(shortcut(x + step)) - np.asarray(shortcut(x))
+    np.testing.assert_allclose(np.linalg.norm(moved.reshape(200, -1), axis=1), dx, rtol=1e-5)
+    assert not moved[..., 4:].any()
+
+
 def test_spectral_norms_are_within_their_bounds_after_training(trained) -> None:
     model, _ = trained
-    norms = list(iter_spectral_norms(model))
-    assert len(norms) == 6  # every hidden layer but the stem
-    for name, norm, bound in norms:
+    layers = spectral_layers(model)
+    assert [layer.name for layer in layers] == ["conv1", "conv2", "conv3", "conv4", "dense"]
+    for layer in layers:
+        assert operator_norm(layer) <= layer.norm_multiplier * (1 + 1e-6), layer.name
+    for name, norm, bound in iter_spectral_norms(model):
         assert norm <= bound, name
 
 
@@ -269,3 +384,15 @@ def test_sngp_refuses_models_without_a_gp_head_and_bad_settings(tiny, bn_model) 
         SNGP(bn_model)
     with pytest.raises(UsageError, match="Received: passes=0"):
         SNGP(tiny[0], passes=0)
+
+
+def test_every_spectral_layer_of_the_bundled_model_is_within_its_bound_as_an_operator() -> None:
+    """Measured independently (``operator_norm``), not by the layers' own power iteration."""
+    from batchuq.models import load_models
+
+    (loaded,) = load_models(REPO / "batchuq" / "data" / "digits_sngp.keras")
+    layers = spectral_layers(loaded.model)
+    # Every convolution and dense layer of the backbone is wrapped, so none escapes a bound.
+    assert [layer.name for layer in layers] == ["conv1", "conv2", "conv3", "conv4", "dense"]
+    for layer in layers:
+        assert operator_norm(layer) <= layer.norm_multiplier * (1 + 1e-6), layer.name

@@ -136,17 +136,26 @@ class SNGP(UncertaintyMethod):
             tf.TensorSpec((None,), tf.uint32),
         ]
         self._function = tf.function(self._sample, input_signature=signature)
+        self._variance_function = tf.function(self._variance, input_signature=signature[:1])
 
-    def _sample(self, rows: tf.Tensor, row_keys: tf.Tensor) -> tf.Tensor:
-        """``(rows, T, classes)`` probabilities; the network once, the head's draws after."""
+    def _variance(self, rows: tf.Tensor) -> tf.Tensor:
+        """``(rows,)`` GP posterior variance, clamped at 0."""
+        hidden = self.features(rows, training=False)
+        # Clamped at 0: float32 rounding can leave a tiny negative variance far inside the data.
+        return tf.maximum(self.head.mean_and_variance(hidden, self.covariance)[1], 0.0)
+
+    def _sample(self, rows: tf.Tensor, row_keys: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """``(rows, T, classes)`` probabilities and the ``(rows,)`` variance; the network once,
+        the head's draws after."""
         hidden = self.features(rows, training=False)
         logits, variance = self.head.mean_and_variance(hidden, self.covariance)
+        variance = tf.maximum(variance, 0.0)
         if self.passes == 1:
-            return tf.nn.softmax(mean_field_logits(logits, variance, self.lambda_))[:, None, :]
+            probs = tf.nn.softmax(mean_field_logits(logits, variance, self.lambda_))
+            return probs[:, None, :], variance
         noise = standard_normal_from_keys(row_keys, self.passes, self.head.units)
-        # Clamped at 0: float32 rounding can leave a tiny negative variance far inside the data.
-        scale = tf.sqrt(tf.maximum(variance, 0.0))[:, None, None]
-        return tf.nn.softmax(logits[:, None, :] + scale * noise, axis=-1)
+        scale = tf.sqrt(variance)[:, None, None]
+        return tf.nn.softmax(logits[:, None, :] + scale * noise, axis=-1), variance
 
     def row_chunks(self, rows: int) -> list[tuple[int, int]]:
         """Balanced chunks of at most ``max_chunk_rows`` rows (sizes differ by at most one)."""
@@ -154,9 +163,28 @@ class SNGP(UncertaintyMethod):
 
     def sample(self, rows: tf.Tensor, row_keys: tf.Tensor) -> np.ndarray:
         """``(rows, passes, classes)`` probabilities; see ``UncertaintyMethod.sample``."""
+        return self.sample_and_variance(rows, row_keys)[0]
+
+    def sample_and_variance(
+        self, rows: tf.Tensor, row_keys: tf.Tensor
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``sample``'s probabilities and each row's GP posterior variance, from one pass.
+
+        The variance ``v`` (``batchuq.sngp.RandomFeatureGaussianProcess.mean_and_variance``,
+        clamped at 0) is SNGP's own out-of-distribution score: it grows with the distance of a
+        row's hidden features from the training data's.
+
+        Returns:
+            float32 ``(rows, passes, classes)`` and float32 ``(rows,)``.
+        """
         rows = tf.convert_to_tensor(rows, tf.float32)
         row_keys = tf.convert_to_tensor(row_keys, tf.uint32)
-        return self._function(rows, row_keys).numpy()
+        probs, variance = self._function(rows, row_keys)
+        return probs.numpy(), variance.numpy()
+
+    def variance(self, rows: tf.Tensor) -> np.ndarray:
+        """Each row's GP posterior variance, float32 ``(rows,)`` (see ``sample_and_variance``)."""
+        return self._variance_function(tf.convert_to_tensor(rows, tf.float32)).numpy()
 
     def metadata(self) -> dict[str, Any]:
         """The method, T, lambda and the GP's features; nothing sampled inside the network."""
