@@ -22,21 +22,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+import common  # noqa: E402  (benchmarks/, this script's folder, is on sys.path)
 from usage_error_cases import make_cases, run_case  # noqa: E402
 
 REPEATS = 3
-
-
-def cpu_name() -> str:
-    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` says."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:
@@ -53,8 +42,9 @@ def main() -> None:
                 results.append(result)
             imported = any(r["tensorflow"] for r in results)
             rows.append((name, results[0]["code"], min(times), imported))
+    cpu = common.cpu_info()["model_name"]
     print(
-        f"Usage errors, each in a fresh process, best of {REPEATS}: {cpu_name()}, "
+        f"Usage errors, each in a fresh process, best of {REPEATS}: {cpu}, "
         f"{os.cpu_count()} CPUs, Python {platform.python_version()}, {dt.date.today()}, "
         "`python benchmarks/usage_errors.py`.\n"
     )
