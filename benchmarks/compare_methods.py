@@ -1,26 +1,30 @@
 """Which method should I trust? Every method on the bundled digits, in distribution, under shift
-and out of distribution, with its cost (issue 12's benchmark).
+and out of distribution, with its cost (issue 12's benchmark; seeds and intervals: issue 21).
 
 In one run:
 
 1. ``batchuq shift`` writes the corruption series of ``sample_data/digits/test``;
-2. ``batchuq calibrate`` fits a temperature on ``sample_data/digits/val`` (for the
-   temperature-scaled row);
-3. every configuration below scores the clean test set (timed: images/s), each corrupted copy,
-   and ``sample_data/ood``;
-4. ``batchuq compare`` makes the tables (the clean files with their OOD files; then the whole
-   series, whose mean over corruptions per severity is the Ovadia et al. 2019 view) and the
-   accuracy/ECE-against-severity figure.
+2. ``batchuq calibrate`` fits, per model and seed, a temperature on ``sample_data/digits/val``
+   (for the "+ temperature" rows), on the predictor it is applied to;
+3. for each seed of ``SEEDS`` (0, 1, 2: the seed of ``score``'s dropout masks and of the
+   calibration), every configuration scores the clean test set (timed: images/s) and
+   ``sample_data/ood``; with the first seed it also scores each corrupted copy;
+4. ``batchuq compare`` makes the tables: per seed, the clean files with their OOD files; the mean
+   and standard deviation of each metric over the seeds; the first seed's paired bootstrap 95%
+   intervals (1,000 resamples over images) of each difference to ``BASELINE``, with a verdict
+   (better, worse, or tie when the interval holds 0); and the first seed's shift series with
+   the same differences per corruption and severity.
 
-Configurations: deterministic (one pass); MC dropout T = 100; TTA K = 10 with T = 10; the
-5-member ensemble; the ensemble with T = 20; SNGP mean-field; SNGP with T = 100 head samples;
-temperature-scaled MC dropout (T = 100).
+The seeds vary only what ``score`` draws (dropout masks, TTA, SNGP head samples), not the
+training of the bundled models: deterministic configurations give the same figures for every
+seed. One seed convention across the benchmarks: a single-seed figure uses seed 0 (the CLI's
+default); a multi-seed figure uses 0, 1 and 2.
 
 Writes ``benchmarks/results/compare_methods.json`` and the figure
 ``docs/figures/compare_series.png``; the docs' results page reads both. Run from the
 repository root::
 
-    python benchmarks/compare_methods.py            # severities 1, 3, 5 (about 15 min, 2 cores)
+    python benchmarks/compare_methods.py            # severities 3, 5 (about 15 min, 2 cores)
     python benchmarks/compare_methods.py --quick    # smoke run: 50 images, 2 corruptions
 """
 
@@ -52,17 +56,24 @@ DEMO, ENSEMBLE, SNGP = (
     DATA / "digits_ensemble",
     DATA / "digits_sngp.keras",
 )
-# name -> score_directory keywords (the calibration is added for the temperature row)
+SEEDS = (0, 1, 2)
+BASELINE = "MC dropout T=100"
+BOOTSTRAP = 1000
+# name -> score_directory keywords; "temperature" rows get the calibration of their model
 CONFIGS: dict[str, dict] = {
     "deterministic": {"model": DEMO, "passes": 1},
     "MC dropout T=100": {"model": DEMO, "passes": 100},
+    "MC dropout T=100 + temperature": {"model": DEMO, "passes": 100, "temperature": True},
     "TTA K=10 T=10": {"model": DEMO, "passes": 10, "tta": 10},
     "ensemble M=5": {"model": ENSEMBLE, "passes": 1},
+    "ensemble M=5 + temperature": {"model": ENSEMBLE, "passes": 1, "temperature": True},
     "ensemble M=5 T=20": {"model": ENSEMBLE, "passes": 20},
     "SNGP mean-field": {"model": SNGP, "passes": 1},
+    "SNGP mean-field + temperature": {"model": SNGP, "passes": 1, "temperature": True},
     "SNGP T=100": {"model": SNGP, "passes": 100},
-    "MC dropout T=100 + temperature": {"model": DEMO, "passes": 100, "temperature": True},
 }
+# the metrics averaged over seeds (``compare``'s row keys)
+MEAN_SD_METRICS = ("accuracy", "nll", "ece", "aurc", "ood_auroc", "images_per_second")
 
 
 def subset(source: Path, target: Path, per_class: int) -> Path:
@@ -74,65 +85,121 @@ def subset(source: Path, target: Path, per_class: int) -> Path:
     return target
 
 
-def score_config(name: str, options: dict, folders: dict[str, Path], work: Path) -> dict:
-    """Score every folder with one configuration; returns folder label -> Parquet file."""
+def calibrate(options: dict, seed: int, work: Path) -> Path:
+    """The temperature of one configuration, fitted on the validation digits with its
+    scoring predictor (model, passes) and ``seed``."""
+    from batchuq import calibrate_directory
+    from batchuq.jobs.calibrate import CalibrateOptions
+
+    slug = f"{Path(options['model']).stem}_T{options['passes']}_seed{seed}"
+    out = work / "calibrations" / f"{slug}.json"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fit = CalibrateOptions(
+            model=options["model"], tta=1, passes=1, score_passes=options["passes"], seed=seed
+        )
+        calibrate_directory(VAL, out, fit)
+    return out
+
+
+def score_config(name: str, options: dict, folders: dict[str, Path], work: Path, seed: int):
+    """Score every folder with one configuration and seed; returns folder label -> file."""
     from batchuq import score_directory
     from batchuq.jobs.score import ScoreOptions
 
+    if options.get("temperature"):
+        options = {**options, "calibration": calibrate(options, seed, work)}
     files = {}
     slug = "".join(c if c.isalnum() else "_" for c in name)
     for label, folder in folders.items():
-        out = work / "scores" / slug / (label.replace("/", "-") + ".parquet")
+        out = work / "scores" / f"seed{seed}" / slug / (label.replace("/", "-") + ".parquet")
         out.parent.mkdir(parents=True, exist_ok=True)
-        score_directory(folder, out, ScoreOptions(seed=1, **options))
+        score_directory(folder, out, ScoreOptions(seed=seed, **options))
         files[label] = out
     return files
+
+
+def mean_sd(tables: list[dict]) -> list[dict]:
+    """Per configuration, each ``MEAN_SD_METRICS`` value's mean and sample sd over the seeds."""
+    import numpy as np
+
+    out = []
+    for rows in zip(*(table["rows"] for table in tables), strict=True):
+        entry = {"name": rows[0]["name"], "samples_per_image": rows[0]["samples_per_image"]}
+        for key in MEAN_SD_METRICS:
+            values = [row[key] for row in rows if row.get(key) is not None]
+            if values:
+                sd = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+                entry[key] = {"mean": float(np.mean(values)), "sd": sd, "n": len(values)}
+        out.append(entry)
+    return out
+
+
+def slim(row: dict) -> dict:
+    """A series row as the docs read it: where, the accuracy, NLL and ECE, and the verdicts of
+    their differences to the baseline (no file paths, no other intervals)."""
+    keys = ("accuracy", "nll", "ece")
+    out = {k: row.get(k) for k in ("name", "corruption", "severity", *keys)}
+    differences = row.get("difference_to_baseline") or {}
+    out["difference_to_baseline"] = {k: differences[k] for k in keys if k in differences}
+    return out
+
+
+def shift_folders(test: Path, work: Path, corruptions, severities) -> dict[str, Path]:
+    """The corrupted copies of ``test``, by ``corruption/severity``."""
+    from batchuq.jobs.shift import shift_directory
+
+    shift_directory(test, work / "shift", corruptions=corruptions, severities=severities)
+    return {f"{c}/{s}": work / "shift" / c / str(s) for c in corruptions for s in severities}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="50 images, 2 corruptions, sev. 3")
-    parser.add_argument("--severities", default="1,3,5", help="severities of the series")
+    parser.add_argument("--severities", default="3,5", help="severities of the series")
     args = parser.parse_args(argv)
-    from batchuq import calibrate_directory
-    from batchuq.jobs.calibrate import CalibrateOptions
     from batchuq.jobs.compare import compare_files, format_comparison
-    from batchuq.jobs.shift import shift_directory
     from batchuq.report.compare import write_comparison_report
 
     started = time.perf_counter()
     severities = [3] if args.quick else [int(s) for s in args.severities.split(",")]
     corruptions = ("gaussian_noise", "rotate") if args.quick else CORRUPTIONS
+    names = list(CONFIGS)
     with tempfile.TemporaryDirectory(prefix="compare_methods_") as tmp:
         work = Path(tmp)
         test = subset(TEST, work / "test", 5) if args.quick else TEST
-        shift_directory(test, work / "shift", corruptions=corruptions, severities=severities)
-        folders = {"clean": test, "ood": OOD}
-        for corruption in corruptions:
-            for severity in severities:
-                folders[f"{corruption}/{severity}"] = work / "shift" / corruption / str(severity)
-        calibration = work / "calibration.json"
-        calibrate_directory(VAL, calibration, CalibrateOptions(tta=1, model=DEMO, passes=1, seed=1))
-        files = {}
-        for name, options in CONFIGS.items():
-            print(f"{name} ...", flush=True)
-            if options.get("temperature"):
-                options = {**options, "calibration": calibration}
-            files[name] = score_config(name, options, folders, work)
-        clean = compare_files(
-            [files[n]["clean"] for n in CONFIGS],
-            names=list(CONFIGS),
-            ood=[files[n]["ood"] for n in CONFIGS],
-        )
-        series_files = [(n, f) for n in CONFIGS for label, f in files[n].items() if label != "ood"]
+        series_folders = shift_folders(test, work, corruptions, severities)
+        clean_by_seed, series_files = [], []
+        for seed in SEEDS:
+            folders = {"clean": test, "ood": OOD} | (series_folders if seed == SEEDS[0] else {})
+            files = {}
+            for name, options in CONFIGS.items():
+                print(f"seed {seed}: {name} ...", flush=True)
+                files[name] = score_config(name, options, folders, work, seed)
+            clean = compare_files(
+                [files[n]["clean"] for n in names],
+                names=names,
+                ood=[files[n]["ood"] for n in names],
+                bootstrap=BOOTSTRAP if seed == SEEDS[0] else 0,
+                baseline=BASELINE if seed == SEEDS[0] else None,
+            )
+            print(format_comparison(clean))
+            clean_by_seed.append(clean.as_json())
+            if seed == SEEDS[0]:
+                series_files = [
+                    (n, f) for n in names for label, f in files[n].items() if label != "ood"
+                ]
         series = compare_files(
-            [f for _, f in series_files], names=[n for n, _ in series_files], series=True
+            [f for _, f in series_files],
+            names=[n for n, _ in series_files],
+            series=True,
+            baseline=BASELINE,
+            bootstrap=BOOTSTRAP,
         )
         report = write_comparison_report(series, work / "report")
         FIGURE.parent.mkdir(parents=True, exist_ok=True)
         if not args.quick:
             shutil.copy(report.parent / "series.png", FIGURE)
-        print(format_comparison(clean))
         print(format_comparison(series))
     result = {
         "generated_by": "python benchmarks/compare_methods.py" + (" --quick" if args.quick else ""),
@@ -140,10 +207,16 @@ def main(argv: list[str] | None = None) -> int:
         "cpu": common.cpu_info(),
         "versions": common.versions(),
         "quick": args.quick,
+        "seeds": list(SEEDS),
+        "baseline": BASELINE,
+        "bootstrap": BOOTSTRAP,
         "corruptions": list(corruptions),
         "severities": severities,
-        "clean": clean.as_json(),
-        "series": series.series,
+        "clean": clean_by_seed[0],
+        "clean_by_seed": [table["rows"] for table in clean_by_seed],
+        "mean_sd": mean_sd(clean_by_seed),
+        "series": series.as_json()["series"],
+        "series_rows": [slim(row) for row in series.rows],
         "seconds": round(time.perf_counter() - started, 1),
     }
     print(f"compare_methods: {result['seconds']:.0f} s")
