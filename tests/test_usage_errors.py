@@ -55,6 +55,12 @@ NAMES = [
     "missing folder with --missing-ok",
     "calibrate: --class-names count",
     "calibrate: 5 outputs, 10 folders",
+    "--partition not KEY=VALUE",
+    "--partition key is an output column",
+    "--partition value not a folder name",
+    "--partition folder holding other files",
+    "--partition with OUTPUT a .parquet",
+    "--partition with --engine ray",
 ]
 
 

@@ -144,6 +144,8 @@ def make_cases(work: Path) -> dict[str, Case]:
     (work / "labels.txt").write_text("Label, Latin Name, Common Name\nm0, x, howler\n")
     (work / "notes.txt").write_text("not a model")
     (work / "notcal.json").write_text("{}")
+    (work / "history" / "date=2026-12-01").mkdir(parents=True)
+    (work / "history" / "date=2026-12-01" / "notes.parquet").write_bytes(b"")
     calibration = _calibration(work, BUNDLED)
     other = _calibration(work, models["five"], passes=50)
     digits, out = str(DIGITS), "out.parquet"
@@ -226,6 +228,26 @@ def make_cases(work: Path) -> dict[str, Case]:
         "empty images folder": Case(["score", "empty", out], 4, "No images"),
         "missing folder with --missing-ok": Case(
             ["score", "nowhere", out, "--missing-ok"], 4, "--missing-ok"
+        ),
+        "--partition not KEY=VALUE": Case(
+            ["score", digits, "history/", "--partition", "2026-12-01"], 2, "KEY=VALUE"
+        ),
+        "--partition key is an output column": Case(
+            ["score", digits, "history/", "--partition", "pred=a"], 2, "column of batchuq"
+        ),
+        "--partition value not a folder name": Case(
+            ["score", digits, "history/", "--partition", "date=../x"], 2, "names a folder"
+        ),
+        "--partition folder holding other files": Case(
+            ["score", digits, "history/", "--partition", "date=2026-12-01"], 2, "notes.parquet"
+        ),
+        "--partition with OUTPUT a .parquet": Case(
+            ["score", digits, out, "--partition", "date=2026-12-01"], 2, "history folder"
+        ),
+        "--partition with --engine ray": Case(
+            ["score", digits, "history/", "--partition", "date=1", "--engine", "ray"],
+            2,
+            "local engine only",
         ),
         "calibrate: --class-names count": Case(
             ["calibrate", digits, "-o", "c.json", "--class-names", "a,b"], 2, "2 class names"
