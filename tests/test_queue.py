@@ -251,3 +251,12 @@ def test_usage_errors_and_an_empty_night(nights, tmp_path) -> None:
     assert METADATA_KEY in pq.read_schema(empty).metadata
     result = runner.invoke(cli, ["queue", str(empty), "-o", str(tmp_path / "t.json")])
     assert result.exit_code == 4, result.output
+
+
+def test_options_come_from_the_config_file(nights, tmp_path) -> None:
+    config = tmp_path / "batchuq.toml"
+    config.write_text('[queue]\nby = "entropy"\ncount = 2\nhistory = "queue"\n')
+    out = tmp_path / "t.json"
+    run_queue(str(nights["history"] / "date=2026-12-02"), "-o", str(out), "--config", str(config))
+    remembered = pd.read_parquet(tmp_path / "queue")  # relative to the config file's folder
+    assert len(remembered) == 2 and set(remembered["by"]) == {"entropy"}

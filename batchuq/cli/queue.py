@@ -34,7 +34,7 @@ BY_CHOICES = ("mutual_information", "margin", "entropy", "ood")
 )
 @click.option(
     "--csv",
-    "csv_path",
+    "csv",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
     show_default=True,
@@ -52,7 +52,7 @@ BY_CHOICES = ("mutual_information", "margin", "entropy", "ood")
 )
 @click.option(
     "--history",
-    "queue_dir",
+    "history",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
     show_default=True,
@@ -107,9 +107,9 @@ def queue_command(
     tonight: Path,
     count: int,
     output: Path,
-    csv_path: Path | None,
+    csv: Path | None,
     by: str,
-    queue_dir: Path | None,
+    history: Path | None,
     night: str | None,
     url_prefix: str | None,
     images_root: str | None,
@@ -143,14 +143,14 @@ def queue_command(
 
     setup_logging()
     with exit_on_error():
-        csv_path = csv_path or output.with_suffix(".csv")
+        csv_path = csv or output.with_suffix(".csv")
         check_output_path(output, suffix=".json")  # before any work
         check_output_path(csv_path, suffix=".csv")
         queue = queue_images(
             tonight,
             count,
             by=by,
-            queue_dir=queue_dir,
+            queue_dir=history,
             night=night,
             url_prefix=url_prefix,
             images_root=images_root,
@@ -158,7 +158,7 @@ def queue_command(
         )
         write_label_studio(queue, output, LabelStudioNames(from_name, to_name, model_version))
         write_csv(queue, csv_path)
-        log = remember(queue, queue_dir) if queue_dir is not None else None
+        log = remember(queue, history) if history is not None else None
     logging.getLogger("batchuq").info(
         f"queued {len(queue.tasks)} of {queue.rows} images from {queue.tasks['pred'].nunique()} "
         f"predicted classes by {queue.column} ({queue.already_queued} queued on earlier nights "
