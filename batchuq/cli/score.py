@@ -541,8 +541,9 @@ def check_score_arguments(
     if calibration is not None:
         check_calibration_file(calibration)
     if no_clobber and written.exists():
+        exists = "" if str(written) == str(output) else f" ({written})"
         raise OutputError(
-            f"The output exists and --no-clobber is set. Received: output={str(output)!r}"
+            f"The output exists{exists} and --no-clobber is set. Received: output={str(output)!r}"
         )
     extensions = None if include_all else IMAGE_EXTENSIONS
     if is_url(images):
