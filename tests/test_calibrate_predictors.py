@@ -34,7 +34,8 @@ from batchuq.postprocess.temperature import apply_temperature, fit_temperature
 REPO = Path(__file__).resolve().parents[1]
 VAL = REPO / "sample_data" / "digits" / "val"
 DATA = REPO / "batchuq" / "data"
-ENSEMBLE, SNGP, DEMO = DATA / "digits_ensemble", DATA / "digits_sngp.keras", DATA / "digits_cnn.keras"
+ENSEMBLE, SNGP = DATA / "digits_ensemble", DATA / "digits_sngp.keras"
+DEMO = DATA / "digits_cnn.keras"
 CLASSES = [f"n{i}" for i in range(10)]
 
 

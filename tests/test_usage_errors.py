@@ -105,7 +105,6 @@ def test_predictor_read_from_files_is_the_loaded_runs(model: Path) -> None:
     assert {"method", "passes", "rescale", "logits"} <= set(early)
 
 
-
 @pytest.mark.parametrize("rule", ["median", "confidence", "risk"])
 def test_adaptive_predictor_read_from_files_is_the_loaded_runs(rule: str) -> None:
     """With --passes auto the early check compares the adaptive settings and the stopping

@@ -244,7 +244,7 @@ def make_cases(work: Path) -> dict[str, Case]:
                 "confidence",
             ],
             2,
-            'adaptive.stopping (score --rule, --min-median, --min-confidence, --temperature; '
+            "adaptive.stopping (score --rule, --min-median, --min-confidence, --temperature; "
             'calibrate --score-rule): {"min_median": 0.5, "rule": "median"} in the calibration',
         ),
         "--rule threshold --temperature, no tempered thresholds": Case(

@@ -153,8 +153,8 @@ _FROM_SCORE_TABLE = {
     show_default=True,
     help="With --score-passes auto: the score --rule this calibration is for, because the "
     "rule decides when adaptive sampling stops (none and risk stop alike, once pred is "
-    "settled; threshold is refused: its stopping reads the thresholds fitted here). Default: rule in the config's [score] "
-    "table, else score's default.",
+    "settled; threshold is refused: its stopping reads the thresholds fitted here). "
+    "Default: rule in the config's [score] table, else score's default.",
 )
 @click.option(
     "--min-median",
