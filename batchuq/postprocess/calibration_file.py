@@ -492,6 +492,19 @@ def _skipped_text(stats: dict[str, Any]) -> str:
     return f"{skipped} skipped: {', '.join(parts)}"
 
 
+def _predictor_text(predictor: dict[str, Any]) -> str:
+    """The scoring predictor's passes and copies (and adaptive settings), for the summary."""
+    text = f"--passes {predictor.get('passes')} --tta {predictor.get('tta')}"
+    adaptive = predictor.get("adaptive")
+    if isinstance(adaptive, dict):
+        text += (
+            f" (adaptive: --min-passes {adaptive['min_passes']} --max-passes "
+            f"{adaptive['max_passes']} --adaptive-alpha {adaptive['alpha']}, stopping "
+            f"{_show(adaptive['stopping'])})"
+        )
+    return text
+
+
 def format_summary(calibration: Calibration) -> str:
     """A short human-readable summary of a calibration."""
     stats = calibration.stats
@@ -522,24 +535,14 @@ def format_summary(calibration: Calibration) -> str:
             else ""
         )
     )
-    p = calibration.predictor
     quantile = (
         "one quantile per class"
         if per_class
         else f"quantile {_quantile_text(calibration.conformal_quantiles[0])}"
     )
-    adaptive = p.get("adaptive")
-    stopping = (
-        f" (adaptive: --min-passes {adaptive['min_passes']} --max-passes "
-        f"{adaptive['max_passes']} --adaptive-alpha {adaptive['alpha']}, stopping "
-        f"{_show(adaptive['stopping'])})"
-        if isinstance(adaptive, dict)
-        else ""
-    )
     lines.append(
         f"conformal {calibration.conformal_method} at alpha {calibration.alpha}: {quantile}; "
-        f"fitted with the scoring predictor --passes {p.get('passes')} --tta {p.get('tta')}"
-        + stopping
+        f"fitted with the scoring predictor {_predictor_text(calibration.predictor)}"
     )
     if "accuracy" in stats:
         coverage, sel = stats.get("threshold_coverage"), stats.get("threshold_accuracy")
