@@ -12,6 +12,13 @@ with two predictors (docs/methods.md, "Calibration" and "Conformal prediction se
   on it, because the coverage guarantee of conformal sets rests on calibration and test scores
   being exchangeable: scores of another predictor are not.
 
+The scoring predictor is whatever ``score`` runs: any method (MC dropout's mean, a deep
+ensemble's averaged probabilities, SNGP's mean-field probabilities: the temperature rescales
+that mean), and with ``score_passes="auto"`` the adaptive predictor of ``score --passes auto``,
+stopping as the rule ``score`` will use (``score_rule``, recorded in the predictor). The
+thresholds of ``--rule threshold --temperature`` are fitted on the scoring predictor's tempered
+means (``postprocess.thresholds.tempered_mean_thresholds``), the quantity that pair compares.
+
 When both predictors are the same, one pass over the folder serves both. The samples come
 straight from ``iter_sampled_batches``, the same step ``score`` uses; the result is written by
 ``postprocess.calibration_file``.
