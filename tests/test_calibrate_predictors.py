@@ -19,8 +19,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from click.testing import CliRunner
 
 from batchuq import calibrate_directory, score_directory
+from batchuq.cli import cli
 from batchuq.defaults import UNCLASSIFIED_NAME
 from batchuq.jobs.calibrate import CalibrateOptions
 from batchuq.jobs.score import ScoreOptions
@@ -159,8 +161,8 @@ def test_tempering_sngp_mean_field_probabilities_tempers_its_logits() -> None:
 @pytest.fixture(scope="module")
 def adaptive_runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """MC dropout calibrated with --score-passes auto for --rule risk (rounds of 5 passes, at
-    most 30) on 10 validation images per class, then those scored with score --passes auto
-    --rule risk."""
+    most 30) on 10 validation images per class, then those scored with `batchuq score --passes
+    auto --rule risk --calibration`."""
     work = tmp_path_factory.mktemp("adaptive")
     val = _subset(work / "val", 10)
     adaptive = {"min_passes": 5, "max_passes": 30}
@@ -176,15 +178,10 @@ def adaptive_runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     )
     calibration = calibrate_directory(val, work / "cal.json", options)
     out = work / "val.parquet"
-    run = ScoreOptions(
-        model=DEMO,
-        passes="auto",
-        rule=DecisionRule("risk"),
-        calibration=work / "cal.json",
-        seed=3,
-        **adaptive,
-    )
-    score_directory(val, out, run)
+    args = ["score", str(val), str(out), "--model", str(DEMO), "--passes", "auto"]
+    args += ["--min-passes", "5", "--max-passes", "30", "--rule", "risk", "--seed", "3"]
+    result = CliRunner().invoke(cli, [*args, "--calibration", str(work / "cal.json")])
+    assert result.exit_code == 0, result.output  # the command line, its early checks included
     return {"calibration": calibration, "out": out}
 
 
