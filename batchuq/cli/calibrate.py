@@ -249,18 +249,19 @@ def calibrate_command(
     holding them, as for score). Thresholds: each image is augmented --tta times (each copy run
     --passes times with dropout on), and per class the --percentile of the predicted-class
     probabilities of the copies that predict it becomes its threshold. Temperature and
-    conformal sets: fitted on the MC mean of the scoring predictor (--score-passes, --score-tta
-    and the shared options, which default to the [score] table of the config file, else to
+    conformal sets: fitted on the MC mean of the scoring predictor (for an ensemble the
+    members' average, for SNGP the mean-field probabilities; --score-passes, --score-tta and
+    the shared options, which default to the [score] table of the config file, else to
     score's defaults), exactly as `batchuq score` computes it; score refuses the calibration
     for a run with another predictor. The temperature minimises the NLL; the conformal quantile
     (--conformal, at level --alpha) makes sets that hold the true class with probability
     >= 1 - alpha. With --target-risk, the selective threshold of `score --rule risk` is fitted
-    on the same MC mean, with its certificate. With --temperature, score --rule threshold uses
-    thresholds fitted the same way on the tempered MC mean (also written). --score-passes auto
-    fits all of these on the adaptive predictor of score --passes auto, whose stopping depends
-    on the rule: give the --score-rule (and its --min-median or --min-confidence) that score
-    will use. The result, with the model's sha256, both predictors and all settings, is
-    written to --output as JSON.
+    on the same MC mean, with its certificate. For score --rule threshold --temperature,
+    thresholds are also fitted on the tempered MC mean of the scoring predictor, one value per
+    image. --score-passes auto fits all of these on the adaptive predictor of score --passes
+    auto, whose stopping depends on the rule: give the --score-rule (and its --min-median or
+    --min-confidence) that score will use. The result, with the model's sha256, both
+    predictors and all settings, is written to --output as JSON.
 
     Example:
 
