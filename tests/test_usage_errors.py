@@ -58,6 +58,7 @@ NAMES = [
     "missing folder with --missing-ok",
     "calibrate: --class-names count",
     "calibrate: 5 outputs, 10 folders",
+    "calibrate: --score-passes auto with an SNGP model",
     "calibrate: --score-passes auto, --score-rule threshold",
 ]
 

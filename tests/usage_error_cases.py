@@ -271,6 +271,11 @@ def make_cases(work: Path) -> dict[str, Case]:
         "calibrate: 5 outputs, 10 folders": Case(
             ["calibrate", digits, "-o", "c.json", "-m", str(models["five"])], 2, "5 outputs"
         ),
+        "calibrate: --score-passes auto with an SNGP model": Case(
+            ["calibrate", digits, "-o", "c.json", "-m", str(SNGP), "--score-passes", "auto"],
+            2,
+            "passes auto",
+        ),
         "calibrate: --score-passes auto, --score-rule threshold": Case(
             [
                 "calibrate",

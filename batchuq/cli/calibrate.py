@@ -358,12 +358,16 @@ def _with_score_table_defaults(
 
 
 def _run_request(values: Mapping[str, Any]) -> RunRequest:
-    """What ``check_before_loading`` checks of calibrate's values (models and classes)."""
+    """What ``check_before_loading`` checks of calibrate's values (models and classes, and
+    a model that ``--score-passes auto`` cannot sample)."""
     from batchuq.jobs.precheck import RunRequest
 
     model = values["model"]
+    auto = values["score_passes"] == "auto"  # checked now: an SNGP model cannot run it
     return RunRequest(
         models=tuple([model] if isinstance(model, str) else model or ()),
+        passes="auto" if auto else None,
+        max_passes=values["max_passes"],
         class_names=split_csv(values["class_names"]),
         class_order=values["class_order"],
         labels=values["labels"],
