@@ -148,6 +148,9 @@ def make_cases(work: Path) -> dict[str, Case]:
     (work / "history" / "date=2026-12-01" / "notes.parquet").write_bytes(b"")
     calibration = _calibration(work, BUNDLED)
     other = _calibration(work, models["five"], passes=50)
+    stopping = {"rule": "median", "min_median": 0.5}
+    adaptive = {"min_passes": 10, "max_passes": 100, "alpha": 0.01, "stopping": stopping}
+    auto = _calibration(work, BUNDLED, passes="auto", adaptive=adaptive)
     digits, out = str(DIGITS), "out.parquet"
     cases = {
         "bad option value": Case(["score", digits, out, "--passes", "0"], 2, "--passes"),
@@ -225,6 +228,41 @@ def make_cases(work: Path) -> dict[str, Case]:
             2,
             "passes (score --passes, calibrate --score-passes): 100 in the calibration, 50",
         ),
+        "--passes auto, calibration for fixed passes": Case(
+            ["score", digits, out, "--calibration", str(calibration), "--passes", "auto"],
+            2,
+            "fitted with `batchuq calibrate --score-passes auto`",
+        ),
+        "--passes auto, calibration of another stopping rule": Case(
+            [
+                "score",
+                digits,
+                out,
+                "--calibration",
+                str(auto),
+                "--passes",
+                "auto",
+                "--rule",
+                "confidence",
+            ],
+            2,
+            "adaptive.stopping (score --rule, --min-median, --min-confidence, --temperature; "
+            'calibrate --score-rule): {"min_median": 0.5, "rule": "median"} in the calibration',
+        ),
+        "--rule threshold --temperature, no tempered thresholds": Case(
+            [
+                "score",
+                digits,
+                out,
+                "--calibration",
+                str(calibration),
+                "--rule",
+                "threshold",
+                "--temperature",
+            ],
+            2,
+            "tempered_thresholds=None",
+        ),
         "empty images folder": Case(["score", "empty", out], 4, "No images"),
         "missing folder with --missing-ok": Case(
             ["score", "nowhere", out, "--missing-ok"], 4, "--missing-ok"
@@ -254,6 +292,25 @@ def make_cases(work: Path) -> dict[str, Case]:
         ),
         "calibrate: 5 outputs, 10 folders": Case(
             ["calibrate", digits, "-o", "c.json", "-m", str(models["five"])], 2, "5 outputs"
+        ),
+        "calibrate: --score-passes auto with an SNGP model": Case(
+            ["calibrate", digits, "-o", "c.json", "-m", str(SNGP), "--score-passes", "auto"],
+            2,
+            "passes auto",
+        ),
+        "calibrate: --score-passes auto, --score-rule threshold": Case(
+            [
+                "calibrate",
+                digits,
+                "-o",
+                "c.json",
+                "--score-passes",
+                "auto",
+                "--score-rule",
+                "threshold",
+            ],
+            2,
+            "Received: score_passes='auto', score_rule='threshold'",
         ),
     }
     if importlib.util.find_spec("ray") is None:  # else tests/test_cli_checks.py fakes it

@@ -138,15 +138,18 @@ if TYPE_CHECKING:  # imported where used: the pre-check loads NumPy, the jobs Te
     "--calibration",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     default=None,
-    help="calibration.json from `batchuq calibrate` for this model: thresholds for "
-    "--rule threshold, the selective threshold for --rule risk, the temperature, and a "
-    "conformal pred_set column.",
+    help="calibration.json from `batchuq calibrate` for this model and predictor: thresholds "
+    "for --rule threshold, the selective threshold for --rule risk, the temperature, and a "
+    "conformal pred_set column. For --passes auto it must be fitted with calibrate "
+    "--score-passes auto (same adaptive settings and rule).",
 )
 @click.option(
     "--temperature/--no-temperature",
     default=False,
     show_default=True,
-    help="Rescale the MC mean with the calibration's fitted temperature.",
+    help="Rescale the MC mean with the calibration's fitted temperature (fitted on this "
+    "method's mean: MC dropout's, the ensemble's average, SNGP's mean-field probabilities). "
+    "With --rule threshold, the thresholds fitted on the tempered mean are used.",
 )
 @click.option(
     "--allow-predictor-mismatch",
@@ -154,8 +157,9 @@ if TYPE_CHECKING:  # imported where used: the pre-check loads NumPy, the jobs Te
     default=False,
     show_default=True,
     help="Use a --calibration fitted on another predictor (passes, TTA, augmentation, rescale, "
-    "precision, sampled layers, logits, EXIF) than this run's, with a warning. Its conformal "
-    "sets and temperature then carry no guarantee. By default that is a usage error.",
+    "precision, sampled layers, logits, EXIF, adaptive settings) than this run's, with a "
+    "warning. Its conformal sets, temperature and risk threshold then carry no guarantee. By "
+    "default that is a usage error.",
 )
 @click.option(
     "--min-median",
@@ -470,10 +474,14 @@ def run_request(options: Mapping[str, Any]) -> RunRequest:
     return RunRequest(
         models=tuple(options["model"] or ()),
         passes=options["passes"],
+        min_passes=options["min_passes"],
         max_passes=options["max_passes"],
+        adaptive_alpha=options["adaptive_alpha"],
         tta=options["tta"],
         augmentation={name: options[f"tta_{name}"] for name in _AUGMENTATION},
         rule=options["rule"],
+        min_median=options["min_median"],
+        min_confidence=options["min_confidence"],
         calibration=options["calibration"],
         temperature=options["temperature"],
         allow_predictor_mismatch=options["allow_predictor_mismatch"],
