@@ -62,6 +62,7 @@ BOOTSTRAP = 1000
 # name -> score_directory keywords; "temperature" rows get the calibration of their model
 CONFIGS: dict[str, dict] = {
     "deterministic": {"model": DEMO, "passes": 1},
+    "deterministic + temperature": {"model": DEMO, "passes": 1, "temperature": True},
     "MC dropout T=100": {"model": DEMO, "passes": 100},
     "MC dropout T=100 + temperature": {"model": DEMO, "passes": 100, "temperature": True},
     "TTA K=10 T=10": {"model": DEMO, "passes": 10, "tta": 10},
@@ -91,12 +92,13 @@ def calibrate(options: dict, seed: int, work: Path) -> Path:
     from batchuq import calibrate_directory
     from batchuq.jobs.calibrate import CalibrateOptions
 
-    slug = f"{Path(options['model']).stem}_T{options['passes']}_seed{seed}"
+    passes, tta = options["passes"], options.get("tta", 1)
+    slug = f"{Path(options['model']).stem}_T{passes}_K{tta}_seed{seed}"
     out = work / "calibrations" / f"{slug}.json"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         fit = CalibrateOptions(
-            model=options["model"], tta=1, passes=1, score_passes=options["passes"], seed=seed
+            model=options["model"], tta=1, passes=1, score_passes=passes, score_tta=tta, seed=seed
         )
         calibrate_directory(VAL, out, fit)
     return out
