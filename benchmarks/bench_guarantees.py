@@ -13,7 +13,9 @@ On the bundled digits, in one process:
    realised selective risk, each with its 95% Clopper-Pearson interval, and whether the risk
    stayed at or below the certified 4%; the LAC sets' coverage (with interval) and mean size
    (the ``pred_set`` column); the RAPS sets' coverage and mean size, built from the same
-   file's MC means with the RAPS calibration.
+   file's MC means with the RAPS calibration; coverage per true class and per set size.
+4. For the record: randomised APS and RAPS against MAPIE (``tests/mapie_adapter.py``) on the
+   MC means of val (calibration) and test, at alpha 0.1 and 0.05.
 
 Both guarantees assume the scored images are exchangeable with the calibration images: a
 shifted night is not, and the table shows at which severity each corruption breaks them.
@@ -72,6 +74,7 @@ def evaluated(folder: Path, out: Path, model, cals: dict) -> dict:
 
     from batchuq.jobs.evaluate import evaluate_parquet
     from batchuq.jobs.score import ScoreOptions, score_directory
+    from batchuq.postprocess.coverage import stratified_coverage
     from batchuq.postprocess.rules import DecisionRule
     from batchuq.postprocess.selective import clopper_pearson
 
@@ -89,6 +92,12 @@ def evaluated(folder: Path, out: Path, model, cals: dict) -> dict:
     raps_sets = cals["raps"][1].prediction_sets(means, list(frame.path), seed=SEED)
     covered = int(raps_sets[np.arange(len(labels)), labels].sum())
     selective, conformal = results["selective"], results["conformal"]
+    label_names = [names[i] for i in labels]
+    raps_members = [[names[c] for c in np.flatnonzero(row)] for row in raps_sets]
+    strata = {
+        "lac": {k: conformal[k] for k in ("per_class", "per_size")},
+        "raps": stratified_coverage(raps_members, label_names, names),
+    }
     low, high = clopper_pearson(int(round(conformal["coverage"] * conformal["n"])), conformal["n"])
     return {
         "n": results["n"],
@@ -108,7 +117,56 @@ def evaluated(folder: Path, out: Path, model, cals: dict) -> dict:
             "coverage_interval": list(clopper_pearson(covered, len(labels))),
             "mean_set_size": float(raps_sets.sum(axis=1).mean()),
         },
+        "strata": strata,
     }
+
+
+def mean_probs(folder: Path, out: Path, model) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Score's MC means (T = 100), labels and paths of a labelled folder."""
+    import pandas as pd
+
+    from batchuq.jobs.score import ScoreOptions, score_directory
+
+    score_directory(folder, out, ScoreOptions(model=model, passes=100, seed=SEED))
+    frame = pd.read_parquet(out)
+    frame = frame[(frame.status == "ok") & frame.label_index.notna()]
+    probs = frame[[f"mean_n{i}" for i in range(10)]].to_numpy(np.float64)
+    return np.clip(probs, 0.0, 1.0), frame.label_index.to_numpy().astype(int), list(frame.path)
+
+
+def mapie_agreement(work: Path, model) -> dict:
+    """Randomised APS and RAPS against MAPIE on the digits: calibrate on val's MC means, sets
+    on test's, at alpha 0.1 and 0.05, with MAPIE's own uniforms and RAPS split and parameters
+    (``tests/mapie_adapter.py``): coverage and mean set size of both."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from mapie_adapter import mapie_randomised
+
+    from batchuq.postprocess.conformal import conformal_quantiles, prediction_sets
+
+    cal_p, cal_y, _ = mean_probs(VAL, work / "val.parquet", model)
+    test_p, test_y, _ = mean_probs(TEST, work / "test.parquet", model)
+    rows = np.arange(len(test_y))
+    out = {"version": common.versions()["mapie"], "mapie_seed": 7, "alphas": {}}
+    for alpha in (0.1, 0.05):
+        entry = {}
+        for method in ("aps-random", "raps"):
+            m = mapie_randomised(cal_p, cal_y, alpha, method, test_p, seed=7)
+            fit = m["cal_index"]
+            raps = (m["k_star"], m["lambda_star"]) if method == "raps" else None
+            q = conformal_quantiles(cal_p[fit], cal_y[fit], alpha, method, m["cal_uniforms"], raps)
+            ours = prediction_sets(test_p, q, method, m["test_uniforms"], raps)
+            entry[method] = {
+                "quantile": float(q[0]),
+                "mapie_quantile": m["quantile"],
+                "coverage": float(ours[rows, test_y].mean()),
+                "mapie_coverage": float(m["sets"][rows, test_y].mean()),
+                "mean_set_size": float(ours.sum(axis=1).mean()),
+                "mapie_mean_set_size": float(m["sets"].sum(axis=1).mean()),
+                "sets_differ": int((ours != m["sets"]).any(axis=1).sum()),
+                "raps": None if raps is None else {"k_reg": raps[0], "lambda": raps[1]},
+            }
+        out["alphas"][str(alpha)] = entry
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -154,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
             "raps_quantile": float(raps.conformal_quantiles[0]),
             "raps_params": raps.settings["conformal_params"],
         }
+        print("MAPIE ...", flush=True)
+        result["mapie"] = mapie_agreement(work, model)
         shift_directory(TEST, work / "shift", corruptions=corruptions, seed=SEED)
         print("clean ...", flush=True)
         result["clean"] = evaluated(TEST, work / "clean.parquet", model, cals)
