@@ -36,6 +36,7 @@ from batchuq.postprocess.conformal import (
     fit_conformal,
     prediction_sets,
     raps_parameters,
+    set_uniforms,
 )
 from batchuq.postprocess.rules import UNCLASSIFIED, SelectiveRule, threshold_decisions
 from batchuq.postprocess.temperature import apply_temperature, fit_temperature
@@ -1030,3 +1031,30 @@ def test_calibrate_and_score_with_raps_write_sets_independent_of_batch_size(
     expected = calibration.prediction_sets(means, list(frames[0].path), seed=4)
     names = np.array([f"n{i}" for i in range(10)])
     assert [list(names[row]) for row in expected] == [list(s) for s in frames[0].pred_set]
+    meta = read_metadata(tmp_path / "b1.parquet")["calibration"]
+    assert meta["conformal_method"] == "raps" and meta["conformal_params"] == params
+    assert f"k_reg {params['k_reg']}, lambda" in result.output
+
+
+def test_raps_tunes_on_a_fifth_and_fits_the_quantile_on_the_rest() -> None:
+    rng = np.random.default_rng(8)
+    probs = rng.dirichlet(np.ones(6) * 0.3, size=400)
+    labels = (probs.cumsum(axis=1) < rng.random((400, 1))).sum(axis=1)
+    paths = [f"n{y}/{i}.png" for i, y in enumerate(labels)]
+    fitted = fit_conformal(probs, labels, 0.1, "raps", paths, seed=3)
+    params = fitted.params
+    tune = set_uniforms(3, paths, purpose="raps-tuning") < 0.2
+    assert params["tuning_images"] == tune.sum() and 60 < tune.sum() < 100
+    assert params["quantile_images"] == 400 - tune.sum() and not params["tuned_on_quantile_images"]
+    assert (params["k_reg"], params["lambda"]) == raps_parameters(probs[tune], labels[tune], 0.1)
+    uniforms = set_uniforms(3, paths)
+    expected = conformal_quantiles(
+        probs[~tune], labels[~tune], 0.1, "raps", uniforms[~tune], fitted.raps
+    )
+    np.testing.assert_array_equal(fitted.quantiles, expected)
+    # k_reg: one plus the conformal quantile of the 0-based rank of the true class.
+    order = np.argsort(-probs[tune], axis=1, kind="stable")
+    rank = np.argmax(order == labels[tune][:, None], axis=1)
+    assert params["k_reg"] == int(np.sort(rank)[math.ceil((tune.sum() + 1) * 0.9) - 1]) + 1
+    tiny = fit_conformal(probs[:2], labels[:2], 0.5, "raps", paths[:2], seed=3)
+    assert tiny.params["tuned_on_quantile_images"]

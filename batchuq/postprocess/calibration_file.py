@@ -498,6 +498,12 @@ def format_summary(calibration: Calibration) -> str:
         if per_class
         else f"quantile {_quantile_text(calibration.conformal_quantiles[0])}"
     )
+    raps = calibration.settings.get("conformal_params") or {}
+    if "k_reg" in raps:
+        quantile += (
+            f" (k_reg {raps['k_reg']}, lambda {raps['lambda']:g}, tuned on "
+            f"{raps['tuning_images']} images, quantile on {raps['quantile_images']})"
+        )
     lines.append(
         f"conformal {calibration.conformal_method} at alpha {calibration.alpha}: {quantile}; "
         f"fitted with the scoring predictor --passes {p.get('passes')} --tta {p.get('tta')}"

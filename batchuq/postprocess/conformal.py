@@ -405,8 +405,10 @@ class ConformalFit:
         quantiles: As ``conformal_quantiles`` returns them.
         method: The conformal method.
         seed: The seed the images' ``U`` are drawn with (``set_uniforms``).
-        params: ``raps``: ``k_reg``, ``lambda``, ``tuning_images`` and ``quantile_images``;
-            empty otherwise.
+        params: ``raps``: ``k_reg``, ``lambda``, ``tuning_images``, ``quantile_images`` and
+            ``tuned_on_quantile_images`` (true only when the split left one side empty, a
+            handful of images: then both use every image, and the quantile is no longer
+            independent of the tuning); empty otherwise.
     """
 
     quantiles: np.ndarray
@@ -478,7 +480,8 @@ def fit_conformal(
         return ConformalFit(quantiles, method, seed)
     probs, labels = np.asarray(mean_probs), np.asarray(labels)
     tune = set_uniforms(seed, relative_paths, purpose="raps-tuning") < RAPS_TUNING_SHARE
-    if not tune.any() or tune.all():  # a handful of images: tune on all (documented weakness)
+    overlap = not tune.any() or tune.all()
+    if overlap:  # a handful of images: tune on all of them too, and say so in ``params``
         tune = np.ones(len(probs), dtype=bool)
         fit = tune
     else:
@@ -492,6 +495,7 @@ def fit_conformal(
         "lambda": lam,
         "tuning_images": int(tune.sum()),
         "quantile_images": int(fit.sum()),
+        "tuned_on_quantile_images": overlap,
     }
     return ConformalFit(quantiles, method, seed, params)
 
