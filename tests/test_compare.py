@@ -522,5 +522,9 @@ def test_rules_side_by_side_at_their_operating_points(scored, tmp_path):
     assert "Decision rules at their operating points" in text
     table = text.split("Decision rules at their operating points")[1]
     assert "sel.risk" in table and "target" in table and str(certified["target_held"]) in table
+    from batchuq.report.compare import write_comparison_report
+
+    page = write_comparison_report(comparison, tmp_path / "report").read_text(encoding="utf-8")
+    assert "<h2>Decision rules</h2>" in page and certified["rule"].split(" ")[0] in page
     same = format_comparison(compare_files([scored["det"], scored["mc"]]))
     assert "Decision rules at their operating points" not in same  # one rule: no table

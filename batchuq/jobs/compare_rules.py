@@ -5,7 +5,8 @@ it gets wrong (selective risk). Two files scored with different ``--rule`` are n
 worse for accepting more; what matters is the pair, and for a ``--rule risk`` run whether the
 realised risk stayed within its certified target. Every number here is ``evaluate``'s
 (``selective_check`` for a risk rule); the selective risk of any rule gets the same two-sided
-95% Clopper–Pearson interval. This module renders nothing but text; the rows go to ``--json``.
+95% Clopper–Pearson interval. The rows go to ``--json``; ``batchuq.report.compare`` draws the
+same table in HTML.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 from batchuq.jobs.evaluate import format_rule
 from batchuq.postprocess.selective import clopper_pearson
 
-__all__ = ["RULE_COLUMNS", "format_rules", "rule_columns"]
+__all__ = ["RULES_CAPTION", "RULE_COLUMNS", "format_rules", "rule_columns", "shown_rules"]
 
 RULE_COLUMNS = (
     ("name", "name", None),
@@ -59,19 +60,25 @@ def rule_columns(results: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def format_rules(rows: Sequence[dict[str, Any]], render: Any) -> list[str]:
-    """The rules table, when the files differ in rule or one is certified; else nothing.
+RULES_CAPTION = (
+    "Decision rules at their operating points: coverage = accepted / N, selective risk = "
+    "wrong among the accepted (95% Clopper-Pearson); a --rule risk run shows its certified "
+    "target and whether the realised risk stayed at or below it."
+)
+
+
+def shown_rules(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]] | None:
+    """The rows of the rules table, or ``None`` when the files share one uncertified rule.
 
     Args:
         rows: ``Comparison.rows`` (each with ``rule_columns``' entries).
-        render: ``compare._render`` (rows, columns) -> text.
 
     Returns:
-        A caption and the table, or ``[]``.
+        The rows with ``risk_interval_text`` and ``target_held`` as text, for ``RULE_COLUMNS``.
     """
     rules = {row.get("rule") for row in rows}
     if len(rules) < 2 and not any(row.get("target_risk") is not None for row in rows):
-        return []
+        return None
     shown = []
     for row in rows:
         interval = row.get("risk_interval")
@@ -80,9 +87,18 @@ def format_rules(rows: Sequence[dict[str, Any]], render: Any) -> list[str]:
         shown.append(
             {**row, "risk_interval_text": text, "target_held": None if held is None else str(held)}
         )
-    caption = (
-        "Decision rules at their operating points: coverage = accepted / N, selective risk = "
-        "wrong among the accepted (95% Clopper-Pearson); a --rule risk run shows its certified "
-        "target and whether the realised risk stayed at or below it."
-    )
-    return [caption, render(shown, RULE_COLUMNS)]
+    return shown
+
+
+def format_rules(rows: Sequence[dict[str, Any]], render: Any) -> list[str]:
+    """The rules table for a terminal, when ``shown_rules`` shows one; else nothing.
+
+    Args:
+        rows: ``Comparison.rows``.
+        render: ``compare._render`` (rows, columns) -> text.
+
+    Returns:
+        The caption and the table, or ``[]``.
+    """
+    shown = shown_rules(rows)
+    return [] if shown is None else [RULES_CAPTION, render(shown, RULE_COLUMNS)]
