@@ -93,6 +93,11 @@ CHECKLIST = {
         "compare_methods",
         lambda r: [f"{row['nll']:.4f}" for row in r["compare_methods"]["clean"]["rows"]],
     ),
+    "guarantees": (
+        "calibration",
+        "guarantees",
+        lambda r: [r["guarantees"]["calibration"]["statement"]],
+    ),
     "scaleout": (
         "results",
         "scaleout",
@@ -151,6 +156,36 @@ def test_the_conformal_sentences_hold_for_the_figures() -> None:
     assert aps["evaluate"]["coverage"] > 1 - alpha  # "over-covers"
     assert max(cls["images_per_class"]) < c["min_images_per_class"] and cls["warnings"]
     assert d["mapie"]["max_abs_diff"] is not None and d["mapie"]["max_abs_diff"] <= 1e-12
+
+
+def test_the_guarantee_sentences_hold_for_the_figures() -> None:
+    """docs/calibration.md, "Guarantees under shift": the clean run keeps both promises; the
+    rule abstains as confidence falls; RAPS sets hold coverage at least as long as LAC's; the
+    randomised sets equal MAPIE's where the methods page says they do."""
+    g = R["guarantees"]
+    alpha, target = g["settings"]["alpha"], g["settings"]["target_risk"]
+    clean = g["clean"]
+    assert clean["risk_rule"]["target_held"] and clean["lac"]["coverage_interval"][1] >= 1 - alpha
+    assert clean["raps"]["coverage_interval"][1] >= 1 - alpha
+    for cells in g["shift"].values():
+        lac = figures.first_break(cells, "lac", 1 - alpha)
+        raps = figures.first_break(cells, "raps", 1 - alpha)
+        assert raps is None or (lac is not None and raps >= lac)  # "keep coverage longer"
+    contrast, rotate = g["shift"]["contrast"], g["shift"]["rotate"]
+    # Contrast: the rule abstains, down to none accepted, and its risk never breaks.
+    assert contrast["5"]["risk_rule"]["accepted"] == 0
+    assert figures.first_break(contrast, "risk", target) is None
+    assert contrast["5"]["raps"]["mean_set_size"] > contrast["1"]["raps"]["mean_set_size"]
+    # Rotate: confident and wrong; the certified risk breaks beyond doubt.
+    assert figures.first_break(rotate, "risk", target) is not None
+    for method in ("lac", "raps"):  # "an empty set never covers, a one-class set almost always"
+        sizes = {x["size"]: x for x in clean["strata"][method]["per_size"]}
+        assert sizes[0]["covered"] == 0 and sizes[1]["coverage"] > 0.95
+    for entry in g["mapie"]["alphas"].values():
+        aps = entry["aps-random"]
+        assert aps["sets_differ"] == 0 and aps["coverage"] == aps["mapie_coverage"]
+        for x in entry.values():
+            assert abs(x["quantile"] - x["mapie_quantile"]) <= 1e-12
 
 
 def test_the_other_sentences_hold_for_the_figures() -> None:

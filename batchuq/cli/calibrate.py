@@ -198,7 +198,10 @@ _FROM_SCORE_TABLE = {
     default=DEFAULT_CONFORMAL,
     show_default=True,
     help="Conformal sets: lac = marginal, {c : 1 - p_c <= q}; class = one quantile per class "
-    "(needs about 10/alpha images per class); aps = adaptive sets, never empty.",
+    "(needs about 10/alpha images per class); aps = adaptive sets, never empty; aps-random = "
+    "randomised APS (Romano et al.), coverage near 1 - alpha, may be empty; raps = "
+    "regularised randomised APS (Angelopoulos et al.), smaller sets, k_reg and lambda tuned on "
+    "a fifth of VAL_IMAGES. The randomised sets draw U per image from --seed and its path.",
 )
 @click.option(
     "--target-risk",

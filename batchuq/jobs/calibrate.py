@@ -83,11 +83,11 @@ from batchuq.postprocess.calibration_file import (
     predictor_from_metadata,
 )
 from batchuq.postprocess.conformal import (
+    ConformalFit,
     check_method,
     conformal_level,
-    conformal_quantiles,
     conformal_warnings,
-    prediction_sets,
+    fit_conformal,
 )
 from batchuq.postprocess.rules import (
     RISK_SCORES,
@@ -108,6 +108,9 @@ _CONFORMAL_SCORE = {
     "lac": "1 - p_y of the MC mean (one quantile for all classes)",
     "class": "1 - p_y of the MC mean (one quantile per true class)",
     "aps": "total MC-mean probability of the classes ranked at or above y (not randomised)",
+    "aps-random": "total MC-mean probability of the classes ranked at or above y, minus U p_y "
+    "(U uniform per image and seed)",
+    "raps": "aps-random score plus lambda max(0, rank of y - k_reg) (settings.conformal_params)",
 }
 
 
@@ -505,7 +508,11 @@ def fit_calibration(
     temperature = fit_temperature(probs, y)
     # For --rule threshold --temperature: fitted on the tempered MC mean that pair compares.
     tempered_thresholds = tempered_mean_thresholds(probs, temperature, percentile)[0]
-    quantiles = conformal_quantiles(probs, y, alpha, conformal)
+    paths = [scoring_plan.discovery.files[i].relative_path for i in np.flatnonzero(data.keep)]
+    fitted = fit_conformal(probs, y, alpha, conformal, paths, scoring_plan.seed)
+    quantiles = fitted.quantiles
+    if fitted.params:
+        settings["conformal_params"] = fitted.params
     selective = None
     if settings.get("target_risk") is not None:
         selective = fit_selective(data, y, settings)
@@ -519,7 +526,7 @@ def fit_calibration(
         "unreadable": len(data.unreadable),
         "images_per_class": per_class.tolist(),
         "copies_predicted": copies_predicted.tolist(),
-        **_fit_stats(probs, y, thresholds, temperature, quantiles, conformal, alpha),
+        **_fit_stats(probs, y, thresholds, temperature, fitted, conformal, alpha, paths),
         "runs": 1 if scoring_plan is threshold_plan else 2,
         "warnings": notes,
     }
@@ -586,14 +593,15 @@ def _fit_stats(
     y: np.ndarray,
     thresholds: np.ndarray,
     temperature: float,
-    quantiles: np.ndarray,
+    fitted: ConformalFit,
     conformal: str,
     alpha: float,
+    paths: list[str],
 ) -> dict[str, Any]:
     """How the fit did on the validation images themselves."""
     pred = probs.argmax(axis=1)
     accepted = threshold_decisions(pred, probs[np.arange(len(y)), pred], thresholds) != UNCLASSIFIED
-    sets = prediction_sets(probs, quantiles, conformal)
+    sets = fitted.sets(probs, paths)
     at_bound = min(abs(math.log(temperature / b)) for b in TEMPERATURE_BOUNDS) < 1e-4
     return {
         "accuracy": float(np.mean(pred == y)),

@@ -43,6 +43,7 @@ from batchuq import metrics
 from batchuq.defaults import DEFAULT_METHOD, DEFAULT_SEED
 from batchuq.errors import UsageError
 from batchuq.jobs import evaluate as evaluate_job
+from batchuq.jobs.compare_rules import format_rules, rule_columns
 from batchuq.jobs.evaluate import Evaluation, evaluate_file
 
 logger = logging.getLogger("batchuq")
@@ -647,6 +648,7 @@ def _row(name: str, evaluation: Evaluation, shift: Shift | None) -> dict[str, An
     row["ood_auroc"] = (ood.get("auroc") or {}).get(COMPARED_SCORE)
     row["mean_set_size"] = conformal.get("mean_set_size")
     row["images_per_second"] = _images_per_second(metadata)
+    row.update(rule_columns(results))  # the rule at its operating point (compare_rules)
     if shift is not None:
         row.update(corruption=shift.corruption, severity=shift.severity)
     return row
@@ -980,6 +982,7 @@ def format_comparison(comparison: Comparison) -> str:
         _render(with_shift_labels(comparison.rows), TABLE_COLUMNS),
     ]
     parts += _interval_parts(comparison)
+    parts += format_rules(comparison.rows, _render)
     dropped = comparison.settings.get("dropped") or {}
     if dropped:
         lost = ", ".join(f"{file}: {count}" for file, count in dropped.items())

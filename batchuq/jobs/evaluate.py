@@ -30,6 +30,7 @@ from batchuq import metrics
 from batchuq.defaults import STATUS_OK, UNCLASSIFIED_NAME
 from batchuq.errors import UsageError
 from batchuq.output.schema import metadata_of
+from batchuq.postprocess.coverage import coverage_rows, stratified_coverage
 from batchuq.postprocess.selective import clopper_pearson
 
 # Uncertainty scores compared by AUROC; higher = more uncertain.
@@ -398,8 +399,12 @@ def _set_members(value: Any) -> list[str] | None:
     return [str(item) for item in value]
 
 
-def _conformal(df: pd.DataFrame, labelled: np.ndarray) -> dict[str, Any] | None:
-    """Empirical coverage and mean size of the ``pred_set`` column; ``None`` without one."""
+def _conformal(
+    df: pd.DataFrame, labelled: np.ndarray, names: list[str] | None = None
+) -> dict[str, Any] | None:
+    """Empirical coverage and mean size of the ``pred_set`` column, and the same per true
+    class and per set size with Clopper–Pearson intervals (``stratified_coverage``); ``None``
+    without the column."""
     if "pred_set" not in df.columns:
         return None
     sets = [_set_members(value) for value in df.loc[labelled, "pred_set"]]
@@ -409,6 +414,7 @@ def _conformal(df: pd.DataFrame, labelled: np.ndarray) -> dict[str, Any] | None:
         "n": len(pairs),
         "coverage": _number(np.mean([label in s for s, label in pairs])) if pairs else None,
         "mean_set_size": _number(np.mean([len(s) for s, _ in pairs])) if pairs else None,
+        **stratified_coverage([s for s, _ in pairs], [label for _, label in pairs], names or []),
     }
 
 
@@ -438,7 +444,7 @@ def evaluate_scored(
     if ood_df is not None:
         ood_ok, ood_scores = _ok_mask(ood_df), uncertainty_scores(ood_df, names)
         results["ood"] = _ood_aurocs(ok, scores, ood_ok, ood_scores)
-    results["conformal"] = _conformal(df, lab.mask)
+    results["conformal"] = _conformal(df, lab.mask, names)
     return Evaluation(
         results=results,
         class_names=names,
@@ -697,6 +703,12 @@ def _metric_sections(results: dict) -> list[_Section]:
             ("mean set size", conformal.get("mean_set_size")),
         ]
         sections.append((f"Conformal prediction sets (N = {conformal.get('n')})", items))
+        if conformal.get("per_class"):
+            title = "Conformal coverage per true class (95% Clopper-Pearson)"
+            sections.append((title, coverage_rows(conformal["per_class"], "class")))
+        if conformal.get("per_size"):
+            title = "Conformal coverage per set size (size-stratified, 95% Clopper-Pearson)"
+            sections.append((title, coverage_rows(conformal["per_size"], "size")))
     selective = results.get("selective")
     if selective:
         sections.append(_selective_section(selective))

@@ -34,8 +34,13 @@ import numpy as np
 
 from batchuq._version import __version__
 from batchuq.defaults import DEFAULT_CONFORMAL, DEFAULT_METHOD
-from batchuq.errors import CalibrationError, PredictorMismatchError
-from batchuq.postprocess.conformal import check_method, prediction_sets
+from batchuq.errors import CalibrationError, PredictorMismatchError, UsageError
+from batchuq.postprocess.conformal import (
+    RANDOMISED_METHODS,
+    check_method,
+    prediction_sets,
+    set_uniforms,
+)
 from batchuq.postprocess.rules import RISK_SCORES, SelectiveRule
 
 __all__ = [
@@ -401,11 +406,41 @@ class Calibration:
         """The conformal miscoverage the quantiles were fitted for."""
         return self.settings.get("alpha")
 
-    def prediction_sets(self, mean_probs: np.ndarray) -> np.ndarray:
+    def prediction_sets(
+        self,
+        mean_probs: np.ndarray,
+        relative_paths: list[str] | None = None,
+        seed: int | None = None,
+    ) -> np.ndarray:
         """Conformal sets (``(b, C)`` bool) for the scoring predictor's MC mean ``mean_probs``
-        (without temperature)."""
+        (without temperature).
+
+        Args:
+            mean_probs: ``(b, C)`` MC means.
+            relative_paths: The images' relative paths; the randomised methods
+                (``aps-random``, ``raps``) draw each image's ``U`` from it and ``seed``.
+            seed: The run seed (the calibration's own seed when ``None``).
+
+        Returns:
+            ``(b, C)`` bool set membership.
+
+        Raises:
+            UsageError: If a randomised method gets no paths.
+        """
         probs = np.clip(np.asarray(mean_probs, dtype=np.float64), 0.0, 1.0)  # as calibrated
-        return prediction_sets(probs, self.conformal_quantiles, self.conformal_method)
+        method = self.conformal_method
+        if method not in RANDOMISED_METHODS:
+            return prediction_sets(probs, self.conformal_quantiles, method)
+        if relative_paths is None:
+            raise UsageError(
+                f"Conformal method {method!r} is randomised per image and needs the images' "
+                "relative paths. Received: relative_paths=None"
+            )
+        seed = int(self.settings.get("seed", 0)) if seed is None else int(seed)
+        params = self.settings.get("conformal_params") or {}
+        raps = (int(params["k_reg"]), float(params["lambda"])) if method == "raps" else None
+        uniforms = set_uniforms(seed, list(relative_paths))
+        return prediction_sets(probs, self.conformal_quantiles, method, uniforms, raps)
 
     def rule_thresholds(self, temperature: bool) -> np.ndarray:
         """The per-class thresholds of ``score --rule threshold``, with or without
@@ -540,6 +575,12 @@ def format_summary(calibration: Calibration) -> str:
         if per_class
         else f"quantile {_quantile_text(calibration.conformal_quantiles[0])}"
     )
+    raps = calibration.settings.get("conformal_params") or {}
+    if "k_reg" in raps:
+        quantile += (
+            f" (k_reg {raps['k_reg']}, lambda {raps['lambda']:g}, tuned on "
+            f"{raps['tuning_images']} images, quantile on {raps['quantile_images']})"
+        )
     lines.append(
         f"conformal {calibration.conformal_method} at alpha {calibration.alpha}: {quantile}; "
         f"fitted with the scoring predictor {_predictor_text(calibration.predictor)}"

@@ -111,15 +111,18 @@ def score_rows(
     summary = summarise_images(batch.samples)
     calibration = plan.calibration
     # Conformal sets from the MC mean before any temperature, as calibrated.
-    sets = calibration.prediction_sets(summary.mean) if calibration is not None else None
+    files = [plan.discovery.files[i] for i in batch.positions]
+    paths = [f.relative_path for f in files]  # randomised sets: U per (seed, path)
+    sets = (
+        None if calibration is None else calibration.prediction_sets(summary.mean, paths, plan.seed)
+    )
     if plan.temperature:
         summary = with_temperature(summary, calibration.temperature)
     decisions = decide(summary, plan.rule)
-    files = [plan.discovery.files[i] for i in batch.positions]
     columns = score_record_batch(
         schema,
         plan.labels.class_names,
-        paths=[f.relative_path for f in files],
+        paths=paths,
         labels=[plan.labels.texts[i] for i in batch.positions],
         label_indices=[plan.labels.indices[i] for i in batch.positions],
         statuses=batch.statuses,
