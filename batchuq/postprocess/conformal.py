@@ -480,7 +480,7 @@ def fit_conformal(
         return ConformalFit(quantiles, method, seed)
     probs, labels = np.asarray(mean_probs), np.asarray(labels)
     tune = set_uniforms(seed, relative_paths, purpose="raps-tuning") < RAPS_TUNING_SHARE
-    overlap = not tune.any() or tune.all()
+    overlap = bool(not tune.any() or tune.all())
     if overlap:  # a handful of images: tune on all of them too, and say so in ``params``
         tune = np.ones(len(probs), dtype=bool)
         fit = tune
@@ -491,8 +491,8 @@ def fit_conformal(
         probs[fit], labels[fit], alpha, "raps", uniforms[fit], (k_reg, lam)
     )
     params = {
-        "k_reg": k_reg,
-        "lambda": lam,
+        "k_reg": int(k_reg),
+        "lambda": float(lam),
         "tuning_images": int(tune.sum()),
         "quantile_images": int(fit.sum()),
         "tuned_on_quantile_images": overlap,
