@@ -203,7 +203,7 @@ def test_history_reference_takes_the_last_nights_before_tonight(tmp_path: Path) 
 def test_reference_with_other_settings_is_a_usage_error(tmp_path: Path) -> None:
     tonight = write_night(tmp_path / "t.parquet")
     other = write_night(tmp_path / "r.parquet", metadata={"passes": 20})
-    with pytest.raises(UsageError, match=r"passes.*100 in the calibration|passes") as info:
+    with pytest.raises(UsageError, match="passes: 20 in the reference, 100 tonight") as info:
         monitor_runs(tonight, [other])
     assert "Received: reference=" in str(info.value)
 
@@ -217,11 +217,15 @@ def test_estimated_accuracy_is_reported_when_both_have_it(tmp_path: Path) -> Non
     assert plain.estimated_accuracy is None
 
 
-def test_empty_night_raises_no_images(tmp_path: Path) -> None:
+def test_empty_or_missing_night(tmp_path: Path) -> None:
     (tmp_path / "date=2026-12-02").mkdir()
     ref = write_night(tmp_path / "r.parquet")
     with pytest.raises(NoImagesFoundError):
         monitor_runs(tmp_path / "date=2026-12-02", [ref])
+    with pytest.raises(NoImagesFoundError):
+        monitor_runs(tmp_path / "date=2026-12-03", [ref], missing_ok=True)
+    with pytest.raises(UsageError, match="Received: tonight="):
+        monitor_runs(tmp_path / "date=2026-12-03", [ref])
 
 
 # --- the command ---------------------------------------------------------------------------------

@@ -681,6 +681,29 @@ def _cell(value: float | None, spec: str = ".4f") -> str:
     return format(value, spec)
 
 
+_HEADER = (
+    "test",
+    "kind",
+    "statistic",
+    "p",
+    "p_holm",
+    "PSI",
+    "Wasserstein",
+    "reference",
+    "tonight",
+    "alert",
+)
+_WIDTHS = (18, 6, 10, 9, 9, 8, 11, 10, 9, 5)
+
+
+def _row(cells: Sequence[str]) -> str:
+    """One line of the table: the names left-aligned, the numbers right-aligned."""
+    return "  ".join(
+        c.ljust(w) if i < 2 else c.rjust(w)
+        for i, (c, w) in enumerate(zip(cells, _WIDTHS, strict=True))
+    )
+
+
 def format_monitor(report: MonitorReport) -> str:
     """The report for a terminal: one line per test, then the estimate and the verdict.
 
@@ -696,43 +719,22 @@ def format_monitor(report: MonitorReport) -> str:
         f"scored); reference: {len(report.reference)} run(s), {report.pooled.rows} rows, "
         f"{report.pooled.scored} scored; Holm at alpha {s.alpha:g}, min PSI {s.min_psi:g}"
     )
-    columns = (
-        "test",
-        "kind",
-        "statistic",
-        "p",
-        "p_holm",
-        "PSI",
-        "Wasserstein",
-        "reference",
-        "tonight",
-        "alert",
-    )
-    widths = (18, 6, 10, 9, 9, 8, 11, 10, 9, 5)
-    lines = [
-        head,
-        "  ".join(
-            c.ljust(w) if i < 2 else c.rjust(w)
-            for i, (c, w) in enumerate(zip(columns, widths, strict=True))
-        ),
-    ]
+    lines = [head, _row(_HEADER)]
     for t in report.tests:
-        cells = (
-            t.name,
-            t.test,
-            _cell(t.statistic),
-            _cell(t.p_value, ".3g"),
-            _cell(t.p_adjusted, ".3g"),
-            _cell(t.psi),
-            _cell(t.wasserstein),
-            _cell(t.reference),
-            _cell(t.tonight),
-            "YES" if t.alert else "no",
-        )
         lines.append(
-            "  ".join(
-                c.ljust(w) if i < 2 else c.rjust(w)
-                for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+            _row(
+                (
+                    t.name,
+                    t.test,
+                    _cell(t.statistic),
+                    _cell(t.p_value, ".3g"),
+                    _cell(t.p_adjusted, ".3g"),
+                    _cell(t.psi),
+                    _cell(t.wasserstein),
+                    _cell(t.reference),
+                    _cell(t.tonight),
+                    "YES" if t.alert else "no",
+                )
             )
         )
     for name, est in (report.estimated_accuracy or {}).items():

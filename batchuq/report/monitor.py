@@ -98,9 +98,11 @@ def _draw_class_mix(report: MonitorReport) -> Figure:
     rates.bar(x + 0.2, t, 0.4, color=TONIGHT_COLOR)
     rates.set_xticks(x, ["unclassified", "error"])
     rates.set_ylabel("rate")
-    flags = [("ALERT" if (_test_of(report, n) or False) and _test_of(report, n).alert else "")
-             for n in RATES]  # fmt: skip
-    rates.set_title(" ".join(f for f in flags if f) or "rates: quiet", fontsize=9)
+    states = []
+    for name in RATES:
+        test = _test_of(report, name)
+        states.append(f"{name.split('_')[0]}: {'ALERT' if test and test.alert else 'quiet'}")
+    rates.set_title(", ".join(states), fontsize=9)
     fig.tight_layout()
     return fig
 
@@ -160,6 +162,7 @@ def _table(report: MonitorReport) -> str:
 def _page(report: MonitorReport, plots: dict[str, str]) -> str:
     s = report.settings
     verdict = f"ALERT: {', '.join(report.alerts)}" if report.alert else "quiet: no test alerts"
+    rule = f"an alert also needs PSI &ge; {s.min_psi:g}" if s.min_psi > 0 else "no PSI threshold"
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8"><title>batchuq monitor</title>',
@@ -168,8 +171,7 @@ def _page(report: MonitorReport, plots: dict[str, str]) -> str:
         f'<p class="verdict {"alert" if report.alert else "quiet"}">{html.escape(verdict)}</p>',
         f"<p>Tonight: {html.escape(report.tonight.path)} ({report.tonight.rows} rows, "
         f"{report.tonight.scored} scored). Reference: {len(report.reference)} run(s), "
-        f"{report.pooled.rows} rows. Holm-corrected at alpha {s.alpha:g}; an alert also needs "
-        f"PSI &ge; {s.min_psi:g}.</p>",
+        f"{report.pooled.rows} rows. Holm-corrected at alpha {s.alpha:g}; {rule}.</p>",
         _table(report),
     ]
     for name, est in (report.estimated_accuracy or {}).items():
