@@ -1,6 +1,6 @@
 """``batchuq monitor``: the command over ``batchuq.jobs.monitor`` and ``batchuq.report.monitor``.
 
-It reads Parquet only: no TensorFlow, Keras or pandas is imported. Exit 0 when quiet, 5
+It reads Parquet only: neither TensorFlow nor Keras is imported. Exit 0 when quiet, 5
 (``EXIT_DRIFT``) when a test alerts, 4 for an empty night, 2 for a usage error (a reference from
 another model or with other settings included).
 """

@@ -4,7 +4,7 @@
 rows against the pooled rows of the reference (``batchuq.drift``: KS on each uncertainty column,
 chi-square on the predicted-class mix, Fisher's exact test on the unclassified and error rates;
 Holm across them; PSI and Wasserstein beside the p-values). It reads Parquet only (pyarrow and
-NumPy): nothing here imports TensorFlow, Keras or pandas.
+NumPy): nothing here imports TensorFlow or Keras.
 
 What a run is:
 
