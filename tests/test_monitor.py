@@ -244,7 +244,7 @@ except SystemExit as exc:
     code = exc.code
 sys.stdout.flush()
 print("\\nDRIVER " + json.dumps({"code": code, "tensorflow": "tensorflow" in sys.modules,
-                  "keras": "keras" in sys.modules, "pandas": "pandas" in sys.modules}))
+                  "keras": "keras" in sys.modules}))
 """
 
 
