@@ -35,6 +35,7 @@ from batchuq.jobs.monitor import (
     pool,
     read_night,
     reference_nights,
+    setting_differences,
 )
 from batchuq.output.schema import output_schema, score_record_batch
 
@@ -79,10 +80,12 @@ def write_night(
     shift: float = 0.0,
     errors: int = 0,
     metadata: dict | None = None,
+    pred_set: bool = False,
 ) -> Path:
-    """A Parquet file as ``batchuq score`` writes it, with synthetic scores."""
+    """A Parquet file as ``batchuq score`` writes it, with synthetic scores (``pred_set``: with
+    a conformal set of the classes above 0.1)."""
     stats_ = scores(rows, seed, shift)
-    schema = output_schema(CLASSES, {**METADATA, **(metadata or {})})
+    schema = output_schema(CLASSES, {**METADATA, **(metadata or {})}, pred_set=pred_set)
     pred = stats_["mean"].argmax(axis=1)
     batch = score_record_batch(
         schema,
@@ -94,6 +97,7 @@ def write_night(
         pred_index=pred,
         decision_index=np.where(stats_["confidence"] < 0.5, UNCLASSIFIED, pred),
         stats=stats_,
+        pred_sets=stats_["mean"] > 0.1 if pred_set else None,
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_batches([batch]), path)
@@ -156,13 +160,15 @@ def test_false_alarm_rate_of_clean_splits_is_at_most_alpha(tmp_path: Path) -> No
     # alarm over the night's tests at most alpha; three binomial standard errors of slack.
     night = read_night(write_night(tmp_path / "clean.parquet", rows=500, seed=1, errors=5))
     rng = np.random.default_rng(0)
-    splits, alarms = 400, 0
+    splits, alarms, uncorrected = 400, 0, 0
     for _ in range(splits):
         order = rng.permutation(night.rows)
         tests = night_tests(night.subset(order[250:]), night.subset(order[:250]))
         alarms += any(t.alert for t in tests)
+        uncorrected += any(t.p_value < 0.05 for t in tests)
     alpha = 0.05
     assert alarms / splits <= alpha + 3 * math.sqrt(alpha * (1 - alpha) / splits)
+    assert uncorrected > alarms  # without Holm, the same splits alarm more often
 
 
 def test_a_shifted_night_alarms_and_a_clean_one_does_not(tmp_path: Path) -> None:
@@ -171,6 +177,15 @@ def test_a_shifted_night_alarms_and_a_clean_one_does_not(tmp_path: Path) -> None
     shifted = monitor_runs(write_night(tmp_path / "shift.parquet", seed=3, shift=0.5), [reference])
     assert not clean.alert
     assert shifted.alert and {"confidence", "entropy", "top_std"} <= set(shifted.alerts)
+
+
+def test_set_size_is_tested_when_both_sides_have_sets(tmp_path: Path) -> None:
+    with_sets = read_night(write_night(tmp_path / "s.parquet", rows=40, pred_set=True))
+    expected = (scores(40, 0)["mean"] > 0.1).sum(axis=1)
+    np.testing.assert_array_equal(with_sets.values["set_size"], expected)
+    without = read_night(write_night(tmp_path / "n.parquet", rows=40, seed=1))
+    assert "set_size" in [t.name for t in night_tests(with_sets, with_sets)]
+    assert "set_size" not in [t.name for t in night_tests(with_sets, without)]
 
 
 def test_subset_and_pool_keep_rows_together(tmp_path: Path) -> None:
@@ -206,6 +221,18 @@ def test_reference_with_other_settings_is_a_usage_error(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="passes: 20 in the reference, 100 tonight") as info:
         monitor_runs(tonight, [other])
     assert "Received: reference=" in str(info.value)
+
+
+def test_settings_compared_and_not_compared() -> None:
+    calibration = {"temperature": 1.5, "conformal_alpha": 0.1, "created": "2026-11-01"}
+    ref = {**METADATA, "seed": 0, "engine": "local", "calibration": calibration}
+    same = {**ref, "seed": 7, "engine": "ray", "calibration": {**calibration, "created": "x"}}
+    assert setting_differences(ref, same) == []
+    other = {**ref, "model_sha256": "1" * 64, "calibration": {**calibration, "temperature": 2.0}}
+    assert [name for name, _, _ in setting_differences(ref, other)] == [
+        "model_sha256",
+        "calibration",
+    ]
 
 
 def test_estimated_accuracy_is_reported_when_both_have_it(tmp_path: Path) -> None:

@@ -69,6 +69,8 @@ __all__ = [
     "MonitorReport",
     "MonitorSettings",
     "Night",
+    "accuracy_estimate",
+    "date_of",
     "format_monitor",
     "monitor_nights",
     "monitor_runs",
@@ -76,6 +78,7 @@ __all__ = [
     "pool",
     "read_night",
     "reference_nights",
+    "setting_differences",
 ]
 
 # The continuous columns, in the order of the report (set_size only with a pred_set column).
