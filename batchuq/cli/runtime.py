@@ -309,12 +309,14 @@ class StopOnSignal:
 
     Args:
         output: The file the job writes (renamed into place when it completes).
-        resume: Whether finished rows are kept in ``OUTPUT.checkpoint/`` (``--resume``).
+        resume: Whether finished rows are kept in a checkpoint (``--resume``).
+        checkpoint: The checkpoint folder; default ``OUTPUT.checkpoint/``.
     """
 
-    def __init__(self, output: Path, resume: bool) -> None:
+    def __init__(self, output: Path, resume: bool, checkpoint: Path | None = None) -> None:
         self.output = output
         self.resume = resume
+        self.checkpoint = checkpoint or output.with_name(output.name + ".checkpoint")
         self.received: list[int] = []
         self._previous: dict[int, object] = {}
         self._output_before: tuple[int, int] | None = None
@@ -363,7 +365,7 @@ class StopOnSignal:
         elif self.resume:
             say(
                 f"{what}: no output written; finished rows are kept in "
-                f"{self.output}.checkpoint/ (run again with --resume to finish).",
+                f"{self.checkpoint}/ (run again with --resume to finish).",
                 "interrupted",
             )
         else:

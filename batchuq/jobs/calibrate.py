@@ -12,6 +12,13 @@ with two predictors (docs/methods.md, "Calibration" and "Conformal prediction se
   on it, because the coverage guarantee of conformal sets rests on calibration and test scores
   being exchangeable: scores of another predictor are not.
 
+The scoring predictor is whatever ``score`` runs: any method (MC dropout's mean, a deep
+ensemble's averaged probabilities, SNGP's mean-field probabilities: the temperature rescales
+that mean), and with ``score_passes="auto"`` the adaptive predictor of ``score --passes auto``,
+stopping as the rule ``score`` will use (``score_rule``, recorded in the predictor). The
+thresholds of ``--rule threshold --temperature`` are fitted on the scoring predictor's tempered
+means (``postprocess.thresholds.tempered_mean_thresholds``), the quantity that pair compares.
+
 When both predictors are the same, one pass over the folder serves both. The samples come
 straight from ``iter_sampled_batches``, the same step ``score`` uses; the result is written by
 ``postprocess.calibration_file``.
@@ -38,16 +45,22 @@ from batchuq import checks
 from batchuq.augment import TTAConfig
 from batchuq.classes import DEFAULT_CLASS_ORDER
 from batchuq.defaults import (
+    DEFAULT_ADAPTIVE_ALPHA,
     DEFAULT_ALPHA,
     DEFAULT_BATCH_SIZE,
     DEFAULT_CALIBRATION_PASSES,
     DEFAULT_CALIBRATION_TTA,
     DEFAULT_CONFORMAL,
     DEFAULT_DELTA,
+    DEFAULT_MAX_PASSES,
+    DEFAULT_MIN_CONFIDENCE,
+    DEFAULT_MIN_MEDIAN,
+    DEFAULT_MIN_PASSES,
     DEFAULT_PASSES,
     DEFAULT_PERCENTILE,
     DEFAULT_PRECISION,
     DEFAULT_RISK_SCORE,
+    DEFAULT_RULE,
     DEFAULT_SEED,
     DEFAULT_TTA,
     UNCLASSIFIED,
@@ -80,13 +93,14 @@ from batchuq.postprocess.rules import (
     RISK_SCORES,
     DecisionRule,
     SelectiveRule,
+    check_adaptive_calibration,
     risk_scores,
     threshold_decisions,
 )
 from batchuq.postprocess.selective import fit_selective_threshold
 from batchuq.postprocess.temperature import TEMPERATURE_BOUNDS, apply_temperature, fit_temperature
-from batchuq.postprocess.thresholds import thresholds_from_predictions
-from batchuq.summarise import summarise
+from batchuq.postprocess.thresholds import tempered_mean_thresholds, thresholds_from_predictions
+from batchuq.summarise import summarise_images
 
 logger = logging.getLogger("batchuq")
 
@@ -141,7 +155,9 @@ class CalibrateOptions:
             as in docs/methods.md) and the augmentation of both predictors (the scoring
             predictor's only matters when ``score_tta > 1``); a number is just the copies.
         passes: MC dropout passes per copy for the thresholds (default 1: plain TTA).
-        score_passes: MC passes of the scoring predictor (default: ``score``'s, 100).
+        score_passes: MC passes of the scoring predictor (default: ``score``'s, 100), or
+            ``"auto"``: the adaptive predictor of ``score --passes auto`` with ``min_passes``,
+            ``max_passes``, ``adaptive_alpha`` and stopping by ``score_rule``.
         score_tta: TTA copies of the scoring predictor (default: ``score``'s, 1).
         conformal: ``lac`` (default), ``class`` or ``aps`` (see ``postprocess.conformal``).
         percentile: Percentile of the threshold (default 10).
@@ -161,10 +177,22 @@ class CalibrateOptions:
             risk (``fit_selective_threshold``; default ``None``: not fitted).
         delta: The certificate's failure probability (default 0.1).
         risk_score: The score the selective threshold is on, one of ``RISK_SCORES``.
+        min_passes: With ``score_passes="auto"``: as ``score --min-passes``.
+        max_passes: With ``score_passes="auto"``: as ``score --max-passes``.
+        adaptive_alpha: With ``score_passes="auto"``: as ``score --adaptive-alpha``.
+        score_rule: With ``score_passes="auto"``: the ``score --rule`` the calibration is for,
+            which decides when the adaptive predictor stops (``rules.stopping_record``):
+            ``median``, ``confidence``, ``none`` or ``risk`` (``none`` and ``risk`` stop
+            alike, once ``pred`` is settled). Not ``threshold``: its stopping would need the
+            thresholds this calibration fits on that predictor. Ignored with a number of
+            passes (the predictor does not depend on the rule then).
+        min_median: With ``score_rule="median"``: as ``score --min-median``.
+        min_confidence: With ``score_rule="confidence"``: as ``score --min-confidence``.
 
     Raises:
         UsageError: For counts below 1, a percentile outside [0, 100], alpha, target_risk or
-            delta outside (0, 1), an unknown conformal method or risk score.
+            delta outside (0, 1), an unknown conformal method or risk score, or adaptive
+            settings that ``score --passes auto`` would refuse (or ``score_rule="threshold"``).
     """
 
     model: ModelsArg = None
@@ -189,6 +217,12 @@ class CalibrateOptions:
     target_risk: float | None = None
     delta: float = DEFAULT_DELTA
     risk_score: str = DEFAULT_RISK_SCORE
+    min_passes: int = DEFAULT_MIN_PASSES
+    max_passes: int = DEFAULT_MAX_PASSES
+    adaptive_alpha: float = DEFAULT_ADAPTIVE_ALPHA
+    score_rule: str = DEFAULT_RULE
+    min_median: float = DEFAULT_MIN_MEDIAN
+    min_confidence: float = DEFAULT_MIN_CONFIDENCE
 
     def __post_init__(self) -> None:
         if self.target_risk is not None:
@@ -198,8 +232,12 @@ class CalibrateOptions:
         if not isinstance(self.tta, TTAConfig):  # just the copies: the default augmentation
             _check_count("tta", self.tta)
             object.__setattr__(self, "tta", TTAConfig(copies=int(self.tta)))
-        for name in ("passes", "score_tta", "score_passes", "batch_size"):
+        for name in ("passes", "score_tta", "batch_size"):
             _check_count(name, getattr(self, name))
+        if self.score_passes == "auto":
+            check_adaptive_calibration(self.score_rule)
+        else:
+            _check_count("score_passes", self.score_passes)
         if not 0.0 <= float(self.percentile) <= 100.0:
             raise UsageError(
                 f"`percentile` must be in [0, 100]. Received: percentile={self.percentile}"
@@ -225,10 +263,20 @@ class CalibrateOptions:
             logits=self.logits,
             exif_transpose=self.exif_transpose,
         )
+        auto = self.score_passes == "auto"
         scoring = dataclasses.replace(
             shared,
-            passes=int(self.score_passes),
+            passes="auto" if auto else int(self.score_passes),
             tta=dataclasses.replace(self.tta, copies=int(self.score_tta)),
+            min_passes=int(self.min_passes),
+            max_passes=int(self.max_passes),
+            adaptive_alpha=float(self.adaptive_alpha),
+            # With auto, the rule decides when sampling stops: score's (risk stops as none).
+            rule=DecisionRule(
+                "none" if not auto or self.score_rule == "risk" else self.score_rule,
+                self.min_median,
+                self.min_confidence,
+            ),
         )
         threshold = dataclasses.replace(shared, passes=int(self.passes), tta=self.tta)
         return scoring, threshold
@@ -385,7 +433,7 @@ def collect_samples(
         for batch in iter_sampled_batches(plan, progress=progress, desc="calibrating"):
             index = np.asarray(batch.positions)
             if plan is scoring_plan:  # the float32 means `score` writes and builds sets from
-                summary = summarise(batch.samples)
+                summary = summarise_images(batch.samples)  # (adaptive: samples per image)
                 mean_probs[index] = summary.mean
                 mean_pred[index] = summary.pred
                 for name in RISK_SCORES:
@@ -455,6 +503,8 @@ def fit_calibration(
         percentile,
     )
     temperature = fit_temperature(probs, y)
+    # For --rule threshold --temperature: fitted on the tempered MC mean that pair compares.
+    tempered_thresholds = tempered_mean_thresholds(probs, temperature, percentile)[0]
     quantiles = conformal_quantiles(probs, y, alpha, conformal)
     selective = None
     if settings.get("target_risk") is not None:
@@ -488,6 +538,7 @@ def fit_calibration(
         stats=stats,
         created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         selective=selective,
+        tempered_thresholds=tempered_thresholds,
     )
 
 
@@ -572,7 +623,9 @@ def _settings(
         "val_images": scoring_plan.images,
         "tta": threshold_plan.tta.copies,
         "passes": threshold_plan.method.samples_per_row,
-        "score_passes": scoring_plan.method.samples_per_row,
+        "score_passes": "auto"
+        if scoring_plan.adaptive is not None
+        else scoring_plan.method.samples_per_row,
         "score_tta": scoring_plan.tta.copies,
         "percentile": None,  # set by calibrate_directory; here to keep the file's order
         "alpha": None,
@@ -587,6 +640,7 @@ def _settings(
         "threshold_grouping": "predicted class of each augmented copy",
         "temperature_bounds": list(TEMPERATURE_BOUNDS),
         "temperature_fitted_on": "MC mean of the scoring predictor",
+        "tempered_thresholds_fitted_on": "tempered MC mean of the scoring predictor, per image",
         "conformal_score": None,
         "options": options,
     }

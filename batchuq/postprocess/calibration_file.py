@@ -65,7 +65,11 @@ PREDICTOR_KEYS = (
     "sampled_layers",
     "logits",
     "exif_transpose",
+    "adaptive",
 )
+# What of a run's ``adaptive`` metadata (``--passes auto``) decides its samples: the rounds,
+# the error level and how the decision rule stops (``rules.stopping_record``).
+ADAPTIVE_KEYS = ("min_passes", "max_passes", "alpha", "stopping")
 
 
 # --------------------------------------------------------------------------------------------
@@ -77,10 +81,14 @@ def predictor_from_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
 
     ``augmentation`` is ``None`` with one TTA copy (the image is used as it is, so the
     augmentation settings change nothing), else the settings without ``copies``. A
-    ``rescale`` given as ``{"value": ...}`` is reduced to its value. Keys that the metadata
-    does not record are left out.
+    ``rescale`` given as ``{"value": ...}`` is reduced to its value. ``adaptive`` is kept
+    only for a ``--passes auto`` run, as its ``ADAPTIVE_KEYS``. Keys that the metadata does
+    not record are left out.
     """
     predictor = {key: metadata[key] for key in PREDICTOR_KEYS if key in metadata}
+    adaptive = predictor.pop("adaptive", None)
+    if isinstance(adaptive, dict):
+        predictor["adaptive"] = {k: adaptive.get(k, _NOT_RECORDED) for k in ADAPTIVE_KEYS}
     predictor.setdefault("method", DEFAULT_METHOD)  # runs before methods were recorded
     rescale = predictor.get("rescale")
     if isinstance(rescale, dict):
@@ -103,6 +111,11 @@ _OPTION_OF = {
     "sampled_layers": "--sample-layers",
     "logits": "--logits",
     "exif_transpose": "--exif-transpose",
+    "adaptive.min_passes": "--min-passes",
+    "adaptive.max_passes": "--max-passes",
+    "adaptive.alpha": "--adaptive-alpha",
+    "adaptive.stopping": "score --rule, --min-median, --min-confidence, --temperature; "
+    "calibrate --score-rule",
 }
 _NOT_RECORDED = "<not recorded>"
 
@@ -122,7 +135,8 @@ def predictor_differences(
     """The settings in which two predictors differ: ``(name, calibrated value, run value)``.
 
     Augmentation settings are compared one by one (``augmentation.rotation``, ...) when both
-    predictors augment; when only one does, ``tta`` already differs.
+    predictors augment; when only one does, ``tta`` already differs. The adaptive settings
+    likewise (``adaptive.max_passes``, ...) when both runs are ``--passes auto``.
     """
     differences = []
     for key in PREDICTOR_KEYS:
@@ -130,12 +144,13 @@ def predictor_differences(
             continue
         missing = DEFAULT_METHOD if key == "method" else _NOT_RECORDED  # older files
         a, b = calibrated.get(key, missing), run.get(key, missing)
-        if key == "augmentation":
+        if key in ("augmentation", "adaptive"):
+            # When only one side augments (is adaptive), tta (passes) already differs.
             if isinstance(a, dict) and isinstance(b, dict):
                 for name in sorted(set(a) | set(b)):
                     x, y = a.get(name, _NOT_RECORDED), b.get(name, _NOT_RECORDED)
                     if not _same(x, y):
-                        differences.append((f"augmentation.{name}", x, y))
+                        differences.append((f"{key}.{name}", x, y))
             continue
         if not _same(a, b):
             differences.append((key, a, b))
@@ -148,7 +163,7 @@ def _show(value: Any) -> str:
         return f"{value:.6g}"
     if isinstance(value, str):
         return value
-    return json.dumps(value)
+    return json.dumps(value, sort_keys=True)
 
 
 def _option(name: str) -> str:
@@ -157,6 +172,8 @@ def _option(name: str) -> str:
         return f"--tta-{name.split('.', 1)[1]}"
     if name in ("passes", "tta"):  # calibrate's --passes/--tta are the thresholds' predictor
         return f"score {_OPTION_OF[name]}, calibrate --score-{name}"
+    if name.startswith("adaptive.") and name != "adaptive.stopping":
+        return f"score {_OPTION_OF[name]}, calibrate {_OPTION_OF[name]}"
     return _OPTION_OF.get(name, name)
 
 
@@ -170,9 +187,16 @@ def predictor_mismatch_message(differences: list[tuple[str, Any, Any]]) -> str:
         f"{name} ({_option(name)}): {_show(a)} in the calibration, {_show(b)} in this run"
         for name, a, b in differences
     )
+    adaptive = any(name == "passes" and "auto" in (a, b) for name, a, b in differences)
+    hint = (
+        " (a calibration for --passes auto is fitted with `batchuq calibrate --score-passes "
+        "auto` and the same --min-passes, --max-passes, --adaptive-alpha and rule)"
+        if adaptive
+        else ""
+    )
     return (
-        "The calibration was fitted on another predictor than this run's, so its conformal sets "
-        f"and temperature do not apply here: {listed}"
+        "The calibration was fitted on another predictor than this run's, so its conformal sets, "
+        f"temperature and risk threshold do not apply here: {listed}{hint}"
     )
 
 
@@ -189,6 +213,11 @@ def _json_floats(values: np.ndarray) -> list[float | None]:
 def _array(values: list[float | None], missing: float) -> np.ndarray:
     """JSON numbers as float64, ``None`` read as ``missing``."""
     return np.array([missing if v is None else float(v) for v in values], dtype=np.float64)
+
+
+def _optional_array(values: list[float | None] | None) -> np.ndarray | None:
+    """Thresholds that a file may lack (``None``), ``None`` entries read as ``NaN``."""
+    return None if values is None else _array(values, np.nan)
 
 
 def _selective(data: dict[str, Any] | None) -> SelectiveRule | None:
@@ -240,6 +269,11 @@ class Calibration:
         selective: The selective threshold of ``score --rule risk`` and its certificate
             (``calibrate --target-risk``), fitted on the scoring predictor's MC mean; ``None``
             when not fitted (files written before it existed have none and still load).
+        tempered_thresholds: ``(C,)`` the thresholds of ``score --rule threshold
+            --temperature``: per predicted class, the ``percentile`` of the confidences of the
+            *tempered* MC means of the scoring predictor (the values that rule compares), not
+            of the threshold predictor's copies; ``None`` in files written before they existed
+            (such a file is refused for that pair of options).
 
     Raises:
         CalibrationError: If ``thresholds`` or ``conformal_quantiles`` do not fit the classes
@@ -261,19 +295,24 @@ class Calibration:
     created: str = ""
     batchuq_version: str = __version__
     selective: SelectiveRule | None = None
+    tempered_thresholds: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.thresholds = np.asarray(self.thresholds, dtype=np.float64)
+        if self.tempered_thresholds is not None:
+            self.tempered_thresholds = np.asarray(self.tempered_thresholds, dtype=np.float64)
         self.conformal_quantiles = np.atleast_1d(
             np.asarray(self.conformal_quantiles, dtype=np.float64)
         )
         check_method(self.conformal_method)
         classes = len(self.class_names)
-        if self.thresholds.shape != (classes,):
-            raise CalibrationError(
-                f"`thresholds` must have one value per class ({classes}). Received: "
-                f"thresholds.shape={self.thresholds.shape}"
-            )
+        for name in ("thresholds", "tempered_thresholds"):
+            values = getattr(self, name)
+            if values is not None and values.shape != (classes,):
+                raise CalibrationError(
+                    f"`{name}` must have one value per class ({classes}). Received: "
+                    f"{name}.shape={values.shape}"
+                )
         expected = (classes,) if self.conformal_method == "class" else (1,)
         if self.conformal_quantiles.shape != expected:
             raise CalibrationError(
@@ -286,6 +325,8 @@ class Calibration:
         """JSON-ready dict (``NaN`` thresholds and ``inf`` quantiles become ``None``)."""
         data = asdict(self)
         data["thresholds"] = _json_floats(self.thresholds)
+        if self.tempered_thresholds is not None:
+            data["tempered_thresholds"] = _json_floats(self.tempered_thresholds)
         data["conformal_quantiles"] = _json_floats(self.conformal_quantiles)
         return {"format": CALIBRATION_FORMAT, **data}
 
@@ -347,6 +388,7 @@ class Calibration:
                 created=str(data.get("created", "")),
                 batchuq_version=str(data.get("batchuq_version", "")),
                 selective=_selective(data.get("selective")),
+                tempered_thresholds=_optional_array(data.get("tempered_thresholds")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise CalibrationError(
@@ -364,6 +406,25 @@ class Calibration:
         (without temperature)."""
         probs = np.clip(np.asarray(mean_probs, dtype=np.float64), 0.0, 1.0)  # as calibrated
         return prediction_sets(probs, self.conformal_quantiles, self.conformal_method)
+
+    def rule_thresholds(self, temperature: bool) -> np.ndarray:
+        """The per-class thresholds of ``score --rule threshold``, with or without
+        ``--temperature``: each fitted on what the rule then compares.
+
+        Raises:
+            CalibrationError: With ``temperature``, for a file written before tempered
+                thresholds were fitted.
+        """
+        if not temperature:
+            return self.thresholds
+        if self.tempered_thresholds is None:
+            raise CalibrationError(
+                "This calibration file has no thresholds for the tempered MC mean (it was "
+                "written before they were fitted): --rule threshold --temperature would compare "
+                "a tempered mean with untempered thresholds. Run `batchuq calibrate` again, or "
+                "drop --temperature. Received: temperature=True, tempered_thresholds=None"
+            )
+        return self.tempered_thresholds
 
     def check_model(self, sha256: str) -> None:
         """Refuse to use the calibration with a model other than the one it was fitted on.
@@ -431,13 +492,28 @@ def _skipped_text(stats: dict[str, Any]) -> str:
     return f"{skipped} skipped: {', '.join(parts)}"
 
 
+def _predictor_text(predictor: dict[str, Any]) -> str:
+    """The scoring predictor's passes and copies (and adaptive settings), for the summary."""
+    text = f"--passes {predictor.get('passes')} --tta {predictor.get('tta')}"
+    adaptive = predictor.get("adaptive")
+    if isinstance(adaptive, dict):
+        text += (
+            f" (adaptive: --min-passes {adaptive['min_passes']} --max-passes "
+            f"{adaptive['max_passes']} --adaptive-alpha {adaptive['alpha']}, stopping "
+            f"{_show(adaptive['stopping'])})"
+        )
+    return text
+
+
 def format_summary(calibration: Calibration) -> str:
     """A short human-readable summary of a calibration."""
     stats = calibration.stats
     per_class = calibration.conformal_method == "class"
     width = max(len(name) for name in calibration.class_names)
+    tempered = calibration.tempered_thresholds
     lines = [
         f"{'class':<{width}}  threshold"
+        + ("   tempered" if tempered is not None else "")
         + ("  conformal q" if per_class else "")
         + "  copies  images",
     ]
@@ -447,6 +523,8 @@ def format_summary(calibration: Calibration) -> str:
         t = calibration.thresholds[i]
         t_text = "none" if np.isnan(t) else f"{t:.4f}"
         q_text = f"  {_quantile_text(calibration.conformal_quantiles[i]):>11}" if per_class else ""
+        if tempered is not None:
+            t_text += "  " + ("none" if np.isnan(tempered[i]) else f"{tempered[i]:.4f}").rjust(9)
         lines.append(f"{name:<{width}}  {t_text:>9}{q_text}  {copies[i]!s:>6}  {images[i]!s:>6}")
     lines.append(
         f"temperature {calibration.temperature:.4f}: NLL {stats.get('nll_before', math.nan):.4f}"
@@ -457,7 +535,6 @@ def format_summary(calibration: Calibration) -> str:
             else ""
         )
     )
-    p = calibration.predictor
     quantile = (
         "one quantile per class"
         if per_class
@@ -465,7 +542,7 @@ def format_summary(calibration: Calibration) -> str:
     )
     lines.append(
         f"conformal {calibration.conformal_method} at alpha {calibration.alpha}: {quantile}; "
-        f"fitted with the scoring predictor --passes {p.get('passes')} --tta {p.get('tta')}"
+        f"fitted with the scoring predictor {_predictor_text(calibration.predictor)}"
     )
     if "accuracy" in stats:
         coverage, sel = stats.get("threshold_coverage"), stats.get("threshold_accuracy")
