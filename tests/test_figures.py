@@ -198,6 +198,23 @@ def test_the_other_sentences_hold_for_the_figures() -> None:
         assert R["adaptive"][workload]["speedup"] > 1
 
 
+def test_the_monitor_sentences_hold_for_the_figures() -> None:
+    m = R["monitor"]
+    fa = m["false_alarms"]
+    assert fa["splits"] >= 200 and fa["by_min_psi"]["0.0"]["rate"] <= m["alpha"]  # "at or below"
+    cells = {(x["corruption"], x["severity"]): x for x in m["detection"]}
+    rate = {key: x["by_min_psi"]["0.0"]["rate"] for key, x in cells.items()}
+    clean = m["clean_accuracy"]["test"]
+    assert all(rate[("contrast", s)] >= 0.95 for s in range(1, 6))  # "every severity"
+    assert all(rate[("rotate", s)] >= 0.95 for s in (3, 4, 5))
+    assert all(rate[("gaussian_noise", s)] >= 0.5 for s in (3, 4, 5))
+    for corruption in ("gaussian_blur", "pixelate"):  # "although the accuracy barely moves"
+        assert rate[(corruption, 5)] >= 0.9
+        assert abs(cells[(corruption, 5)]["accuracy"] - clean) <= 0.01
+    quiet = [("jpeg", s) for s in range(1, 6)] + [("pixelate", 1), ("pixelate", 2)]
+    assert all(rate[key] <= 0.1 for key in quiet)  # "at the false-alarm level"
+
+
 # Kinds of measured figures that must come from the JSON, never typed into a page's sentences
 # (code blocks are examples, and table headers name units).
 STRAY = {
