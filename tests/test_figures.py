@@ -93,6 +93,11 @@ CHECKLIST = {
         "compare_methods",
         lambda r: [f"{row['nll']:.4f}" for row in r["compare_methods"]["clean"]["rows"]],
     ),
+    "ood": (
+        "results",
+        "ood",
+        lambda r: [f"{row['far']['auroc']['energy']:.4f}" for row in r["ood"]["rows"].values()],
+    ),
     "scaleout": (
         "results",
         "scaleout",

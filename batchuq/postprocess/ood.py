@@ -8,8 +8,8 @@
   for ImageNet-1k, with the *training* set's features. batchuq fits on the calibration folder,
   which is far smaller, so it keeps OpenOOD's CIFAR ratio instead of its k:
   ``k = round(images / 1000)``, at least 1 and at most 50 (``default_k``). A fixed k = 50 on
-  the 269 bundled validation digits (27 per class) reaches into other classes: the far-OOD
-  AUROC drops from 0.98 (k = 1) to 0.71.
+  the 269 bundled validation digits (27 per class) reaches into other classes, and the score
+  degrades (``benchmarks/bench_ood.py`` sweeps k; docs/results.md shows it).
 * ``ood_metrics``: the AUROC (``metrics.auroc``, average ranks) and the FPR at 95% TPR of a
   score that is higher for OOD images: the share of OOD images accepted at the threshold that
   keeps 95% of the in-distribution images (in-distribution as the positive class, as Hendrycks
