@@ -139,7 +139,6 @@ def score_record_batch(
     pred_sets: np.ndarray | None = None,
     samples: np.ndarray | list[np.ndarray] | None = None,
     passes: np.ndarray | None = None,
-    ood_scores: Mapping[str, np.ndarray] | None = None,
 ) -> pa.RecordBatch:
     """Build the output rows of one batch of images as an Arrow record batch.
 
@@ -157,15 +156,15 @@ def score_record_batch(
         pred_index: Predicted class index, int ``(batch,)``.
         decision_index: Decided class index, int ``(batch,)``; ``UNCLASSIFIED`` (-1) is
             written as ``UNCLASSIFIED_NAME``.
-        stats: float arrays: each of ``SCORE_COLUMNS`` ``(batch,)`` and ``mean``, ``median``,
-            ``std`` ``(batch, classes)`` (other keys are ignored). float64 values are rounded
+        stats: float arrays: each of ``SCORE_COLUMNS`` ``(batch,)``, each of ``OOD_COLUMNS``
+            the schema has ``(batch,)``, and ``mean``, ``median``, ``std``
+            ``(batch, classes)`` (other keys are ignored). float64 values are rounded
             to float32, as Arrow rounds Python floats.
         pred_sets: Conformal set membership, bool ``(batch, classes)``; required when the
             schema has ``pred_set``.
         samples: Raw samples, float32 ``(batch, S, classes)``, or with adaptive passes a list
             of ``(S_i, classes)`` arrays; required when the schema has ``samples``.
         passes: ``(batch,)`` passes drawn per TTA copy for each image (null if not given).
-        ood_scores: ``(batch,)`` float values of each of ``OOD_COLUMNS`` the schema has.
 
     Returns:
         A record batch with ``schema``, one row per image.
@@ -194,7 +193,7 @@ def score_record_batch(
         pa.array(list(statuses), pa.string()),
         _passes_column(passes, ok),
         *[
-            _float_column((ood_scores or {})[name], ok)
+            _float_column(stats[name], ok)
             for name in OOD_COLUMNS
             if schema.get_field_index(name) >= 0
         ],

@@ -131,11 +131,10 @@ def score_rows(
         statuses=batch.statuses,
         pred_index=summary.pred,
         decision_index=decisions,
-        stats={name: getattr(summary, name) for name in _STAT_FIELDS},
+        stats={name: getattr(summary, name) for name in _STAT_FIELDS} | ood_scores(plan, batch),
         pred_sets=sets,
         samples=batch.samples if plan.save_samples else None,
         passes=batch.passes,
-        ood_scores=ood_scores(plan, batch),
     )
     return columns, decisions
 
