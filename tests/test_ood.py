@@ -96,6 +96,38 @@ def test_extras_are_means_over_the_same_passes_whatever_the_head() -> None:
             np.testing.assert_allclose(value, extras[key], rtol=1e-5, atol=1e-5)
 
 
+def test_adaptive_runs_write_the_means_over_each_images_own_passes(
+    digits_subset: Path, tmp_path: Path
+) -> None:
+    """With --passes auto an image's extras are means over the passes it got: the identity
+    max_logit + energy = mean over passes of log max_c p_c holds on its saved samples."""
+    out = tmp_path / "auto.parquet"
+    options = ScoreOptions(passes="auto", max_passes=40, save_samples=True, tta=2, seed=5)
+    score_directory(digits_subset, out, options)
+    frame = pd.read_parquet(out)
+    assert frame["passes"].nunique() > 1  # images stopped after different rounds
+    for (_, row), samples in zip(frame.iterrows(), frame["samples"], strict=True):
+        probs = np.stack(samples).astype(np.float64)  # (K * passes, classes), copy-major
+        per_copy = np.log(probs.max(axis=1)).reshape(2, -1).mean(axis=1)
+        assert row["max_logit"] + row["energy"] == pytest.approx(per_copy.mean(), abs=5e-5)
+
+
+def test_an_ensembles_extras_average_scalars_and_join_unit_features() -> None:
+    from batchuq.methods.ensemble import DeepEnsemble
+
+    member = bn_dropout_model(classes=4, size=8)
+    rows = np.random.default_rng(2).normal(size=(5, 8, 8, 3)).astype(np.float32)
+    keys = np.arange(5, dtype=np.uint32)
+    _, alone = MCDropout(member, passes=1).sample_with_extras(rows, keys)
+    _, pair = DeepEnsemble([member, member], passes=1).sample_with_extras(rows, keys)
+    np.testing.assert_allclose(pair["max_logit"], alone["max_logit"], rtol=1e-6)
+    np.testing.assert_allclose(pair["energy"], alone["energy"], rtol=1e-6)
+    unit = alone["features"] / np.linalg.norm(alone["features"], axis=1, keepdims=True)
+    np.testing.assert_allclose(
+        pair["features"], np.concatenate([unit, unit], axis=1) / math.sqrt(2), atol=1e-6
+    )
+
+
 def test_a_model_without_a_found_head_has_no_extras() -> None:
     inputs = keras.Input((8,))
     probs = keras.layers.Dense(4, activation="softmax")(keras.layers.Dense(6)(inputs))
