@@ -196,7 +196,9 @@ def calibrate_command(
     (--conformal, at level --alpha) makes sets that hold the true class with probability
     >= 1 - alpha. With --target-risk, the selective threshold of `score --rule risk` is fitted
     on the same MC mean, with its certificate. The result, with the model's sha256, both
-    predictors and all settings, is written to --output as JSON.
+    predictors and all settings, is written to --output as JSON. When the model's penultimate
+    features are found, the validation images' normalised features go to a side file next to
+    it (cal.json -> cal.knn.npz) for score's knn_distance OOD column; keep the two together.
 
     Example:
 
