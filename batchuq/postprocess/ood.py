@@ -12,8 +12,11 @@
   degrades (``benchmarks/bench_ood.py`` sweeps k; docs/results.md shows it).
 * ``ood_metrics``: the AUROC (``metrics.auroc``, average ranks) and the FPR at 95% TPR of a
   score that is higher for OOD images: the share of OOD images accepted at the threshold that
-  keeps 95% of the in-distribution images (in-distribution as the positive class, as Hendrycks
-  & Gimpel 2017 and OpenOOD's FPR@95 define it).
+  keeps 95% of the in-distribution images: in-distribution as the positive class, as ODIN
+  (Liang et al. 2018) and OpenOOD v1's ``fpr_recall`` define it. OpenOOD v1.5's evaluator
+  (``auc_and_fpr_recall``) takes OOD as the positive class instead: the share of
+  in-distribution images flagged at the threshold that flags 95% of the OOD ones, which is
+  ``fpr_at_tpr(-scores, ~positives)``; its published FPR@95 figures are of that one.
 
 The side file of a fitted index (``save_knn`` / ``load_knn``) is a compressed ``.npz`` next to
 the calibration JSON, its features stored as float16 (a unit vector's entries to 3 decimal
