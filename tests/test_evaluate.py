@@ -184,6 +184,9 @@ def test_evaluate_parquet_hand_computed(files):
     assert ood["auroc"]["entropy"] == pytest.approx(8 / 12)
     # 1 - confidence: in 0.2, 0.18, 0.5, 0.6, 0.3, 0.4; OOD 0.65 beats 6, 0.45 beats 4.
     assert ood["auroc"]["1 - confidence"] == pytest.approx(10 / 12)
+    # FPR@95: keeping >= 95% of 6 in-distribution rows keeps all 6 (entropy <= 1.0, 1 -
+    # confidence <= 0.6), and so keeps the OOD row at 0.45 of each: 1 of 2.
+    assert ood["fpr95"]["entropy"] == ood["fpr95"]["1 - confidence"] == 0.5
     # pred_set: a (cat in [cat]), b (dog in [dog, fox]), d (cat in [cat, fox]) cover; c not.
     conformal = results["conformal"]
     assert {k: conformal[k] for k in ("n", "coverage", "mean_set_size")} == {
@@ -550,13 +553,13 @@ mutual_info              0.3750
 mean_std                 1.0000
 variation_ratio          0.7500
 
-AUROC, OOD (2) vs in-distribution (6)
--------------------------------------
-1 - confidence           0.8333
-entropy                  0.6667
-mutual_info              0.7083
-mean_std                 0.5000
-variation_ratio          0.8750
+OOD (2) vs in-distribution (6): AUROC, FPR@95
+---------------------------------------------
+1 - confidence           0.8333  0.5000
+entropy                  0.6667  0.5000
+mutual_info              0.7083  0.5000
+mean_std                 0.5000  1.0000
+variation_ratio          0.8750  0.5000
 
 Conformal prediction sets (N = 4)
 ---------------------------------

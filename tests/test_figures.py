@@ -98,6 +98,11 @@ CHECKLIST = {
         "guarantees",
         lambda r: [r["guarantees"]["calibration"]["statement"]],
     ),
+    "ood": (
+        "results",
+        "ood",
+        lambda r: [f"{row['far']['auroc']['energy']:.4f}" for row in r["ood"]["rows"].values()],
+    ),
     "scaleout": (
         "results",
         "scaleout",

@@ -264,7 +264,9 @@ def calibrate_command(
     image. --score-passes auto fits all of these on the adaptive predictor of score --passes
     auto, whose stopping depends on the rule: give the --score-rule (and its --min-median or
     --min-confidence) that score will use. The result, with the model's sha256, both
-    predictors and all settings, is written to --output as JSON.
+    predictors and all settings, is written to --output as JSON. When the model's penultimate
+    features are found, the validation images' normalised features go to a side file next to
+    it (cal.json -> cal.knn.npz) for score's knn_distance OOD column; keep the two together.
 
     Example:
 

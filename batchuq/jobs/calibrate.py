@@ -89,6 +89,7 @@ from batchuq.postprocess.conformal import (
     conformal_warnings,
     fit_conformal,
 )
+from batchuq.postprocess.ood import KnnIndex, fit_knn
 from batchuq.postprocess.rules import (
     RISK_SCORES,
     DecisionRule,
@@ -130,6 +131,8 @@ class ValidationSamples:
             ``score`` writes it.
         risk_scores: Per name of ``RISK_SCORES``, ``(images,)`` that score of the scoring
             predictor (``rules.risk_scores``: the Parquet columns' float32 values).
+        features: ``(images, D)`` the scoring predictor's penultimate features per image (the
+            method's ``features`` extra), or ``None`` when the method gives none.
     """
 
     keep: np.ndarray
@@ -140,6 +143,7 @@ class ValidationSamples:
     unreadable: list[str] = dataclasses.field(default_factory=list)
     pred: np.ndarray | None = None
     risk_scores: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    features: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -351,6 +355,7 @@ def calibrate_directory(
         record["delta"] = float(options.delta)
         record["risk_score"] = options.risk_score
     calibration = fit_calibration(data, scoring_plan, threshold_plan, record)
+    calibration.knn = fit_ood_knn(data, calibration.model_sha256)
     calibration.stats["seconds"] = round(time.perf_counter() - started, 3)
     if output_json is not None:
         calibration.to_json(output_json)
@@ -431,6 +436,7 @@ def collect_samples(
     copy_pred = np.zeros((n, copies), dtype=np.int64)
     copy_conf = np.zeros((n, copies), dtype=np.float64)
     unreadable: list[str] = []
+    features: np.ndarray | None = None
     plans = [scoring_plan] if threshold_plan is scoring_plan else [scoring_plan, threshold_plan]
     for plan in plans:
         for batch in iter_sampled_batches(plan, progress=progress, desc="calibrating"):
@@ -443,6 +449,7 @@ def collect_samples(
                     scores[name][index] = risk_scores(summary, name)
                 ok[index] = batch.ok
                 unreadable += log_unreadable(plan, batch.positions, batch.statuses)
+                features = _keep_features(features, batch.extras.get("features"), index, n)
             if plan is threshold_plan:
                 b = len(index)
                 per_copy = batch.samples.reshape(b, copies, passes, classes)
@@ -463,7 +470,36 @@ def collect_samples(
         unreadable,
         pred=mean_pred,
         risk_scores=scores,
+        features=features,
     )
+
+
+def _keep_features(
+    features: np.ndarray | None, batch: np.ndarray | None, index: np.ndarray, n: int
+) -> np.ndarray | None:
+    """Store a batch's per-image features (``(batch, D)``) at its rows of ``(n, D)``."""
+    if batch is None:
+        return features
+    if features is None:
+        features = np.zeros((n, batch.shape[1]), dtype=np.float32)
+    features[index] = batch
+    return features
+
+
+def fit_ood_knn(data: ValidationSamples, model_sha256: str) -> KnnIndex | None:
+    """The kNN OOD score fitted on the kept images' features (``postprocess.ood.fit_knn``).
+
+    Args:
+        data: What the scoring predictor gave on the validation images.
+        model_sha256: The calibrated model.
+
+    Returns:
+        The index, or ``None`` when the method gives no features or fewer than 2 images
+        were kept.
+    """
+    if data.features is None or int(data.keep.sum()) < 2:
+        return None
+    return fit_knn(data.features[data.keep], model_sha256)
 
 
 def fit_calibration(
