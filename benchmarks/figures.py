@@ -111,7 +111,8 @@ def mean_sd(entry: dict | None, spec: str = ".4f", percent: bool = False) -> str
         return "n/a"
     if percent:
         return f"{100 * entry['mean']:.1f}% ± {100 * entry['sd']:.1f}"
-    return f"{entry['mean']:{spec}} ± {entry['sd']:{spec}}"
+    sd = entry["sd"] if entry["sd"] > 1e-12 * abs(entry["mean"]) else 0.0  # rounding, not spread
+    return f"{entry['mean']:{spec}} ± {sd:{spec}}"
 
 
 def series_cell(series: list[dict], name: str, severity: int, key: str) -> str:
@@ -120,6 +121,22 @@ def series_cell(series: list[dict], name: str, severity: int, key: str) -> str:
         if row["name"] == name and row["severity"] == severity and row.get(key) is not None:
             return pct(row[key]) if key == "accuracy" else f"{row[key]:.4f}"
     return "n/a"
+
+
+def first_break(cells: dict, check: str, level: float) -> int | None:
+    """The lowest severity of one corruption of ``guarantees.json`` at which a guarantee is
+    broken beyond doubt: ``check`` ``"risk"``, the 95% interval of the certified rule's realised
+    selective risk lies above the target ``level``; ``"lac"`` or ``"raps"``, that of the sets'
+    coverage lies below ``level`` (1 - alpha). ``None``: not at any severity."""
+    for severity in sorted(cells, key=int):
+        cell = cells[severity]
+        if check == "risk":
+            interval = cell["risk_rule"]["risk_interval"]
+            if interval is not None and interval[0] > level:
+                return int(severity)
+        elif cell[check]["coverage_interval"][1] < level:
+            return int(severity)
+    return None
 
 
 def pairs(first: list, second: list) -> list[tuple]:
@@ -132,5 +149,14 @@ def define_env(env) -> None:
     env.variables["r"] = results()
     for helper in (pct, sci, f, isa, cpu_name, pairs, mean_sd):
         env.filter(helper)
-    for helper in (source, verdicts, shift_verdicts, series_cell, isa, cpu_name, mean_sd):
+    for helper in (
+        source,
+        verdicts,
+        shift_verdicts,
+        series_cell,
+        isa,
+        cpu_name,
+        mean_sd,
+        first_break,
+    ):
         env.macro(helper)

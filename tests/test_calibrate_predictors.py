@@ -84,7 +84,9 @@ def test_ensemble_temperature_is_fitted_on_the_averaged_probabilities(ensemble_r
     t = calibration.temperature
     before, after = nll(means.astype(np.float64), y), nll(apply_temperature(means, t), y)
     assert after < 0.8 * before  # 0.0475 -> 0.0203 on the whole validation folder
-    assert math.isclose(after, calibration.stats["nll_after"], rel_tol=1e-9)
+    assert math.isclose(
+        after, calibration.stats["nll_after"], rel_tol=1e-6
+    )  # float32 means of two batchings
     for nearby in (t * 1.05, t / 1.05):  # a minimum, not merely an improvement
         assert nll(apply_temperature(means, nearby), y) > after
 
@@ -135,7 +137,9 @@ def test_sngp_calibrates_and_scores_with_temperature(tmp_path: Path) -> None:
     score_directory(val, plain, ScoreOptions(**run))
     score_directory(val, tempered, ScoreOptions(**run, temperature=True))
     means, y, _ = _means(plain)
-    assert math.isclose(fit_temperature(means, y), calibration.temperature, rel_tol=1e-9)
+    # calibrate and score batch the images differently, so their float32 means may differ in
+    # the last bits (oneDNN rounds by position in a batch); the fitted optimum moves by as much.
+    assert math.isclose(fit_temperature(means, y), calibration.temperature, rel_tol=1e-6)
     expected = apply_temperature(means.astype(np.float64), calibration.temperature)
     np.testing.assert_array_equal(_means(tempered)[0], expected.astype(np.float32))
 

@@ -198,7 +198,10 @@ _FROM_SCORE_TABLE = {
     default=DEFAULT_CONFORMAL,
     show_default=True,
     help="Conformal sets: lac = marginal, {c : 1 - p_c <= q}; class = one quantile per class "
-    "(needs about 10/alpha images per class); aps = adaptive sets, never empty.",
+    "(needs about 10/alpha images per class); aps = adaptive sets, never empty; aps-random = "
+    "randomised APS (Romano et al.), coverage near 1 - alpha, may be empty; raps = "
+    "regularised randomised APS (Angelopoulos et al.), smaller sets, k_reg and lambda tuned on "
+    "a fifth of VAL_IMAGES. The randomised sets draw U per image from --seed and its path.",
 )
 @click.option(
     "--target-risk",
@@ -261,7 +264,9 @@ def calibrate_command(
     image. --score-passes auto fits all of these on the adaptive predictor of score --passes
     auto, whose stopping depends on the rule: give the --score-rule (and its --min-median or
     --min-confidence) that score will use. The result, with the model's sha256, both
-    predictors and all settings, is written to --output as JSON.
+    predictors and all settings, is written to --output as JSON. When the model's penultimate
+    features are found, the validation images' normalised features go to a side file next to
+    it (cal.json -> cal.knn.npz) for score's knn_distance OOD column; keep the two together.
 
     Example:
 

@@ -83,12 +83,13 @@ from batchuq.postprocess.calibration_file import (
     predictor_from_metadata,
 )
 from batchuq.postprocess.conformal import (
+    ConformalFit,
     check_method,
     conformal_level,
-    conformal_quantiles,
     conformal_warnings,
-    prediction_sets,
+    fit_conformal,
 )
+from batchuq.postprocess.ood import KnnIndex, fit_knn
 from batchuq.postprocess.rules import (
     RISK_SCORES,
     DecisionRule,
@@ -108,6 +109,9 @@ _CONFORMAL_SCORE = {
     "lac": "1 - p_y of the MC mean (one quantile for all classes)",
     "class": "1 - p_y of the MC mean (one quantile per true class)",
     "aps": "total MC-mean probability of the classes ranked at or above y (not randomised)",
+    "aps-random": "total MC-mean probability of the classes ranked at or above y, minus U p_y "
+    "(U uniform per image and seed)",
+    "raps": "aps-random score plus lambda max(0, rank of y - k_reg) (settings.conformal_params)",
 }
 
 
@@ -127,6 +131,8 @@ class ValidationSamples:
             ``score`` writes it.
         risk_scores: Per name of ``RISK_SCORES``, ``(images,)`` that score of the scoring
             predictor (``rules.risk_scores``: the Parquet columns' float32 values).
+        features: ``(images, D)`` the scoring predictor's penultimate features per image (the
+            method's ``features`` extra), or ``None`` when the method gives none.
     """
 
     keep: np.ndarray
@@ -137,6 +143,7 @@ class ValidationSamples:
     unreadable: list[str] = dataclasses.field(default_factory=list)
     pred: np.ndarray | None = None
     risk_scores: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    features: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -348,6 +355,7 @@ def calibrate_directory(
         record["delta"] = float(options.delta)
         record["risk_score"] = options.risk_score
     calibration = fit_calibration(data, scoring_plan, threshold_plan, record)
+    calibration.knn = fit_ood_knn(data, calibration.model_sha256)
     calibration.stats["seconds"] = round(time.perf_counter() - started, 3)
     if output_json is not None:
         calibration.to_json(output_json)
@@ -428,6 +436,7 @@ def collect_samples(
     copy_pred = np.zeros((n, copies), dtype=np.int64)
     copy_conf = np.zeros((n, copies), dtype=np.float64)
     unreadable: list[str] = []
+    features: np.ndarray | None = None
     plans = [scoring_plan] if threshold_plan is scoring_plan else [scoring_plan, threshold_plan]
     for plan in plans:
         for batch in iter_sampled_batches(plan, progress=progress, desc="calibrating"):
@@ -440,6 +449,7 @@ def collect_samples(
                     scores[name][index] = risk_scores(summary, name)
                 ok[index] = batch.ok
                 unreadable += log_unreadable(plan, batch.positions, batch.statuses)
+                features = _keep_features(features, batch.extras.get("features"), index, n)
             if plan is threshold_plan:
                 b = len(index)
                 per_copy = batch.samples.reshape(b, copies, passes, classes)
@@ -460,7 +470,36 @@ def collect_samples(
         unreadable,
         pred=mean_pred,
         risk_scores=scores,
+        features=features,
     )
+
+
+def _keep_features(
+    features: np.ndarray | None, batch: np.ndarray | None, index: np.ndarray, n: int
+) -> np.ndarray | None:
+    """Store a batch's per-image features (``(batch, D)``) at its rows of ``(n, D)``."""
+    if batch is None:
+        return features
+    if features is None:
+        features = np.zeros((n, batch.shape[1]), dtype=np.float32)
+    features[index] = batch
+    return features
+
+
+def fit_ood_knn(data: ValidationSamples, model_sha256: str) -> KnnIndex | None:
+    """The kNN OOD score fitted on the kept images' features (``postprocess.ood.fit_knn``).
+
+    Args:
+        data: What the scoring predictor gave on the validation images.
+        model_sha256: The calibrated model.
+
+    Returns:
+        The index, or ``None`` when the method gives no features or fewer than 2 images
+        were kept.
+    """
+    if data.features is None or int(data.keep.sum()) < 2:
+        return None
+    return fit_knn(data.features[data.keep], model_sha256)
 
 
 def fit_calibration(
@@ -505,7 +544,11 @@ def fit_calibration(
     temperature = fit_temperature(probs, y)
     # For --rule threshold --temperature: fitted on the tempered MC mean that pair compares.
     tempered_thresholds = tempered_mean_thresholds(probs, temperature, percentile)[0]
-    quantiles = conformal_quantiles(probs, y, alpha, conformal)
+    paths = [scoring_plan.discovery.files[i].relative_path for i in np.flatnonzero(data.keep)]
+    fitted = fit_conformal(probs, y, alpha, conformal, paths, scoring_plan.seed)
+    quantiles = fitted.quantiles
+    if fitted.params:
+        settings["conformal_params"] = fitted.params
     selective = None
     if settings.get("target_risk") is not None:
         selective = fit_selective(data, y, settings)
@@ -519,7 +562,7 @@ def fit_calibration(
         "unreadable": len(data.unreadable),
         "images_per_class": per_class.tolist(),
         "copies_predicted": copies_predicted.tolist(),
-        **_fit_stats(probs, y, thresholds, temperature, quantiles, conformal, alpha),
+        **_fit_stats(probs, y, thresholds, temperature, fitted, conformal, alpha, paths),
         "runs": 1 if scoring_plan is threshold_plan else 2,
         "warnings": notes,
     }
@@ -586,14 +629,15 @@ def _fit_stats(
     y: np.ndarray,
     thresholds: np.ndarray,
     temperature: float,
-    quantiles: np.ndarray,
+    fitted: ConformalFit,
     conformal: str,
     alpha: float,
+    paths: list[str],
 ) -> dict[str, Any]:
     """How the fit did on the validation images themselves."""
     pred = probs.argmax(axis=1)
     accepted = threshold_decisions(pred, probs[np.arange(len(y)), pred], thresholds) != UNCLASSIFIED
-    sets = prediction_sets(probs, quantiles, conformal)
+    sets = fitted.sets(probs, paths)
     at_bound = min(abs(math.log(temperature / b)) for b in TEMPERATURE_BOUNDS) < 1e-4
     return {
         "accuracy": float(np.mean(pred == y)),

@@ -26,7 +26,7 @@ import math
 import os
 import tempfile
 from collections.abc import Collection
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +34,14 @@ import numpy as np
 
 from batchuq._version import __version__
 from batchuq.defaults import DEFAULT_CONFORMAL, DEFAULT_METHOD
-from batchuq.errors import CalibrationError, PredictorMismatchError
-from batchuq.postprocess.conformal import check_method, prediction_sets
+from batchuq.errors import CalibrationError, PredictorMismatchError, UsageError
+from batchuq.postprocess.conformal import (
+    RANDOMISED_METHODS,
+    check_method,
+    prediction_sets,
+    set_uniforms,
+)
+from batchuq.postprocess.ood import KnnIndex, load_knn, save_knn
 from batchuq.postprocess.rules import RISK_SCORES, SelectiveRule
 
 __all__ = [
@@ -235,6 +241,21 @@ def _selective(data: dict[str, Any] | None) -> SelectiveRule | None:
     )
 
 
+def _knn(entry: Any, path: str | os.PathLike[str], model_sha256: str) -> KnnIndex:
+    """The kNN index a calibration file's ``knn`` entry names (``postprocess.ood.load_knn``).
+
+    Raises:
+        CalibrationError: If the entry is malformed or its side file missing or altered.
+    """
+    try:
+        return load_knn(dict(entry), path, model_sha256)
+    except (KeyError, TypeError, OSError) as exc:
+        raise CalibrationError(
+            f"The calibration's knn entry or its side file is malformed ({exc}). "
+            f"Received: path={str(path)!r}"
+        ) from exc
+
+
 @dataclass
 class Calibration:
     """Everything ``batchuq calibrate`` fits, with what it was fitted on.
@@ -274,6 +295,9 @@ class Calibration:
             *tempered* MC means of the scoring predictor (the values that rule compares), not
             of the threshold predictor's copies; ``None`` in files written before they existed
             (such a file is refused for that pair of options).
+        knn: The kNN OOD score's normalised calibration features (``postprocess.ood``),
+            fitted on the scoring predictor; ``None`` when the model's penultimate features
+            were not found. Stored in a side file ``<name>.knn.npz`` next to the JSON.
 
     Raises:
         CalibrationError: If ``thresholds`` or ``conformal_quantiles`` do not fit the classes
@@ -296,6 +320,7 @@ class Calibration:
     batchuq_version: str = __version__
     selective: SelectiveRule | None = None
     tempered_thresholds: np.ndarray | None = None
+    knn: KnnIndex | None = None
 
     def __post_init__(self) -> None:
         self.thresholds = np.asarray(self.thresholds, dtype=np.float64)
@@ -323,7 +348,8 @@ class Calibration:
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready dict (``NaN`` thresholds and ``inf`` quantiles become ``None``)."""
-        data = asdict(self)
+        data = asdict(replace(self, knn=None))  # not the features: the side file holds them
+        data["knn"] = None if self.knn is None else self.knn.describe()
         data["thresholds"] = _json_floats(self.thresholds)
         if self.tempered_thresholds is not None:
             data["tempered_thresholds"] = _json_floats(self.tempered_thresholds)
@@ -331,9 +357,13 @@ class Calibration:
         return {"format": CALIBRATION_FORMAT, **data}
 
     def to_json(self, path: str | os.PathLike[str]) -> Path:
-        """Write the calibration to ``path`` (through a temporary file renamed into place)."""
+        """Write the calibration to ``path`` (through a temporary file renamed into place); a kNN
+        index goes to its side file first (``postprocess.ood.save_knn``)."""
         out = Path(path)
-        text = json.dumps(self.as_dict(), indent=2, allow_nan=False) + "\n"
+        data = self.as_dict()
+        if self.knn is not None:
+            data["knn"] = save_knn(self.knn, out)
+        text = json.dumps(data, indent=2, allow_nan=False) + "\n"
         handle, temp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent or Path("."))
         try:
             with os.fdopen(handle, "w", encoding="utf-8") as stream:
@@ -373,7 +403,7 @@ class Calibration:
                 f"Received: path={str(path)!r}, format={found!r}"
             )
         try:
-            return cls(
+            calibration = cls(
                 class_names=list(data["class_names"]),
                 thresholds=_array(data["thresholds"], np.nan),
                 temperature=float(data["temperature"]),
@@ -395,17 +425,50 @@ class Calibration:
                 f"The calibration file is incomplete or malformed ({exc}). "
                 f"Received: path={str(path)!r}"
             ) from exc
+        if data.get("knn") is not None:
+            calibration.knn = _knn(data["knn"], path, calibration.model_sha256)
+        return calibration
 
     @property
     def alpha(self) -> float | None:
         """The conformal miscoverage the quantiles were fitted for."""
         return self.settings.get("alpha")
 
-    def prediction_sets(self, mean_probs: np.ndarray) -> np.ndarray:
+    def prediction_sets(
+        self,
+        mean_probs: np.ndarray,
+        relative_paths: list[str] | None = None,
+        seed: int | None = None,
+    ) -> np.ndarray:
         """Conformal sets (``(b, C)`` bool) for the scoring predictor's MC mean ``mean_probs``
-        (without temperature)."""
+        (without temperature).
+
+        Args:
+            mean_probs: ``(b, C)`` MC means.
+            relative_paths: The images' relative paths; the randomised methods
+                (``aps-random``, ``raps``) draw each image's ``U`` from it and ``seed``.
+            seed: The run seed (the calibration's own seed when ``None``).
+
+        Returns:
+            ``(b, C)`` bool set membership.
+
+        Raises:
+            UsageError: If a randomised method gets no paths.
+        """
         probs = np.clip(np.asarray(mean_probs, dtype=np.float64), 0.0, 1.0)  # as calibrated
-        return prediction_sets(probs, self.conformal_quantiles, self.conformal_method)
+        method = self.conformal_method
+        if method not in RANDOMISED_METHODS:
+            return prediction_sets(probs, self.conformal_quantiles, method)
+        if relative_paths is None:
+            raise UsageError(
+                f"Conformal method {method!r} is randomised per image and needs the images' "
+                "relative paths. Received: relative_paths=None"
+            )
+        seed = int(self.settings.get("seed", 0)) if seed is None else int(seed)
+        params = self.settings.get("conformal_params") or {}
+        raps = (int(params["k_reg"]), float(params["lambda"])) if method == "raps" else None
+        uniforms = set_uniforms(seed, list(relative_paths))
+        return prediction_sets(probs, self.conformal_quantiles, method, uniforms, raps)
 
     def rule_thresholds(self, temperature: bool) -> np.ndarray:
         """The per-class thresholds of ``score --rule threshold``, with or without
@@ -540,6 +603,12 @@ def format_summary(calibration: Calibration) -> str:
         if per_class
         else f"quantile {_quantile_text(calibration.conformal_quantiles[0])}"
     )
+    raps = calibration.settings.get("conformal_params") or {}
+    if "k_reg" in raps:
+        quantile += (
+            f" (k_reg {raps['k_reg']}, lambda {raps['lambda']:g}, tuned on "
+            f"{raps['tuning_images']} images, quantile on {raps['quantile_images']})"
+        )
     lines.append(
         f"conformal {calibration.conformal_method} at alpha {calibration.alpha}: {quantile}; "
         f"fitted with the scoring predictor {_predictor_text(calibration.predictor)}"

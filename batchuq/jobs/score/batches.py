@@ -9,7 +9,7 @@ memory stays within the method's budget however many copies an image has.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -37,12 +37,17 @@ class SampledBatch:
             then copy 1, ...); the rows of unreadable images hold meaningless values. With
             adaptive passes, a list of ``(K * S_i, classes)`` arrays, one per image.
         passes: ``(batch,)`` int64 passes drawn per TTA copy (and ensemble member).
+        extras: The method's extras (``UncertaintyMethod.extras``) per image: each row's
+            value averaged over the image's TTA copies, float32 ``(batch,)`` (``(batch, D)``
+            for ``features``). With adaptive passes, each copy's value is its mean over the
+            passes it got.
     """
 
     positions: list[int]
     statuses: list[str]
     samples: np.ndarray | list[np.ndarray]
     passes: np.ndarray
+    extras: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def ok(self) -> np.ndarray:
@@ -105,12 +110,12 @@ def iter_sampled_batches(
                 _stop_if_asked(should_stop)
                 statuses = [status.decode() for status in batch["status"].numpy()]
                 ok = np.array([status == STATUS_OK for status in statuses], dtype=bool)
-                samples, passes = _sample(plan, copies, batch, ok)
+                samples, passes, extras = _sample(plan, copies, batch, ok)
                 _stop_if_asked(should_stop)
                 for image in np.flatnonzero(ok):
                     check_probabilities(samples[image], plan.loaded.path)
                 positions = [todo[int(i)] for i in batch["index"].numpy()]
-                yield SampledBatch(positions, statuses, samples, passes)
+                yield SampledBatch(positions, statuses, samples, passes, extras)
                 bar.update(len(statuses))
     finally:
         # Stop the input pipeline here, while Python is fully alive. Left to the traceback
@@ -121,18 +126,48 @@ def iter_sampled_batches(
 
 def _sample(
     plan: RunPlan, copies: CopyMaker, batch: dict, ok: np.ndarray
-) -> tuple[np.ndarray | list[np.ndarray], np.ndarray]:
-    """A decoded batch's samples and passes per image, fixed or adaptive."""
+) -> tuple[np.ndarray | list[np.ndarray], np.ndarray, dict[str, np.ndarray]]:
+    """A decoded batch's samples, passes and extras per image, fixed or adaptive."""
     stack, keys = batch["images"][:, 0], batch["keys"]
+    extras: dict[str, list[np.ndarray]] = {}
     if plan.adaptive is None:
         per_copy = plan.method.samples_per_row // plan.method.pass_groups
-        return sample_batch(plan, copies, stack, keys), np.full(len(ok), per_copy, np.int64)
-    result = sample_batch_adaptive(plan, copies, stack, keys, ok)
-    return result.samples, result.passes
+        samples = sample_batch(plan, copies, stack, keys, extras)
+        passes = np.full(len(ok), per_copy, np.int64)
+    else:
+        result = sample_batch_adaptive(plan, copies, stack, keys, ok, extras)
+        samples, passes = result.samples, result.passes
+    return samples, passes, per_image_extras(extras, len(ok), plan.tta.copies)
+
+
+def per_image_extras(
+    parts: dict[str, list[np.ndarray]], images: int, copies: int
+) -> dict[str, np.ndarray]:
+    """Rows' extras, gathered chunk by chunk (copy-major rows), as their means per image.
+
+    Args:
+        parts: Per extra, its values for consecutive chunks of rows.
+        images: Images in the batch.
+        copies: K, rows per image.
+
+    Returns:
+        float32 ``(images,)`` (``(images, D)``) per extra: the mean over the image's copies.
+    """
+    means = {}
+    for name, chunks in parts.items():
+        rows = np.concatenate(chunks, axis=0)
+        rows = rows.reshape((images, copies) + rows.shape[1:])
+        means[name] = rows.mean(axis=1, dtype=np.float64).astype(np.float32)
+    return means
 
 
 def sample_batch_adaptive(
-    plan: RunPlan, copies: CopyMaker, stack: tf.Tensor, keys: tf.Tensor, ok: np.ndarray
+    plan: RunPlan,
+    copies: CopyMaker,
+    stack: tf.Tensor,
+    keys: tf.Tensor,
+    ok: np.ndarray,
+    extras: dict[str, list[np.ndarray]] | None = None,
 ) -> AdaptiveResult:
     """Sample a batch in rounds, each image until its decision is settled (``--passes auto``).
 
@@ -146,6 +181,8 @@ def sample_batch_adaptive(
         stack: ``(batch, H, W, C)`` pixel values 0..255.
         keys: ``(batch,)`` uint32 image keys.
         ok: ``(batch,)`` bool: readable images (the others stop after the first round).
+        extras: Where to append each chunk's rows' extras (``prepared_extras``: their means
+            over the passes each row got), per name; ``None``: not kept.
 
     Returns:
         Per image, ``(K * G * passes_i, classes)`` samples, copy-major, and the passes.
@@ -177,12 +214,21 @@ def sample_batch_adaptive(
                 stop_after_first=~ok[first:last],
             )
         )
+        for name, values in plan.method.prepared_extras(prepared).items():
+            if extras is not None:
+                extras.setdefault(name, []).append(values)
     return AdaptiveResult(
         [s for r in results for s in r.samples], np.concatenate([r.passes for r in results])
     )
 
 
-def sample_batch(plan: RunPlan, copies: CopyMaker, stack: tf.Tensor, keys: tf.Tensor) -> np.ndarray:
+def sample_batch(
+    plan: RunPlan,
+    copies: CopyMaker,
+    stack: tf.Tensor,
+    keys: tf.Tensor,
+    extras: dict[str, list[np.ndarray]] | None = None,
+) -> np.ndarray:
     """Augment a batch of decoded images and sample every copy with the plan's method.
 
     Args:
@@ -190,6 +236,8 @@ def sample_batch(plan: RunPlan, copies: CopyMaker, stack: tf.Tensor, keys: tf.Te
         copies: Makes the test-time copies of a range of rows.
         stack: ``(batch, H, W, C)`` pixel values 0..255.
         keys: ``(batch,)`` uint32 image keys.
+        extras: Where to append each chunk's rows' extras (``sample_with_extras``), per name;
+            ``None``: not kept.
 
     Returns:
         float32 ``(batch, K * S, classes)``, copy-major.
@@ -201,7 +249,11 @@ def sample_batch(plan: RunPlan, copies: CopyMaker, stack: tf.Tensor, keys: tf.Te
         chunk = copies.rows(stack, keys, start, stop)
         if not plan.spec.channel_axis:  # an (H, W) model: drop the one channel
             chunk = chunk[..., 0]
-        parts.append(plan.method.sample(chunk, row_keys[start:stop]))
+        probs, chunk_extras = plan.method.sample_with_extras(chunk, row_keys[start:stop])
+        parts.append(probs)
+        for name, values in chunk_extras.items():
+            if extras is not None:
+                extras.setdefault(name, []).append(values)
         del chunk
     samples = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)  # (B*K, S, C)
     return samples.reshape(b, k * samples.shape[1], samples.shape[2])

@@ -423,6 +423,8 @@ def _calibration_metadata(plan: RunPlan) -> dict[str, Any] | None:
         "fitted_temperature": calibration.temperature,
         "conformal_alpha": calibration.settings.get("alpha"),
         "conformal_method": calibration.conformal_method,
+        # RAPS's k_reg and lambda; randomised sets draw U from this run's seed and each path.
+        "conformal_params": calibration.settings.get("conformal_params"),
         "created": calibration.created,
     }
 
