@@ -37,7 +37,7 @@ from batchuq.jobs.monitor import (
     reference_nights,
     setting_differences,
 )
-from batchuq.output.schema import output_schema, score_record_batch
+from batchuq.output.schema import RUN_METADATA_KEY, output_schema, score_record_batch
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["a", "b", "c", "d"]
@@ -81,9 +81,10 @@ def write_night(
     errors: int = 0,
     metadata: dict | None = None,
     pred_set: bool = False,
+    run: dict | None = None,
 ) -> Path:
     """A Parquet file as ``batchuq score`` writes it, with synthetic scores (``pred_set``: with
-    a conformal set of the classes above 0.1)."""
+    a conformal set of the classes above 0.1; ``run``: the footer's run record)."""
     stats_ = scores(rows, seed, shift)
     schema = output_schema(CLASSES, {**METADATA, **(metadata or {})}, pred_set=pred_set)
     pred = stats_["mean"].argmax(axis=1)
@@ -100,7 +101,10 @@ def write_night(
         pred_sets=stats_["mean"] > 0.1 if pred_set else None,
     )
     path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_batches([batch]), path)
+    with pq.ParquetWriter(path, schema) as writer:
+        writer.write_table(pa.Table.from_batches([batch]))
+        if run is not None:
+            writer.add_key_value_metadata({RUN_METADATA_KEY: json.dumps(run)})
     return path
 
 
@@ -235,12 +239,29 @@ def test_settings_compared_and_not_compared() -> None:
     ]
 
 
+def _estimate(atc_mc: float, average_confidence: float, images: int) -> dict:
+    """A run record's ``estimated_accuracy`` as ``score --calibration`` writes it."""
+    return {
+        "estimated_accuracy": {
+            "atc_mc": atc_mc,
+            "atc_ne": atc_mc,
+            "average_confidence": average_confidence,
+            "tempered": True,
+            "images": images,
+        }
+    }
+
+
 def test_estimated_accuracy_is_reported_when_both_have_it(tmp_path: Path) -> None:
-    ref = write_night(tmp_path / "r.parquet", metadata={"estimated_accuracy": 0.95})
-    now = write_night(tmp_path / "t.parquet", seed=4, metadata={"estimated_accuracy": 0.90})
-    report = monitor_runs(now, [ref])
-    assert report.estimated_accuracy["value"]["change"] == pytest.approx(-0.05)
-    plain = monitor_runs(write_night(tmp_path / "p.parquet", seed=5), [ref])
+    ref_a = write_night(tmp_path / "a.parquet", rows=100, run=_estimate(0.95, 0.96, 100))
+    ref_b = write_night(tmp_path / "b.parquet", rows=300, seed=2, run=_estimate(0.91, 0.92, 300))
+    now = write_night(tmp_path / "t.parquet", seed=4, run=_estimate(0.90, 0.93, 300))
+    report = monitor_runs(now, [ref_a, ref_b])
+    assert set(report.estimated_accuracy) == {"atc_mc", "atc_ne", "average_confidence"}
+    mc = report.estimated_accuracy["atc_mc"]  # reference: weighted by the scored rows
+    assert mc["reference"] == pytest.approx((0.95 * 100 + 0.91 * 300) / 400)
+    assert mc["change"] == pytest.approx(0.90 - mc["reference"])
+    plain = monitor_runs(write_night(tmp_path / "p.parquet", seed=5), [ref_a])
     assert plain.estimated_accuracy is None
 
 

@@ -77,6 +77,7 @@ from batchuq.jobs.score.plan import (
 from batchuq.jobs.score.rows import log_unreadable
 from batchuq.metrics import nll
 from batchuq.output.paths import check_output_path
+from batchuq.postprocess.atc import ATC_SCORES, atc_scores, fit_atc, tempered_probabilities
 from batchuq.postprocess.calibration_file import (
     Calibration,
     CalibrationWarning,
@@ -582,7 +583,33 @@ def fit_calibration(
         created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         selective=selective,
         tempered_thresholds=tempered_thresholds,
+        atc=fit_atc_thresholds(probs, y, temperature),
     )
+
+
+def fit_atc_thresholds(probs: np.ndarray, y: np.ndarray, temperature: float) -> dict[str, Any]:
+    """The ATC thresholds of ``score``'s label-free accuracy estimate (``postprocess.atc``).
+
+    Each score of ``ATC_SCORES`` is taken on the tempered MC mean (``tempered_probabilities``:
+    what ``score --temperature`` writes), and its threshold leaves as many validation images
+    above it as the argmax of the MC mean gets right.
+
+    Args:
+        probs: ``(n, C)`` the kept images' MC means (untempered).
+        y: ``(n,)`` their labels.
+        temperature: The fitted temperature.
+
+    Returns:
+        ``{"thresholds": {score: t}, "accuracy", "images", "fitted_on"}`` for ``Calibration.atc``.
+    """
+    correct = probs.argmax(axis=1) == y
+    scores = atc_scores(tempered_probabilities(probs, temperature))
+    return {
+        "thresholds": {name: fit_atc(scores[name], correct) for name in ATC_SCORES},
+        "accuracy": float(correct.mean()),
+        "images": len(y),
+        "fitted_on": "tempered MC mean of the scoring predictor (float32, as score writes it)",
+    }
 
 
 def fit_selective(

@@ -27,9 +27,11 @@ rule, calibration (temperature, conformal settings) and adaptive settings as ton
 otherwise the scores differ for reasons other than the images, and ``monitor_runs`` raises a
 ``UsageError`` naming the difference. The seed, the batch size and the engine may differ.
 
-The label-free accuracy estimate: when tonight's and every reference run's metadata hold
-``estimated_accuracy`` (a number, or a table of numbers), the report gives tonight's, the
-reference's (the mean over its runs weighted by their scored rows) and the change.
+The label-free accuracy estimate: when tonight's and every reference run's run record hold
+``estimated_accuracy`` (``score --calibration`` with an ATC calibration writes ``atc_mc``,
+``atc_ne`` and ``average_confidence``: ``batchuq.postprocess.atc.ESTIMATE_KEYS``), the report
+gives each estimate tonight, the reference's (the mean over its runs weighted by their scored
+rows) and the change.
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ from batchuq.defaults import (
 from batchuq.drift import DriftTest
 from batchuq.errors import NoImagesFoundError, UsageError
 from batchuq.output.schema import metadata_of
+from batchuq.postprocess.atc import ESTIMATE_KEYS
 from batchuq.postprocess.calibration_file import predictor_differences, predictor_from_metadata
 
 logger = logging.getLogger("batchuq")
@@ -222,7 +225,8 @@ def read_night(path: str | os.PathLike[str]) -> Night:
         empty = np.zeros(0, bool)
         return Night(str(path), date_of(path), {}, empty, np.zeros(0, np.int64), empty)
     try:
-        metadata = metadata_of(pq.read_schema(parts[0]), parts[0])
+        # The footer's key-value metadata: the schema's, and the run record added at the end.
+        metadata = metadata_of(pq.read_metadata(parts[0]).metadata, parts[0])
         class_names = list(metadata["class_names"])
         table = pa.concat_tables(_read_columns(p, class_names) for p in parts)
     except (OSError, pa.ArrowException, KeyError) as exc:
@@ -450,21 +454,18 @@ def night_tests(
 
 
 def _estimates(metadata: dict) -> dict[str, float] | None:
-    """``estimated_accuracy`` of a run's metadata as ``{name: value}`` (a lone number is
-    ``value``), or ``None`` when it holds none."""
-    found = metadata.get("estimated_accuracy")
-    if isinstance(found, bool) or found is None:
+    """The ``estimated_accuracy`` of a run's record (``metadata["run"]``) as ``{name: value}``
+    for the names of ``ESTIMATE_KEYS`` it holds a number for, or ``None`` when it holds none
+    (a run scored without an ATC calibration, or with no scored image)."""
+    found = (metadata.get("run") or {}).get("estimated_accuracy")
+    if not isinstance(found, dict):
         return None
-    if isinstance(found, int | float):
-        return {"value": float(found)}
-    if isinstance(found, dict):
-        numbers = {
-            k: float(v)
-            for k, v in found.items()
-            if isinstance(v, int | float) and not isinstance(v, bool)
-        }
-        return numbers or None
-    return None
+    numbers = {
+        k: float(found[k])
+        for k in ESTIMATE_KEYS
+        if isinstance(found.get(k), int | float) and not isinstance(found.get(k), bool)
+    }
+    return numbers or None
 
 
 def accuracy_estimate(reference: Sequence[Night], tonight: Night) -> dict | None:

@@ -35,6 +35,7 @@ import numpy as np
 from batchuq._version import __version__
 from batchuq.defaults import DEFAULT_CONFORMAL, DEFAULT_METHOD
 from batchuq.errors import CalibrationError, PredictorMismatchError, UsageError
+from batchuq.postprocess.atc import ATC_SCORES, AccuracyEstimate
 from batchuq.postprocess.conformal import (
     RANDOMISED_METHODS,
     check_method,
@@ -241,6 +242,20 @@ def _selective(data: dict[str, Any] | None) -> SelectiveRule | None:
     )
 
 
+def _atc(data: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The ``atc`` entry of a calibration file (``None``: not fitted), thresholds as floats."""
+    if data is None:
+        return None
+    thresholds = dict(data["thresholds"])
+    unknown = sorted(set(thresholds) - set(ATC_SCORES))
+    if unknown:
+        raise ValueError(f"atc.thresholds holds {unknown}, not among {ATC_SCORES}")
+    return {
+        **data,
+        "thresholds": {k: -math.inf if v is None else float(v) for k, v in thresholds.items()},
+    }
+
+
 def _knn(entry: Any, path: str | os.PathLike[str], model_sha256: str) -> KnnIndex:
     """The kNN index a calibration file's ``knn`` entry names (``postprocess.ood.load_knn``).
 
@@ -298,6 +313,11 @@ class Calibration:
         knn: The kNN OOD score's normalised calibration features (``postprocess.ood``),
             fitted on the scoring predictor; ``None`` when the model's penultimate features
             were not found. Stored in a side file ``<name>.knn.npz`` next to the JSON.
+        atc: The Average Thresholded Confidence thresholds (``postprocess.atc``) of ``score``'s
+            label-free accuracy estimate, fitted on the scoring predictor's tempered MC mean:
+            ``{"thresholds": {"mc": t, "ne": t}, "accuracy": ..., "images": n}`` (a threshold
+            of ``-inf``, every validation image correct, is JSON ``null``); ``None`` in files
+            written before it existed (``score`` then gives no estimate).
 
     Raises:
         CalibrationError: If ``thresholds`` or ``conformal_quantiles`` do not fit the classes
@@ -321,6 +341,7 @@ class Calibration:
     selective: SelectiveRule | None = None
     tempered_thresholds: np.ndarray | None = None
     knn: KnnIndex | None = None
+    atc: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         self.thresholds = np.asarray(self.thresholds, dtype=np.float64)
@@ -354,6 +375,10 @@ class Calibration:
         if self.tempered_thresholds is not None:
             data["tempered_thresholds"] = _json_floats(self.tempered_thresholds)
         data["conformal_quantiles"] = _json_floats(self.conformal_quantiles)
+        if self.atc is not None:
+            thresholds = self.atc["thresholds"]
+            values = _json_floats(list(thresholds.values()))
+            data["atc"] = {**self.atc, "thresholds": dict(zip(thresholds, values, strict=True))}
         return {"format": CALIBRATION_FORMAT, **data}
 
     def to_json(self, path: str | os.PathLike[str]) -> Path:
@@ -419,6 +444,7 @@ class Calibration:
                 batchuq_version=str(data.get("batchuq_version", "")),
                 selective=_selective(data.get("selective")),
                 tempered_thresholds=_optional_array(data.get("tempered_thresholds")),
+                atc=_atc(data.get("atc")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise CalibrationError(
@@ -428,6 +454,20 @@ class Calibration:
         if data.get("knn") is not None:
             calibration.knn = _knn(data["knn"], path, calibration.model_sha256)
         return calibration
+
+    def accuracy_estimate(self, tempered: bool) -> AccuracyEstimate | None:
+        """A fresh counter of ``score``'s label-free accuracy estimate, or ``None`` when the
+        file has no ATC thresholds.
+
+        Args:
+            tempered: The means given to it are tempered already (``score --temperature``);
+                else it applies ``temperature`` to them.
+        """
+        if self.atc is None:
+            return None
+        return AccuracyEstimate(
+            dict(self.atc["thresholds"]), temperature=None if tempered else self.temperature
+        )
 
     @property
     def alpha(self) -> float | None:
@@ -621,6 +661,13 @@ def format_summary(calibration: Calibration) -> str:
             f"{stats['accuracy']:.4f}; thresholds accept {coverage:.1%} (accuracy {sel_text}); "
             f"conformal coverage {stats['conformal_coverage']:.1%}, mean set size "
             f"{stats['mean_set_size']:.2f}"
+        )
+    atc = calibration.atc
+    if atc is not None:
+        shown = ", ".join(f"{k} {v:.6g}" for k, v in atc["thresholds"].items())
+        lines.append(
+            f"label-free accuracy (ATC on the tempered MC mean): thresholds {shown}, fitted "
+            f"for the validation accuracy {atc['accuracy']:.4f}"
         )
     selective = calibration.selective
     if selective is not None:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from batchuq.errors import OutputError
 from batchuq.jobs.score.batches import iter_sampled_batches
+from batchuq.jobs.score.estimate import count_parts, count_rows, run_estimate
 from batchuq.jobs.score.options import RunControl, ScoreOptions
 from batchuq.jobs.score.plan import RunPlan, prepare_run
 from batchuq.jobs.score.rows import (
@@ -92,8 +93,11 @@ def _score_plan(
         certificate=rule_certificate(plan),
     )
     log_start(plan, out_path)
+    estimate = run_estimate(plan)  # score --calibration: the label-free accuracy estimate
     with open_sink(plan, out_path, control, checkpoint) as sink:
         report.count(sink.done.statuses, sink.done.decisions)  # rows kept from a previous run
+        if sink.done.paths:
+            count_parts(estimate, plan, sink.checkpoint.parts())
         todo = [i for i, path in enumerate(plan.relative_paths) if path not in sink.done.paths]
         log_resuming(len(sink.done.paths), report.images)
         batches = iter_sampled_batches(
@@ -102,17 +106,20 @@ def _score_plan(
         for batch in batches:
             columns, decisions = score_rows(plan, batch, sink.schema)
             report.count(batch.statuses, decisions)
+            count_rows(estimate, plan, columns)
             log_image_errors(report, plan, batch.positions, batch.statuses)
             sink.write(columns)
         report.seconds = time.perf_counter() - control.started
-        sink.record_run(
-            {
-                "seconds": round(report.seconds, 3),
-                "images_per_second": round(report.images_per_second, 3),
-                "images": report.images,
-                "errors": report.errors,
-            }
-        )
+        report.estimated_accuracy = None if estimate is None else estimate.as_metadata()
+        record = {
+            "seconds": round(report.seconds, 3),
+            "images_per_second": round(report.images_per_second, 3),
+            "images": report.images,
+            "errors": report.errors,
+        }
+        if report.estimated_accuracy is not None:
+            record["estimated_accuracy"] = report.estimated_accuracy
+        sink.record_run(record)
     log_summary(report)
     return report
 

@@ -38,6 +38,7 @@ import keras
 from tqdm.auto import tqdm
 
 from batchuq.errors import StopRequested, UsageError
+from batchuq.jobs.score.estimate import count_parts, run_estimate
 from batchuq.jobs.score.options import RaySettings, RunControl, ScoreOptions
 from batchuq.jobs.score.plan import RunPlan, prepare_run
 from batchuq.jobs.score.ray_session import ray_session
@@ -156,6 +157,9 @@ def score_with_ray(
         )  # fmt: skip
         ray_record = run_parts(ray, job, plan, todo, settings, control, report)
         report.seconds = time.perf_counter() - control.started
+        estimate = run_estimate(plan)  # from the parts, each image once (sorted_parts' rule)
+        count_parts(estimate, plan, checkpoint.parts())
+        report.estimated_accuracy = None if estimate is None else estimate.as_metadata()
         finalise(target, checkpoint, plan, schema, run_record(report, ray_record))
     finally:
         if not control.resume:
@@ -335,7 +339,11 @@ def run_record(report: ScoreReport, ray_record: dict[str, Any]) -> dict[str, Any
         "images": report.images,
         "errors": report.errors,
         "ray": ray_record,
-    }
+    } | (
+        {}
+        if report.estimated_accuracy is None
+        else {"estimated_accuracy": report.estimated_accuracy}
+    )
 
 
 def finalise(

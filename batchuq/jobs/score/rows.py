@@ -59,6 +59,8 @@ class ScoreReport:
             ``include_all``).
         certificate: With ``--rule risk``, the guarantee of its selective threshold
             (``SelectiveCertificate.statement``), stated at the end of the summary line.
+        estimated_accuracy: With a calibration holding ATC thresholds, the run's label-free
+            accuracy estimate (``AccuracyEstimate.as_metadata``), stated in the summary line.
     """
 
     output: Path
@@ -70,6 +72,7 @@ class ScoreReport:
     demo_model: bool = False
     skipped: int = 0
     certificate: str | None = None
+    estimated_accuracy: dict | None = None
 
     @property
     def images_per_second(self) -> float:
@@ -88,6 +91,7 @@ class ScoreReport:
             f"{self.images} images, {self.unclassified} unclassified, {self.errors} errors, "
             f"{self.skipped} skipped, {self.seconds:.1f} s, {self.images_per_second:.1f} "
             f"images/s -> {self.output}{demo}"
+            + _estimate_text(self.estimated_accuracy)
             + (f"; risk rule: {self.certificate}" if self.certificate else "")
         )
 
@@ -99,6 +103,21 @@ class ScoreReport:
             for status, decision in zip(statuses, decisions, strict=True)
             if status == STATUS_OK and decision in (UNCLASSIFIED, UNCLASSIFIED_NAME)
         )
+
+
+def _estimate_text(estimate: dict | None) -> str:
+    """``; estimated accuracy 97.1% (ATC-MC), 96.4% (ATC-NE), average confidence 95.0%``."""
+    if not estimate or estimate.get("average_confidence") is None:
+        return ""
+    atc = [
+        f"{100 * estimate[key]:.1f}% (ATC-{key[4:].upper()})"
+        for key in ("atc_mc", "atc_ne")
+        if estimate.get(key) is not None
+    ]
+    return (
+        f"; estimated accuracy {', '.join(atc)}, average confidence "
+        f"{100 * estimate['average_confidence']:.1f}%"
+    )
 
 
 def score_rows(
@@ -307,6 +326,7 @@ def log_summary(report: ScoreReport) -> None:
                 "output": str(report.output),
                 "demo_model": report.demo_model,
                 "skipped": report.skipped,
+                "estimated_accuracy": report.estimated_accuracy,
             },
         },
     )
