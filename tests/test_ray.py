@@ -222,6 +222,34 @@ def test_ray_engine_writes_the_local_engines_rows(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["scores"]  # no parts folder left
 
 
+@pytest.mark.numerics
+def test_ray_engine_writes_the_local_engines_accuracy_estimate(
+    local_ray: str, tmp_path: Path
+) -> None:
+    from batchuq.jobs.calibrate import CalibrateOptions, calibrate_directory
+
+    val = SAMPLE_TEST.parent / "val"
+    cal = tmp_path / "cal.json"
+    same = {"tta": 1, "passes": PASSES, "score_passes": PASSES}
+    calibrate_directory(val, cal, CalibrateOptions(**same))
+    options = ScoreOptions(passes=PASSES, calibration=cal)
+    score_directory(val, tmp_path / "local.parquet", options)
+    report = score_directory(
+        val,
+        tmp_path / "ray.parquet",
+        options,
+        control=RunControl(checkpoint_rows=PART),
+        ray=RaySettings(workers=2),
+    )
+    local = read_metadata(tmp_path / "local.parquet")["run"]["estimated_accuracy"]
+    ray = read_metadata(tmp_path / "ray.parquet")["run"]["estimated_accuracy"]
+    assert ray == report.estimated_accuracy and ray["images"] == local["images"] == 269
+    # The engines' means agree to float32 rounding: a count may move by an image at most.
+    for key in ("atc_mc", "atc_ne"):
+        assert abs(ray[key] - local[key]) <= 1 / 269, key
+    assert ray["average_confidence"] == pytest.approx(local["average_confidence"], abs=1e-6)
+
+
 def test_a_killed_worker_is_retried_while_ray_finishes_a_local_checkpoint(
     local_ray: str, local_reference: Path, tmp_path: Path
 ) -> None:
