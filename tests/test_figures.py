@@ -223,6 +223,31 @@ def test_the_monitor_sentences_hold_for_the_figures() -> None:
     assert all(rate[key] <= 0.1 for key in quiet)  # "at the false-alarm level"
 
 
+def test_the_atc_sentences_hold_for_the_figures() -> None:
+    """docs/monitoring.md, "Label-free accuracy", against benchmarks/results/atc.json."""
+    a = R["atc"]
+    mae = a["mae"]
+    assert a["mae_folders"] == 30 and len(a["rows"]) == 32  # val, test and 6 x 5 shifted
+    assert mae["atc_mc"] == min(mae.values())  # "the best of the estimates"
+    assert mae["atc_mc"] < mae["average_confidence"]  # "below the average confidence's"
+    assert mae["atc_mc"] <= mae["raw_atc_mc"] / 2  # "half the untempered ATC's"
+    assert mae["atc_ne"] > mae["average_confidence"]  # "ATC-NE does worse"
+    assert a["recount_max_abs_diff"] == 0  # the footer's estimate is the rows' recount
+    assert a["thresholds"] == a["thresholds_refitted_from_val_rows"]
+    rows = {row["folder"]: row for row in a["rows"]}
+    for key in ("atc_mc", "atc_ne", "average_confidence"):
+        assert a["worst"][key] == "rotate/5", key  # "the largest single error"
+    rotate = rows["rotate/5"]
+    assert rotate["accuracy"] < 0.6 and rotate["atc_mc"] > 0.8  # "confident and wrong"
+    assert a["temperature"] < 1  # "underconfident"
+    for severity in (2, 3):  # "collapse under contrast ... the tempered ones follow"
+        row = rows[f"contrast/{severity}"]
+        raw, tempered = (abs(row[k] - row["accuracy"]) for k in ("raw_atc_mc", "atc_mc"))
+        assert raw > 0.2 and tempered < raw / 3
+    assert (1 - a["validation_accuracy"]) * rows["val"]["images"] <= 2.5  # "one or two"
+    assert rows["test"]["atc_mc"] > rows["test"]["accuracy"]  # "overshoots"
+
+
 # Kinds of measured figures that must come from the JSON, never typed into a page's sentences
 # (code blocks are examples, and table headers name units).
 STRAY = {

@@ -608,6 +608,17 @@ def _predictor_text(predictor: dict[str, Any]) -> str:
     return text
 
 
+def _atc_lines(atc: dict[str, Any] | None) -> list[str]:
+    """The ATC thresholds, for the summary (none without them)."""
+    if atc is None:
+        return []
+    shown = ", ".join(f"{k} {v:.6g}" for k, v in atc["thresholds"].items())
+    return [
+        f"label-free accuracy (ATC on the tempered MC mean): thresholds {shown}, fitted for the "
+        f"validation accuracy {atc['accuracy']:.4f}"
+    ]
+
+
 def format_summary(calibration: Calibration) -> str:
     """A short human-readable summary of a calibration."""
     stats = calibration.stats
@@ -662,13 +673,7 @@ def format_summary(calibration: Calibration) -> str:
             f"conformal coverage {stats['conformal_coverage']:.1%}, mean set size "
             f"{stats['mean_set_size']:.2f}"
         )
-    atc = calibration.atc
-    if atc is not None:
-        shown = ", ".join(f"{k} {v:.6g}" for k, v in atc["thresholds"].items())
-        lines.append(
-            f"label-free accuracy (ATC on the tempered MC mean): thresholds {shown}, fitted "
-            f"for the validation accuracy {atc['accuracy']:.4f}"
-        )
+    lines += _atc_lines(calibration.atc)
     selective = calibration.selective
     if selective is not None:
         lines.append(
