@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -197,3 +198,33 @@ def test_the_summary_line_states_the_estimate(digits: dict[str, Path], tmp_path:
         f"{100 * found['atc_ne']:.1f}% (ATC-NE), average confidence "
         f"{100 * found['average_confidence']:.1f}%"
     ) in line
+
+
+def test_a_resumed_run_counts_the_rows_its_checkpoint_held(
+    digits: dict[str, Path], tmp_path: Path
+) -> None:
+    from batchuq.errors import StopRequested
+    from batchuq.jobs.score import RunControl
+
+    folder = tmp_path / "n3"
+    shutil.copytree(SAMPLE_VAL / "n3", folder)
+    (folder / "aaa_bad.jpg").write_text("not an image")  # an error row: not counted
+    options = ScoreOptions(passes=PASSES, batch_size=4, calibration=digits["calibration"])
+    clean = score_directory(folder, tmp_path / "clean.parquet", options)
+    out = tmp_path / "out.parquet"
+    checks = iter(range(1000))
+    with pytest.raises(StopRequested):  # stops at the start of the third batch
+        score_directory(
+            folder,
+            out,
+            options,
+            control=RunControl(
+                resume=True, checkpoint_rows=4, should_stop=lambda: next(checks) >= 4
+            ),
+        )
+    resumed = score_directory(
+        folder, out, options, control=RunControl(resume=True, checkpoint_rows=4)
+    )
+    assert resumed.estimated_accuracy == clean.estimated_accuracy
+    assert resumed.estimated_accuracy["images"] == clean.images - 1
+    assert read_metadata(out)["run"]["estimated_accuracy"] == clean.estimated_accuracy
