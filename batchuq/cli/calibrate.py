@@ -261,12 +261,15 @@ def calibrate_command(
     >= 1 - alpha. With --target-risk, the selective threshold of `score --rule risk` is fitted
     on the same MC mean, with its certificate. For score --rule threshold --temperature,
     thresholds are also fitted on the tempered MC mean of the scoring predictor, one value per
-    image. --score-passes auto fits all of these on the adaptive predictor of score --passes
-    auto, whose stopping depends on the rule: give the --score-rule (and its --min-median or
-    --min-confidence) that score will use. The result, with the model's sha256, both
-    predictors and all settings, is written to --output as JSON. When the model's penultimate
-    features are found, the validation images' normalised features go to a side file next to
-    it (cal.json -> cal.knn.npz) for score's knn_distance OOD column; keep the two together.
+    image. For score's label-free accuracy estimate, ATC thresholds (Average Thresholded
+    Confidence) on the tempered MC mean's top probability and negative entropy leave as many
+    validation images above them as are right. --score-passes auto fits all of these on the
+    adaptive predictor of score --passes auto, whose stopping depends on the rule: give the
+    --score-rule (and its --min-median or --min-confidence) that score will use. The result,
+    with the model's sha256, both predictors and all settings, is written to --output as JSON.
+    When the model's penultimate features are found, the validation images' normalised
+    features go to a side file next to it (cal.json -> cal.knn.npz) for score's knn_distance
+    OOD column; keep the two together.
 
     Example:
 

@@ -139,9 +139,10 @@ if TYPE_CHECKING:  # imported where used: the pre-check loads NumPy, the jobs Te
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     default=None,
     help="calibration.json from `batchuq calibrate` for this model and predictor: thresholds "
-    "for --rule threshold, the selective threshold for --rule risk, the temperature, and a "
-    "conformal pred_set column. For --passes auto it must be fitted with calibrate "
-    "--score-passes auto (same adaptive settings and rule).",
+    "for --rule threshold, the selective threshold for --rule risk, the temperature, a "
+    "conformal pred_set column, and the night's label-free accuracy estimate (ATC: "
+    "estimated_accuracy in the footer's run record and the summary line). For --passes auto "
+    "it must be fitted with calibrate --score-passes auto (same adaptive settings and rule).",
 )
 @click.option(
     "--temperature/--no-temperature",
