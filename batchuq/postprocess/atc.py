@@ -104,7 +104,15 @@ def fit_atc(scores: np.ndarray, correct: np.ndarray) -> float:
 
 
 def estimate_accuracy(scores: np.ndarray, threshold: float) -> float:
-    """The ATC estimate: the share of ``scores`` strictly above ``threshold`` (NaN if none)."""
+    """The ATC estimate: the share of ``scores`` strictly above ``threshold``.
+
+    Args:
+        scores: ``(n,)`` the images' scores, of the kind the threshold was fitted on.
+        threshold: ``fit_atc``'s threshold.
+
+    Returns:
+        The estimated accuracy in ``[0, 1]``; NaN for no image.
+    """
     s = np.asarray(scores, dtype=np.float64)
     return float(np.mean(s > threshold)) if s.size else math.nan
 
@@ -131,7 +139,11 @@ class AccuracyEstimate:
     confidence_sum: float = 0.0
 
     def add(self, mean_probs: np.ndarray) -> None:
-        """Count ``(n, C)`` scored images' MC means (no row of an unreadable image)."""
+        """Count scored images.
+
+        Args:
+            mean_probs: ``(n, C)`` the images' MC means (no row of an unreadable image).
+        """
         probs = tempered_probabilities(mean_probs, self.temperature)
         scores = atc_scores(probs)
         self.images += len(probs)
