@@ -21,8 +21,8 @@ from batchuq.decode import make_dataset
 from batchuq.defaults import STATUS_OK
 from batchuq.errors import ModelError, StopRequested
 from batchuq.jobs.score.plan import RunPlan
+from batchuq.jobs.score.pool import AdaptivePool
 from batchuq.sampling.memory import balanced_chunks
-from batchuq.sampling.stopping import AdaptiveResult, sample_adaptively
 from batchuq.seeds import image_keys, mix
 
 
@@ -69,7 +69,8 @@ def iter_sampled_batches(
         desc: The progress bar's label.
 
     Yields:
-        ``SampledBatch`` per decoded batch.
+        ``SampledBatch`` per decoded batch; with ``--passes auto``, per set of images the
+        adaptive pool releases (``batchuq.jobs.score.pool``), still in order.
 
     Raises:
         ModelError: If the model's outputs are not probabilities.
@@ -99,87 +100,122 @@ def iter_sampled_batches(
         leave=False,
     )
     batches = iter(dataset)
+    if plan.adaptive is None:
+        sampled = _fixed_batches(plan, copies, batches, todo, should_stop)
+    else:
+        sampled = _pooled_batches(plan, copies, batches, todo, should_stop)
     try:
         with bar:
-            for batch in batches:
-                _stop_if_asked(should_stop)
-                statuses = [status.decode() for status in batch["status"].numpy()]
-                ok = np.array([status == STATUS_OK for status in statuses], dtype=bool)
-                samples, passes = _sample(plan, copies, batch, ok)
-                _stop_if_asked(should_stop)
-                for image in np.flatnonzero(ok):
-                    check_probabilities(samples[image], plan.loaded.path)
-                positions = [todo[int(i)] for i in batch["index"].numpy()]
-                yield SampledBatch(positions, statuses, samples, passes)
-                bar.update(len(statuses))
+            for out in sampled:
+                yield out
+                bar.update(len(out.statuses))
     finally:
         # Stop the input pipeline here, while Python is fully alive. Left to the traceback
         # of an interrupt, it would be torn down at interpreter exit, where its decode
         # threads calling back into Python can crash the process.
-        del batches
+        sampled.close()
+        del sampled, batches
 
 
-def _sample(
-    plan: RunPlan, copies: CopyMaker, batch: dict, ok: np.ndarray
-) -> tuple[np.ndarray | list[np.ndarray], np.ndarray]:
-    """A decoded batch's samples and passes per image, fixed or adaptive."""
-    stack, keys = batch["images"][:, 0], batch["keys"]
-    if plan.adaptive is None:
-        per_copy = plan.method.samples_per_row // plan.method.pass_groups
-        return sample_batch(plan, copies, stack, keys), np.full(len(ok), per_copy, np.int64)
-    result = sample_batch_adaptive(plan, copies, stack, keys, ok)
-    return result.samples, result.passes
+def _fixed_batches(
+    plan: RunPlan,
+    copies: CopyMaker,
+    batches: Iterator[dict],
+    todo: list[int],
+    should_stop: Callable[[], bool] | None,
+) -> Iterator[SampledBatch]:
+    """Every decoded batch with its fixed number of passes, as it comes."""
+    per_copy = plan.method.samples_per_row // plan.method.pass_groups
+    for batch in batches:
+        _stop_if_asked(should_stop)
+        statuses = [status.decode() for status in batch["status"].numpy()]
+        ok = np.array([status == STATUS_OK for status in statuses], dtype=bool)
+        samples = sample_batch(plan, copies, batch["images"][:, 0], batch["keys"])
+        _stop_if_asked(should_stop)
+        for image in np.flatnonzero(ok):
+            check_probabilities(samples[image], plan.loaded.path)
+        positions = [todo[int(i)] for i in batch["index"].numpy()]
+        yield SampledBatch(positions, statuses, samples, np.full(len(ok), per_copy, np.int64))
 
 
-def sample_batch_adaptive(
-    plan: RunPlan, copies: CopyMaker, stack: tf.Tensor, keys: tf.Tensor, ok: np.ndarray
-) -> AdaptiveResult:
-    """Sample a batch in rounds, each image until its decision is settled (``--passes auto``).
+def _pooled_batches(
+    plan: RunPlan,
+    copies: CopyMaker,
+    batches: Iterator[dict],
+    todo: list[int],
+    should_stop: Callable[[], bool] | None,
+) -> Iterator[SampledBatch]:
+    """``--passes auto``: the decoded batches' images through an ``AdaptivePool``, whose
+    rounds run on the unsettled images of many batches; images leave in path order."""
+    pool = AdaptivePool(
+        plan.method,
+        plan.tta.copies,
+        plan.adaptive,
+        plan.rule,
+        round_images(plan),
+        temperature=plan.decision_temperature,
+    )
+    for batch in batches:
+        _stop_if_asked(should_stop)
+        statuses = [status.decode() for status in batch["status"].numpy()]
+        positions = [todo[int(i)] for i in batch["index"].numpy()]
+        add_to_pool(plan, copies, pool, batch, positions, statuses)
+        while pool.full:
+            pool.run_round()
+            yield from _released(plan, pool)
+        _stop_if_asked(should_stop)
+    while pool.active:
+        pool.run_round()
+        yield from _released(plan, pool)
 
-    The mask-independent work (augmenting, the prefix) is done once per chunk of images,
-    whose K copies fit the method's memory budget; the rounds then draw passes of the
-    images still unsettled only.
+
+def round_images(plan: RunPlan) -> int:
+    """Images per adaptive round: as many as a decoded batch's copies fit one chunk of rows
+    within the method's memory budget (``row_chunks``)."""
+    k = plan.tta.copies
+    largest = max(stop - start for start, stop in plan.method.row_chunks(plan.batch_size * k))
+    return max(1, largest // k)
+
+
+def add_to_pool(
+    plan: RunPlan,
+    copies: CopyMaker,
+    pool: AdaptivePool,
+    batch: dict,
+    positions: list[int],
+    statuses: list[str],
+) -> None:
+    """Augment and prepare a decoded batch (a round's images at a time, so that its copies
+    fit the memory budget) and add it to the pool.
 
     Args:
         plan: The run (``plan.adaptive`` set).
         copies: Makes the test-time copies of a range of rows.
-        stack: ``(batch, H, W, C)`` pixel values 0..255.
-        keys: ``(batch,)`` uint32 image keys.
-        ok: ``(batch,)`` bool: readable images (the others stop after the first round).
-
-    Returns:
-        Per image, ``(K * G * passes_i, classes)`` samples, copy-major, and the passes.
+        pool: The run's pool.
+        batch: The decoded batch (``images`` ``(batch, 1, H, W, C)``, ``keys``).
+        positions: The batch's images (indices in ``plan.discovery.files``).
+        statuses: ``ok`` or ``error: ...`` per image.
     """
-    b, k = int(tf.shape(stack)[0]), plan.tta.copies
+    stack, keys, k = batch["images"][:, 0], batch["keys"], plan.tta.copies
     row_keys = copy_keys(keys, k)
-    largest = max(stop - start for start, stop in plan.method.row_chunks(b * k))
-    results = []
-    for first, last in balanced_chunks(b, max(1, largest // k)):
+    for first, last in balanced_chunks(len(positions), pool.round_images):
         chunk = copies.rows(stack, keys, first * k, last * k)
         if not plan.spec.channel_axis:  # an (H, W) model: drop the one channel
             chunk = chunk[..., 0]
         prepared = plan.method.prepare(chunk, row_keys[first * k : last * k])
         del chunk
+        pool.add(prepared, positions[first:last], statuses[first:last])
 
-        def draw(images: np.ndarray, first_pass: int, passes: int, _prepared=prepared):
-            rows = (images[:, None] * k + np.arange(k)[None, :]).reshape(-1)
-            drawn = plan.method.sample_passes(_prepared, rows, first_pass, passes)
-            # (images * K, G, passes, C) -> (images, K * G, passes, C): copy, then member
-            return drawn.reshape(len(images), k * drawn.shape[1], passes, drawn.shape[3])
 
-        results.append(
-            sample_adaptively(
-                draw,
-                last - first,
-                plan.adaptive,
-                plan.rule,
-                temperature=plan.decision_temperature,
-                stop_after_first=~ok[first:last],
-            )
-        )
-    return AdaptiveResult(
-        [s for r in results for s in r.samples], np.concatenate([r.passes for r in results])
-    )
+def _released(plan: RunPlan, pool: AdaptivePool) -> Iterator[SampledBatch]:
+    """The images the pool lets go, as a batch (checked to be probabilities)."""
+    out = pool.release()
+    if out is None:
+        return
+    for samples, status in zip(out.samples, out.statuses, strict=True):
+        if status == STATUS_OK:
+            check_probabilities(samples, plan.loaded.path)
+    yield SampledBatch(out.positions, out.statuses, out.samples, out.passes)
 
 
 def sample_batch(plan: RunPlan, copies: CopyMaker, stack: tf.Tensor, keys: tf.Tensor) -> np.ndarray:
