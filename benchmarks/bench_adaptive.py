@@ -231,9 +231,23 @@ def pooled_ratio(work: Path, repeats: int) -> dict:
         "date": common.now(),
         "cpu": common.cpu_info(),
         "versions": common.versions(),
+        "library_commit": _commit_of_library(),
     }
     print(f"  pooled: {json.dumps(result)}", flush=True)
     return result
+
+
+def _commit_of_library() -> str | None:
+    """The git commit of the checkout the imported ``batchuq`` comes from (None: unknown)."""
+    import subprocess
+
+    import batchuq
+
+    folder = Path(batchuq.__file__).resolve().parent
+    done = subprocess.run(
+        ["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True
+    )
+    return done.stdout.strip() or None
 
 
 def memory(work: Path) -> list[dict]:
@@ -262,6 +276,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--ratio-only", action="store_true", help="only auto vs fixed at its mean: update JSON"
     )
+    parser.add_argument(
+        "--key",
+        default="pooled",
+        help="with --ratio-only, the JSON entry to write (e.g. pooled_before, for a run of an "
+        "older checkout's library: PYTHONPATH=OLD python benchmarks/bench_adaptive.py ...)",
+    )
     args = parser.parse_args(argv)
     if args.memory_only or args.ratio_only:
         with tempfile.TemporaryDirectory(prefix="bench_adaptive_") as tmp:
@@ -269,9 +289,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.memory_only:
                 result["memory"] = memory(Path(tmp))
             else:
-                result["pooled"] = pooled_ratio(Path(tmp), args.repeats)
-                result["pooled"]["generated_by"] = (
-                    "python benchmarks/bench_adaptive.py --ratio-only"
+                result[args.key] = pooled_ratio(Path(tmp), args.repeats)
+                result[args.key]["generated_by"] = (
+                    f"python benchmarks/bench_adaptive.py --ratio-only --key {args.key}"
                 )
         return _save(result)
     started = time.perf_counter()
