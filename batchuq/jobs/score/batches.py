@@ -3,7 +3,9 @@
 ``iter_sampled_batches`` is shared by ``score`` (which summarises, decides and writes the
 samples) and ``calibrate`` (which fits on them). The test-time copies are made a chunk of rows
 at a time (``augment.CopyMaker``), each chunk sized by the method (``row_chunks``), so that
-memory stays within the method's budget however many copies an image has.
+memory stays within the method's budget however many copies an image has. With ``--passes
+auto`` the images go through an ``AdaptivePool`` (``pool``), whose rounds draw passes of the
+unsettled images of many batches at once.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ from batchuq.seeds import image_keys, mix
 
 @dataclass(frozen=True)
 class SampledBatch:
-    """One decoded batch and its samples.
+    """One decoded batch and its samples (with ``--passes auto``: the images the adaptive pool
+    released at once, consecutive in the run's order).
 
     Attributes:
         positions: ``(batch,)`` indices of the images in ``plan.discovery.files``.
