@@ -13,6 +13,7 @@ from batchuq._version import __version__
 if TYPE_CHECKING:
     from batchuq.augment import TTAConfig
     from batchuq.jobs.calibrate import CalibrateOptions, calibrate_directory
+    from batchuq.jobs.monitor import MonitorReport, MonitorSettings, monitor_runs
     from batchuq.jobs.score import (
         RaySettings,
         RunControl,
@@ -24,6 +25,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CalibrateOptions",
+    "MonitorReport",
+    "MonitorSettings",
     "RaySettings",
     "RunControl",
     "ScoreOptions",
@@ -33,6 +36,7 @@ __all__ = [
     "__version__",
     "calibrate_directory",
     "fit_selective_threshold",
+    "monitor_runs",
     "score_directory",
 ]
 
@@ -47,6 +51,9 @@ _LAZY = {
     "fit_selective_threshold": "batchuq.postprocess.selective",
     "SelectiveCertificate": "batchuq.postprocess.selective",
     "CalibrateOptions": "batchuq.jobs.calibrate",
+    "monitor_runs": "batchuq.jobs.monitor",
+    "MonitorSettings": "batchuq.jobs.monitor",
+    "MonitorReport": "batchuq.jobs.monitor",
 }
 
 

@@ -70,3 +70,10 @@ DEFAULT_VAL_SPLIT = 0.1  # stratified share held out to report validation accura
 # The `decision` of an image the rule leaves undecided: index -1, written as "unclassified".
 UNCLASSIFIED = -1
 UNCLASSIFIED_NAME = "unclassified"
+
+# `batchuq monitor` (drift.py, jobs/monitor.py; docs/monitoring.md).
+DEFAULT_MONITOR_ALPHA = 0.05  # family-wise level of the Holm-corrected tests of one night
+DEFAULT_MIN_PSI = 0.0  # effect size an alert also needs (0: the p-value alone decides)
+DEFAULT_PSI_BINS = 10  # PSI bins: the reference's deciles
+PSI_EPSILON = 1e-4  # floor of a bin's share in PSI (an empty bin would make it infinite)
+DEFAULT_MONITOR_LAST = 7  # nights of a history folder pooled as the reference

@@ -9,7 +9,11 @@ configuration, so that TensorFlow's tracing is not counted):
 * MC dropout, T = 100 (the demo model);
 * the 5-member ensemble (``batchuq/data/digits_ensemble``, ``--passes 1``), and with T = 20;
 * SNGP mean-field (``batchuq/data/digits_sngp.keras``, ``--passes 1``), and with T = 100
-  posterior samples of the head.
+  posterior samples of the head;
+* "+ temperature" for MC dropout T = 100, the ensemble and SNGP mean-field: each fitted by
+  ``batchuq calibrate`` on ``sample_data/digits/val`` with its own scoring predictor
+  (``--score-passes`` = its passes), then ``score --temperature`` (like for like: every
+  method's temperature is fitted on the mean probabilities that method writes).
 
 Also: one ensemble member alone, to compare the ensemble's throughput with M times a single
 member's (decoding is shared; only the networks run M times).
@@ -38,7 +42,11 @@ OOD = REPO / "sample_data" / "ood"
 DATA = REPO / "batchuq" / "data"
 RESULTS_JSON = HERE / "results" / "methods.json"
 
-# name -> (model argument, passes)
+VAL = REPO / "sample_data" / "digits" / "val"
+
+# name -> (model argument, passes); a name ending in TEMPERATURE is scored with --temperature,
+# calibrated on VAL with the same model and passes
+TEMPERATURE = "_temperature"
 CONFIGS = {
     "deterministic": (DATA / "digits_cnn.keras", 1),
     "mc_dropout_t100": (DATA / "digits_cnn.keras", 100),
@@ -47,6 +55,9 @@ CONFIGS = {
     "sngp_mean_field": (DATA / "digits_sngp.keras", 1),
     "sngp_t100": (DATA / "digits_sngp.keras", 100),
     "one_member": (DATA / "digits_ensemble" / "member-0.keras", 1),
+    "mc_dropout_t100_temperature": (DATA / "digits_cnn.keras", 100),
+    "ensemble_temperature": (DATA / "digits_ensemble", 1),
+    "sngp_mean_field_temperature": (DATA / "digits_sngp.keras", 1),
 }
 
 
@@ -60,6 +71,15 @@ def run(name: str, work: Path) -> dict:
     model, passes = CONFIGS[name]
     test_out, ood_out = work / f"{name}.parquet", work / f"{name}-ood.parquet"
     common = {"model": model, "passes": passes, "seed": 1}
+    temperature = None
+    if name.endswith(TEMPERATURE):  # fitted on this very predictor's means
+        from batchuq import calibrate_directory
+        from batchuq.jobs.calibrate import CalibrateOptions
+
+        calibration = work / f"{name}.json"
+        fitted = CalibrateOptions(model=model, tta=1, passes=1, score_passes=passes, seed=1)
+        temperature = calibrate_directory(VAL, calibration, fitted).temperature
+        common |= {"calibration": calibration, "temperature": True}
     score_directory(TEST, test_out, ScoreOptions(**common))  # warm-up: loading and tracing
     started = time.perf_counter()
     report = score_directory(TEST, test_out, ScoreOptions(**common))
@@ -68,6 +88,7 @@ def run(name: str, work: Path) -> dict:
     results = evaluate_parquet(test_out, ood_out)
     return {
         "passes": passes,
+        "temperature": temperature,
         "samples_per_image": read_metadata(test_out)["samples_per_image"],
         "images": report.images,
         "seconds": round(seconds, 3),

@@ -4,8 +4,9 @@ and out of distribution, with its cost (issue 12's benchmark).
 In one run:
 
 1. ``batchuq shift`` writes the corruption series of ``sample_data/digits/test``;
-2. ``batchuq calibrate`` fits a temperature on ``sample_data/digits/val`` (for the
-   temperature-scaled row);
+2. ``batchuq calibrate`` fits a temperature on ``sample_data/digits/val`` for each "+
+   temperature" row, on that row's own predictor (its model, passes and TTA: the
+   ensemble's averaged probabilities, SNGP's mean-field probabilities, MC dropout's mean);
 3. every configuration below scores the clean test set (timed: images/s), each corrupted copy,
    and ``sample_data/ood``;
 4. ``batchuq compare`` makes the tables (the clean files with their OOD files; then the whole
@@ -14,7 +15,8 @@ In one run:
 
 Configurations: deterministic (one pass); MC dropout T = 100; TTA K = 10 with T = 10; the
 5-member ensemble; the ensemble with T = 20; SNGP mean-field; SNGP with T = 100 head samples;
-temperature-scaled MC dropout (T = 100).
+and "+ temperature" for the deterministic model, MC dropout (T = 100), the ensemble and SNGP
+mean-field.
 
 Writes ``benchmarks/results/compare_methods.json`` and the figure
 ``docs/figures/compare_series.png``; the docs' results page reads both. Run from the
@@ -52,7 +54,7 @@ DEMO, ENSEMBLE, SNGP = (
     DATA / "digits_ensemble",
     DATA / "digits_sngp.keras",
 )
-# name -> score_directory keywords (the calibration is added for the temperature row)
+# name -> score_directory keywords (the calibration is added for the temperature rows)
 CONFIGS: dict[str, dict] = {
     "deterministic": {"model": DEMO, "passes": 1},
     "MC dropout T=100": {"model": DEMO, "passes": 100},
@@ -61,8 +63,27 @@ CONFIGS: dict[str, dict] = {
     "ensemble M=5 T=20": {"model": ENSEMBLE, "passes": 20},
     "SNGP mean-field": {"model": SNGP, "passes": 1},
     "SNGP T=100": {"model": SNGP, "passes": 100},
+    "deterministic + temperature": {"model": DEMO, "passes": 1, "temperature": True},
     "MC dropout T=100 + temperature": {"model": DEMO, "passes": 100, "temperature": True},
+    "ensemble M=5 + temperature": {"model": ENSEMBLE, "passes": 1, "temperature": True},
+    "SNGP mean-field + temperature": {"model": SNGP, "passes": 1, "temperature": True},
 }
+
+
+def calibrate_for(options: dict, work: Path) -> Path:
+    """A calibration fitted on ``sample_data/digits/val`` with the configuration's own scoring
+    predictor (model, passes, TTA), so that its temperature is fitted like for like."""
+    from batchuq import calibrate_directory
+    from batchuq.jobs.calibrate import CalibrateOptions
+
+    passes, tta = options["passes"], options.get("tta", 1)
+    path = work / f"calibration-{Path(options['model']).stem}-{passes}-{tta}.json"
+    if not path.exists():
+        fitted = CalibrateOptions(
+            tta=1, model=options["model"], passes=1, score_passes=passes, score_tta=tta, seed=1
+        )
+        calibrate_directory(VAL, path, fitted)
+    return path
 
 
 def subset(source: Path, target: Path, per_class: int) -> Path:
@@ -94,8 +115,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="50 images, 2 corruptions, sev. 3")
     parser.add_argument("--severities", default="1,3,5", help="severities of the series")
     args = parser.parse_args(argv)
-    from batchuq import calibrate_directory
-    from batchuq.jobs.calibrate import CalibrateOptions
     from batchuq.jobs.compare import compare_files, format_comparison
     from batchuq.jobs.shift import shift_directory
     from batchuq.report.compare import write_comparison_report
@@ -111,13 +130,11 @@ def main(argv: list[str] | None = None) -> int:
         for corruption in corruptions:
             for severity in severities:
                 folders[f"{corruption}/{severity}"] = work / "shift" / corruption / str(severity)
-        calibration = work / "calibration.json"
-        calibrate_directory(VAL, calibration, CalibrateOptions(tta=1, model=DEMO, passes=1, seed=1))
         files = {}
         for name, options in CONFIGS.items():
             print(f"{name} ...", flush=True)
             if options.get("temperature"):
-                options = {**options, "calibration": calibration}
+                options = {**options, "calibration": calibrate_for(options, work)}
             files[name] = score_config(name, options, folders, work)
         clean = compare_files(
             [files[n]["clean"] for n in CONFIGS],

@@ -95,6 +95,22 @@ def series_cell(series: list[dict], name: str, severity: int, key: str) -> str:
     return "n/a"
 
 
+def first_break(cells: dict, check: str, level: float) -> int | None:
+    """The lowest severity of one corruption of ``guarantees.json`` at which a guarantee is
+    broken beyond doubt: ``check`` ``"risk"``, the 95% interval of the certified rule's realised
+    selective risk lies above the target ``level``; ``"lac"`` or ``"raps"``, that of the sets'
+    coverage lies below ``level`` (1 - alpha). ``None``: not at any severity."""
+    for severity in sorted(cells, key=int):
+        cell = cells[severity]
+        if check == "risk":
+            interval = cell["risk_rule"]["risk_interval"]
+            if interval is not None and interval[0] > level:
+                return int(severity)
+        elif cell[check]["coverage_interval"][1] < level:
+            return int(severity)
+    return None
+
+
 def pairs(first: list, second: list) -> list[tuple]:
     """``zip`` of two lists of the same length: ``{% for a, b in xs | pairs(ys) %}``."""
     return list(zip(first, second, strict=True))
@@ -105,5 +121,5 @@ def define_env(env) -> None:
     env.variables["r"] = results()
     for helper in (pct, sci, f, isa, cpu_name, pairs):
         env.filter(helper)
-    for helper in (source, best, series_cell, isa, cpu_name):
+    for helper in (source, best, series_cell, isa, cpu_name, first_break):
         env.macro(helper)

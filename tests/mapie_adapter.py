@@ -71,3 +71,62 @@ def mapie_conformal(
     _, sets = mapie.predict_set(probs, conformity_score_params=params)  # fits the quantile
     quantiles = mapie._mapie_classifier.conformity_score_function_.quantiles_
     return np.asarray(quantiles, dtype=np.float64), sets[:, :, 0]
+
+
+def mapie_randomised(
+    cal_probs: np.ndarray,
+    cal_labels: np.ndarray,
+    alpha: float,
+    method: str,
+    test_probs: np.ndarray,
+    seed: int,
+) -> dict:
+    """MAPIE's randomised APS or RAPS, with the uniforms and the RAPS split it drew.
+
+    MAPIE draws with ``check_random_state(seed)``: a fresh ``RandomState(seed)`` at each use,
+    so its calibration uniforms are ``RandomState(seed).uniform(size=n)`` (in the order of the
+    images it calibrates on) and its prediction uniforms ``RandomState(seed).uniform(size=m)``;
+    RAPS first holds out a ``StratifiedShuffleSplit(test_size=0.2, random_state=seed)`` share.
+
+    Args:
+        cal_probs: Calibration probabilities, shape (n, classes).
+        cal_labels: Their true classes, shape (n,).
+        alpha: Miscoverage; MAPIE's ``confidence_level`` is ``1 - alpha``.
+        method: ``"aps-random"`` (``APSConformityScore``) or ``"raps"``
+            (``RAPSConformityScore``), both with ``include_last_label="randomized"``.
+        test_probs: Probabilities to make sets for, shape (m, classes).
+        seed: MAPIE's ``random_state``.
+
+    Returns:
+        ``quantile``, ``sets`` (m, classes), ``cal_index`` (the rows of ``cal_probs`` the
+        quantile was fitted on, in MAPIE's order), ``cal_uniforms``, ``test_uniforms``, and for
+        RAPS ``tune_index``, ``k_star`` and ``lambda_star``.
+    """
+    from mapie.conformity_scores import RAPSConformityScore
+    from sklearn.model_selection import StratifiedShuffleSplit
+
+    score = {"aps-random": APSConformityScore, "raps": RAPSConformityScore}[method]()
+    mapie = SplitConformalClassifier(
+        estimator=GivenProbabilities().fit(cal_probs),
+        confidence_level=1 - alpha,
+        conformity_score=score,
+        prefit=True,
+        random_state=seed,
+    ).conformalize(cal_probs, cal_labels)
+    params = {"include_last_label": "randomized"}
+    _, sets = mapie.predict_set(test_probs, conformity_score_params=params)
+    fitted = mapie._mapie_classifier.conformity_score_function_
+    out = {"quantile": float(np.asarray(fitted.quantiles_)[0]), "sets": sets[:, :, 0]}
+    cal_index = np.arange(len(cal_probs))
+    if method == "raps":
+        split = StratifiedShuffleSplit(n_splits=1, test_size=fitted.size_raps, random_state=seed)
+        cal_index, tune_index = next(split.split(cal_probs, cal_labels))
+        out |= {
+            "tune_index": tune_index,
+            "k_star": int(np.asarray(fitted.k_star).ravel()[0]),
+            "lambda_star": float(np.asarray(fitted.lambda_star).ravel()[0]),
+        }
+    out["cal_index"] = cal_index
+    out["cal_uniforms"] = np.random.RandomState(seed).uniform(size=len(cal_index))
+    out["test_uniforms"] = np.random.RandomState(seed).uniform(size=len(test_probs))
+    return out

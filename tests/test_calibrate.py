@@ -29,10 +29,14 @@ from batchuq.postprocess.calibration_file import (
     predictor_from_metadata,
 )
 from batchuq.postprocess.conformal import (
+    RAPS_LAMBDAS,
     conformal_level,
     conformal_quantiles,
     conformal_scores,
+    fit_conformal,
     prediction_sets,
+    raps_parameters,
+    set_uniforms,
 )
 from batchuq.postprocess.rules import UNCLASSIFIED, SelectiveRule, threshold_decisions
 from batchuq.postprocess.temperature import apply_temperature, fit_temperature
@@ -171,8 +175,8 @@ def test_lac_and_class_quantiles_tiny_n_by_hand() -> None:
     assert math.isinf(conformal_quantiles(probs[:5], labels[:5], 0.1)[0])  # k = 6 > n = 5
     with pytest.raises(ValueError, match="Received: alpha=1.0"):
         conformal_quantiles(probs, labels, alpha=1.0)
-    with pytest.raises(ValueError, match="Received: method='raps'"):
-        conformal_quantiles(probs, labels, method="raps")
+    with pytest.raises(ValueError, match="Received: method='top-k'"):
+        conformal_quantiles(probs, labels, method="top-k")
 
 
 def test_aps_scores_and_sets_by_hand() -> None:
@@ -884,3 +888,173 @@ def test_calibrate_target_risk_then_score_rule_risk_then_evaluate(
     assert "cannot be certified on 20 calibration images" in refused.stderr
     assert "labelled calibration images would be needed" in refused.stderr
     assert not Path("no.json").exists()
+
+
+# --- Randomised APS and RAPS (issue 22) -----------------------------------------------------
+
+
+def _paper_raps_sets(probs, q, uniforms, k_reg, lam):
+    """Angelopoulos et al.'s ``gcq`` (their reference code), transcribed: the prefix of the
+    ranking whose penalised running total is at most ``q``, plus one, minus one when their
+    uniform ``U' >= V``. Their calibration score is ``total above y + U' p_y``, ours
+    ``total up to y - U p_y``: the same with ``U' = 1 - U``."""
+    order = np.argsort(-probs, axis=1, kind="stable")
+    ordered = np.take_along_axis(probs, order, axis=1)
+    cumsum = np.cumsum(ordered, axis=1)
+    pen = lam * np.maximum(0, np.arange(1, probs.shape[1] + 1) - k_reg)
+    base = np.minimum(((cumsum + pen) <= q).sum(axis=1) + 1, probs.shape[1])
+    last = base - 1
+    rows = np.arange(len(probs))
+    v = (q - (cumsum[rows, last] - ordered[rows, last]) - pen[last]) / ordered[rows, last]
+    sizes = base - ((1.0 - uniforms) >= v)
+    members = np.zeros(probs.shape, dtype=bool)
+    np.put_along_axis(members, order, np.arange(probs.shape[1])[None, :] < sizes[:, None], 1)
+    return members, base
+
+
+@pytest.mark.parametrize("alpha", [0.1, 0.05])
+def test_randomised_aps_and_raps_match_mapie_on_the_bundled_digits(
+    digits_lac: dict, alpha: float
+) -> None:
+    from mapie_adapter import mapie_randomised
+
+    frame = digits_lac["test"]
+    probs = np.clip(frame[[f"mean_n{i}" for i in range(10)]].to_numpy(np.float64), 0.0, 1.0)
+    labels = frame.label_index.to_numpy()
+    half = np.random.default_rng(22).permutation(len(frame))
+    cal, test = half[: len(frame) // 2], half[len(frame) // 2 :]
+    report = {}
+    for method in ("aps-random", "raps"):
+        m = mapie_randomised(probs[cal], labels[cal], alpha, method, probs[test], seed=7)
+        fit = cal[m["cal_index"]]  # MAPIE's calibration rows, in its order (RAPS holds out 20%)
+        raps = (m["k_star"], m["lambda_star"]) if method == "raps" else None
+        q = conformal_quantiles(probs[fit], labels[fit], alpha, method, m["cal_uniforms"], raps)
+        assert abs(q[0] - m["quantile"]) <= 1e-12  # the same k-th smallest score
+        ours = prediction_sets(probs[test], q, method, m["test_uniforms"], raps)
+        if method == "aps-random":
+            np.testing.assert_array_equal(ours, m["sets"])
+        else:
+            # k_reg is the paper's and MAPIE's rule on MAPIE's tuning split.
+            tune = cal[m["tune_index"]]
+            assert raps_parameters(probs[tune], labels[tune], alpha)[0] == m["k_star"]
+            paper, base = _paper_raps_sets(probs[test], q[0], m["test_uniforms"], *raps)
+            np.testing.assert_array_equal(ours, paper)
+            # MAPIE divides the last class's slack by p - lambda max(0, L - k) + lambda [L > k]
+            # instead of p: the same only while the unrandomised set has L <= k_reg + 1 classes.
+            same = base <= m["k_star"] + 1
+            np.testing.assert_array_equal(ours[same], m["sets"][same])
+        covered = ours[np.arange(len(test)), labels[test]]
+        report[method] = (covered.mean(), ours.sum(axis=1).mean())
+        mapie_cov = m["sets"][np.arange(len(test)), labels[test]].mean()
+        assert covered.mean() == pytest.approx(mapie_cov, abs=2 / len(test))
+        # One calibration and one test draw of ~225 images each: 3 binomial sds.
+        tol = 3 * math.sqrt(alpha * (1 - alpha) * (1 / len(fit) + 1 / len(test)))
+        assert abs(covered.mean() - (1 - alpha)) <= tol, (method, covered.mean())
+    print(f"alpha {alpha}: (coverage, mean size) {report}")
+
+
+@pytest.mark.parametrize("method", ["aps-random", "raps"])
+def test_randomised_sets_cover_at_least_one_minus_alpha_over_many_splits(method: str) -> None:
+    """500 random calibration/test splits of an overconfident 10-class model (labels drawn
+    from tempered probabilities): the mean coverage over splits is at least 1 - alpha and,
+    randomised, at most 1 - alpha + 1/(n+1), within 4 standard errors of that mean."""
+    rng = np.random.default_rng(5)
+    alpha, n_cal, n_test, splits = 0.1, 200, 500, 500
+    logits = rng.normal(size=(n_cal + n_test, 10)) * 3.0
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    true = np.exp(logits / 2.0) / np.exp(logits / 2.0).sum(axis=1, keepdims=True)
+    paths = [f"img{i:04d}.png" for i in range(n_cal + n_test)]
+    coverages, sizes = [], []
+    for split in range(splits):
+        labels = (true.cumsum(axis=1) < rng.random((len(true), 1))).sum(axis=1)
+        order = rng.permutation(len(probs))
+        cal, test = order[:n_cal], order[n_cal:]
+        fitted = fit_conformal(
+            probs[cal], labels[cal], alpha, method, [paths[i] for i in cal], seed=split
+        )
+        sets = fitted.sets(probs[test], [paths[i] for i in test])
+        coverages.append(sets[np.arange(n_test), labels[test]].mean())
+        sizes.append(sets.sum(axis=1).mean())
+    n_fit = fitted.params.get("quantile_images", n_cal)
+    mean, se = float(np.mean(coverages)), float(np.std(coverages) / math.sqrt(splits))
+    assert mean >= 1 - alpha - 4 * se, (mean, se)
+    assert mean <= 1 - alpha + 1 / (n_fit + 1) + 4 * se, (mean, se)
+    assert np.mean(sizes) < 10  # the sets are not trivially everything
+
+
+def test_randomised_sets_draw_u_per_image_not_per_batch() -> None:
+    rng = np.random.default_rng(3)
+    probs = rng.dirichlet(np.ones(5) * 0.5, size=60)
+    labels = rng.integers(0, 5, size=60)
+    paths = [f"c/{i}.png" for i in range(60)]
+    for method in ("aps-random", "raps"):
+        fitted = fit_conformal(probs, labels, 0.2, method, paths, seed=11)
+        whole = fitted.sets(probs, paths)
+        one_by_one = np.vstack([fitted.sets(probs[i : i + 1], paths[i : i + 1]) for i in range(60)])
+        reversed_ = fitted.sets(probs[::-1], paths[::-1])[::-1]
+        np.testing.assert_array_equal(whole, one_by_one)
+        np.testing.assert_array_equal(whole, reversed_)
+        other_seed = fit_conformal(probs, labels, 0.2, method, paths, seed=12)
+        assert other_seed.sets(probs, paths).tolist() != whole.tolist()
+    with pytest.raises(UsageError, match="Received: uniforms=None"):
+        prediction_sets(probs, [0.5], "aps-random")
+    with pytest.raises(UsageError, match="Received: raps=None"):
+        conformal_scores(probs, labels, "raps", np.zeros(60))
+
+
+def test_calibrate_and_score_with_raps_write_sets_independent_of_batch_size(
+    val_subset: Path, digits_subset: Path, tmp_path: Path
+) -> None:
+    cal = tmp_path / "raps.json"
+    args = ["--passes", "2", "--seed", "4"]
+    result = _invoke(
+        ["calibrate", str(val_subset), "-o", str(cal), "--conformal", "raps", "--alpha", "0.2"]
+        + ["--score-passes", "2", "--passes", "2", "--seed", "4"]
+    )
+    assert result.exit_code == EXIT_OK, result.output
+    raw = json.loads(cal.read_text())
+    params = raw["settings"]["conformal_params"]
+    assert params["tuning_images"] + params["quantile_images"] == 20
+    assert params["lambda"] in RAPS_LAMBDAS and 1 <= params["k_reg"] <= 10
+    frames = []
+    for batch in ("1", "16"):
+        out = tmp_path / f"b{batch}.parquet"
+        scored = _invoke(
+            ["score", str(digits_subset), str(out), "--calibration", str(cal)]
+            + [*args, "--batch-size", batch]
+        )
+        assert scored.exit_code == EXIT_OK, scored.output
+        frames.append(pd.read_parquet(out))
+    assert [list(s) for s in frames[0].pred_set] == [list(s) for s in frames[1].pred_set]
+    calibration = Calibration.from_json(cal)
+    means = frames[0][[f"mean_n{i}" for i in range(10)]].to_numpy()
+    expected = calibration.prediction_sets(means, list(frames[0].path), seed=4)
+    names = np.array([f"n{i}" for i in range(10)])
+    assert [list(names[row]) for row in expected] == [list(s) for s in frames[0].pred_set]
+    meta = read_metadata(tmp_path / "b1.parquet")["calibration"]
+    assert meta["conformal_method"] == "raps" and meta["conformal_params"] == params
+    assert f"k_reg {params['k_reg']}, lambda" in result.output
+
+
+def test_raps_tunes_on_a_fifth_and_fits_the_quantile_on_the_rest() -> None:
+    rng = np.random.default_rng(8)
+    probs = rng.dirichlet(np.ones(6) * 0.3, size=400)
+    labels = (probs.cumsum(axis=1) < rng.random((400, 1))).sum(axis=1)
+    paths = [f"n{y}/{i}.png" for i, y in enumerate(labels)]
+    fitted = fit_conformal(probs, labels, 0.1, "raps", paths, seed=3)
+    params = fitted.params
+    tune = set_uniforms(3, paths, purpose="raps-tuning") < 0.2
+    assert params["tuning_images"] == tune.sum() and 60 < tune.sum() < 100
+    assert params["quantile_images"] == 400 - tune.sum() and not params["tuned_on_quantile_images"]
+    assert (params["k_reg"], params["lambda"]) == raps_parameters(probs[tune], labels[tune], 0.1)
+    uniforms = set_uniforms(3, paths)
+    expected = conformal_quantiles(
+        probs[~tune], labels[~tune], 0.1, "raps", uniforms[~tune], fitted.raps
+    )
+    np.testing.assert_array_equal(fitted.quantiles, expected)
+    # k_reg: one plus the conformal quantile of the 0-based rank of the true class.
+    order = np.argsort(-probs[tune], axis=1, kind="stable")
+    rank = np.argmax(order == labels[tune][:, None], axis=1)
+    assert params["k_reg"] == int(np.sort(rank)[math.ceil((tune.sum() + 1) * 0.9) - 1]) + 1
+    tiny = fit_conformal(probs[:2], labels[:2], 0.5, "raps", paths[:2], seed=3)
+    assert tiny.params["tuned_on_quantile_images"]

@@ -482,3 +482,49 @@ def test_series_pairs_the_files_of_each_corruption_and_severity(scored, tmp_path
         assert difference["value"] == pytest.approx(row["nll"] - base["nll"], abs=1e-15)
     code, out, _ = _run(*args)
     assert code == 0 and "Intervals of every file of the series: --json or --report." in out
+
+
+def test_rules_side_by_side_at_their_operating_points(scored, tmp_path):
+    """The median (det), confidence and certified risk rules on the same 30 images: each row
+    has the rule, coverage and selective risk with its Clopper-Pearson interval; the risk run
+    its certified target and whether it held."""
+    from batchuq import score_directory
+    from batchuq.jobs.calibrate import CalibrateOptions, calibrate_directory
+    from batchuq.jobs.score import ScoreOptions
+    from batchuq.postprocess.rules import DecisionRule
+    from batchuq.postprocess.selective import clopper_pearson
+
+    images = Path(evaluate_parquet(scored["det"])["file"]).parent / "digits"
+    cal = tmp_path / "cal.json"
+    options = CalibrateOptions(passes=1, score_passes=1, target_risk=0.2, delta=0.1)
+    calibrate_directory(SAMPLE_TEST.parent / "val", cal, options)
+    conf, risk = tmp_path / "conf.parquet", tmp_path / "risk.parquet"
+    rule = DecisionRule("confidence", min_confidence=0.99)
+    score_directory(images, conf, ScoreOptions(passes=1, rule=rule))
+    score_directory(
+        images, risk, ScoreOptions(passes=1, calibration=cal, rule=DecisionRule("risk"))
+    )
+    files = [scored["det"], conf, risk]
+    comparison = compare_files(files, names=["median", "conf", "risk"])
+    for row, path in zip(comparison.rows, files, strict=True):
+        results = evaluate_parquet(path)
+        errors = results["accepted"] - round(results["accepted"] * results["selective_accuracy"])
+        assert row["accepted"] == results["accepted"]
+        assert row["selective_risk"] == pytest.approx(1 - results["selective_accuracy"])
+        assert row["risk_interval"] == list(clopper_pearson(errors, results["accepted"]))
+    median, confident, certified = comparison.rows
+    assert median["rule"].startswith("median") and confident["rule"].startswith("confidence")
+    assert certified["rule"].startswith("risk") and certified["target_risk"] == 0.2
+    assert certified["target_held"] == (certified["selective_risk"] <= 0.2)
+    assert median["target_risk"] is None and median["target_held"] is None
+    assert confident["coverage"] < median["coverage"]  # a stricter operating point
+    text = format_comparison(comparison)
+    assert "Decision rules at their operating points" in text
+    table = text.split("Decision rules at their operating points")[1]
+    assert "sel.risk" in table and "target" in table and str(certified["target_held"]) in table
+    from batchuq.report.compare import write_comparison_report
+
+    page = write_comparison_report(comparison, tmp_path / "report").read_text(encoding="utf-8")
+    assert "<h2>Decision rules</h2>" in page and certified["rule"].split(" ")[0] in page
+    same = format_comparison(compare_files([scored["det"], scored["mc"]]))
+    assert "Decision rules at their operating points" not in same  # one rule: no table

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import re
 import shutil
 import subprocess
@@ -20,15 +21,28 @@ ISO_TIME = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d"  # local time, its UTC
 BATCHUQ = Path(sys.executable).parent / "batchuq"  # the venv's console script
 
 
-def _cron_line() -> str:
-    """The command of the docs' crontab line (after the five time fields)."""
-    block = re.search(r"```cron\n(.*?)```", DOCS, re.DOTALL)
-    assert block, "docs/unattended.md has no ```cron block"
-    lines = [line for line in block.group(1).splitlines() if line and not line.startswith("#")]
+def _cron_line(index: int = 0) -> str:
+    """The command of the docs' crontab line (after the five time fields): the line of the
+    ``index``-th ``cron`` block (0: scoring, 1: the labelling queue)."""
+    blocks = re.findall(r"```cron\n(.*?)```", DOCS, re.DOTALL)
+    assert len(blocks) > index, "docs/unattended.md lacks a ```cron block"
+    lines = [line for line in blocks[index].splitlines() if line and not line.startswith("#")]
     assert len(lines) == 1, lines
     fields = lines[0].split(None, 5)
     # cron turns an unescaped % into a newline; the docs escape them as \%.
     return fields[5].replace("\\%", "%")
+
+
+def _placed(command: str, scores: Path, incoming: Path) -> str:
+    """``command`` with the docs' paths replaced by the test's."""
+    assert "/opt/batchuq/.venv/bin/batchuq" in command and "/srv/scores" in command
+    for placeholder, real in (
+        ("/opt/batchuq/.venv/bin/batchuq", str(BATCHUQ)),
+        ("/srv/scores", str(scores)),
+        ("/data/incoming", str(incoming)),
+    ):
+        command = command.replace(placeholder, real)
+    return command
 
 
 def _time_of(line: str) -> dt.datetime:
@@ -61,14 +75,7 @@ def test_readme_cron_line_runs_under_cron_environment(tmp_path: Path) -> None:
     shutil.copy(bundled / "digits_cnn.keras", models / "monkeys.keras")
     shutil.copy(bundled / "digits_cnn.classes.json", models / "monkeys.classes.json")
     (scores / "batchuq.toml").write_text(f'[score]\nmodel = "{models}/monkeys.keras"\npasses = 3\n')
-    command = _cron_line()
-    for placeholder, real in (
-        ("/opt/batchuq/.venv/bin/batchuq", str(BATCHUQ)),
-        ("/srv/scores", str(scores)),
-        ("/data/incoming", str(incoming)),
-    ):
-        assert placeholder in command
-        command = command.replace(placeholder, real)
+    command, queue_command = (_placed(_cron_line(i), scores, incoming) for i in (0, 1))
 
     done = _run_as_cron(command, tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -76,11 +83,22 @@ def test_readme_cron_line_runs_under_cron_environment(tmp_path: Path) -> None:
     log = (scores / "batchuq.log").read_text().splitlines()
     assert log and all(re.match(rf"batchuq: {ISO_TIME} ", line) for line in log), log
     night_one = log[-1]
-    out = scores / f"scores-{yesterday}.parquet"
+    out = scores / "history" / f"date={yesterday}" / "part-0.parquet"
     assert pq.read_metadata(out).num_rows == 4
     meta = read_metadata(out)
     assert meta["demo_model"] is False and meta["model_path"].endswith("monkeys.keras")
     assert meta["settings"]["model"]["source"] == "config file (batchuq.toml)"
+    assert meta["partition"] == {"date": yesterday}
+
+    done = _run_as_cron(queue_command, tmp_path)  # the morning's labelling queue
+    assert done.returncode == 0 and done.stdout == done.stderr == "", done.stdout
+    tasks = json.loads((scores / f"tasks-{yesterday}.json").read_text())
+    assert sorted(Path(t["data"]["image"]).name for t in tasks) == sorted(
+        p.name for p in night.iterdir()
+    )
+    assert (scores / "queue" / f"date={yesterday}" / "part-0.parquet").is_file()
+    log = (scores / "batchuq.log").read_text().splitlines()
+    night_one = log[-1]
 
     shutil.rmtree(night)  # a failing night: the folder never arrived
     done = _run_as_cron(command, tmp_path)

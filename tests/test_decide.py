@@ -16,6 +16,8 @@ from batchuq.postprocess.rules import (
     decide,
     median_rule,
     risk_scores,
+    stopping_record,
+    stopping_temperature,
 )
 from batchuq.summarise import summarise
 
@@ -157,9 +159,25 @@ def test_risk_rule_metadata_and_refusals() -> None:
     with pytest.raises(UsageError, match="--target-risk"):
         DecisionRule("risk").with_thresholds(np.array([0.5]), None)
     with pytest.raises(UsageError, match="calibration=None"):
-        check_risk_options(calibration=False, temperature=False, adaptive=False)
+        check_risk_options(calibration=False, temperature=False)
     with pytest.raises(UsageError, match="Drop --temperature"):
-        check_risk_options(calibration=True, temperature=True, adaptive=False)
-    with pytest.raises(UsageError, match="passes='auto'"):
-        check_risk_options(calibration=True, temperature=False, adaptive=True)
-    check_risk_options(calibration=True, temperature=False, adaptive=False)
+        check_risk_options(calibration=True, temperature=True)
+    check_risk_options(calibration=True, temperature=False)
+
+
+def test_stopping_record_says_what_adaptive_stopping_reads() -> None:
+    """The temperature is part of the stopping only where the stopping reads the tempered
+    mean against a limit; `none` and `risk` stop alike (once pred is settled)."""
+    assert stopping_record("median", 0.6, 0.9, temperature=0.5) == {
+        "rule": "median",
+        "min_median": 0.6,
+    }
+    assert stopping_record("confidence", 0.6, 0.9, temperature=0.5) == {
+        "rule": "confidence",
+        "min_confidence": 0.9,
+        "temperature": 0.5,
+    }
+    assert stopping_record("threshold", temperature=None)["temperature"] is None
+    assert stopping_record("risk") == stopping_record("none", temperature=2.0)
+    assert stopping_temperature("none", 2.0) is None
+    assert stopping_temperature("confidence", 2.0) == 2.0

@@ -184,9 +184,39 @@ def test_evaluate_parquet_hand_computed(files):
     assert ood["auroc"]["entropy"] == pytest.approx(8 / 12)
     # 1 - confidence: in 0.2, 0.18, 0.5, 0.6, 0.3, 0.4; OOD 0.65 beats 6, 0.45 beats 4.
     assert ood["auroc"]["1 - confidence"] == pytest.approx(10 / 12)
+    # FPR@95: keeping >= 95% of 6 in-distribution rows keeps all 6 (entropy <= 1.0, 1 -
+    # confidence <= 0.6), and so keeps the OOD row at 0.45 of each: 1 of 2.
+    assert ood["fpr95"]["entropy"] == ood["fpr95"]["1 - confidence"] == 0.5
     # pred_set: a (cat in [cat]), b (dog in [dog, fox]), d (cat in [cat, fox]) cover; c not.
-    assert results["conformal"] == {"n": 4, "coverage": 0.75, "mean_set_size": 1.5}
+    conformal = results["conformal"]
+    assert {k: conformal[k] for k in ("n", "coverage", "mean_set_size")} == {
+        "n": 4,
+        "coverage": 0.75,
+        "mean_set_size": 1.5,
+    }
+    check_stratified_coverage(conformal)
     json.dumps(results, allow_nan=False)
+
+
+def check_stratified_coverage(conformal: dict) -> None:
+    """Per class: cat a, d covered (sizes 1, 2); dog b covered (2); fox c missed (1). Per size:
+    1 = a (hit), c (miss); 2 = b, d (both hit). Clopper-Pearson 95% by hand: k = m gives
+    [0.025 ** (1 / m), 1], k = 0 gives [0, 1 - 0.025 ** (1 / m)], 1 of 2 gives
+    [1 - sqrt(0.975), sqrt(0.975)]."""
+    by_class = {row["class"]: row for row in conformal["per_class"]}
+    assert list(by_class) == CLASSES
+    cat, dog, fox = by_class["cat"], by_class["dog"], by_class["fox"]
+    assert (cat["n"], cat["covered"], cat["mean_set_size"]) == (2, 2, 1.5)
+    assert cat["interval"] == pytest.approx([0.025**0.5, 1.0], abs=1e-9)
+    assert (dog["n"], dog["covered"], dog["coverage"]) == (1, 1, 1.0)
+    assert dog["interval"] == pytest.approx([0.025, 1.0], abs=1e-9)
+    assert (fox["n"], fox["covered"], fox["coverage"]) == (1, 0, 0.0)
+    assert fox["interval"] == pytest.approx([0.0, 0.975], abs=1e-9)
+    one, two = conformal["per_size"]
+    assert (one["size"], one["n"], one["covered"], one["coverage"]) == (1, 2, 1, 0.5)
+    assert one["interval"] == pytest.approx([1 - 0.975**0.5, 0.975**0.5], abs=1e-9)
+    assert (two["size"], two["n"], two["covered"]) == (2, 2, 2)
+    assert two["interval"] == pytest.approx([0.025**0.5, 1.0], abs=1e-9)
 
 
 def test_evaluate_without_ood_or_pred_set(tmp_path):
@@ -204,7 +234,10 @@ def test_evaluate_frame_undefined_values_are_none():
     assert results["n"] == 0
     assert results["accuracy"] is None and results["ece"] is None
     assert set(results["auroc_error"].values()) == {None}
-    assert results["conformal"] == {"n": 0, "coverage": None, "mean_set_size": None}
+    conformal = results["conformal"]
+    assert (conformal["n"], conformal["coverage"], conformal["mean_set_size"]) == (0, None, None)
+    assert conformal["per_size"] == []
+    assert all(row["n"] == 0 and row["interval"] is None for row in conformal["per_class"])
     json.dumps(results, allow_nan=False)
     assert "n/a" in format_table(results)
 
@@ -299,6 +332,10 @@ def test_cli_json_and_report(files, tmp_path):
     assert results["ood"]["auroc"]["entropy"] == pytest.approx(8 / 12)
     assert results["report"] == str(report_dir / "index.html")
     check_report(report_dir / "index.html")
+    page = (report_dir / "index.html").read_text(encoding="utf-8")
+    assert "<h3>Coverage per set size (size-stratified)</h3>" in page
+    assert "0.0000 (95% CI 0.0000-0.9750), n = 1, mean size 1.00" in page  # fox, per class
+    assert "0.5000 (95% CI 0.0126-0.9874), n = 2" in page  # sets of size 1
 
 
 def test_cli_table_help_and_errors(files, tmp_path):
@@ -516,18 +553,29 @@ mutual_info              0.3750
 mean_std                 1.0000
 variation_ratio          0.7500
 
-AUROC, OOD (2) vs in-distribution (6)
--------------------------------------
-1 - confidence           0.8333
-entropy                  0.6667
-mutual_info              0.7083
-mean_std                 0.5000
-variation_ratio          0.8750
+OOD (2) vs in-distribution (6): AUROC, FPR@95
+---------------------------------------------
+1 - confidence           0.8333  0.5000
+entropy                  0.6667  0.5000
+mutual_info              0.7083  0.5000
+mean_std                 0.5000  1.0000
+variation_ratio          0.8750  0.5000
 
 Conformal prediction sets (N = 4)
 ---------------------------------
 empirical coverage       0.7500
-mean set size            1.5000"""
+mean set size            1.5000
+
+Conformal coverage per true class (95% Clopper-Pearson)
+-------------------------------------------------------
+cat                      1.0000 (95% CI 0.1581-1.0000), n = 2, mean size 1.50
+dog                      1.0000 (95% CI 0.0250-1.0000), n = 1, mean size 2.00
+fox                      0.0000 (95% CI 0.0000-0.9750), n = 1, mean size 1.00
+
+Conformal coverage per set size (size-stratified, 95% Clopper-Pearson)
+----------------------------------------------------------------------
+size 1                   0.5000 (95% CI 0.0126-0.9874), n = 2
+size 2                   1.0000 (95% CI 0.1581-1.0000), n = 2"""
 
 
 def test_format_table_text(files):

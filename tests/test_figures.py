@@ -93,6 +93,16 @@ CHECKLIST = {
         "compare_methods",
         lambda r: [f"{row['nll']:.4f}" for row in r["compare_methods"]["clean"]["rows"]],
     ),
+    "guarantees": (
+        "calibration",
+        "guarantees",
+        lambda r: [r["guarantees"]["calibration"]["statement"]],
+    ),
+    "ood": (
+        "results",
+        "ood",
+        lambda r: [f"{row['far']['auroc']['energy']:.4f}" for row in r["ood"]["rows"].values()],
+    ),
     "scaleout": (
         "results",
         "scaleout",
@@ -153,6 +163,36 @@ def test_the_conformal_sentences_hold_for_the_figures() -> None:
     assert d["mapie"]["max_abs_diff"] is not None and d["mapie"]["max_abs_diff"] <= 1e-12
 
 
+def test_the_guarantee_sentences_hold_for_the_figures() -> None:
+    """docs/calibration.md, "Guarantees under shift": the clean run keeps both promises; the
+    rule abstains as confidence falls; RAPS sets hold coverage at least as long as LAC's; the
+    randomised sets equal MAPIE's where the methods page says they do."""
+    g = R["guarantees"]
+    alpha, target = g["settings"]["alpha"], g["settings"]["target_risk"]
+    clean = g["clean"]
+    assert clean["risk_rule"]["target_held"] and clean["lac"]["coverage_interval"][1] >= 1 - alpha
+    assert clean["raps"]["coverage_interval"][1] >= 1 - alpha
+    for cells in g["shift"].values():
+        lac = figures.first_break(cells, "lac", 1 - alpha)
+        raps = figures.first_break(cells, "raps", 1 - alpha)
+        assert raps is None or (lac is not None and raps >= lac)  # "keep coverage longer"
+    contrast, rotate = g["shift"]["contrast"], g["shift"]["rotate"]
+    # Contrast: the rule abstains, down to none accepted, and its risk never breaks.
+    assert contrast["5"]["risk_rule"]["accepted"] == 0
+    assert figures.first_break(contrast, "risk", target) is None
+    assert contrast["5"]["raps"]["mean_set_size"] > contrast["1"]["raps"]["mean_set_size"]
+    # Rotate: confident and wrong; the certified risk breaks beyond doubt.
+    assert figures.first_break(rotate, "risk", target) is not None
+    for method in ("lac", "raps"):  # "an empty set never covers, a one-class set almost always"
+        sizes = {x["size"]: x for x in clean["strata"][method]["per_size"]}
+        assert sizes[0]["covered"] == 0 and sizes[1]["coverage"] > 0.95
+    for entry in g["mapie"]["alphas"].values():
+        aps = entry["aps-random"]
+        assert aps["sets_differ"] == 0 and aps["coverage"] == aps["mapie_coverage"]
+        for x in entry.values():
+            assert abs(x["quantile"] - x["mapie_quantile"]) <= 1e-12
+
+
 def test_the_other_sentences_hold_for_the_figures() -> None:
     runs = sorted(R["memory_flat"]["runs"], key=lambda run: run["images"])
     growth = runs[-1]["peak_rss_mib"] / runs[0]["peak_rss_mib"] - 1
@@ -161,6 +201,23 @@ def test_the_other_sentences_hold_for_the_figures() -> None:
     assert b["pred_identical"] == b["decision_identical"] == b["images"]  # "identical for all"
     for workload in ("digits", "digits_confidence", "reference"):
         assert R["adaptive"][workload]["speedup"] > 1
+
+
+def test_the_monitor_sentences_hold_for_the_figures() -> None:
+    m = R["monitor"]
+    fa = m["false_alarms"]
+    assert fa["splits"] >= 200 and fa["by_min_psi"]["0.0"]["rate"] <= m["alpha"]  # "at or below"
+    cells = {(x["corruption"], x["severity"]): x for x in m["detection"]}
+    rate = {key: x["by_min_psi"]["0.0"]["rate"] for key, x in cells.items()}
+    clean = m["clean_accuracy"]["test"]
+    assert all(rate[("contrast", s)] >= 0.95 for s in range(1, 6))  # "every severity"
+    assert all(rate[("rotate", s)] >= 0.95 for s in (3, 4, 5))
+    assert all(rate[("gaussian_noise", s)] >= 0.5 for s in (3, 4, 5))
+    for corruption in ("gaussian_blur", "pixelate"):  # "although the accuracy barely moves"
+        assert rate[(corruption, 5)] >= 0.9
+        assert abs(cells[(corruption, 5)]["accuracy"] - clean) <= 0.01
+    quiet = [("jpeg", s) for s in range(1, 6)] + [("pixelate", 1), ("pixelate", 2)]
+    assert all(rate[key] <= 0.1 for key in quiet)  # "at the false-alarm level"
 
 
 # Kinds of measured figures that must come from the JSON, never typed into a page's sentences

@@ -51,10 +51,21 @@ NAMES = [
     "unreadable calibration file",
     "calibration for another model",
     "calibration of another predictor",
+    "--passes auto, calibration for fixed passes",
+    "--passes auto, calibration of another stopping rule",
+    "--rule threshold --temperature, no tempered thresholds",
     "empty images folder",
     "missing folder with --missing-ok",
     "calibrate: --class-names count",
     "calibrate: 5 outputs, 10 folders",
+    "--partition not KEY=VALUE",
+    "--partition key is an output column",
+    "--partition value not a folder name",
+    "--partition folder holding other files",
+    "--partition with OUTPUT a .parquet",
+    "--partition with --engine ray",
+    "calibrate: --score-passes auto with an SNGP model",
+    "calibrate: --score-passes auto, --score-rule threshold",
 ]
 
 
@@ -99,3 +110,25 @@ def test_predictor_read_from_files_is_the_loaded_runs(model: Path) -> None:
     loaded = predictor_from_metadata(plan.metadata)
     assert predictor_from_metadata(early) == {k: loaded[k] for k in predictor_from_metadata(early)}
     assert {"method", "passes", "rescale", "logits"} <= set(early)
+
+
+@pytest.mark.parametrize("rule", ["median", "confidence", "risk"])
+def test_adaptive_predictor_read_from_files_is_the_loaded_runs(rule: str) -> None:
+    """With --passes auto the early check compares the adaptive settings and the stopping
+    (``adaptive``) as the loaded run records them, so an adaptive calibration that fits the run
+    is never refused early. A risk run stops as a ``none`` run does (once pred is settled)."""
+    from batchuq.jobs.score.plan import ScoreOptions, prepare_run
+    from batchuq.postprocess.rules import DecisionRule
+
+    request = RunRequest(models=[BUNDLED], passes="auto", min_passes=5, max_passes=40, rule=rule)
+    early = predictor_from_metadata(run_predictor([read_model_facts(BUNDLED)], request))
+    options = ScoreOptions(
+        model=BUNDLED,
+        passes="auto",
+        min_passes=5,
+        max_passes=40,
+        rule=DecisionRule("none" if rule == "risk" else rule),
+    )
+    loaded = predictor_from_metadata(prepare_run(DIGITS, options).metadata)
+    assert early["adaptive"] == loaded["adaptive"]
+    assert early["adaptive"]["max_passes"] == 40 and early["passes"] == loaded["passes"] == "auto"

@@ -144,8 +144,13 @@ def make_cases(work: Path) -> dict[str, Case]:
     (work / "labels.txt").write_text("Label, Latin Name, Common Name\nm0, x, howler\n")
     (work / "notes.txt").write_text("not a model")
     (work / "notcal.json").write_text("{}")
+    (work / "history" / "date=2026-12-01").mkdir(parents=True)
+    (work / "history" / "date=2026-12-01" / "notes.parquet").write_bytes(b"")
     calibration = _calibration(work, BUNDLED)
     other = _calibration(work, models["five"], passes=50)
+    stopping = {"rule": "median", "min_median": 0.5}
+    adaptive = {"min_passes": 10, "max_passes": 100, "alpha": 0.01, "stopping": stopping}
+    auto = _calibration(work, BUNDLED, passes="auto", adaptive=adaptive)
     digits, out = str(DIGITS), "out.parquet"
     cases = {
         "bad option value": Case(["score", digits, out, "--passes", "0"], 2, "--passes"),
@@ -223,15 +228,89 @@ def make_cases(work: Path) -> dict[str, Case]:
             2,
             "passes (score --passes, calibrate --score-passes): 100 in the calibration, 50",
         ),
+        "--passes auto, calibration for fixed passes": Case(
+            ["score", digits, out, "--calibration", str(calibration), "--passes", "auto"],
+            2,
+            "fitted with `batchuq calibrate --score-passes auto`",
+        ),
+        "--passes auto, calibration of another stopping rule": Case(
+            [
+                "score",
+                digits,
+                out,
+                "--calibration",
+                str(auto),
+                "--passes",
+                "auto",
+                "--rule",
+                "confidence",
+            ],
+            2,
+            "adaptive.stopping (score --rule, --min-median, --min-confidence, --temperature; "
+            'calibrate --score-rule): {"min_median": 0.5, "rule": "median"} in the calibration',
+        ),
+        "--rule threshold --temperature, no tempered thresholds": Case(
+            [
+                "score",
+                digits,
+                out,
+                "--calibration",
+                str(calibration),
+                "--rule",
+                "threshold",
+                "--temperature",
+            ],
+            2,
+            "tempered_thresholds=None",
+        ),
         "empty images folder": Case(["score", "empty", out], 4, "No images"),
         "missing folder with --missing-ok": Case(
             ["score", "nowhere", out, "--missing-ok"], 4, "--missing-ok"
+        ),
+        "--partition not KEY=VALUE": Case(
+            ["score", digits, "history/", "--partition", "2026-12-01"], 2, "KEY=VALUE"
+        ),
+        "--partition key is an output column": Case(
+            ["score", digits, "history/", "--partition", "pred=a"], 2, "column of batchuq"
+        ),
+        "--partition value not a folder name": Case(
+            ["score", digits, "history/", "--partition", "date=../x"], 2, "names a folder"
+        ),
+        "--partition folder holding other files": Case(
+            ["score", digits, "history/", "--partition", "date=2026-12-01"], 2, "notes.parquet"
+        ),
+        "--partition with OUTPUT a .parquet": Case(
+            ["score", digits, out, "--partition", "date=2026-12-01"], 2, "history folder"
+        ),
+        "--partition with --engine ray": Case(
+            ["score", digits, "history/", "--partition", "date=1", "--engine", "ray"],
+            2,
+            "local engine only",
         ),
         "calibrate: --class-names count": Case(
             ["calibrate", digits, "-o", "c.json", "--class-names", "a,b"], 2, "2 class names"
         ),
         "calibrate: 5 outputs, 10 folders": Case(
             ["calibrate", digits, "-o", "c.json", "-m", str(models["five"])], 2, "5 outputs"
+        ),
+        "calibrate: --score-passes auto with an SNGP model": Case(
+            ["calibrate", digits, "-o", "c.json", "-m", str(SNGP), "--score-passes", "auto"],
+            2,
+            "passes auto",
+        ),
+        "calibrate: --score-passes auto, --score-rule threshold": Case(
+            [
+                "calibrate",
+                digits,
+                "-o",
+                "c.json",
+                "--score-passes",
+                "auto",
+                "--score-rule",
+                "threshold",
+            ],
+            2,
+            "Received: score_passes='auto', score_rule='threshold'",
         ),
     }
     if importlib.util.find_spec("ray") is None:  # else tests/test_cli_checks.py fakes it

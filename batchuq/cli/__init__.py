@@ -1,7 +1,7 @@
 """The ``batchuq`` command line: the group of commands, each loaded only when it is run.
 
-One module per command (``score``, ``calibrate``, ``evaluate``, ``compare``, ``shift``,
-``train``), each a thin layer
+One module per command (``score``, ``calibrate``, ``evaluate``, ``compare``, ``monitor``,
+``shift``, ``train``, ``queue``), each a thin layer
 that parses options, calls one library function and turns its report into an exit code;
 ``runtime`` holds what they share (logging, the quiet TensorFlow import, signals and the one
 mapping from exceptions to exit codes, documented there and in docs/exit-codes.md); ``options`` and
@@ -47,6 +47,14 @@ class LazyGroup(click.Group):
         "train": (
             "batchuq.cli.train:train",
             "Train the reference CNN on the class folders in IMAGES and save it to MODEL.",
+        ),
+        "monitor": (
+            "batchuq.cli.monitor:monitor_command",
+            "Test TONIGHT's scored run against a reference: did tonight's images look like those?",
+        ),
+        "queue": (
+            "batchuq.cli.queue:queue_command",
+            "Queue TONIGHT's most informative images for labelling, as Label Studio tasks and CSV.",
         ),
         "shift": (
             "batchuq.cli.shift:shift",

@@ -13,6 +13,7 @@ from click.core import ParameterSource
 
 from batchuq.cli.config import config_option, section_defaults, settings_provenance
 from batchuq.cli.options import (
+    PASSES,
     PathOrURL,
     augmentation_options,
     batch_size_option,
@@ -32,19 +33,25 @@ from batchuq.cli.options import (
 )
 from batchuq.cli.runtime import exit_on_error, import_tensorflow_quietly, logger, setup_logging
 from batchuq.defaults import (
+    DEFAULT_ADAPTIVE_ALPHA,
     DEFAULT_ALPHA,
     DEFAULT_CALIBRATION_PASSES,
     DEFAULT_CALIBRATION_TTA,
     DEFAULT_CONFORMAL,
     DEFAULT_DELTA,
+    DEFAULT_MAX_PASSES,
+    DEFAULT_MIN_CONFIDENCE,
+    DEFAULT_MIN_MEDIAN,
+    DEFAULT_MIN_PASSES,
     DEFAULT_PASSES,
     DEFAULT_PERCENTILE,
     DEFAULT_RISK_SCORE,
+    DEFAULT_RULE,
     DEFAULT_TTA,
 )
 from batchuq.postprocess.calibration_file import CalibrationWarning
 from batchuq.postprocess.conformal import CONFORMAL_METHODS
-from batchuq.postprocess.rules import RISK_SCORES
+from batchuq.postprocess.rules import RISK_SCORES, RULES
 
 if TYPE_CHECKING:  # imported where used: the pre-check loads NumPy, the job TensorFlow
     from batchuq.jobs.calibrate import CalibrateOptions
@@ -56,6 +63,12 @@ _FROM_SCORE_TABLE = {
     "model": "model",
     "score_passes": "passes",
     "score_tta": "tta",
+    "min_passes": "min_passes",
+    "max_passes": "max_passes",
+    "adaptive_alpha": "adaptive_alpha",
+    "score_rule": "rule",
+    "min_median": "min_median",
+    "min_confidence": "min_confidence",
     "tta_rotation": "tta_rotation",
     "tta_zoom": "tta_zoom",
     "tta_shift": "tta_shift",
@@ -104,11 +117,58 @@ _FROM_SCORE_TABLE = {
 )
 @click.option(
     "--score-passes",
-    type=click.IntRange(min=1),
+    type=PASSES,
     default=DEFAULT_PASSES,
     show_default=True,
-    help="Scoring predictor (temperature, conformal sets): MC passes, as score's --passes. "
+    help="Scoring predictor (temperature, conformal sets, risk threshold): MC passes, as "
+    "score's --passes; 'auto' fits them on the adaptive predictor of score --passes auto "
+    "(with --min-passes, --max-passes, --adaptive-alpha and the stopping of --score-rule). "
     "Default: passes in the config's [score] table, else score's default.",
+)
+@click.option(
+    "--min-passes",
+    type=click.IntRange(min=1),
+    default=DEFAULT_MIN_PASSES,
+    show_default=True,
+    help="With --score-passes auto: as score's --min-passes.",
+)
+@click.option(
+    "--max-passes",
+    type=click.IntRange(min=2),
+    default=DEFAULT_MAX_PASSES,
+    show_default=True,
+    help="With --score-passes auto: as score's --max-passes.",
+)
+@click.option(
+    "--adaptive-alpha",
+    type=click.FloatRange(min=0.0, max=1.0, min_open=True, max_open=True),
+    default=DEFAULT_ADAPTIVE_ALPHA,
+    show_default=True,
+    help="With --score-passes auto: as score's --adaptive-alpha.",
+)
+@click.option(
+    "--score-rule",
+    type=click.Choice(RULES),
+    default=DEFAULT_RULE,
+    show_default=True,
+    help="With --score-passes auto: the score --rule this calibration is for, because the "
+    "rule decides when adaptive sampling stops (none and risk stop alike, once pred is "
+    "settled; threshold is refused: its stopping reads the thresholds fitted here). "
+    "Default: rule in the config's [score] table, else score's default.",
+)
+@click.option(
+    "--min-median",
+    type=click.FloatRange(0, 1),
+    default=DEFAULT_MIN_MEDIAN,
+    show_default=True,
+    help="With --score-passes auto and --score-rule median: as score's --min-median.",
+)
+@click.option(
+    "--min-confidence",
+    type=click.FloatRange(0, 1),
+    default=DEFAULT_MIN_CONFIDENCE,
+    show_default=True,
+    help="With --score-passes auto and --score-rule confidence: as score's --min-confidence.",
 )
 @click.option(
     "--score-tta",
@@ -138,7 +198,10 @@ _FROM_SCORE_TABLE = {
     default=DEFAULT_CONFORMAL,
     show_default=True,
     help="Conformal sets: lac = marginal, {c : 1 - p_c <= q}; class = one quantile per class "
-    "(needs about 10/alpha images per class); aps = adaptive sets, never empty.",
+    "(needs about 10/alpha images per class); aps = adaptive sets, never empty; aps-random = "
+    "randomised APS (Romano et al.), coverage near 1 - alpha, may be empty; raps = "
+    "regularised randomised APS (Angelopoulos et al.), smaller sets, k_reg and lambda tuned on "
+    "a fifth of VAL_IMAGES. The randomised sets draw U per image from --seed and its path.",
 )
 @click.option(
     "--target-risk",
@@ -189,20 +252,29 @@ def calibrate_command(
     holding them, as for score). Thresholds: each image is augmented --tta times (each copy run
     --passes times with dropout on), and per class the --percentile of the predicted-class
     probabilities of the copies that predict it becomes its threshold. Temperature and
-    conformal sets: fitted on the MC mean of the scoring predictor (--score-passes, --score-tta
-    and the shared options, which default to the [score] table of the config file, else to
+    conformal sets: fitted on the MC mean of the scoring predictor (for an ensemble the
+    members' average, for SNGP the mean-field probabilities; --score-passes, --score-tta and
+    the shared options, which default to the [score] table of the config file, else to
     score's defaults), exactly as `batchuq score` computes it; score refuses the calibration
     for a run with another predictor. The temperature minimises the NLL; the conformal quantile
     (--conformal, at level --alpha) makes sets that hold the true class with probability
     >= 1 - alpha. With --target-risk, the selective threshold of `score --rule risk` is fitted
-    on the same MC mean, with its certificate. The result, with the model's sha256, both
-    predictors and all settings, is written to --output as JSON.
+    on the same MC mean, with its certificate. For score --rule threshold --temperature,
+    thresholds are also fitted on the tempered MC mean of the scoring predictor, one value per
+    image. --score-passes auto fits all of these on the adaptive predictor of score --passes
+    auto, whose stopping depends on the rule: give the --score-rule (and its --min-median or
+    --min-confidence) that score will use. The result, with the model's sha256, both
+    predictors and all settings, is written to --output as JSON. When the model's penultimate
+    features are found, the validation images' normalised features go to a side file next to
+    it (cal.json -> cal.knn.npz) for score's knn_distance OOD column; keep the two together.
 
     Example:
 
         batchuq calibrate sample_data/digits/val -o calibration.json
 
         batchuq calibrate sample_data/digits/val -o cal.json --target-risk 0.02 --delta 0.1
+
+        batchuq calibrate sample_data/digits/val -o cal.json --score-passes auto
     """
     from batchuq.postprocess.calibration_file import format_summary
 
@@ -213,6 +285,10 @@ def calibrate_command(
         from batchuq.jobs.precheck import check_before_loading
 
         check_before_loading(val_images, _run_request(values))
+        if values["score_passes"] == "auto":
+            from batchuq.postprocess.rules import check_adaptive_calibration
+
+            check_adaptive_calibration(values["score_rule"])
         import_tensorflow_quietly()
         from batchuq.jobs.calibrate import calibrate_directory
         from batchuq.model_files import import_user_modules
@@ -249,6 +325,12 @@ _AS_THEY_ARE = (
     "target_risk",
     "delta",
     "risk_score",
+    "min_passes",
+    "max_passes",
+    "adaptive_alpha",
+    "score_rule",
+    "min_median",
+    "min_confidence",
 )
 
 
@@ -281,12 +363,16 @@ def _with_score_table_defaults(
 
 
 def _run_request(values: Mapping[str, Any]) -> RunRequest:
-    """What ``check_before_loading`` checks of calibrate's values (models and classes)."""
+    """What ``check_before_loading`` checks of calibrate's values (models and classes, and
+    a model that ``--score-passes auto`` cannot sample)."""
     from batchuq.jobs.precheck import RunRequest
 
     model = values["model"]
+    auto = values["score_passes"] == "auto"  # checked now: an SNGP model cannot run it
     return RunRequest(
         models=tuple([model] if isinstance(model, str) else model or ()),
+        passes="auto" if auto else None,
+        max_passes=values["max_passes"],
         class_names=split_csv(values["class_names"]),
         class_order=values["class_order"],
         labels=values["labels"],

@@ -37,7 +37,9 @@ def _split_names(ctx: click.Context, param: click.Parameter, value: str | None) 
     multiple=True,
     show_default=True,
     help="Parquet file from `batchuq score` on out-of-distribution images with the same model "
-    "and settings, one per file in the same order (repeat the option); adds the OOD AUROC.",
+    "and settings, one per file in the same order (repeat the option); adds the OOD AUROC of "
+    "entropy, and a table of every score's OOD AUROC and FPR@95 (with max_logit, energy, "
+    "knn_distance, gp_variance when the files hold them).",
 )
 @click.option(
     "--intersect",

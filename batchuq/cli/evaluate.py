@@ -21,7 +21,9 @@ from batchuq.cli.runtime import exit_on_error, setup_logging
     default=None,
     show_default=True,
     help="Parquet file from `batchuq score` on out-of-distribution images, scored by the same "
-    "model; adds the AUROC of each score for telling OOD from in-distribution images.",
+    "model; adds the AUROC and FPR@95 of each score for telling OOD from in-distribution "
+    "images (also of max_logit, energy, knn_distance and gp_variance when both files hold "
+    "them).",
 )
 @click.option(
     "--report",
@@ -47,7 +49,10 @@ def evaluate_command(out: Path, ood: Path | None, report_dir: Path | None, as_js
     decision rule, NLL, Brier score, ECE (15 bins), AURC, and the AUROC with which each
     uncertainty score (1 - confidence, entropy, mutual information, mean std, variation ratio)
     tells wrong predictions from right ones. With --ood, also how well each score tells the
-    out-of-distribution images from the in-distribution ones.
+    out-of-distribution images from the in-distribution ones: AUROC and FPR@95 (the share of
+    OOD images kept at the threshold that keeps 95% of the in-distribution ones), for those
+    scores and the OOD columns both files hold (-max_logit, energy, knn_distance,
+    gp_variance).
 
     Example:
 

@@ -14,6 +14,9 @@ Exit codes (docs/exit-codes.md says the same):
 * 4 (``EXIT_NO_IMAGES``): no images to score: the images folder holds none (or, with
   ``--missing-ok``, does not exist). Nothing is written; schedulers can treat it as "skip"
   (Airflow's ``skip_on_exit_code``).
+* 5 (``EXIT_DRIFT``): ``monitor`` only: tonight's run differs from the reference (a drift test
+  alerts: its Holm-adjusted p-value is below ``alpha`` and its PSI at least ``min_psi``). The
+  report was printed (and written, with ``--report``).
 * 130 / 143 (``EXIT_SIGINT`` / ``EXIT_SIGTERM``): interrupted by SIGINT / SIGTERM. No output is
   written.
 
@@ -48,6 +51,7 @@ EXIT_IMAGE_ERRORS = 1
 EXIT_USAGE = 2
 EXIT_FATAL = 3
 EXIT_NO_IMAGES = 4
+EXIT_DRIFT = 5
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
 
@@ -305,12 +309,14 @@ class StopOnSignal:
 
     Args:
         output: The file the job writes (renamed into place when it completes).
-        resume: Whether finished rows are kept in ``OUTPUT.checkpoint/`` (``--resume``).
+        resume: Whether finished rows are kept in a checkpoint (``--resume``).
+        checkpoint: The checkpoint folder; default ``OUTPUT.checkpoint/``.
     """
 
-    def __init__(self, output: Path, resume: bool) -> None:
+    def __init__(self, output: Path, resume: bool, checkpoint: Path | None = None) -> None:
         self.output = output
         self.resume = resume
+        self.checkpoint = checkpoint or output.with_name(output.name + ".checkpoint")
         self.received: list[int] = []
         self._previous: dict[int, object] = {}
         self._output_before: tuple[int, int] | None = None
@@ -359,7 +365,7 @@ class StopOnSignal:
         elif self.resume:
             say(
                 f"{what}: no output written; finished rows are kept in "
-                f"{self.output}.checkpoint/ (run again with --resume to finish).",
+                f"{self.checkpoint}/ (run again with --resume to finish).",
                 "interrupted",
             )
         else:

@@ -138,15 +138,18 @@ if TYPE_CHECKING:  # imported where used: the pre-check loads NumPy, the jobs Te
     "--calibration",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     default=None,
-    help="calibration.json from `batchuq calibrate` for this model: thresholds for "
-    "--rule threshold, the selective threshold for --rule risk, the temperature, and a "
-    "conformal pred_set column.",
+    help="calibration.json from `batchuq calibrate` for this model and predictor: thresholds "
+    "for --rule threshold, the selective threshold for --rule risk, the temperature, and a "
+    "conformal pred_set column. For --passes auto it must be fitted with calibrate "
+    "--score-passes auto (same adaptive settings and rule).",
 )
 @click.option(
     "--temperature/--no-temperature",
     default=False,
     show_default=True,
-    help="Rescale the MC mean with the calibration's fitted temperature.",
+    help="Rescale the MC mean with the calibration's fitted temperature (fitted on this "
+    "method's mean: MC dropout's, the ensemble's average, SNGP's mean-field probabilities). "
+    "With --rule threshold, the thresholds fitted on the tempered mean are used.",
 )
 @click.option(
     "--allow-predictor-mismatch",
@@ -154,8 +157,9 @@ if TYPE_CHECKING:  # imported where used: the pre-check loads NumPy, the jobs Te
     default=False,
     show_default=True,
     help="Use a --calibration fitted on another predictor (passes, TTA, augmentation, rescale, "
-    "precision, sampled layers, logits, EXIF) than this run's, with a warning. Its conformal "
-    "sets and temperature then carry no guarantee. By default that is a usage error.",
+    "precision, sampled layers, logits, EXIF, adaptive settings) than this run's, with a "
+    "warning. Its conformal sets, temperature and risk threshold then carry no guarantee. By "
+    "default that is a usage error.",
 )
 @click.option(
     "--min-median",
@@ -266,6 +270,16 @@ if TYPE_CHECKING:  # imported where used: the pre-check loads NumPy, the jobs Te
     "atomically when the run completes.",
 )
 @click.option(
+    "--partition",
+    metavar="KEY=VALUE",
+    default=None,
+    show_default=True,
+    help="OUTPUT is a history folder: write the rows to OUTPUT/KEY=VALUE/part-0.parquet "
+    "(Hive layout), replacing that partition atomically on a rerun. pandas, polars and DuckDB "
+    "read every partition as one table with a KEY column, e.g. --partition date=$(date +%F). "
+    "Local engine only.",
+)
+@click.option(
     "--engine",
     type=click.Choice(["local", "ray"]),
     default="local",
@@ -330,6 +344,8 @@ def score(ctx: click.Context, images: Path | str, output: str, **options: Any) -
         batchuq score sample_data/digits/test out.parquet --passes auto
 
         batchuq score sample_data/digits/test scores/ --engine ray --workers 2
+
+        batchuq score sample_data/digits/test history/ --partition date=2026-12-01
     """
     setup_logging(options["log_format"])
     with exit_on_error():
@@ -342,6 +358,7 @@ def score(ctx: click.Context, images: Path | str, output: str, **options: Any) -
             no_clobber=options["no_clobber"],
             include_all=options["include_all"],
             engine=options["engine"],
+            partition=options["partition"],
         )
         from batchuq.jobs.precheck import check_before_loading
 
@@ -350,7 +367,8 @@ def score(ctx: click.Context, images: Path | str, output: str, **options: Any) -
         from batchuq.jobs.score import RunControl, score_directory
         from batchuq.model_files import import_user_modules
 
-        with StopOnSignal(Path(output), options["resume"]) as stop:
+        written, checkpoint = written_paths(output, options["partition"])
+        with StopOnSignal(written, options["resume"], checkpoint=checkpoint) as stop:
             import_user_modules(options["imports"])
             control = RunControl(
                 resume=options["resume"],
@@ -361,7 +379,12 @@ def score(ctx: click.Context, images: Path | str, output: str, **options: Any) -
                 settings=settings_provenance(ctx),
             )
             report = score_directory(
-                images, output, score_options(options), control, ray_settings(options)
+                images,
+                output,
+                score_options(options),
+                control,
+                ray_settings(options),
+                partition=options["partition"],
             )
     if report.errors and report.error_rate > options["max_error_rate"]:
         say(
@@ -451,10 +474,14 @@ def run_request(options: Mapping[str, Any]) -> RunRequest:
     return RunRequest(
         models=tuple(options["model"] or ()),
         passes=options["passes"],
+        min_passes=options["min_passes"],
         max_passes=options["max_passes"],
+        adaptive_alpha=options["adaptive_alpha"],
         tta=options["tta"],
         augmentation={name: options[f"tta_{name}"] for name in _AUGMENTATION},
         rule=options["rule"],
+        min_median=options["min_median"],
+        min_confidence=options["min_confidence"],
         calibration=options["calibration"],
         temperature=options["temperature"],
         allow_predictor_mismatch=options["allow_predictor_mismatch"],
@@ -482,6 +509,7 @@ def check_score_arguments(
     no_clobber: bool = False,
     include_all: bool = False,
     engine: str = "local",
+    partition: str | None = None,
 ) -> None:
     """Catch the usual mistakes in a moment, before TensorFlow is imported (which takes seconds).
 
@@ -497,6 +525,7 @@ def check_score_arguments(
         include_all: Whether every file counts, not only image extensions.
         engine: ``local`` or ``ray``; ``ray`` needs Ray installed (checked without importing
             it).
+        partition: ``KEY=VALUE``: ``output`` is a history folder (local engine only).
 
     Raises:
         NoImagesFoundError: If there is nothing to score (exit 4).
@@ -515,13 +544,14 @@ def check_score_arguments(
         raise ImagesFolderError(
             f"The images folder does not exist or is not a folder. Received: images={str(images)!r}"
         )
-    check_output_argument(output, engine)
+    written = check_output_argument(output, engine, partition)
     check_model_arguments(list(model or ()))
     if calibration is not None:
         check_calibration_file(calibration)
-    if no_clobber and Path(output).exists():
+    if no_clobber and written.exists():
+        exists = "" if str(written) == str(output) else f" ({written})"
         raise OutputError(
-            f"The output exists and --no-clobber is set. Received: output={str(output)!r}"
+            f"The output exists{exists} and --no-clobber is set. Received: output={str(output)!r}"
         )
     extensions = None if include_all else IMAGE_EXTENSIONS
     if is_url(images):
@@ -531,21 +561,36 @@ def check_score_arguments(
     resolve_layout(images, extensions)
 
 
-def check_output_argument(output: str | Path, engine: str) -> None:
+def check_output_argument(output: str | Path, engine: str, partition: str | None = None) -> Path:
     """Refuse an OUTPUT the engine cannot write, and the Ray engine without Ray installed.
 
     Args:
         output: The OUTPUT argument as given (a trailing ``/`` makes it a folder dataset).
         engine: ``local`` or ``ray``.
+        partition: ``KEY=VALUE``: OUTPUT is a history folder (local engine only).
+
+    Returns:
+        What the run writes: OUTPUT, or the partition's file in it.
 
     Raises:
-        OutputError: If OUTPUT does not end in ``.parquet`` (or, with ``ray``, in ``/``), or
-            cannot be written.
-        UsageError: If ``engine`` is ``ray`` and Ray is not installed.
+        OutputError: If OUTPUT does not end in ``.parquet`` (or, with ``ray``, in ``/``; with
+            ``partition``, if it is not a folder), or cannot be written.
+        UsageError: If ``engine`` is ``ray`` and Ray is not installed, or with ``partition``;
+            for a malformed ``partition``.
     """
+    from batchuq.output.history import Partition, check_partition_output
     from batchuq.output.paths import check_output_folder, check_output_path, is_folder_output
     from batchuq.storage import is_url
 
+    if partition is not None:
+        parsed = Partition.parse(partition)
+        if engine == "ray":
+            raise UsageError(
+                "--partition writes a history partition with the local engine only (the Ray "
+                "engine's parts folder would sit where readers of the history look). "
+                f"Received: engine='ray', partition={partition!r}"
+            )
+        return check_partition_output(output, parsed)
     if is_url(str(output)):
         check_output_path(output)  # refuses it, saying why
     if engine == "ray" and importlib.util.find_spec("ray") is None:
@@ -555,18 +600,28 @@ def check_output_argument(output: str | Path, engine: str) -> None:
     if is_folder_output(str(output)):
         if engine != "ray":
             raise OutputError(
-                "An OUTPUT ending in / (a folder dataset) is written by --engine ray only; the "
-                f"local engine writes one .parquet file. Received: output={str(output)!r}"
+                "An OUTPUT ending in / (a folder dataset) is written by --engine ray only, or "
+                "is a history folder with --partition KEY=VALUE; the local engine writes one "
+                f".parquet file. Received: output={str(output)!r}"
             )
-        check_output_folder(output)
-        return
+        return check_output_folder(output)
     if Path(output).suffix.lower() != ".parquet":
         raise OutputError(
             "OUTPUT must end in .parquet: batchuq writes Parquet files"
             + (" (or, with --engine ray, in / for a folder)" if engine == "ray" else "")
             + f". Received: output={str(output)!r}"
         )
-    check_output_path(output)
+    return check_output_path(output)
+
+
+def written_paths(output: str, partition: str | None) -> tuple[Path, Path]:
+    """The file a run writes and its ``--resume`` checkpoint folder (for ``StopOnSignal``)."""
+    if partition is None:
+        return Path(output), Path(f"{output.rstrip('/')}.checkpoint")  # Ray: OUT/ -> OUT.checkpoint
+    from batchuq.output.history import Partition, partition_checkpoint, partition_file
+
+    parsed = Partition.parse(partition)
+    return partition_file(output, parsed), partition_checkpoint(output, parsed)
 
 
 def check_calibration_file(path: Path) -> None:

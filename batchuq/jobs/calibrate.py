@@ -12,6 +12,13 @@ with two predictors (docs/methods.md, "Calibration" and "Conformal prediction se
   on it, because the coverage guarantee of conformal sets rests on calibration and test scores
   being exchangeable: scores of another predictor are not.
 
+The scoring predictor is whatever ``score`` runs: any method (MC dropout's mean, a deep
+ensemble's averaged probabilities, SNGP's mean-field probabilities: the temperature rescales
+that mean), and with ``score_passes="auto"`` the adaptive predictor of ``score --passes auto``,
+stopping as the rule ``score`` will use (``score_rule``, recorded in the predictor). The
+thresholds of ``--rule threshold --temperature`` are fitted on the scoring predictor's tempered
+means (``postprocess.thresholds.tempered_mean_thresholds``), the quantity that pair compares.
+
 When both predictors are the same, one pass over the folder serves both. The samples come
 straight from ``iter_sampled_batches``, the same step ``score`` uses; the result is written by
 ``postprocess.calibration_file``.
@@ -38,16 +45,22 @@ from batchuq import checks
 from batchuq.augment import TTAConfig
 from batchuq.classes import DEFAULT_CLASS_ORDER
 from batchuq.defaults import (
+    DEFAULT_ADAPTIVE_ALPHA,
     DEFAULT_ALPHA,
     DEFAULT_BATCH_SIZE,
     DEFAULT_CALIBRATION_PASSES,
     DEFAULT_CALIBRATION_TTA,
     DEFAULT_CONFORMAL,
     DEFAULT_DELTA,
+    DEFAULT_MAX_PASSES,
+    DEFAULT_MIN_CONFIDENCE,
+    DEFAULT_MIN_MEDIAN,
+    DEFAULT_MIN_PASSES,
     DEFAULT_PASSES,
     DEFAULT_PERCENTILE,
     DEFAULT_PRECISION,
     DEFAULT_RISK_SCORE,
+    DEFAULT_RULE,
     DEFAULT_SEED,
     DEFAULT_TTA,
     UNCLASSIFIED,
@@ -70,23 +83,25 @@ from batchuq.postprocess.calibration_file import (
     predictor_from_metadata,
 )
 from batchuq.postprocess.conformal import (
+    ConformalFit,
     check_method,
     conformal_level,
-    conformal_quantiles,
     conformal_warnings,
-    prediction_sets,
+    fit_conformal,
 )
+from batchuq.postprocess.ood import KnnIndex, fit_knn
 from batchuq.postprocess.rules import (
     RISK_SCORES,
     DecisionRule,
     SelectiveRule,
+    check_adaptive_calibration,
     risk_scores,
     threshold_decisions,
 )
 from batchuq.postprocess.selective import fit_selective_threshold
 from batchuq.postprocess.temperature import TEMPERATURE_BOUNDS, apply_temperature, fit_temperature
-from batchuq.postprocess.thresholds import thresholds_from_predictions
-from batchuq.summarise import summarise
+from batchuq.postprocess.thresholds import tempered_mean_thresholds, thresholds_from_predictions
+from batchuq.summarise import summarise_images
 
 logger = logging.getLogger("batchuq")
 
@@ -94,6 +109,9 @@ _CONFORMAL_SCORE = {
     "lac": "1 - p_y of the MC mean (one quantile for all classes)",
     "class": "1 - p_y of the MC mean (one quantile per true class)",
     "aps": "total MC-mean probability of the classes ranked at or above y (not randomised)",
+    "aps-random": "total MC-mean probability of the classes ranked at or above y, minus U p_y "
+    "(U uniform per image and seed)",
+    "raps": "aps-random score plus lambda max(0, rank of y - k_reg) (settings.conformal_params)",
 }
 
 
@@ -113,6 +131,8 @@ class ValidationSamples:
             ``score`` writes it.
         risk_scores: Per name of ``RISK_SCORES``, ``(images,)`` that score of the scoring
             predictor (``rules.risk_scores``: the Parquet columns' float32 values).
+        features: ``(images, D)`` the scoring predictor's penultimate features per image (the
+            method's ``features`` extra), or ``None`` when the method gives none.
     """
 
     keep: np.ndarray
@@ -123,6 +143,7 @@ class ValidationSamples:
     unreadable: list[str] = dataclasses.field(default_factory=list)
     pred: np.ndarray | None = None
     risk_scores: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    features: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -141,7 +162,9 @@ class CalibrateOptions:
             as in docs/methods.md) and the augmentation of both predictors (the scoring
             predictor's only matters when ``score_tta > 1``); a number is just the copies.
         passes: MC dropout passes per copy for the thresholds (default 1: plain TTA).
-        score_passes: MC passes of the scoring predictor (default: ``score``'s, 100).
+        score_passes: MC passes of the scoring predictor (default: ``score``'s, 100), or
+            ``"auto"``: the adaptive predictor of ``score --passes auto`` with ``min_passes``,
+            ``max_passes``, ``adaptive_alpha`` and stopping by ``score_rule``.
         score_tta: TTA copies of the scoring predictor (default: ``score``'s, 1).
         conformal: ``lac`` (default), ``class`` or ``aps`` (see ``postprocess.conformal``).
         percentile: Percentile of the threshold (default 10).
@@ -161,10 +184,22 @@ class CalibrateOptions:
             risk (``fit_selective_threshold``; default ``None``: not fitted).
         delta: The certificate's failure probability (default 0.1).
         risk_score: The score the selective threshold is on, one of ``RISK_SCORES``.
+        min_passes: With ``score_passes="auto"``: as ``score --min-passes``.
+        max_passes: With ``score_passes="auto"``: as ``score --max-passes``.
+        adaptive_alpha: With ``score_passes="auto"``: as ``score --adaptive-alpha``.
+        score_rule: With ``score_passes="auto"``: the ``score --rule`` the calibration is for,
+            which decides when the adaptive predictor stops (``rules.stopping_record``):
+            ``median``, ``confidence``, ``none`` or ``risk`` (``none`` and ``risk`` stop
+            alike, once ``pred`` is settled). Not ``threshold``: its stopping would need the
+            thresholds this calibration fits on that predictor. Ignored with a number of
+            passes (the predictor does not depend on the rule then).
+        min_median: With ``score_rule="median"``: as ``score --min-median``.
+        min_confidence: With ``score_rule="confidence"``: as ``score --min-confidence``.
 
     Raises:
         UsageError: For counts below 1, a percentile outside [0, 100], alpha, target_risk or
-            delta outside (0, 1), an unknown conformal method or risk score.
+            delta outside (0, 1), an unknown conformal method or risk score, or adaptive
+            settings that ``score --passes auto`` would refuse (or ``score_rule="threshold"``).
     """
 
     model: ModelsArg = None
@@ -189,6 +224,12 @@ class CalibrateOptions:
     target_risk: float | None = None
     delta: float = DEFAULT_DELTA
     risk_score: str = DEFAULT_RISK_SCORE
+    min_passes: int = DEFAULT_MIN_PASSES
+    max_passes: int = DEFAULT_MAX_PASSES
+    adaptive_alpha: float = DEFAULT_ADAPTIVE_ALPHA
+    score_rule: str = DEFAULT_RULE
+    min_median: float = DEFAULT_MIN_MEDIAN
+    min_confidence: float = DEFAULT_MIN_CONFIDENCE
 
     def __post_init__(self) -> None:
         if self.target_risk is not None:
@@ -198,8 +239,12 @@ class CalibrateOptions:
         if not isinstance(self.tta, TTAConfig):  # just the copies: the default augmentation
             _check_count("tta", self.tta)
             object.__setattr__(self, "tta", TTAConfig(copies=int(self.tta)))
-        for name in ("passes", "score_tta", "score_passes", "batch_size"):
+        for name in ("passes", "score_tta", "batch_size"):
             _check_count(name, getattr(self, name))
+        if self.score_passes == "auto":
+            check_adaptive_calibration(self.score_rule)
+        else:
+            _check_count("score_passes", self.score_passes)
         if not 0.0 <= float(self.percentile) <= 100.0:
             raise UsageError(
                 f"`percentile` must be in [0, 100]. Received: percentile={self.percentile}"
@@ -225,10 +270,20 @@ class CalibrateOptions:
             logits=self.logits,
             exif_transpose=self.exif_transpose,
         )
+        auto = self.score_passes == "auto"
         scoring = dataclasses.replace(
             shared,
-            passes=int(self.score_passes),
+            passes="auto" if auto else int(self.score_passes),
             tta=dataclasses.replace(self.tta, copies=int(self.score_tta)),
+            min_passes=int(self.min_passes),
+            max_passes=int(self.max_passes),
+            adaptive_alpha=float(self.adaptive_alpha),
+            # With auto, the rule decides when sampling stops: score's (risk stops as none).
+            rule=DecisionRule(
+                "none" if not auto or self.score_rule == "risk" else self.score_rule,
+                self.min_median,
+                self.min_confidence,
+            ),
         )
         threshold = dataclasses.replace(shared, passes=int(self.passes), tta=self.tta)
         return scoring, threshold
@@ -300,6 +355,7 @@ def calibrate_directory(
         record["delta"] = float(options.delta)
         record["risk_score"] = options.risk_score
     calibration = fit_calibration(data, scoring_plan, threshold_plan, record)
+    calibration.knn = fit_ood_knn(data, calibration.model_sha256)
     calibration.stats["seconds"] = round(time.perf_counter() - started, 3)
     if output_json is not None:
         calibration.to_json(output_json)
@@ -380,18 +436,20 @@ def collect_samples(
     copy_pred = np.zeros((n, copies), dtype=np.int64)
     copy_conf = np.zeros((n, copies), dtype=np.float64)
     unreadable: list[str] = []
+    features: np.ndarray | None = None
     plans = [scoring_plan] if threshold_plan is scoring_plan else [scoring_plan, threshold_plan]
     for plan in plans:
         for batch in iter_sampled_batches(plan, progress=progress, desc="calibrating"):
             index = np.asarray(batch.positions)
             if plan is scoring_plan:  # the float32 means `score` writes and builds sets from
-                summary = summarise(batch.samples)
+                summary = summarise_images(batch.samples)  # (adaptive: samples per image)
                 mean_probs[index] = summary.mean
                 mean_pred[index] = summary.pred
                 for name in RISK_SCORES:
                     scores[name][index] = risk_scores(summary, name)
                 ok[index] = batch.ok
                 unreadable += log_unreadable(plan, batch.positions, batch.statuses)
+                features = _keep_features(features, batch.extras.get("features"), index, n)
             if plan is threshold_plan:
                 b = len(index)
                 per_copy = batch.samples.reshape(b, copies, passes, classes)
@@ -412,7 +470,36 @@ def collect_samples(
         unreadable,
         pred=mean_pred,
         risk_scores=scores,
+        features=features,
     )
+
+
+def _keep_features(
+    features: np.ndarray | None, batch: np.ndarray | None, index: np.ndarray, n: int
+) -> np.ndarray | None:
+    """Store a batch's per-image features (``(batch, D)``) at its rows of ``(n, D)``."""
+    if batch is None:
+        return features
+    if features is None:
+        features = np.zeros((n, batch.shape[1]), dtype=np.float32)
+    features[index] = batch
+    return features
+
+
+def fit_ood_knn(data: ValidationSamples, model_sha256: str) -> KnnIndex | None:
+    """The kNN OOD score fitted on the kept images' features (``postprocess.ood.fit_knn``).
+
+    Args:
+        data: What the scoring predictor gave on the validation images.
+        model_sha256: The calibrated model.
+
+    Returns:
+        The index, or ``None`` when the method gives no features or fewer than 2 images
+        were kept.
+    """
+    if data.features is None or int(data.keep.sum()) < 2:
+        return None
+    return fit_knn(data.features[data.keep], model_sha256)
 
 
 def fit_calibration(
@@ -455,7 +542,13 @@ def fit_calibration(
         percentile,
     )
     temperature = fit_temperature(probs, y)
-    quantiles = conformal_quantiles(probs, y, alpha, conformal)
+    # For --rule threshold --temperature: fitted on the tempered MC mean that pair compares.
+    tempered_thresholds = tempered_mean_thresholds(probs, temperature, percentile)[0]
+    paths = [scoring_plan.discovery.files[i].relative_path for i in np.flatnonzero(data.keep)]
+    fitted = fit_conformal(probs, y, alpha, conformal, paths, scoring_plan.seed)
+    quantiles = fitted.quantiles
+    if fitted.params:
+        settings["conformal_params"] = fitted.params
     selective = None
     if settings.get("target_risk") is not None:
         selective = fit_selective(data, y, settings)
@@ -469,7 +562,7 @@ def fit_calibration(
         "unreadable": len(data.unreadable),
         "images_per_class": per_class.tolist(),
         "copies_predicted": copies_predicted.tolist(),
-        **_fit_stats(probs, y, thresholds, temperature, quantiles, conformal, alpha),
+        **_fit_stats(probs, y, thresholds, temperature, fitted, conformal, alpha, paths),
         "runs": 1 if scoring_plan is threshold_plan else 2,
         "warnings": notes,
     }
@@ -488,6 +581,7 @@ def fit_calibration(
         stats=stats,
         created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         selective=selective,
+        tempered_thresholds=tempered_thresholds,
     )
 
 
@@ -535,14 +629,15 @@ def _fit_stats(
     y: np.ndarray,
     thresholds: np.ndarray,
     temperature: float,
-    quantiles: np.ndarray,
+    fitted: ConformalFit,
     conformal: str,
     alpha: float,
+    paths: list[str],
 ) -> dict[str, Any]:
     """How the fit did on the validation images themselves."""
     pred = probs.argmax(axis=1)
     accepted = threshold_decisions(pred, probs[np.arange(len(y)), pred], thresholds) != UNCLASSIFIED
-    sets = prediction_sets(probs, quantiles, conformal)
+    sets = fitted.sets(probs, paths)
     at_bound = min(abs(math.log(temperature / b)) for b in TEMPERATURE_BOUNDS) < 1e-4
     return {
         "accuracy": float(np.mean(pred == y)),
@@ -572,7 +667,9 @@ def _settings(
         "val_images": scoring_plan.images,
         "tta": threshold_plan.tta.copies,
         "passes": threshold_plan.method.samples_per_row,
-        "score_passes": scoring_plan.method.samples_per_row,
+        "score_passes": "auto"
+        if scoring_plan.adaptive is not None
+        else scoring_plan.method.samples_per_row,
         "score_tta": scoring_plan.tta.copies,
         "percentile": None,  # set by calibrate_directory; here to keep the file's order
         "alpha": None,
@@ -587,6 +684,7 @@ def _settings(
         "threshold_grouping": "predicted class of each augmented copy",
         "temperature_bounds": list(TEMPERATURE_BOUNDS),
         "temperature_fitted_on": "MC mean of the scoring predictor",
+        "tempered_thresholds_fitted_on": "tempered MC mean of the scoring predictor, per image",
         "conformal_score": None,
         "options": options,
     }

@@ -43,6 +43,7 @@ from batchuq import metrics
 from batchuq.defaults import DEFAULT_METHOD, DEFAULT_SEED
 from batchuq.errors import UsageError
 from batchuq.jobs import evaluate as evaluate_job
+from batchuq.jobs.compare_rules import format_rules, rule_columns
 from batchuq.jobs.evaluate import Evaluation, evaluate_file
 
 logger = logging.getLogger("batchuq")
@@ -63,6 +64,7 @@ __all__ = [
     "INTERVAL_LEVEL",
     "INTERVAL_METRICS",
     "INTERVAL_COLUMNS",
+    "OOD_SCORE_COLUMNS",
     "compare_files",
     "format_cell",
     "format_comparison",
@@ -70,6 +72,7 @@ __all__ = [
     "format_signed",
     "interval_caption",
     "interval_rows",
+    "ood_score_rows",
     "present_columns",
     "series_table",
     "shift_of",
@@ -647,9 +650,39 @@ def _row(name: str, evaluation: Evaluation, shift: Shift | None) -> dict[str, An
     row["ood_auroc"] = (ood.get("auroc") or {}).get(COMPARED_SCORE)
     row["mean_set_size"] = conformal.get("mean_set_size")
     row["images_per_second"] = _images_per_second(metadata)
+    row.update(rule_columns(results))  # the rule at its operating point (compare_rules)
+    row["ood_scores"] = _ood_scores(ood)
     if shift is not None:
         row.update(corruption=shift.corruption, severity=shift.severity)
     return row
+
+
+def _ood_scores(ood: dict) -> dict[str, dict[str, float | None]] | None:
+    """Every OOD score's AUROC and FPR@95 as evaluate gives them (``None`` without OOD)."""
+    if not ood:
+        return None
+    fpr95 = ood.get("fpr95") or {}
+    return {
+        name: {"auroc": value, "fpr95": fpr95.get(name)}
+        for name, value in (ood.get("auroc") or {}).items()
+    }
+
+
+def ood_score_rows(rows: Sequence[dict]) -> list[dict]:
+    """The lines of the OOD table (``OOD_SCORE_COLUMNS``): one per file and score.
+
+    Args:
+        rows: ``Comparison.rows`` (with ``with_shift_labels`` in a series).
+
+    Returns:
+        Dicts with ``name``, ``shift``, ``score``, ``auroc`` and ``fpr95``; empty without OOD
+        files.
+    """
+    return [
+        {"name": row["name"], "shift": row.get("shift"), "score": score, **values}
+        for row in rows
+        for score, values in (row.get("ood_scores") or {}).items()
+    ]
 
 
 def _groups(shifts: list[Shift] | None, count: int) -> list[list[int]]:
@@ -700,7 +733,9 @@ def compare_files(
         ``passes``, ``tta``, ``samples_per_image``, ``n``, ``accuracy``, ``coverage``,
         ``selective_accuracy``, ``nll``, ``brier``, ``ece``, ``aurc``, ``auroc_error`` and
         ``ood_auroc`` (of ``entropy``), ``mean_set_size`` and ``images_per_second`` (``None``
-        when undefined or not recorded); with ``series``, also ``corruption`` and ``severity``.
+        when undefined or not recorded), and ``ood_scores`` (with ``ood``: per score evaluate
+        reports, its ``auroc`` and ``fpr95``; else ``None``); with ``series``, also
+        ``corruption`` and ``severity``.
         The values are those of ``evaluate_file``. With ``bootstrap``, ``intervals`` maps each
         ``INTERVAL_METRICS`` key to ``{value, low, high}`` (bounds ``None`` where undefined,
         see ``metrics.percentile_interval``), and ``difference_to_baseline`` (``None`` for the
@@ -788,6 +823,15 @@ SERIES_COLUMNS = (
     ("Brier", "brier", 4),
 )
 
+
+# The OOD table: every score's AUROC and FPR@95 per file (``ood_score_rows``).
+OOD_SCORE_COLUMNS = (
+    ("name", "name", None),
+    ("shift", "shift", None),
+    ("score", "score", None),
+    ("AUROC", "auroc", 4),
+    ("FPR@95", "fpr95", 4),
+)
 
 # The long table of intervals: one line per metric and file (``interval_rows``).
 INTERVAL_COLUMNS = (
@@ -980,6 +1024,16 @@ def format_comparison(comparison: Comparison) -> str:
         _render(with_shift_labels(comparison.rows), TABLE_COLUMNS),
     ]
     parts += _interval_parts(comparison)
+    parts += format_rules(comparison.rows, _render)
+    ood_lines = ood_score_rows(with_shift_labels(comparison.rows))
+    if ood_lines:
+        caption = (
+            "OOD vs in-distribution, every score (higher = more OOD; -max_logit is the max "
+            "logit negated): AUROC, and FPR@95 = share of OOD images kept at the threshold "
+            "that keeps 95% of the in-distribution ones."
+        )
+        parts.append(textwrap.fill(caption, width=100))
+        parts.append(_render(ood_lines, OOD_SCORE_COLUMNS))
     dropped = comparison.settings.get("dropped") or {}
     if dropped:
         lost = ", ".join(f"{file}: {count}" for file, count in dropped.items())

@@ -30,6 +30,8 @@ from batchuq import metrics
 from batchuq.defaults import STATUS_OK, UNCLASSIFIED_NAME
 from batchuq.errors import UsageError
 from batchuq.output.schema import metadata_of
+from batchuq.postprocess.coverage import coverage_rows, stratified_coverage
+from batchuq.postprocess.ood import OOD_COLUMN_SCORES, ood_metrics
 from batchuq.postprocess.selective import clopper_pearson
 
 # Uncertainty scores compared by AUROC; higher = more uncertain.
@@ -376,20 +378,38 @@ def _error_aurocs(scores: dict[str, np.ndarray], lab: LabelledRows) -> dict[str,
     return {name: _auroc_or_none(values[lab.mask], ~lab.correct) for name, values in scores.items()}
 
 
+def ood_column_scores(df: pd.DataFrame) -> dict[str, np.ndarray]:
+    """The OOD columns a file holds (``max_logit``, ``energy``, ``knn_distance``,
+    ``gp_variance``), each as a score higher for OOD images (``OOD_COLUMN_SCORES``: the max
+    logit negated, as ``-max_logit``)."""
+    return {
+        name: sign * _floats(df, column)
+        for name, (column, sign) in OOD_COLUMN_SCORES.items()
+        if column in df.columns
+    }
+
+
 def _ood_aurocs(
     ok: np.ndarray,
     scores: dict[str, np.ndarray],
     ood_ok: np.ndarray,
     ood_scores: dict[str, np.ndarray],
 ) -> dict[str, Any]:
-    """Per score, the AUROC for telling ok OOD rows (positive) from ok in-distribution rows."""
+    """Per score both files have, the AUROC for telling ok OOD rows (positive) from ok
+    in-distribution rows, and the FPR@95 (``postprocess.ood.ood_metrics``)."""
     n_in, n_ood = int(ok.sum()), int(ood_ok.sum())
     positives = np.concatenate([np.zeros(n_in, bool), np.ones(n_ood, bool)])
-    both = {
-        name: np.concatenate([scores[name][ok], ood_scores[name][ood_ok]]) for name in SCORE_NAMES
+    names = [name for name in scores if name in ood_scores]
+    found = {
+        name: ood_metrics(np.concatenate([scores[name][ok], ood_scores[name][ood_ok]]), positives)
+        for name in names
     }
-    auroc = {name: _auroc_or_none(both[name], positives) for name in SCORE_NAMES}
-    return {"n_in": n_in, "n_ood": n_ood, "auroc": auroc}
+    return {
+        "n_in": n_in,
+        "n_ood": n_ood,
+        "auroc": {name: _number(found[name]["auroc"]) for name in names},
+        "fpr95": {name: _number(found[name]["fpr95"]) for name in names},
+    }
 
 
 def _set_members(value: Any) -> list[str] | None:
@@ -398,8 +418,12 @@ def _set_members(value: Any) -> list[str] | None:
     return [str(item) for item in value]
 
 
-def _conformal(df: pd.DataFrame, labelled: np.ndarray) -> dict[str, Any] | None:
-    """Empirical coverage and mean size of the ``pred_set`` column; ``None`` without one."""
+def _conformal(
+    df: pd.DataFrame, labelled: np.ndarray, names: list[str] | None = None
+) -> dict[str, Any] | None:
+    """Empirical coverage and mean size of the ``pred_set`` column, and the same per true
+    class and per set size with Clopper–Pearson intervals (``stratified_coverage``); ``None``
+    without the column."""
     if "pred_set" not in df.columns:
         return None
     sets = [_set_members(value) for value in df.loc[labelled, "pred_set"]]
@@ -409,6 +433,7 @@ def _conformal(df: pd.DataFrame, labelled: np.ndarray) -> dict[str, Any] | None:
         "n": len(pairs),
         "coverage": _number(np.mean([label in s for s, label in pairs])) if pairs else None,
         "mean_set_size": _number(np.mean([len(s) for s, _ in pairs])) if pairs else None,
+        **stratified_coverage([s for s, _ in pairs], [label for _, label in pairs], names or []),
     }
 
 
@@ -437,8 +462,13 @@ def evaluate_scored(
     ood_ok = ood_scores = None
     if ood_df is not None:
         ood_ok, ood_scores = _ok_mask(ood_df), uncertainty_scores(ood_df, names)
-        results["ood"] = _ood_aurocs(ok, scores, ood_ok, ood_scores)
-    results["conformal"] = _conformal(df, lab.mask)
+        results["ood"] = _ood_aurocs(
+            ok,
+            scores | ood_column_scores(df),
+            ood_ok,
+            ood_scores | ood_column_scores(ood_df),
+        )
+    results["conformal"] = _conformal(df, lab.mask, names)
     return Evaluation(
         results=results,
         class_names=names,
@@ -463,9 +493,11 @@ def evaluate_frame(
     accuracy = share of accepted rows whose decision is the label; NLL and Brier of the
     ``mean_<class>`` probabilities; ECE (15 bins) and AURC of ``confidence``; and, per
     uncertainty score, the AUROC for telling wrong from right predictions (wrong = positive).
-    With ``ood_df``, the AUROC per score for telling its ok rows (positive) from all ok rows
-    of ``df`` (labelled or not). With a ``pred_set`` column, the empirical coverage of the
-    prediction sets (share of labelled ok rows whose label is in the set) and the mean size.
+    With ``ood_df``, the AUROC and FPR@95 (``postprocess.ood.ood_metrics``) per score for
+    telling its ok rows (positive) from all ok rows of ``df`` (labelled or not): the scores of
+    ``SCORE_NAMES`` and the OOD columns both files hold (``ood_column_scores``). With a
+    ``pred_set`` column, the empirical coverage of the prediction sets (share of labelled ok
+    rows whose label is in the set) and the mean size.
 
     Args:
         df: Rows of a ``batchuq score`` Parquet file.
@@ -477,8 +509,8 @@ def evaluate_frame(
         nothing accepted) are ``None``. Keys: ``class_names``, ``rows`` (counts), ``n``,
         ``accuracy``, ``accepted``, ``coverage``, ``selective_accuracy``, ``nll``, ``brier``,
         ``ece``, ``aurc``, ``auroc_error`` (score name -> AUROC), ``ood`` (``None`` or a dict
-        with ``n_ood``, ``n_in`` and ``auroc``), ``conformal`` (``None`` or a dict with ``n``,
-        ``coverage`` and ``mean_set_size``).
+        with ``n_ood``, ``n_in``, ``auroc`` and ``fpr95``), ``conformal`` (``None`` or a dict
+        with ``n``, ``coverage`` and ``mean_set_size``).
 
     Raises:
         UsageError: If a column is missing or ``class_names`` is not a list of unique strings
@@ -688,8 +720,13 @@ def _metric_sections(results: dict) -> list[_Section]:
     ]
     ood = results.get("ood")
     if ood:
-        title = f"AUROC, OOD ({ood.get('n_ood')}) vs in-distribution ({ood.get('n_in')})"
-        sections.append((title, list((ood.get("auroc") or {}).items())))
+        title = f"OOD ({ood.get('n_ood')}) vs in-distribution ({ood.get('n_in')}): AUROC, FPR@95"
+        fpr95 = ood.get("fpr95") or {}
+        items = [
+            (name, f"{_fmt(value)}  {_fmt(fpr95.get(name))}")
+            for name, value in (ood.get("auroc") or {}).items()
+        ]
+        sections.append((title, items))
     conformal = results.get("conformal")
     if conformal:
         items = [
@@ -697,6 +734,12 @@ def _metric_sections(results: dict) -> list[_Section]:
             ("mean set size", conformal.get("mean_set_size")),
         ]
         sections.append((f"Conformal prediction sets (N = {conformal.get('n')})", items))
+        if conformal.get("per_class"):
+            title = "Conformal coverage per true class (95% Clopper-Pearson)"
+            sections.append((title, coverage_rows(conformal["per_class"], "class")))
+        if conformal.get("per_size"):
+            title = "Conformal coverage per set size (size-stratified, 95% Clopper-Pearson)"
+            sections.append((title, coverage_rows(conformal["per_size"], "size")))
     selective = results.get("selective")
     if selective:
         sections.append(_selective_section(selective))

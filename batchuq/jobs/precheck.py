@@ -7,9 +7,10 @@ calibration JSON; the labels file; the folder listing): the model's inputs, outp
 layers, a model with no dropout layer to sample, ``--class-names`` against the outputs, class
 folders against the outputs (``--allow-class-mismatch``), a labels file naming no folder,
 ``--rule threshold`` or ``--temperature`` without a calibration, ``--rule risk`` without a
-calibration that holds a selective threshold (or with ``--temperature`` or ``--passes auto``), a
-calibration made for another model or fitted on another predictor
-(``--allow-predictor-mismatch``).
+calibration that holds a selective threshold (or with ``--temperature``), ``--rule threshold
+--temperature`` with a calibration that has no tempered thresholds, a calibration made for
+another model or fitted on another predictor (``--allow-predictor-mismatch``; with ``--passes
+auto`` that includes the adaptive settings and how the rule stops).
 
 A check whose facts the files do not state plainly (a custom layer, a nested model, bfloat16
 that may fall back) is left to ``prepare_run``: the run is then refused after the model loads,
@@ -33,10 +34,15 @@ from batchuq.classes import (
     sidecar_file,
 )
 from batchuq.defaults import (
+    DEFAULT_ADAPTIVE_ALPHA,
     DEFAULT_MAX_PASSES,
     DEFAULT_METHOD,
+    DEFAULT_MIN_CONFIDENCE,
+    DEFAULT_MIN_MEDIAN,
+    DEFAULT_MIN_PASSES,
     DEFAULT_PRECISION,
     DEFAULT_RESCALE,
+    DEFAULT_RULE,
     DEFAULT_TTA,
 )
 from batchuq.discover import IMAGE_EXTENSIONS, class_folder_names, order_classes, read_labels_file
@@ -52,7 +58,7 @@ from batchuq.model_files import (
     outputs_message,
 )
 from batchuq.postprocess.calibration_file import Calibration
-from batchuq.postprocess.rules import RISK_RULE_NEEDS, check_risk_options
+from batchuq.postprocess.rules import RISK_RULE_NEEDS, check_risk_options, stopping_record
 from batchuq.storage import is_url
 
 ENSEMBLE_METHOD = "deep_ensemble"  # methods.ensemble.METHOD_NAME (that module imports TF)
@@ -68,10 +74,14 @@ class RunRequest:
 
     models: Sequence[str | os.PathLike[str]] = ()
     passes: int | str | None = None
+    min_passes: int = DEFAULT_MIN_PASSES
     max_passes: int = DEFAULT_MAX_PASSES
+    adaptive_alpha: float = DEFAULT_ADAPTIVE_ALPHA
     tta: int = DEFAULT_TTA
     augmentation: dict[str, Any] | None = None
     rule: str | None = None
+    min_median: float = DEFAULT_MIN_MEDIAN
+    min_confidence: float = DEFAULT_MIN_CONFIDENCE
     calibration: str | os.PathLike[str] | None = None
     temperature: bool = False
     allow_predictor_mismatch: bool = False
@@ -113,9 +123,7 @@ def check_before_loading(images: str | os.PathLike[str], request: RunRequest) ->
         )
     if request.rule == "risk":
         check_risk_options(
-            calibration=request.calibration is not None,
-            temperature=request.temperature,
-            adaptive=request.passes == "auto",
+            calibration=request.calibration is not None, temperature=request.temperature
         )
     if request.temperature and request.calibration is None:
         raise UsageError("--temperature needs --calibration. Received: calibration=None")
@@ -196,17 +204,27 @@ def _check_calibration(paths: list[Path], members: list[ModelFacts], request: Ru
         raise UsageError(
             f"{RISK_RULE_NEEDS} Received: calibration={str(request.calibration)!r}, selective=None"
         )
+    calibration.rule_thresholds(request.temperature and request.rule == "threshold")
     calibration.check_model(combined_digest([file_sha256(path) for path in paths]))
-    run = run_predictor(members, request)
+    temperature = calibration.temperature if request.temperature else None
+    run = run_predictor(members, request, temperature)
     calibration.check_predictor(run, allow=request.allow_predictor_mismatch, only=set(run))
 
 
-def run_predictor(members: list[ModelFacts], request: RunRequest) -> dict[str, Any]:
+def run_predictor(
+    members: list[ModelFacts], request: RunRequest, temperature: float | None = None
+) -> dict[str, Any]:
     """The run's predictor settings (of ``PREDICTOR_KEYS``) that the files and options fix.
 
     Settings that depend on what only the loaded model tells (the method of a model with
     custom layers, the pixel scale of a nested model, the layers sampled in an ensemble, a
     bfloat16 request that may fall back) are left out.
+
+    Args:
+        members: What the model files say, one per model.
+        request: The run's options.
+        temperature: The calibration's temperature when ``--temperature`` is on (adaptive
+            stopping may read the tempered mean), else ``None``.
 
     Returns:
         Run metadata as ``predictor_from_metadata`` reads it, with those keys only.
@@ -221,6 +239,8 @@ def run_predictor(members: list[ModelFacts], request: RunRequest) -> dict[str, A
     if request.passes is not None:
         auto = request.passes == "auto" and not sngp
         run["passes"] = "auto" if auto else request.fixed_passes
+        if auto:
+            run["adaptive"] = _adaptive(request, temperature)
     run["tta"] = int(request.tta)
     run["augmentation"] = {"copies": int(request.tta), **(request.augmentation or {})}
     rescale = _rescale(first, request.rescale)
@@ -240,6 +260,18 @@ def run_predictor(members: list[ModelFacts], request: RunRequest) -> dict[str, A
         exif = bool(first.sidecar.get("exif_transpose", False))
     run["exif_transpose"] = exif
     return run
+
+
+def _adaptive(request: RunRequest, temperature: float | None) -> dict[str, Any]:
+    """The ``adaptive`` metadata a ``--passes auto`` run records (``run_metadata``)."""
+    rule = request.rule or DEFAULT_RULE
+    stopping = stopping_record(rule, request.min_median, request.min_confidence, temperature)
+    return {
+        "min_passes": int(request.min_passes),
+        "max_passes": int(request.max_passes),
+        "alpha": float(request.adaptive_alpha),
+        "stopping": stopping,
+    }
 
 
 def _rescale(facts: ModelFacts, rescale: float | None) -> float | None:

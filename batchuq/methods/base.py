@@ -4,6 +4,12 @@ The score job feeds a method *rows*: decoded, rescaled images (or test-time copi
 each with its own random key. The method returns ``samples_per_row`` probability vectors per
 row. The job then groups the rows of each image (all samples of TTA copy 0, then copy 1, ...),
 summarises, decides and writes; it knows nothing else about the method.
+
+A method may also give per-row *extras* (``extras``, ``sample_with_extras``,
+``prepared_extras``): values computed in the same passes, such as ``max_logit`` and ``energy``
+from the logits, SNGP's ``gp_variance``, or the penultimate ``features`` (for the kNN score).
+The job averages them over an image's test-time copies and writes each scalar one as a Parquet
+column of that name; it never asks which method made them.
 """
 
 from __future__ import annotations
@@ -36,6 +42,9 @@ class UncertaintyMethod(ABC):
     supports_adaptive: bool = False
     #: Probability vectors one pass gives per row (an ensemble's members; else 1).
     pass_groups: int = 1
+    #: Names of the per-row values ``sample_with_extras`` returns besides the probabilities:
+    #: scalar scores (``max_logit``, ``energy``, ``gp_variance``) and ``features``.
+    extras: tuple[str, ...] = ()
 
     @abstractmethod
     def sample(self, rows: tf.Tensor, row_keys: tf.Tensor) -> np.ndarray:
@@ -60,6 +69,34 @@ class UncertaintyMethod(ABC):
         method decides (``passes``, ``precision``, ``precision_requested``, ``sampled_layers``,
         ``logits``).
         """
+
+    def sample_with_extras(
+        self, rows: tf.Tensor, row_keys: tf.Tensor
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """``sample``'s probabilities and, from the same passes, the rows' ``extras``.
+
+        The default has no extras (``extras`` is empty).
+
+        Args:
+            rows: As for ``sample``.
+            row_keys: As for ``sample``.
+
+        Returns:
+            float32 ``(rows, samples_per_row, classes)``, and per name of ``extras`` a float32
+            ``(rows,)`` array (``(rows, D)`` for ``features``).
+        """
+        return self.sample(rows, row_keys), {}
+
+    def prepared_extras(self, prepared: Any) -> dict[str, np.ndarray]:
+        """The ``extras`` of prepared rows, from the passes ``sample_passes`` drew of them.
+
+        Args:
+            prepared: What ``prepare`` returned, after every row was sampled at least once.
+
+        Returns:
+            As the extras of ``sample_with_extras``, for every prepared row (default: none).
+        """
+        return {}
 
     def prepare(self, rows: tf.Tensor, row_keys: tf.Tensor) -> Any:
         """Do the work of a chunk of rows that no pass changes, once, for ``sample_passes``.

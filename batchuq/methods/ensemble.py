@@ -94,6 +94,12 @@ class DeepEnsemble(UncertaintyMethod):
         self.samples_per_row = len(self.members) * passes
         self.pass_groups = len(self.members)
         self.supports_adaptive = passes > 1
+        # The extras every member gives (``combine_member_extras``).
+        self.extras = tuple(
+            name
+            for name in self.methods[0].extras
+            if all(name in method.extras for method in self.methods)
+        )
 
     @property
     def class_names(self) -> list[str] | None:
@@ -132,6 +138,27 @@ class DeepEnsemble(UncertaintyMethod):
             for index, method in enumerate(self.methods)
         ]
         return np.concatenate(parts, axis=1)
+
+    def sample_with_extras(
+        self, rows: tf.Tensor, row_keys: tf.Tensor
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """``sample`` and the members' extras combined (``combine_member_extras``)."""
+        rows = tf.convert_to_tensor(rows, tf.float32)
+        row_keys = tf.convert_to_tensor(row_keys, tf.uint32)
+        drawn = [
+            method.sample_with_extras(rows, mix(row_keys, index))
+            for index, method in enumerate(self.methods)
+        ]
+        probs = np.concatenate([part for part, _ in drawn], axis=1)
+        return probs, combine_member_extras([extras for _, extras in drawn], self.extras)
+
+    def prepared_extras(self, prepared: list[Any]) -> dict[str, np.ndarray]:
+        """The members' extras of prepared rows, combined (``combine_member_extras``)."""
+        parts = [
+            method.prepared_extras(member_rows)
+            for method, member_rows in zip(self.methods, prepared, strict=True)
+        ]
+        return combine_member_extras(parts, self.extras)
 
     def prepare(self, rows: tf.Tensor, row_keys: tf.Tensor) -> list[Any]:
         """Every member's prepared rows, each with the member's keys ``mix(row_key, m)``."""
@@ -185,6 +212,36 @@ class DeepEnsemble(UncertaintyMethod):
             ],
             "logits": first.logits,
         }
+
+
+def combine_member_extras(
+    parts: Sequence[dict[str, np.ndarray]], names: Sequence[str]
+) -> dict[str, np.ndarray]:
+    """The ensemble's extras from its members': scalars averaged, features concatenated.
+
+    Each member's features live in their own space, so they are not averaged: each row's
+    features of member ``m`` are L2-normalised, the M vectors concatenated and divided by
+    ``sqrt(M)`` (a unit vector whose squared distance to another is the mean of the members'
+    squared distances between normalised features).
+
+    Args:
+        parts: Per member, its extras (``MCDropout.sample_with_extras``).
+        names: The extras every member gives.
+
+    Returns:
+        float32 ``(rows,)`` per scalar, ``(rows, M * D)`` for ``features``.
+    """
+    combined = {}
+    for name in names:
+        values = [part[name] for part in parts]
+        if name == "features":
+            unit = [v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12) for v in values]
+            combined[name] = (np.concatenate(unit, axis=1) / math.sqrt(len(unit))).astype(
+                np.float32
+            )
+        else:
+            combined[name] = np.mean(values, axis=0, dtype=np.float64).astype(np.float32)
+    return combined
 
 
 def _member_names(members: list[LoadedModel], names: Sequence[str] | None) -> list[str]:

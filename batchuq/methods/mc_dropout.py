@@ -72,6 +72,8 @@ class MCDropout(UncertaintyMethod):
         )
         self.samples_per_row = passes
         self.supports_adaptive = passes > 1  # one pass has nothing to adapt
+        # max_logit, energy and features, means over the passes (MCSampler.extras).
+        self.extras = self.sampler.extras
 
     def prepare(self, rows: tf.Tensor, row_keys: tf.Tensor) -> PreparedRows:
         """The rows' activations before the first dropout layer; see ``MCSampler.prepare``."""
@@ -87,6 +89,18 @@ class MCDropout(UncertaintyMethod):
     def join_prepared(self, parts: list[tuple[PreparedRows, np.ndarray]]) -> PreparedRows:
         """Rows of several prepared chunks as one; see ``MCSampler.join_prepared``."""
         return self.sampler.join_prepared(parts)
+
+    def prepared_extras(self, prepared: PreparedRows) -> dict[str, np.ndarray]:
+        """Means over the passes drawn of each row; see ``MCSampler.prepared_extras``."""
+        return self.sampler.prepared_extras(prepared)
+
+    def sample_with_extras(
+        self, rows: tf.Tensor, row_keys: tf.Tensor
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """``sample`` and the means over its passes of ``max_logit``, ``energy`` and ``features``
+        (the input of the last ``Dense`` layer), each row's own passes."""
+        probs, extras = self.sampler.sample_with_extras(rows, row_keys)
+        return probs.transpose(1, 0, 2), {k: v.astype(np.float32) for k, v in extras.items()}
 
     def row_chunks(self, rows: int) -> list[tuple[int, int]]:
         """Chunks whose prefix activations and tiled passes fit the memory budget."""

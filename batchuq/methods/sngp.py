@@ -10,6 +10,10 @@ class; see ``batchuq.sngp``). Then:
   of each. ``z_t`` of a row depends only on the row's key and ``t`` (``mix(key, t)`` as in MC
   dropout, then a constant for the head), never on the batch, the chunk or T itself: the first
   10 passes of T = 100 are the 10 passes of T = 10.
+
+Its extras (``sample_with_extras``), from the same network pass: ``gp_variance`` (``var``),
+``max_logit`` and ``energy`` of the MAP logits ``mu`` (not of the sampled or mean-field ones),
+and ``features``, the GP layer's input ``h``.
 """
 
 from __future__ import annotations
@@ -123,6 +127,7 @@ class SNGP(UncertaintyMethod):
         self.passes = int(passes)
         self.lambda_ = float(lambda_)
         self.samples_per_row = self.passes
+        self.extras = ("max_logit", "energy", "features", "gp_variance")
         # The network up to the GP layer's input: run once per row.
         # (A one-input model's own input tensor, not a list: Keras warns about the structure.)
         inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs
@@ -144,18 +149,22 @@ class SNGP(UncertaintyMethod):
         # Clamped at 0: float32 rounding can leave a tiny negative variance far inside the data.
         return tf.maximum(self.head.mean_and_variance(hidden, self.covariance)[1], 0.0)
 
-    def _sample(self, rows: tf.Tensor, row_keys: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        """``(rows, T, classes)`` probabilities and the ``(rows,)`` variance; the network once,
-        the head's draws after."""
+    def _sample(
+        self, rows: tf.Tensor, row_keys: tf.Tensor
+    ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
+        """``(rows, T, classes)`` probabilities, the ``(rows,)`` variance, the MAP logits and
+        the hidden features; the network once, the head's draws after."""
         hidden = self.features(rows, training=False)
         logits, variance = self.head.mean_and_variance(hidden, self.covariance)
         variance = tf.maximum(variance, 0.0)
+        hidden = tf.reshape(tf.cast(hidden, tf.float32), [tf.shape(hidden)[0], -1])
         if self.passes == 1:
             probs = tf.nn.softmax(mean_field_logits(logits, variance, self.lambda_))
-            return probs[:, None, :], variance
+            return probs[:, None, :], variance, logits, hidden
         noise = standard_normal_from_keys(row_keys, self.passes, self.head.units)
         scale = tf.sqrt(variance)[:, None, None]
-        return tf.nn.softmax(logits[:, None, :] + scale * noise, axis=-1), variance
+        probs = tf.nn.softmax(logits[:, None, :] + scale * noise, axis=-1)
+        return probs, variance, logits, hidden
 
     def row_chunks(self, rows: int) -> list[tuple[int, int]]:
         """Balanced chunks of at most ``max_chunk_rows`` rows (sizes differ by at most one)."""
@@ -179,8 +188,32 @@ class SNGP(UncertaintyMethod):
         """
         rows = tf.convert_to_tensor(rows, tf.float32)
         row_keys = tf.convert_to_tensor(row_keys, tf.uint32)
-        probs, variance = self._function(rows, row_keys)
+        probs, variance, _, _ = self._function(rows, row_keys)
         return probs.numpy(), variance.numpy()
+
+    def sample_with_extras(
+        self, rows: tf.Tensor, row_keys: tf.Tensor
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """``sample``'s probabilities and, from the same network pass, the extras.
+
+        Returns:
+            float32 ``(rows, passes, classes)``, and float32 ``gp_variance`` (as
+            ``sample_and_variance``), ``max_logit`` and ``energy`` (``-logsumexp``) of the MAP
+            logits ``(rows,)``, and ``features`` (the GP layer's input) ``(rows, D)``.
+        """
+        rows = tf.convert_to_tensor(rows, tf.float32)
+        row_keys = tf.convert_to_tensor(row_keys, tf.uint32)
+        probs, variance, logits, hidden = self._function(rows, row_keys)
+        logits = logits.numpy().astype(np.float64)
+        top = logits.max(axis=1)
+        energy = -(top + np.log(np.exp(logits - top[:, None]).sum(axis=1)))
+        extras = {
+            "max_logit": top.astype(np.float32),
+            "energy": energy.astype(np.float32),
+            "features": hidden.numpy(),
+            "gp_variance": variance.numpy(),
+        }
+        return probs.numpy(), extras
 
     def variance(self, rows: tf.Tensor) -> np.ndarray:
         """Each row's GP posterior variance, float32 ``(rows,)`` (see ``sample_and_variance``)."""

@@ -32,6 +32,8 @@ RUN_METADATA_KEY = b"batchuq.run"
 # How pandas restores its dtypes (see ``pandas_metadata``); written by pyarrow's pandas support.
 PANDAS_METADATA_KEY = b"pandas"
 SCORE_COLUMNS = ("confidence", "margin", "entropy", "mutual_info", "variation_ratio")
+#: Optional OOD score columns, in the order a file holds those it has (docs/output-schema.md).
+OOD_COLUMNS = ("max_logit", "energy", "knn_distance", "gp_variance")
 CLASS_STATISTICS = ("mean", "median", "std")
 
 
@@ -41,6 +43,7 @@ def output_schema(
     pred_set: bool = False,
     samples_per_image: int | None = None,
     variable_samples: bool = False,
+    ood_columns: Sequence[str] = (),
 ) -> pa.Schema:
     """The Parquet schema for ``class_names`` (class order = model output order).
 
@@ -52,10 +55,17 @@ def output_schema(
             shape ``(samples_per_image, classes)``, as a fixed-size list of fixed-size lists.
         variable_samples: Images have different numbers of samples (adaptive passes), at
             most ``samples_per_image``: the ``samples`` column is a list of fixed-size lists.
+        ood_columns: Which of ``OOD_COLUMNS`` to add (float32, after ``passes``).
 
     Returns:
         The Arrow schema.
+
+    Raises:
+        ValueError: If ``ood_columns`` names a column not in ``OOD_COLUMNS``.
     """
+    unknown = sorted(set(ood_columns) - set(OOD_COLUMNS))
+    if unknown:
+        raise ValueError(f"Unknown OOD columns {unknown}; known: {OOD_COLUMNS}")
     fields = [
         pa.field("path", pa.string(), nullable=False),
         pa.field("label", pa.string()),
@@ -66,6 +76,7 @@ def output_schema(
         *[pa.field(name, pa.float32()) for name in SCORE_COLUMNS],
         pa.field("status", pa.string(), nullable=False),
         pa.field("passes", pa.int64()),
+        *[pa.field(name, pa.float32()) for name in OOD_COLUMNS if name in ood_columns],
     ]
     if pred_set:
         fields.append(pa.field("pred_set", pa.list_(pa.string())))
@@ -145,8 +156,9 @@ def score_record_batch(
         pred_index: Predicted class index, int ``(batch,)``.
         decision_index: Decided class index, int ``(batch,)``; ``UNCLASSIFIED`` (-1) is
             written as ``UNCLASSIFIED_NAME``.
-        stats: float arrays: each of ``SCORE_COLUMNS`` ``(batch,)`` and ``mean``, ``median``,
-            ``std`` ``(batch, classes)`` (other keys are ignored). float64 values are rounded
+        stats: float arrays: each of ``SCORE_COLUMNS`` ``(batch,)``, each of ``OOD_COLUMNS``
+            the schema has ``(batch,)``, and ``mean``, ``median``, ``std``
+            ``(batch, classes)`` (other keys are ignored). float64 values are rounded
             to float32, as Arrow rounds Python floats.
         pred_sets: Conformal set membership, bool ``(batch, classes)``; required when the
             schema has ``pred_set``.
@@ -180,6 +192,11 @@ def score_record_batch(
         *[_float_column(stats[name], ok) for name in SCORE_COLUMNS],
         pa.array(list(statuses), pa.string()),
         _passes_column(passes, ok),
+        *[
+            _float_column(stats[name], ok)
+            for name in OOD_COLUMNS
+            if schema.get_field_index(name) >= 0
+        ],
     ]
     if pred_sets is not None:
         columns.append(_pred_set_column(pred_sets, ok, names))

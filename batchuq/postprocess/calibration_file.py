@@ -26,7 +26,7 @@ import math
 import os
 import tempfile
 from collections.abc import Collection
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +34,14 @@ import numpy as np
 
 from batchuq._version import __version__
 from batchuq.defaults import DEFAULT_CONFORMAL, DEFAULT_METHOD
-from batchuq.errors import CalibrationError, PredictorMismatchError
-from batchuq.postprocess.conformal import check_method, prediction_sets
+from batchuq.errors import CalibrationError, PredictorMismatchError, UsageError
+from batchuq.postprocess.conformal import (
+    RANDOMISED_METHODS,
+    check_method,
+    prediction_sets,
+    set_uniforms,
+)
+from batchuq.postprocess.ood import KnnIndex, load_knn, save_knn
 from batchuq.postprocess.rules import RISK_SCORES, SelectiveRule
 
 __all__ = [
@@ -65,7 +71,11 @@ PREDICTOR_KEYS = (
     "sampled_layers",
     "logits",
     "exif_transpose",
+    "adaptive",
 )
+# What of a run's ``adaptive`` metadata (``--passes auto``) decides its samples: the rounds,
+# the error level and how the decision rule stops (``rules.stopping_record``).
+ADAPTIVE_KEYS = ("min_passes", "max_passes", "alpha", "stopping")
 
 
 # --------------------------------------------------------------------------------------------
@@ -77,10 +87,14 @@ def predictor_from_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
 
     ``augmentation`` is ``None`` with one TTA copy (the image is used as it is, so the
     augmentation settings change nothing), else the settings without ``copies``. A
-    ``rescale`` given as ``{"value": ...}`` is reduced to its value. Keys that the metadata
-    does not record are left out.
+    ``rescale`` given as ``{"value": ...}`` is reduced to its value. ``adaptive`` is kept
+    only for a ``--passes auto`` run, as its ``ADAPTIVE_KEYS``. Keys that the metadata does
+    not record are left out.
     """
     predictor = {key: metadata[key] for key in PREDICTOR_KEYS if key in metadata}
+    adaptive = predictor.pop("adaptive", None)
+    if isinstance(adaptive, dict):
+        predictor["adaptive"] = {k: adaptive.get(k, _NOT_RECORDED) for k in ADAPTIVE_KEYS}
     predictor.setdefault("method", DEFAULT_METHOD)  # runs before methods were recorded
     rescale = predictor.get("rescale")
     if isinstance(rescale, dict):
@@ -103,6 +117,11 @@ _OPTION_OF = {
     "sampled_layers": "--sample-layers",
     "logits": "--logits",
     "exif_transpose": "--exif-transpose",
+    "adaptive.min_passes": "--min-passes",
+    "adaptive.max_passes": "--max-passes",
+    "adaptive.alpha": "--adaptive-alpha",
+    "adaptive.stopping": "score --rule, --min-median, --min-confidence, --temperature; "
+    "calibrate --score-rule",
 }
 _NOT_RECORDED = "<not recorded>"
 
@@ -122,7 +141,8 @@ def predictor_differences(
     """The settings in which two predictors differ: ``(name, calibrated value, run value)``.
 
     Augmentation settings are compared one by one (``augmentation.rotation``, ...) when both
-    predictors augment; when only one does, ``tta`` already differs.
+    predictors augment; when only one does, ``tta`` already differs. The adaptive settings
+    likewise (``adaptive.max_passes``, ...) when both runs are ``--passes auto``.
     """
     differences = []
     for key in PREDICTOR_KEYS:
@@ -130,12 +150,13 @@ def predictor_differences(
             continue
         missing = DEFAULT_METHOD if key == "method" else _NOT_RECORDED  # older files
         a, b = calibrated.get(key, missing), run.get(key, missing)
-        if key == "augmentation":
+        if key in ("augmentation", "adaptive"):
+            # When only one side augments (is adaptive), tta (passes) already differs.
             if isinstance(a, dict) and isinstance(b, dict):
                 for name in sorted(set(a) | set(b)):
                     x, y = a.get(name, _NOT_RECORDED), b.get(name, _NOT_RECORDED)
                     if not _same(x, y):
-                        differences.append((f"augmentation.{name}", x, y))
+                        differences.append((f"{key}.{name}", x, y))
             continue
         if not _same(a, b):
             differences.append((key, a, b))
@@ -148,7 +169,7 @@ def _show(value: Any) -> str:
         return f"{value:.6g}"
     if isinstance(value, str):
         return value
-    return json.dumps(value)
+    return json.dumps(value, sort_keys=True)
 
 
 def _option(name: str) -> str:
@@ -157,6 +178,8 @@ def _option(name: str) -> str:
         return f"--tta-{name.split('.', 1)[1]}"
     if name in ("passes", "tta"):  # calibrate's --passes/--tta are the thresholds' predictor
         return f"score {_OPTION_OF[name]}, calibrate --score-{name}"
+    if name.startswith("adaptive.") and name != "adaptive.stopping":
+        return f"score {_OPTION_OF[name]}, calibrate {_OPTION_OF[name]}"
     return _OPTION_OF.get(name, name)
 
 
@@ -170,9 +193,16 @@ def predictor_mismatch_message(differences: list[tuple[str, Any, Any]]) -> str:
         f"{name} ({_option(name)}): {_show(a)} in the calibration, {_show(b)} in this run"
         for name, a, b in differences
     )
+    adaptive = any(name == "passes" and "auto" in (a, b) for name, a, b in differences)
+    hint = (
+        " (a calibration for --passes auto is fitted with `batchuq calibrate --score-passes "
+        "auto` and the same --min-passes, --max-passes, --adaptive-alpha and rule)"
+        if adaptive
+        else ""
+    )
     return (
-        "The calibration was fitted on another predictor than this run's, so its conformal sets "
-        f"and temperature do not apply here: {listed}"
+        "The calibration was fitted on another predictor than this run's, so its conformal sets, "
+        f"temperature and risk threshold do not apply here: {listed}{hint}"
     )
 
 
@@ -191,6 +221,11 @@ def _array(values: list[float | None], missing: float) -> np.ndarray:
     return np.array([missing if v is None else float(v) for v in values], dtype=np.float64)
 
 
+def _optional_array(values: list[float | None] | None) -> np.ndarray | None:
+    """Thresholds that a file may lack (``None``), ``None`` entries read as ``NaN``."""
+    return None if values is None else _array(values, np.nan)
+
+
 def _selective(data: dict[str, Any] | None) -> SelectiveRule | None:
     """The ``selective`` entry of a calibration file (``None``: not fitted)."""
     if data is None:
@@ -204,6 +239,21 @@ def _selective(data: dict[str, Any] | None) -> SelectiveRule | None:
         statement=str(data["statement"]),
         certificate=dict(data["certificate"]),
     )
+
+
+def _knn(entry: Any, path: str | os.PathLike[str], model_sha256: str) -> KnnIndex:
+    """The kNN index a calibration file's ``knn`` entry names (``postprocess.ood.load_knn``).
+
+    Raises:
+        CalibrationError: If the entry is malformed or its side file missing or altered.
+    """
+    try:
+        return load_knn(dict(entry), path, model_sha256)
+    except (KeyError, TypeError, OSError) as exc:
+        raise CalibrationError(
+            f"The calibration's knn entry or its side file is malformed ({exc}). "
+            f"Received: path={str(path)!r}"
+        ) from exc
 
 
 @dataclass
@@ -240,6 +290,14 @@ class Calibration:
         selective: The selective threshold of ``score --rule risk`` and its certificate
             (``calibrate --target-risk``), fitted on the scoring predictor's MC mean; ``None``
             when not fitted (files written before it existed have none and still load).
+        tempered_thresholds: ``(C,)`` the thresholds of ``score --rule threshold
+            --temperature``: per predicted class, the ``percentile`` of the confidences of the
+            *tempered* MC means of the scoring predictor (the values that rule compares), not
+            of the threshold predictor's copies; ``None`` in files written before they existed
+            (such a file is refused for that pair of options).
+        knn: The kNN OOD score's normalised calibration features (``postprocess.ood``),
+            fitted on the scoring predictor; ``None`` when the model's penultimate features
+            were not found. Stored in a side file ``<name>.knn.npz`` next to the JSON.
 
     Raises:
         CalibrationError: If ``thresholds`` or ``conformal_quantiles`` do not fit the classes
@@ -261,19 +319,25 @@ class Calibration:
     created: str = ""
     batchuq_version: str = __version__
     selective: SelectiveRule | None = None
+    tempered_thresholds: np.ndarray | None = None
+    knn: KnnIndex | None = None
 
     def __post_init__(self) -> None:
         self.thresholds = np.asarray(self.thresholds, dtype=np.float64)
+        if self.tempered_thresholds is not None:
+            self.tempered_thresholds = np.asarray(self.tempered_thresholds, dtype=np.float64)
         self.conformal_quantiles = np.atleast_1d(
             np.asarray(self.conformal_quantiles, dtype=np.float64)
         )
         check_method(self.conformal_method)
         classes = len(self.class_names)
-        if self.thresholds.shape != (classes,):
-            raise CalibrationError(
-                f"`thresholds` must have one value per class ({classes}). Received: "
-                f"thresholds.shape={self.thresholds.shape}"
-            )
+        for name in ("thresholds", "tempered_thresholds"):
+            values = getattr(self, name)
+            if values is not None and values.shape != (classes,):
+                raise CalibrationError(
+                    f"`{name}` must have one value per class ({classes}). Received: "
+                    f"{name}.shape={values.shape}"
+                )
         expected = (classes,) if self.conformal_method == "class" else (1,)
         if self.conformal_quantiles.shape != expected:
             raise CalibrationError(
@@ -284,15 +348,22 @@ class Calibration:
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready dict (``NaN`` thresholds and ``inf`` quantiles become ``None``)."""
-        data = asdict(self)
+        data = asdict(replace(self, knn=None))  # not the features: the side file holds them
+        data["knn"] = None if self.knn is None else self.knn.describe()
         data["thresholds"] = _json_floats(self.thresholds)
+        if self.tempered_thresholds is not None:
+            data["tempered_thresholds"] = _json_floats(self.tempered_thresholds)
         data["conformal_quantiles"] = _json_floats(self.conformal_quantiles)
         return {"format": CALIBRATION_FORMAT, **data}
 
     def to_json(self, path: str | os.PathLike[str]) -> Path:
-        """Write the calibration to ``path`` (through a temporary file renamed into place)."""
+        """Write the calibration to ``path`` (through a temporary file renamed into place); a kNN
+        index goes to its side file first (``postprocess.ood.save_knn``)."""
         out = Path(path)
-        text = json.dumps(self.as_dict(), indent=2, allow_nan=False) + "\n"
+        data = self.as_dict()
+        if self.knn is not None:
+            data["knn"] = save_knn(self.knn, out)
+        text = json.dumps(data, indent=2, allow_nan=False) + "\n"
         handle, temp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent or Path("."))
         try:
             with os.fdopen(handle, "w", encoding="utf-8") as stream:
@@ -332,7 +403,7 @@ class Calibration:
                 f"Received: path={str(path)!r}, format={found!r}"
             )
         try:
-            return cls(
+            calibration = cls(
                 class_names=list(data["class_names"]),
                 thresholds=_array(data["thresholds"], np.nan),
                 temperature=float(data["temperature"]),
@@ -347,23 +418,76 @@ class Calibration:
                 created=str(data.get("created", "")),
                 batchuq_version=str(data.get("batchuq_version", "")),
                 selective=_selective(data.get("selective")),
+                tempered_thresholds=_optional_array(data.get("tempered_thresholds")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise CalibrationError(
                 f"The calibration file is incomplete or malformed ({exc}). "
                 f"Received: path={str(path)!r}"
             ) from exc
+        if data.get("knn") is not None:
+            calibration.knn = _knn(data["knn"], path, calibration.model_sha256)
+        return calibration
 
     @property
     def alpha(self) -> float | None:
         """The conformal miscoverage the quantiles were fitted for."""
         return self.settings.get("alpha")
 
-    def prediction_sets(self, mean_probs: np.ndarray) -> np.ndarray:
+    def prediction_sets(
+        self,
+        mean_probs: np.ndarray,
+        relative_paths: list[str] | None = None,
+        seed: int | None = None,
+    ) -> np.ndarray:
         """Conformal sets (``(b, C)`` bool) for the scoring predictor's MC mean ``mean_probs``
-        (without temperature)."""
+        (without temperature).
+
+        Args:
+            mean_probs: ``(b, C)`` MC means.
+            relative_paths: The images' relative paths; the randomised methods
+                (``aps-random``, ``raps``) draw each image's ``U`` from it and ``seed``.
+            seed: The run seed (the calibration's own seed when ``None``).
+
+        Returns:
+            ``(b, C)`` bool set membership.
+
+        Raises:
+            UsageError: If a randomised method gets no paths.
+        """
         probs = np.clip(np.asarray(mean_probs, dtype=np.float64), 0.0, 1.0)  # as calibrated
-        return prediction_sets(probs, self.conformal_quantiles, self.conformal_method)
+        method = self.conformal_method
+        if method not in RANDOMISED_METHODS:
+            return prediction_sets(probs, self.conformal_quantiles, method)
+        if relative_paths is None:
+            raise UsageError(
+                f"Conformal method {method!r} is randomised per image and needs the images' "
+                "relative paths. Received: relative_paths=None"
+            )
+        seed = int(self.settings.get("seed", 0)) if seed is None else int(seed)
+        params = self.settings.get("conformal_params") or {}
+        raps = (int(params["k_reg"]), float(params["lambda"])) if method == "raps" else None
+        uniforms = set_uniforms(seed, list(relative_paths))
+        return prediction_sets(probs, self.conformal_quantiles, method, uniforms, raps)
+
+    def rule_thresholds(self, temperature: bool) -> np.ndarray:
+        """The per-class thresholds of ``score --rule threshold``, with or without
+        ``--temperature``: each fitted on what the rule then compares.
+
+        Raises:
+            CalibrationError: With ``temperature``, for a file written before tempered
+                thresholds were fitted.
+        """
+        if not temperature:
+            return self.thresholds
+        if self.tempered_thresholds is None:
+            raise CalibrationError(
+                "This calibration file has no thresholds for the tempered MC mean (it was "
+                "written before they were fitted): --rule threshold --temperature would compare "
+                "a tempered mean with untempered thresholds. Run `batchuq calibrate` again, or "
+                "drop --temperature. Received: temperature=True, tempered_thresholds=None"
+            )
+        return self.tempered_thresholds
 
     def check_model(self, sha256: str) -> None:
         """Refuse to use the calibration with a model other than the one it was fitted on.
@@ -431,13 +555,28 @@ def _skipped_text(stats: dict[str, Any]) -> str:
     return f"{skipped} skipped: {', '.join(parts)}"
 
 
+def _predictor_text(predictor: dict[str, Any]) -> str:
+    """The scoring predictor's passes and copies (and adaptive settings), for the summary."""
+    text = f"--passes {predictor.get('passes')} --tta {predictor.get('tta')}"
+    adaptive = predictor.get("adaptive")
+    if isinstance(adaptive, dict):
+        text += (
+            f" (adaptive: --min-passes {adaptive['min_passes']} --max-passes "
+            f"{adaptive['max_passes']} --adaptive-alpha {adaptive['alpha']}, stopping "
+            f"{_show(adaptive['stopping'])})"
+        )
+    return text
+
+
 def format_summary(calibration: Calibration) -> str:
     """A short human-readable summary of a calibration."""
     stats = calibration.stats
     per_class = calibration.conformal_method == "class"
     width = max(len(name) for name in calibration.class_names)
+    tempered = calibration.tempered_thresholds
     lines = [
         f"{'class':<{width}}  threshold"
+        + ("   tempered" if tempered is not None else "")
         + ("  conformal q" if per_class else "")
         + "  copies  images",
     ]
@@ -447,6 +586,8 @@ def format_summary(calibration: Calibration) -> str:
         t = calibration.thresholds[i]
         t_text = "none" if np.isnan(t) else f"{t:.4f}"
         q_text = f"  {_quantile_text(calibration.conformal_quantiles[i]):>11}" if per_class else ""
+        if tempered is not None:
+            t_text += "  " + ("none" if np.isnan(tempered[i]) else f"{tempered[i]:.4f}").rjust(9)
         lines.append(f"{name:<{width}}  {t_text:>9}{q_text}  {copies[i]!s:>6}  {images[i]!s:>6}")
     lines.append(
         f"temperature {calibration.temperature:.4f}: NLL {stats.get('nll_before', math.nan):.4f}"
@@ -457,15 +598,20 @@ def format_summary(calibration: Calibration) -> str:
             else ""
         )
     )
-    p = calibration.predictor
     quantile = (
         "one quantile per class"
         if per_class
         else f"quantile {_quantile_text(calibration.conformal_quantiles[0])}"
     )
+    raps = calibration.settings.get("conformal_params") or {}
+    if "k_reg" in raps:
+        quantile += (
+            f" (k_reg {raps['k_reg']}, lambda {raps['lambda']:g}, tuned on "
+            f"{raps['tuning_images']} images, quantile on {raps['quantile_images']})"
+        )
     lines.append(
         f"conformal {calibration.conformal_method} at alpha {calibration.alpha}: {quantile}; "
-        f"fitted with the scoring predictor --passes {p.get('passes')} --tta {p.get('tta')}"
+        f"fitted with the scoring predictor {_predictor_text(calibration.predictor)}"
     )
     if "accuracy" in stats:
         coverage, sel = stats.get("threshold_coverage"), stats.get("threshold_accuracy")

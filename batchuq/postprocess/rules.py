@@ -15,6 +15,9 @@ Rules (docs/methods.md, "Decision rules"):
   threshold that ``batchuq.fit_selective_threshold`` certified; otherwise ``unclassified``.
 * ``none``: always recommend ``pred``.
 
+With ``--passes auto`` the rule also decides when sampling stops (``batchuq.sampling.stopping``);
+``stopping_record`` says how, for the calibration file's predictor.
+
 ``UNCLASSIFIED`` (-1, written as ``UNCLASSIFIED_NAME``) is defined in ``batchuq.defaults`` and
 re-exported here. NumPy only: nothing here imports TensorFlow.
 """
@@ -45,11 +48,14 @@ __all__ = [
     "RISK_RULE_NEEDS",
     "RISK_SCORES",
     "SelectiveRule",
+    "check_adaptive_calibration",
     "check_risk_options",
     "decide",
     "median_rule",
     "risk_scores",
     "selective_decisions",
+    "stopping_record",
+    "stopping_temperature",
     "threshold_decisions",
 ]
 
@@ -91,17 +97,17 @@ def risk_scores(summary: Summary, name: str) -> np.ndarray:
     return -np.asarray(summary.mutual_info, np.float64)
 
 
-def check_risk_options(*, calibration: bool, temperature: bool, adaptive: bool) -> None:
+def check_risk_options(*, calibration: bool, temperature: bool) -> None:
     """Refuse the options the ``risk`` rule cannot honour.
 
-    Its threshold was fitted on the untempered MC mean of a fixed number of passes, so the
+    Its threshold was fitted on the untempered MC mean of the calibration's predictor, so the
     scores it compares must be those too: ``--temperature`` would move them (and can reorder
-    images), and ``--passes auto`` stops sampling without knowing the rule.
+    images). ``--passes auto`` is not refused here: a calibration fitted with ``calibrate
+    --score-passes auto`` holds for it, and any other is refused by the predictor check.
 
     Args:
         calibration: Whether a calibration was given.
         temperature: Whether ``--temperature`` was asked for.
-        adaptive: Whether ``--passes auto`` was asked for.
 
     Raises:
         UsageError: Naming the option to drop.
@@ -114,11 +120,82 @@ def check_risk_options(*, calibration: bool, temperature: bool, adaptive: bool) 
             "it; a temperature would change the scores (and their order). Drop --temperature. "
             "Received: rule='risk', temperature=True"
         )
-    if adaptive:
+
+
+def check_adaptive_calibration(score_rule: str) -> None:
+    """Refuse a rule that ``calibrate --score-passes auto`` cannot fit the adaptive predictor of.
+
+    The adaptive predictor stops by the rule ``score`` will use (``stopping_record``). The
+    threshold rule's stopping reads the thresholds, and those of ``--rule threshold
+    --temperature`` are fitted on this very predictor: the predictor would depend on its own fit.
+
+    Args:
+        score_rule: The ``score --rule`` the calibration is for.
+
+    Raises:
+        UsageError: For ``threshold`` or a name not in ``RULES``.
+    """
+    checks.one_of(score_rule, "score_rule", RULES)
+    if score_rule == "threshold":
         raise UsageError(
-            "--rule risk needs a fixed number of passes, as calibrated (--passes auto is not "
-            "fitted for it). Received: rule='risk', passes='auto'"
+            "calibrate --score-passes auto fits the adaptive predictor of one decision rule, "
+            "and the threshold rule's stopping reads the thresholds this calibration fits: use "
+            "--score-rule median, confidence, none or risk, or a number of --score-passes. "
+            "Received: score_passes='auto', score_rule='threshold'"
         )
+
+
+# The rules whose adaptive stopping reads the (tempered) mean against a limit: the temperature
+# changes when they stop. The median rule reads the samples' medians, `none` and `risk` stop
+# once `pred` is settled, and a temperature never moves the argmax.
+_TEMPERED_STOPPING = ("threshold", "confidence")
+
+
+def stopping_temperature(rule_name: str, temperature: float | None) -> float | None:
+    """The temperature ``--passes auto`` stops on under rule ``rule_name``: ``temperature``
+    for the ``threshold`` and ``confidence`` rules, else ``None`` (it would change nothing
+    their stopping reads)."""
+    return temperature if rule_name in _TEMPERED_STOPPING else None
+
+
+def stopping_record(
+    rule_name: str,
+    min_median: float = DEFAULT_MIN_MEDIAN,
+    min_confidence: float = DEFAULT_MIN_CONFIDENCE,
+    temperature: float | None = None,
+) -> dict:
+    """What decides when ``--passes auto`` stops sampling an image, as a calibration records it.
+
+    Adaptive stopping reads the run's decision rule (``sampling.stopping.settled``), so the
+    adaptive predictor is the rule's as much as the passes': the median rule with its
+    ``min_median``; the confidence rule with its ``min_confidence`` and the temperature it
+    stops on; the threshold rule with the temperature (its thresholds are the calibration's);
+    ``none`` and ``risk`` alike, once ``pred`` is settled (the risk rule's threshold is fitted
+    on this predictor's output, so it cannot steer its sampling).
+
+    Args:
+        rule_name: One of ``RULES``.
+        min_median: The median rule's threshold.
+        min_confidence: The confidence rule's threshold.
+        temperature: The temperature of the run's mean (``--temperature``), if any.
+
+    Returns:
+        ``{"rule": ..., ...}``, JSON-ready; equal for runs that stop alike.
+    """
+    checks.one_of(rule_name, "rule", RULES)
+    if rule_name == "median":
+        return {"rule": "median", "min_median": float(min_median)}
+    tempered = stopping_temperature(rule_name, temperature)
+    tempered = None if tempered is None else float(tempered)
+    if rule_name == "confidence":
+        return {
+            "rule": "confidence",
+            "min_confidence": float(min_confidence),
+            "temperature": tempered,
+        }
+    if rule_name == "threshold":
+        return {"rule": "threshold", "temperature": tempered}
+    return {"rule": "pred settled (none, risk)"}
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,11 @@ no threshold (``NaN``; ``null`` in the JSON): its predictions are accepted.
 ``score --rule threshold`` compares them with the confidence of its own MC mean
 (``batchuq.postprocess.rules.threshold_decisions``).
 
+``score --rule threshold --temperature`` compares the confidence of the *tempered* MC mean,
+so its thresholds (``tempered_mean_thresholds``) are fitted on exactly that: the scoring
+predictor's MC means of the validation images, tempered with the fitted temperature, one value
+per image, grouped by the tempered mean's ``pred`` (the values ``score`` computes, bit for bit).
+
 NumPy only: nothing here imports TensorFlow.
 """
 
@@ -19,8 +24,10 @@ import numpy as np
 
 from batchuq import checks
 from batchuq.defaults import DEFAULT_PERCENTILE
+from batchuq.postprocess.temperature import apply_temperature
+from batchuq.summarise import mean_statistics
 
-__all__ = ["class_thresholds", "thresholds_from_predictions"]
+__all__ = ["class_thresholds", "tempered_mean_thresholds", "thresholds_from_predictions"]
 
 
 def thresholds_from_predictions(
@@ -74,3 +81,36 @@ def class_thresholds(copy_probs: np.ndarray, percentile: float = DEFAULT_PERCENT
     pred = flat.argmax(axis=1)
     confidence = flat[np.arange(len(flat)), pred]
     return thresholds_from_predictions(pred, confidence, probs.shape[-1], percentile)[0]
+
+
+def tempered_mean_thresholds(
+    mean_probs: np.ndarray, temperature: float, percentile: float = DEFAULT_PERCENTILE
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-class thresholds of ``score --rule threshold --temperature``.
+
+    Each validation image's MC mean (the scoring predictor's, as ``score`` writes it) is
+    tempered as ``score --temperature`` does (``apply_temperature``, then the ``pred`` and
+    float32 ``confidence`` of ``summarise.mean_statistics``); per predicted class, the
+    ``percentile`` of those confidences is the threshold.
+
+    Args:
+        mean_probs: ``(n, C)`` MC means of the validation images (float32 values).
+        temperature: The fitted temperature.
+        percentile: Percentile in ``[0, 100]``.
+
+    Returns:
+        ``(thresholds, counts)`` as ``thresholds_from_predictions``: ``(C,)`` thresholds
+        (``NaN`` for a class no image predicts) and images per predicted class.
+
+    Raises:
+        UsageError: If ``mean_probs`` are not probabilities, ``temperature`` not positive or
+            ``percentile`` outside ``[0, 100]``.
+    """
+    percentile = checks.in_range(percentile, "percentile", 0.0, 100.0)
+    tempered = mean_statistics(apply_temperature(np.asarray(mean_probs, np.float64), temperature))
+    return thresholds_from_predictions(
+        tempered["pred"],
+        tempered["confidence"].astype(np.float64),
+        np.shape(mean_probs)[-1],
+        percentile,
+    )

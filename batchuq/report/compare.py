@@ -31,6 +31,7 @@ from batchuq.jobs.compare import (
     table_cells,
     with_shift_labels,
 )
+from batchuq.jobs.compare_rules import RULE_COLUMNS, RULES_CAPTION, shown_rules
 from batchuq.jobs.evaluate import Evaluation
 from batchuq.report.figures import report_folder, save_figure
 
@@ -203,6 +204,13 @@ def _page(comparison: Comparison, plots: dict[str, str]) -> str:
         f"{html.escape(comparison.settings['score'])}. Coverage and selective accuracy are "
         "those of each file's own decision rule.</p>",
     ]
+    ruled = shown_rules(comparison.rows)
+    if ruled is not None:
+        parts += [
+            "<h2>Decision rules</h2>",
+            f'<p class="note">{html.escape(RULES_CAPTION)}</p>',
+            _html_table(ruled, RULE_COLUMNS),
+        ]
     if comparison.settings.get("bootstrap") is not None:
         rows = interval_rows(with_shift_labels(comparison.rows))
         parts += [

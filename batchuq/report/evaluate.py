@@ -32,6 +32,7 @@ from batchuq.jobs.evaluate import (
     evaluate_file,
     format_rule,
 )
+from batchuq.postprocess.coverage import coverage_rows
 from batchuq.report.evaluate_figures import MIN_BIN_IMAGES, write_figures
 from batchuq.report.figures import format_number, report_folder
 from batchuq.report.uncertain import TOP_UNCERTAIN, resolve_images_root, write_uncertain
@@ -152,7 +153,28 @@ def _conformal_section(results: dict) -> list[str]:
         '<p class="note">Empirical coverage is the share of labelled images whose true '
         "class is in their prediction set; compare it with the coverage the sets were "
         "calibrated for. Smaller sets at the same coverage are more useful.</p>",
+        *_stratified_tables(conformal),
     ]
+
+
+def _stratified_tables(conformal: dict) -> list[str]:
+    """Coverage per true class and per set size, with 95% Clopper–Pearson intervals."""
+    parts = []
+    if conformal.get("per_class"):
+        parts += [
+            "<h3>Coverage per true class</h3>",
+            _table(coverage_rows(conformal["per_class"], "class"), ("class", "coverage")),
+        ]
+    if conformal.get("per_size"):
+        parts += [
+            "<h3>Coverage per set size (size-stratified)</h3>",
+            _table(coverage_rows(conformal["per_size"], "size"), ("set size", "coverage")),
+            '<p class="note">Marginal coverage can hide classes or set sizes that are covered '
+            "less: a class or size whose interval lies below the calibrated 1 - alpha is "
+            "under-covered (the guarantee is marginal, over all images). Intervals are 95% "
+            "Clopper-Pearson.</p>",
+        ]
+    return parts
 
 
 def _plot_sections(plots: dict[str, str]) -> list[str]:

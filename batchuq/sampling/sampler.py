@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import keras
 import numpy as np
@@ -27,7 +27,8 @@ from batchuq.defaults import DEFAULT_MEMORY_BUDGET_MB, DEFAULT_PRECISION
 from batchuq.errors import NoDropoutError, UsageError
 from batchuq.keras_private import flatten_layers
 from batchuq.sampling.dropout import dropout_sampling, find_dropout_layers, using_row_keys
-from batchuq.sampling.graph_split import run_nodes, split_graph
+from batchuq.sampling.graph_split import GraphSplit, run_nodes, split_graph
+from batchuq.sampling.head import Head, find_head, head_values
 from batchuq.sampling.memory import balanced_chunks, bucket_rows, row_limits
 from batchuq.sampling.precision import PRECISIONS
 from batchuq.seeds import mix
@@ -111,6 +112,7 @@ class MCSampler:
                 f"Dropout layers. Received: passes={passes}"
             )
         self.split = split_graph(model, self.dropout_layers) if split else None
+        self.head = _find_head(self.split, logits)
         input_shape = tuple(model.inputs[0].shape) if getattr(model, "inputs", None) else None
         # Rows run at once: their prefix activations fit the budget, and so does one pass of
         # them through the tail (without a split, that is the whole model).
@@ -206,13 +208,26 @@ class MCSampler:
             for i in self.split.frontier
         ]
 
-    def _forward_tail(self, frontier: list[tf.Tensor], keys: tf.Tensor) -> tf.Tensor:
+    @property
+    def extras(self) -> tuple[str, ...]:
+        """The per-row values ``sample_with_extras`` gives besides the probabilities: ``max_logit``
+        and ``energy`` when the logits are found, ``features`` when the penultimate layer is
+        (``batchuq.sampling.head``); none for a model whose head is not found."""
+        if self.head is None:
+            return ()
+        return ("max_logit", "energy") + (("features",) if self.head.width else ())
+
+    def _forward_tail(
+        self, frontier: list[tf.Tensor], keys: tf.Tensor
+    ) -> tuple[tf.Tensor, dict[str, tf.Tensor]]:
+        """The tail's output and, with a head, its values (``head_values``) per tiled row."""
         with using_row_keys(keys):
             if self.split is None:
-                return self.model(frontier[0], training=False)
+                return self.model(frontier[0], training=False), {}
             tensors = dict(zip(self.split.frontier, frontier, strict=True))
             run_nodes(self.split.tail, tensors)
-            return tensors[id(self.split.graph.outputs[0])]
+            output = tensors[id(self.split.graph.outputs[0])]
+            return output, ({} if self.head is None else head_values(self.head, tensors))
 
     def _prefix(self, images: tf.Tensor) -> list[tf.Tensor]:
         """The mask-independent part: the frontier tensors the tail reads, one row per image."""
@@ -227,7 +242,7 @@ class MCSampler:
 
     def _tail_passes(
         self, frontier: list[tf.Tensor], keys: tf.Tensor, first_pass: tf.Tensor, passes: tf.Tensor
-    ) -> tf.Tensor:
+    ) -> tuple[tf.Tensor, dict[str, tf.Tensor]]:
         """Passes ``first_pass .. first_pass + passes - 1`` of the tail on every frontier row.
 
         Pass ``t`` of row ``i`` draws its masks from ``mix(keys[i], t)`` whatever else is in the
@@ -235,9 +250,11 @@ class MCSampler:
         ``first_pass`` is a scalar or one per row (rows at different rounds in one call).
 
         Returns:
-            float32 ``(passes, rows, classes)``.
+            float32 ``(passes, rows, classes)``, and per name of ``extras`` the sum over the
+            passes of its per-row value, ``(rows, ...)``.
         """
         rows = tf.shape(keys)[0]
+        sums = self._zero_sums(rows)
         largest = tf.minimum(tf.maximum(1, self.max_rows // tf.maximum(rows, 1)), passes)
         chunks = (passes + largest - 1) // largest
         # Balanced chunks (e.g. 34+34+32, not 38+38+24): fewer distinct shapes to compile.
@@ -253,13 +270,30 @@ class MCSampler:
             # (count, 1) for a scalar first pass, (count, rows) for one per row.
             pass_index = tf.reshape(first_pass, [1, -1]) + start + tf.range(count)[:, None]
             pass_keys = tf.reshape(mix(keys[None, :], tf.cast(pass_index, tf.uint32)), [-1])
-            probs = tf.cast(self._forward_tail(tiled, pass_keys), tf.float32)
+            output, values = self._forward_tail(tiled, pass_keys)
+            probs = tf.cast(output, tf.float32)
             if self.logits:
                 probs = tf.nn.softmax(probs, axis=-1)
             results = results.write(chunk, tf.reshape(probs, [count, rows, -1]))
-        return results.concat()
+            sums = {
+                name: total
+                + tf.reduce_sum(
+                    tf.reshape(values[name], tf.concat([[count, rows], tf.shape(total)[1:]], 0)),
+                    axis=0,
+                )
+                for name, total in sums.items()
+            }
+        return results.concat(), sums
 
-    def _sample(self, images: tf.Tensor, keys: tf.Tensor) -> tf.Tensor:
+    def _zero_sums(self, rows: tf.Tensor) -> dict[str, tf.Tensor]:
+        """Zeros for the per-row sums of ``extras``."""
+        sums = {}
+        for name in self.extras:
+            shape = [rows, self.head.width] if name == "features" else [rows]
+            sums[name] = tf.zeros(shape, tf.float32)
+        return sums
+
+    def _sample(self, images: tf.Tensor, keys: tf.Tensor) -> tuple[tf.Tensor, dict]:
         return self._tail_passes(self._prefix(images), keys, 0, self.passes)
 
     def _sample_rows(
@@ -280,15 +314,22 @@ class MCSampler:
             parts: ``(prepared, index)`` pairs: the rows ``index`` of each, in order.
 
         Returns:
-            The picked rows' frontier tensors and keys, concatenated.
+            The picked rows' frontier tensors, keys, and sums and passes drawn so far.
         """
-        picks = [(p, tf.constant(np.asarray(rows, dtype=np.int32))) for p, rows in parts]
+        rows = [np.asarray(index, dtype=np.int32) for _, index in parts]
+        picks = [(p, tf.constant(index)) for (p, _), index in zip(parts, rows, strict=True)]
         frontier = [
-            tf.concat([tf.gather(p.frontier[i], rows) for p, rows in picks], 0)
+            tf.concat([tf.gather(p.frontier[i], index) for p, index in picks], 0)
             for i in range(len(parts[0][0].frontier))
         ]
-        keys = tf.concat([tf.gather(p.keys, rows) for p, rows in picks], 0)
-        return PreparedRows(frontier, keys)
+        keys = tf.concat([tf.gather(p.keys, index) for p, index in picks], 0)
+        kept = [(p, index) for (p, _), index in zip(parts, rows, strict=True)]
+        sums = {
+            name: np.concatenate([p.sums[name][index] for p, index in kept])
+            for name in parts[0][0].sums
+        }
+        passes = np.concatenate([p.passes[index] for p, index in kept])
+        return PreparedRows(frontier, keys, sums, passes)
 
     def row_chunks(self, rows: int) -> list[tuple[int, int]]:
         """How ``sample`` cuts ``rows`` rows: ``(start, stop)`` ranges of balanced size.
@@ -322,19 +363,40 @@ class MCSampler:
         Returns:
             ``float32`` probabilities of shape ``(passes, rows, classes)``.
         """
+        return self.sample_with_extras(images, keys)[0]
+
+    def sample_with_extras(
+        self, images: np.ndarray | tf.Tensor, keys: np.ndarray | tf.Tensor
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """``sample``'s probabilities and, from the same passes, the mean of each of ``extras``.
+
+        Args:
+            images: As for ``sample``.
+            keys: As for ``sample``.
+
+        Returns:
+            ``float32`` ``(passes, rows, classes)``, and per name of ``extras`` its mean over
+            the passes, ``(rows,)`` (``(rows, D)`` for ``features``).
+        """
         images = tf.convert_to_tensor(images, tf.float32)
         keys = tf.convert_to_tensor(keys, tf.uint32)
         chunks = self.row_chunks(int(images.shape[0])) or [(0, 0)]
         with self._sampling():
-            parts = []
+            parts, sums = [], []
             for start, stop in chunks:
                 self.largest_chunk_rows = max(self.largest_chunk_rows, stop - start)
                 if len(chunks) > 1:
                     chunk_images, chunk_keys = images[start:stop], keys[start:stop]
                 else:
                     chunk_images, chunk_keys = images, keys
-                parts.append(self._function(chunk_images, chunk_keys).numpy())
-        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+                probs, chunk_sums = self._function(chunk_images, chunk_keys)
+                parts.append(probs.numpy())
+                sums.append({name: value.numpy() for name, value in chunk_sums.items()})
+        extras = {
+            name: np.concatenate([part[name] for part in sums]) / self.passes
+            for name in self.extras
+        }
+        return (parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)), extras
 
     def prepare(self, images: np.ndarray | tf.Tensor, keys: np.ndarray | tf.Tensor) -> PreparedRows:
         """Run the mask-independent prefix of rows once, for ``sample_rows`` to draw passes from.
@@ -354,7 +416,12 @@ class MCSampler:
         with self._sampling():
             parts = [self._prefix_function(images[start:stop]) for start, stop in chunks]
         frontier = [tf.concat(tensors, axis=0) for tensors in zip(*parts, strict=True)]
-        return PreparedRows(frontier, tf.convert_to_tensor(keys, tf.uint32))
+        rows = int(images.shape[0])
+        sums = {
+            name: np.zeros((rows, self.head.width) if name == "features" else rows, np.float64)
+            for name in self.extras
+        }
+        return PreparedRows(frontier, tf.convert_to_tensor(keys, tf.uint32), sums, np.zeros(rows))
 
     def sample_rows(
         self, prepared: PreparedRows, index: np.ndarray, first_pass: int | np.ndarray, passes: int
@@ -365,6 +432,8 @@ class MCSampler:
         calls for passes 0..9 then 10..19 give the first 20 passes of a 100-pass ``sample``
         (equal up to float32 rounding: other shapes can take other kernels). The rows are
         padded to ``bucket_rows(len(index))`` so that a few shapes reach the compiled code.
+        The sums of ``extras`` over the passes drawn are added to ``prepared``
+        (``prepared_extras`` gives their means).
 
         Args:
             prepared: What ``prepare`` returned.
@@ -384,14 +453,49 @@ class MCSampler:
         first[: index.size] = first_pass
         first[index.size :] = first[index.size - 1]
         with self._sampling():
-            probs = self._rows_function(
+            probs, sums = self._rows_function(
                 prepared.frontier,
                 prepared.keys,
                 tf.constant(padded),
                 tf.constant(first),
                 tf.constant(passes, tf.int32),
             )
+        for name, total in prepared.sums.items():
+            np.add.at(total, index, sums[name].numpy()[: index.size])
+        np.add.at(prepared.passes, index, passes)
         return probs.numpy()[:, : index.size]
+
+    @staticmethod
+    def prepared_extras(prepared: PreparedRows) -> dict[str, np.ndarray]:
+        """Per name of ``extras``, its mean over the passes ``sample_rows`` drew of each row.
+
+        Args:
+            prepared: What ``prepare`` returned, after ``sample_rows`` drew every row once.
+
+        Returns:
+            float32 ``(rows,)`` (``(rows, D)`` for ``features``) per name.
+        """
+        passes = np.maximum(prepared.passes, 1)
+        return {
+            name: (total / passes.reshape((-1,) + (1,) * (total.ndim - 1))).astype(np.float32)
+            for name, total in prepared.sums.items()
+        }
+
+
+def _find_head(split: GraphSplit | None, logits: bool) -> Head | None:
+    """The head of a split model (``batchuq.sampling.head``), its tensors made readable by the
+    tail: one the prefix computes (nothing sampled after it) joins the frontier."""
+    if split is None:
+        return None
+    head = find_head(split.graph, logits)
+    if head is None:
+        return None
+    made_in_tail = {id(t) for node in split.tail for t in node.outputs}
+    for tensor in head.tensors:
+        if id(tensor) not in made_in_tail and id(tensor) not in split.frontier:
+            split.frontier.append(id(tensor))
+            split.frontier_shapes.append(tuple(tensor.shape))
+    return head
 
 
 @dataclass(frozen=True)
@@ -401,7 +505,12 @@ class PreparedRows:
     Attributes:
         frontier: The tensors the stochastic tail reads, each ``(rows, ...)``.
         keys: ``uint32`` row keys, ``(rows,)``.
+        sums: Per name of ``MCSampler.extras``, its sum over the passes drawn so far, float64
+            ``(rows, ...)`` (``sample_rows`` adds to it).
+        passes: Passes drawn so far per row, float64 ``(rows,)``.
     """
 
     frontier: list[tf.Tensor]
     keys: tf.Tensor
+    sums: dict[str, np.ndarray] = field(default_factory=dict)
+    passes: np.ndarray = field(default_factory=lambda: np.zeros(0))

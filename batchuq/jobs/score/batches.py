@@ -11,7 +11,7 @@ unsettled images of many batches at once.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -40,12 +40,17 @@ class SampledBatch:
             then copy 1, ...); the rows of unreadable images hold meaningless values. With
             adaptive passes, a list of ``(K * S_i, classes)`` arrays, one per image.
         passes: ``(batch,)`` int64 passes drawn per TTA copy (and ensemble member).
+        extras: The method's extras (``UncertaintyMethod.extras``) per image: each row's
+            value averaged over the image's TTA copies, float32 ``(batch,)`` (``(batch, D)``
+            for ``features``). With adaptive passes, each copy's value is its mean over the
+            passes it got.
     """
 
     positions: list[int]
     statuses: list[str]
     samples: np.ndarray | list[np.ndarray]
     passes: np.ndarray
+    extras: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def ok(self) -> np.ndarray:
@@ -133,12 +138,36 @@ def _fixed_batches(
         _stop_if_asked(should_stop)
         statuses = [status.decode() for status in batch["status"].numpy()]
         ok = np.array([status == STATUS_OK for status in statuses], dtype=bool)
-        samples = sample_batch(plan, copies, batch["images"][:, 0], batch["keys"])
+        extras: dict[str, list[np.ndarray]] = {}
+        samples = sample_batch(plan, copies, batch["images"][:, 0], batch["keys"], extras)
         _stop_if_asked(should_stop)
         for image in np.flatnonzero(ok):
             check_probabilities(samples[image], plan.loaded.path)
         positions = [todo[int(i)] for i in batch["index"].numpy()]
-        yield SampledBatch(positions, statuses, samples, np.full(len(ok), per_copy, np.int64))
+        passes = np.full(len(ok), per_copy, np.int64)
+        means = per_image_extras(extras, len(ok), plan.tta.copies)
+        yield SampledBatch(positions, statuses, samples, passes, means)
+
+
+def per_image_extras(
+    parts: dict[str, list[np.ndarray]], images: int, copies: int
+) -> dict[str, np.ndarray]:
+    """Rows' extras, gathered chunk by chunk (copy-major rows), as their means per image.
+
+    Args:
+        parts: Per extra, its values for consecutive chunks of rows.
+        images: Images in the batch.
+        copies: K, rows per image.
+
+    Returns:
+        float32 ``(images,)`` (``(images, D)``) per extra: the mean over the image's copies.
+    """
+    means = {}
+    for name, chunks in parts.items():
+        rows = np.concatenate(chunks, axis=0)
+        rows = rows.reshape((images, copies) + rows.shape[1:])
+        means[name] = rows.mean(axis=1, dtype=np.float64).astype(np.float32)
+    return means
 
 
 def _pooled_batches(
@@ -218,10 +247,16 @@ def _released(plan: RunPlan, pool: AdaptivePool) -> Iterator[SampledBatch]:
     for samples, status in zip(out.samples, out.statuses, strict=True):
         if status == STATUS_OK:
             check_probabilities(samples, plan.loaded.path)
-    yield SampledBatch(out.positions, out.statuses, out.samples, out.passes)
+    yield SampledBatch(out.positions, out.statuses, out.samples, out.passes, out.extras)
 
 
-def sample_batch(plan: RunPlan, copies: CopyMaker, stack: tf.Tensor, keys: tf.Tensor) -> np.ndarray:
+def sample_batch(
+    plan: RunPlan,
+    copies: CopyMaker,
+    stack: tf.Tensor,
+    keys: tf.Tensor,
+    extras: dict[str, list[np.ndarray]] | None = None,
+) -> np.ndarray:
     """Augment a batch of decoded images and sample every copy with the plan's method.
 
     Args:
@@ -229,6 +264,8 @@ def sample_batch(plan: RunPlan, copies: CopyMaker, stack: tf.Tensor, keys: tf.Te
         copies: Makes the test-time copies of a range of rows.
         stack: ``(batch, H, W, C)`` pixel values 0..255.
         keys: ``(batch,)`` uint32 image keys.
+        extras: Where to append each chunk's rows' extras (``sample_with_extras``), per name;
+            ``None``: not kept.
 
     Returns:
         float32 ``(batch, K * S, classes)``, copy-major.
@@ -240,7 +277,11 @@ def sample_batch(plan: RunPlan, copies: CopyMaker, stack: tf.Tensor, keys: tf.Te
         chunk = copies.rows(stack, keys, start, stop)
         if not plan.spec.channel_axis:  # an (H, W) model: drop the one channel
             chunk = chunk[..., 0]
-        parts.append(plan.method.sample(chunk, row_keys[start:stop]))
+        probs, chunk_extras = plan.method.sample_with_extras(chunk, row_keys[start:stop])
+        parts.append(probs)
+        for name, values in chunk_extras.items():
+            if extras is not None:
+                extras.setdefault(name, []).append(values)
         del chunk
     samples = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)  # (B*K, S, C)
     return samples.reshape(b, k * samples.shape[1], samples.shape[2])

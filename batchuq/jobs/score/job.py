@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import os
 
+from batchuq.errors import UsageError
 from batchuq.jobs.score.local import score_locally
 from batchuq.jobs.score.options import RaySettings, RunControl, ScoreOptions
 from batchuq.jobs.score.rows import ScoreReport
+from batchuq.output.history import Partition
 
 
 def score_directory(
@@ -20,6 +22,7 @@ def score_directory(
     options: ScoreOptions | None = None,
     control: RunControl | None = None,
     ray: RaySettings | None = None,
+    partition: str | Partition | None = None,
 ) -> ScoreReport:
     """Score every image in a folder and write one Parquet row per image.
 
@@ -28,6 +31,7 @@ def score_directory(
         from batchuq import ScoreOptions, TTAConfig, score_directory
 
         score_directory("imgs", "out.parquet", ScoreOptions(passes=50, tta=TTAConfig(copies=10)))
+        score_directory("imgs", "history/", partition="date=2026-12-01")  # a night of history
 
     Args:
         images: Folder of images: class subfolders (labelled) or flat (unlabelled), or an
@@ -40,20 +44,34 @@ def score_directory(
             (``RunControl``; default: none of them).
         ray: Score on a Ray cluster with these settings (``RaySettings``; needs
             ``pip install "batchuq[ray]"``), with the same rows; ``None``: in this process.
+        partition: ``KEY=VALUE`` (or a ``Partition``): ``output`` is a history folder and the
+            rows go to ``output/KEY=VALUE/part-0.parquet``, replacing that partition
+            atomically; pandas, polars and DuckDB read the folder as one table with a ``KEY``
+            column (``batchuq.output.history``). Local engine only.
 
     Returns:
         A ``ScoreReport``.
 
     Raises:
         NoImagesFoundError: If the folder holds no image.
-        UsageError: For unusable folders, models, outputs or options (``ImagesFolderError``,
-            ``ModelError``, ``NoDropoutError``, ``OutputError``, ...: see ``batchuq.errors``).
+        UsageError: For unusable folders, models, outputs, partitions (or a partition with
+            ``ray``) or options (``ImagesFolderError``, ``ModelError``, ``NoDropoutError``,
+            ``OutputError``, ...: see ``batchuq.errors``).
         StopRequested: When ``control.should_stop`` asks.
     """
     options = options if options is not None else ScoreOptions()
     control = control if control is not None else RunControl()
+    if isinstance(partition, str):
+        partition = Partition.parse(partition)
+    if ray is not None and partition is not None:
+        raise UsageError(
+            "A history partition is written by the local engine only: the Ray engine's parts "
+            "folder would sit where readers of the history look. Score with the local engine, "
+            "or write a file with Ray and move it to HISTORY/KEY=VALUE/part-0.parquet. "
+            f"Received: partition={partition.folder_name!r}"
+        )
     if ray is not None:
         from batchuq.jobs.score.ray_engine import score_with_ray
 
         return score_with_ray(images, output, options, control, ray)
-    return score_locally(images, output, options, control)
+    return score_locally(images, output, options, control, partition)

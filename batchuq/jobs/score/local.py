@@ -28,6 +28,12 @@ from batchuq.jobs.score.rows import (
     run_schema,
     score_rows,
 )
+from batchuq.output.history import (
+    Partition,
+    check_partition_output,
+    partition_checkpoint,
+    partition_folders,
+)
 from batchuq.output.paths import check_output_path, is_folder_output
 from batchuq.output.sink import Checkpoint, ParquetSink
 
@@ -37,28 +43,47 @@ def score_locally(
     output: str | os.PathLike[str],
     options: ScoreOptions,
     control: RunControl,
+    partition: Partition | None = None,
 ) -> ScoreReport:
     """The local engine: score the images in this process, a batch at a time, in path order.
 
     Args:
         images: The images folder.
-        output: The Parquet file to write.
+        output: The Parquet file to write, or with ``partition`` the history folder.
         options: What decides the rows.
         control: Resume, stop requests, progress and the start time.
+        partition: Write the rows to this partition of the history folder ``output``
+            (``output/KEY=VALUE/part-0.parquet``, ``batchuq.output.history``).
 
     Returns:
         A ``ScoreReport``.
 
     Raises:
-        OutputError: If ``output`` is a folder (ending in ``/``): only the Ray engine writes one.
+        OutputError: If ``output`` is a folder (ending in ``/``) without ``partition``: only
+            the Ray engine writes a folder dataset.
     """
-    if is_folder_output(output):
+    if partition is not None:
+        out_path = check_partition_output(output, partition)
+    elif is_folder_output(output):
         raise OutputError(
-            "A folder OUTPUT (ending in /) is written by the Ray engine only (--engine ray); "
-            f"the local engine writes one .parquet file. Received: output={str(output)!r}"
+            "A folder OUTPUT (ending in /) is written by the Ray engine only (--engine ray), "
+            "or is a history folder with --partition KEY=VALUE; the local engine writes one "
+            f".parquet file. Received: output={str(output)!r}"
         )
-    out_path = check_output_path(output, suffix=".parquet")
+    else:
+        out_path = check_output_path(output, suffix=".parquet")
     plan = prepare_run(images, options, settings=control.settings)
+    if partition is not None:
+        plan.metadata["partition"] = partition.as_metadata()
+        with partition_folders(out_path):
+            return _score_plan(plan, out_path, control, partition_checkpoint(output, partition))
+    return _score_plan(plan, out_path, control, None)
+
+
+def _score_plan(
+    plan: RunPlan, out_path: Path, control: RunControl, checkpoint: Path | None
+) -> ScoreReport:
+    """Score ``plan``'s images into ``out_path`` (``checkpoint``: where ``--resume`` keeps rows)."""
     report = ScoreReport(
         output=out_path,
         images=len(plan.discovery.files),
@@ -67,7 +92,7 @@ def score_locally(
         certificate=rule_certificate(plan),
     )
     log_start(plan, out_path)
-    with open_sink(plan, out_path, control.resume, control.checkpoint_rows) as sink:
+    with open_sink(plan, out_path, control, checkpoint) as sink:
         report.count(sink.done.statuses, sink.done.decisions)  # rows kept from a previous run
         todo = [i for i, path in enumerate(plan.relative_paths) if path not in sink.done.paths]
         log_resuming(len(sink.done.paths), report.images)
@@ -92,12 +117,16 @@ def score_locally(
     return report
 
 
-def open_sink(plan: RunPlan, out_path: Path, resume: bool, checkpoint_rows: int) -> ParquetSink:
-    """The sink of a run: atomic, and with ``resume`` backed by a checkpoint of finished rows."""
+def open_sink(
+    plan: RunPlan, out_path: Path, control: RunControl, folder: Path | None = None
+) -> ParquetSink:
+    """The sink of a run: atomic, and with ``control.resume`` backed by a checkpoint of finished
+    rows, kept in ``folder`` (default: ``OUTPUT.checkpoint/``)."""
     group_rows = row_group_rows(plan)
     checkpoint = None
-    if resume:
+    if control.resume:
         fingerprint = checkpoint_fingerprint(plan)
-        rows = min(checkpoint_rows, group_rows)
-        checkpoint = Checkpoint(out_path, fingerprint, rows, order=plan.relative_paths)
+        rows = min(control.checkpoint_rows, group_rows)
+        order = plan.relative_paths
+        checkpoint = Checkpoint(out_path, fingerprint, rows, order=order, folder=folder)
     return ParquetSink(out_path, run_schema(plan), row_group_size=group_rows, checkpoint=checkpoint)

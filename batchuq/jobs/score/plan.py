@@ -40,7 +40,12 @@ from batchuq.models import (
     resolve_rescale,
 )
 from batchuq.postprocess.calibration_file import Calibration, predictor_mismatch_message
-from batchuq.postprocess.rules import DecisionRule, check_risk_options
+from batchuq.postprocess.rules import (
+    DecisionRule,
+    check_risk_options,
+    stopping_record,
+    stopping_temperature,
+)
 from batchuq.sampling.stopping import AdaptivePasses
 
 logger = logging.getLogger("batchuq")
@@ -123,8 +128,11 @@ class RunPlan:
 
     @property
     def decision_temperature(self) -> float | None:
-        """The temperature the mean-based rules see, or None."""
-        return self.calibration.temperature if self.temperature else None
+        """The temperature adaptive stopping reads the mean with, or None: the calibration's
+        with ``--temperature`` under the threshold and confidence rules (``stopping_temperature``:
+        the others' stopping does not depend on it)."""
+        temperature = self.calibration.temperature if self.temperature else None
+        return stopping_temperature(self.rule.name, temperature)
 
 
 def load_for_run(model: ModelsArg) -> tuple[LoadedModel, ...]:
@@ -197,13 +205,12 @@ def prepare_run(
     calibration = _calibration(options, combined_sha256(members))
     rule = options.rule or DecisionRule()
     if rule.name == "risk":
-        check_risk_options(
-            calibration=calibration is not None,
-            temperature=options.temperature,
-            adaptive=options.adaptive is not None,
-        )
+        check_risk_options(calibration=calibration is not None, temperature=options.temperature)
     rule = rule.with_thresholds(
-        None if calibration is None else calibration.thresholds,
+        # With --temperature, the thresholds fitted on the tempered mean the rule compares.
+        None
+        if calibration is None
+        else calibration.rule_thresholds(options.temperature and rule.name == "threshold"),
         None if calibration is None else calibration.selective,
     )
     resolved = resolve_class_names(
@@ -392,7 +399,11 @@ def _adaptive_metadata(plan: RunPlan) -> dict[str, Any]:
     """With adaptive passes: ``passes`` is ``"auto"`` and ``adaptive`` holds the settings."""
     if plan.adaptive is None:
         return {"adaptive": None}
-    return {"passes": "auto", "adaptive": plan.adaptive.as_metadata()}
+    rule = plan.rule
+    stopping = stopping_record(
+        rule.name, rule.min_median, rule.min_confidence, plan.decision_temperature
+    )
+    return {"passes": "auto", "adaptive": {**plan.adaptive.as_metadata(), "stopping": stopping}}
 
 
 def _model_path(members: Sequence[LoadedModel]) -> str:
@@ -412,6 +423,8 @@ def _calibration_metadata(plan: RunPlan) -> dict[str, Any] | None:
         "fitted_temperature": calibration.temperature,
         "conformal_alpha": calibration.settings.get("alpha"),
         "conformal_method": calibration.conformal_method,
+        # RAPS's k_reg and lambda; randomised sets draw U from this run's seed and each path.
+        "conformal_params": calibration.settings.get("conformal_params"),
         "created": calibration.created,
     }
 

@@ -29,7 +29,13 @@ from batchuq.defaults import (
 )
 from batchuq.jobs.score.batches import SampledBatch
 from batchuq.jobs.score.plan import RunPlan
-from batchuq.output.schema import CLASS_STATISTICS, SCORE_COLUMNS, output_schema, score_record_batch
+from batchuq.output.schema import (
+    CLASS_STATISTICS,
+    OOD_COLUMNS,
+    SCORE_COLUMNS,
+    output_schema,
+    score_record_batch,
+)
 from batchuq.postprocess.rules import decide
 from batchuq.postprocess.temperature import apply_temperature
 from batchuq.summarise import Summary, mean_statistics, summarise_images
@@ -111,26 +117,48 @@ def score_rows(
     summary = summarise_images(batch.samples)
     calibration = plan.calibration
     # Conformal sets from the MC mean before any temperature, as calibrated.
-    sets = calibration.prediction_sets(summary.mean) if calibration is not None else None
+    files = [plan.discovery.files[i] for i in batch.positions]
+    paths = [f.relative_path for f in files]  # randomised sets: U per (seed, path)
+    sets = (
+        None if calibration is None else calibration.prediction_sets(summary.mean, paths, plan.seed)
+    )
     if plan.temperature:
         summary = with_temperature(summary, calibration.temperature)
     decisions = decide(summary, plan.rule)
-    files = [plan.discovery.files[i] for i in batch.positions]
     columns = score_record_batch(
         schema,
         plan.labels.class_names,
-        paths=[f.relative_path for f in files],
+        paths=paths,
         labels=[plan.labels.texts[i] for i in batch.positions],
         label_indices=[plan.labels.indices[i] for i in batch.positions],
         statuses=batch.statuses,
         pred_index=summary.pred,
         decision_index=decisions,
-        stats={name: getattr(summary, name) for name in _STAT_FIELDS},
+        stats={name: getattr(summary, name) for name in _STAT_FIELDS} | ood_scores(plan, batch),
         pred_sets=sets,
         samples=batch.samples if plan.save_samples else None,
         passes=batch.passes,
     )
     return columns, decisions
+
+
+def ood_columns(plan: RunPlan) -> list[str]:
+    """The OOD columns of a run: the method's scalar extras among ``OOD_COLUMNS``, and
+    ``knn_distance`` when the calibration has a kNN index and the method gives features."""
+    extras = set(plan.method.extras)
+    knn = plan.calibration is not None and plan.calibration.knn is not None
+    if knn and "features" in extras:
+        extras.add("knn_distance")
+    return [name for name in OOD_COLUMNS if name in extras]
+
+
+def ood_scores(plan: RunPlan, batch: SampledBatch) -> dict[str, np.ndarray]:
+    """A batch's OOD columns (``ood_columns``): the extras averaged per image, and the kNN
+    distance of each image's features (``postprocess.ood.KnnIndex.distances``)."""
+    scores = {name: batch.extras[name] for name in OOD_COLUMNS if name in batch.extras}
+    if "knn_distance" in ood_columns(plan):
+        scores["knn_distance"] = plan.calibration.knn.distances(batch.extras["features"])
+    return scores
 
 
 _STAT_FIELDS = CLASS_STATISTICS + SCORE_COLUMNS  # the Summary fields written
@@ -159,6 +187,7 @@ def run_schema(plan: RunPlan, engine: str = "local") -> pa.Schema:
         pred_set=plan.calibration is not None,
         samples_per_image=plan.samples_per_image if plan.save_samples else None,
         variable_samples=plan.adaptive is not None,
+        ood_columns=ood_columns(plan),
     )
 
 
