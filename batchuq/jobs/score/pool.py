@@ -37,6 +37,7 @@ class _Image:
     row: int = 0  # its first row in the pool's prepared rows (K rows from there)
     drawn: list[np.ndarray] = field(default_factory=list)  # per round (K * G, count, C)
     done: bool = False
+    extras: dict[str, np.ndarray] = field(default_factory=dict)  # kept when done
 
 
 @dataclass(frozen=True)
@@ -48,12 +49,15 @@ class Released:
         statuses: ``ok`` or ``error: ...`` per image.
         samples: Per image, float32 ``(K * G * passes_i, classes)``, copy-major.
         passes: ``(images,)`` int64 passes drawn per copy (and member).
+        extras: The method's extras per image (``prepared_extras``: each row's mean over the
+            passes it got), averaged over the image's copies: float32 ``(images, ...)``.
     """
 
     positions: list[int]
     statuses: list[str]
     samples: list[np.ndarray]
     passes: np.ndarray
+    extras: dict[str, np.ndarray]
 
 
 class AdaptivePool:
@@ -132,7 +136,19 @@ class AdaptivePool:
         for count, images in by_count.items():
             self._draw(images, count)
         self._look(batch)
+        self._keep_extras([image for image in batch if image.done])
         self.active = [image for image in self.active if not image.done]
+
+    def _keep_extras(self, done: list[_Image]) -> None:
+        """Keep the extras of images just done, before their rows leave the pool: each row's
+        mean over its passes, averaged over the image's copies (as a fixed run's)."""
+        if not done:
+            return
+        k = self.copies
+        for name, values in self.method.prepared_extras(self.prepared).items():
+            for image in done:
+                rows = values[image.row : image.row + k]
+                image.extras[name] = rows.mean(axis=0, dtype=np.float64).astype(np.float32)
 
     def _draw(self, images: list[_Image], count: int) -> None:
         """Draw ``count`` passes of ``images``, each from its own next pass."""
@@ -174,9 +190,11 @@ class AdaptivePool:
             joined = np.concatenate(image.drawn, axis=1)  # (K * G, passes, C)
             samples.append(joined.reshape(-1, joined.shape[2]))
             passes.append(joined.shape[1])
+        extras = {name: np.stack([i.extras[name] for i in out]) for name in out[0].extras}
         return Released(
             [i.position for i in out],
             [i.status for i in out],
             samples,
             np.asarray(passes, dtype=np.int64),
+            extras,
         )
