@@ -85,6 +85,7 @@ class AdaptivePool:
         self.round_images = max(1, round_images)
         self.temperature = temperature
         self.rounds = adaptive.rounds()
+        self.looks = len(self.rounds) - 1  # adaptive.looks, without rebuilding the rounds
         self.prepared: Any = None
         self.active: list[_Image] = []  # unsettled, oldest first; their rows are in `prepared`
         self.waiting: deque[_Image] = deque()  # every image not yet released, oldest first
@@ -167,7 +168,7 @@ class AdaptivePool:
         by_look: dict[int, list[_Image]] = {}
         for image in images:
             look = len(image.drawn) - 1  # the look after this image's latest round
-            if look == self.adaptive.looks or (look == 0 and not image.readable):
+            if look == self.looks or (look == 0 and not image.readable):
                 image.done = True
             else:
                 by_look.setdefault(look, []).append(image)
