@@ -8,7 +8,13 @@
    image's class is which of 5 vertical bands was brightened (the noise makes some images
    genuinely ambiguous). Training images and test images are disjoint draws.
 
-For each, in one process: a warm-up call of each mode (loading, tracing, XLA and oneDNN
+3. ``--passes auto`` against a fixed run *at its mean passes*: the bundled test set copied 8
+   times (3,600 images, other names so other keys), auto, fixed T=100 and fixed
+   T=round(auto's mean passes), alternately; the ratio auto / fixed-at-mean images/s is what the
+   rounds cost beyond their passes (1.0: nothing; the goal is at least 0.85). The load average
+   before and after is recorded: the machine may be shared.
+
+For 1 and 2, in one process: a warm-up call of each mode (loading, tracing, XLA and oneDNN
 compiling their shapes), then fixed T=100 and ``--passes auto`` alternately, ``--repeats`` times,
 keeping each mode's fastest wall time (end to end: ``score_directory`` from files to Parquet).
 Reported: images/s of each, the speed-up, mean and largest passes, the share of identical
@@ -17,13 +23,15 @@ decisions, the worst-case image (most passes), and the cold (first-call) times.
 ``--memory`` also runs ``memory_flat.py``'s peak-RSS measurement with ``--passes auto`` on
 2,000 and 20,000 images, first, while this process is still small: a child's ``ru_maxrss``
 starts from its parent's peak on Linux, so measured after the training it would show that.
-``--memory-only`` runs just that and updates the ``memory`` entry of the existing results.
+``--memory-only`` runs just that and updates the ``memory`` entry of the existing results;
+``--ratio-only`` runs just 3 and updates the ``pooled`` entry.
 
 Writes ``benchmarks/results/adaptive.json`` (the docs' results page reads it).
 
     python benchmarks/bench_adaptive.py              # ~10 min on 2 cores (training ~3 min)
     python benchmarks/bench_adaptive.py --memory     # + ~2 min
     python benchmarks/bench_adaptive.py --memory-only
+    python benchmarks/bench_adaptive.py --ratio-only   # ~5 min on 2 cores
 """
 
 from __future__ import annotations
@@ -161,6 +169,88 @@ def _accuracy(frame) -> float | None:
     return round(float((labelled.pred == labelled.label).mean()), 4) if len(labelled) else None
 
 
+def copy_test_set(folder: Path, copies: int) -> Path:
+    """The bundled test set ``copies`` times over, each copy's files renamed (``rI_NAME``)."""
+    for source in sorted(TEST.glob("*/*.png")):
+        target = folder / source.parent.name
+        target.mkdir(parents=True, exist_ok=True)
+        for i in range(copies):
+            (target / f"r{i}_{source.name}").write_bytes(source.read_bytes())
+    return folder
+
+
+def pooled_ratio(work: Path, repeats: int) -> dict:
+    """``--passes auto`` against fixed T=100 and fixed T=round(auto's mean passes), 3,600 images.
+
+    Auto and fixed-at-mean each get a warm-up call, then run alternately ``repeats`` times,
+    each keeping its fastest end-to-end wall time (the ratio's two sides see the same load);
+    fixed T=100 runs twice, the first call also compiling its shapes, and keeps the faster.
+    """
+    import pandas as pd
+
+    from batchuq import score_directory
+    from batchuq.jobs.score import ScoreOptions
+
+    images = copy_test_set(work / "digits3600", 8)
+    out = work / "pooled-auto.parquet"
+    load_before = os.getloadavg()
+    score_directory(images, out, ScoreOptions(passes="auto", seed=1))  # warm-up
+    auto = pd.read_parquet(out)
+    at_mean = int(round(float(auto.passes.mean())))
+    modes = {"auto": "auto", "fixed_at_mean": at_mean, "fixed_100": 100}
+
+    def timed(mode: str) -> float:
+        options = ScoreOptions(passes=modes[mode], seed=1)
+        started = time.perf_counter()
+        score_directory(images, work / f"pooled-{mode}.parquet", options)
+        return time.perf_counter() - started
+
+    timed("fixed_at_mean")  # warm-up
+    best = dict.fromkeys(modes, float("inf"))
+    for _ in range(repeats):
+        for mode in ("auto", "fixed_at_mean"):
+            best[mode] = min(best[mode], timed(mode))
+    best["fixed_100"] = min(timed("fixed_100"), timed("fixed_100"))
+    fixed = pd.read_parquet(work / "pooled-fixed_100.parquet")
+    count = len(auto)
+    per_second = {mode: round(count / seconds, 1) for mode, seconds in best.items()}
+    result = {
+        "images": count,
+        "mean_passes": round(float(auto.passes.mean()), 2),
+        "fixed_at_mean_passes": at_mean,
+        "auto_images_per_second": per_second["auto"],
+        "fixed_at_mean_images_per_second": per_second["fixed_at_mean"],
+        "fixed_100_images_per_second": per_second["fixed_100"],
+        "ratio_auto_to_fixed_at_mean": round(best["fixed_at_mean"] / best["auto"], 3),
+        "speedup_over_fixed_100": round(best["fixed_100"] / best["auto"], 2),
+        "same_decisions_as_fixed_100": round(float((auto.decision == fixed.decision).mean()), 4),
+        "repeats": repeats,
+        "load_average_before": [round(x, 2) for x in load_before],
+        "load_average_after": [round(x, 2) for x in os.getloadavg()],
+        "seed": 1,
+        "generated_by": "python benchmarks/bench_adaptive.py",
+        "date": common.now(),
+        "cpu": common.cpu_info(),
+        "versions": common.versions(),
+        "library_commit": _commit_of_library(),
+    }
+    print(f"  pooled: {json.dumps(result)}", flush=True)
+    return result
+
+
+def _commit_of_library() -> str | None:
+    """The git commit of the checkout the imported ``batchuq`` comes from (None: unknown)."""
+    import subprocess
+
+    import batchuq
+
+    folder = Path(batchuq.__file__).resolve().parent
+    done = subprocess.run(
+        ["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True
+    )
+    return done.stdout.strip() or None
+
+
 def memory(work: Path) -> list[dict]:
     """Peak RSS of ``batchuq score --passes auto`` on 2,000 and 20,000 images.
 
@@ -184,11 +274,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test-images", type=int, default=400)
     parser.add_argument("--memory", action="store_true", help="also peak RSS at 2k and 20k")
     parser.add_argument("--memory-only", action="store_true", help="only peak RSS: update JSON")
+    parser.add_argument(
+        "--ratio-only", action="store_true", help="only auto vs fixed at its mean: update JSON"
+    )
+    parser.add_argument(
+        "--key",
+        default="pooled",
+        help="with --ratio-only, the JSON entry to write (e.g. pooled_before, for a run of an "
+        "older checkout's library: PYTHONPATH=OLD python benchmarks/bench_adaptive.py ...)",
+    )
     args = parser.parse_args(argv)
-    if args.memory_only:
+    if args.memory_only or args.ratio_only:
         with tempfile.TemporaryDirectory(prefix="bench_adaptive_") as tmp:
             result = json.loads(RESULTS_JSON.read_text())
-            result["memory"] = memory(Path(tmp))
+            if args.memory_only:
+                result["memory"] = memory(Path(tmp))
+            else:
+                result[args.key] = pooled_ratio(Path(tmp), args.repeats)
+                result[args.key]["generated_by"] = (
+                    f"python benchmarks/bench_adaptive.py --ratio-only --key {args.key}"
+                )
         return _save(result)
     started = time.perf_counter()
     result = {
@@ -216,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
         test = work / "test"
         write_band_images(test, args.test_images, seed=202)
         result["reference"] = compare(test, work, "reference", args.repeats, model=model, seed=1)
+        print("3,600 digits: auto vs fixed at its mean passes ...", flush=True)
+        result["pooled"] = pooled_ratio(work, args.repeats)
     result["seconds"] = round(time.perf_counter() - started, 1)
     return _save(result)
 

@@ -9,18 +9,23 @@ from pathlib import Path
 import keras
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
-from conftest import ROUNDING
+from conftest import ROUNDING, assert_frames_equal_to_rounding
+from PIL import Image
 
 from batchuq.cli import cli
-from batchuq.jobs.score import ScoreOptions, score_directory
+from batchuq.errors import StopRequested
+from batchuq.jobs.score import RunControl, ScoreOptions, score_directory
+from batchuq.jobs.score.pool import AdaptivePool
 from batchuq.methods.mc_dropout import MCDropout
 from batchuq.model_files import BUNDLED_MODEL as DEFAULT_MODEL_PATH
 from batchuq.output.schema import read_metadata
 from batchuq.postprocess.rules import DecisionRule
 from batchuq.sampling.memory import bucket_rows
 from batchuq.sampling.sampler import MCSampler
+from batchuq.sampling.stopping import AdaptivePasses, sample_adaptively
 
 DATA = Path(DEFAULT_MODEL_PATH).parent
 
@@ -171,3 +176,103 @@ def test_prepare_runs_the_prefix_in_chunks_within_the_memory_budget() -> None:
     assert prepared.frontier[0].shape[0] == 8
     drawn = sampler.sample_rows(prepared, np.arange(8), 0, 20)
     np.testing.assert_allclose(drawn, sampler.sample(images, keys), **ROUNDING)
+
+
+def _blended_digits(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``count`` blends of two bundled test digits (64x64x1, rescaled to 0..1), and keys."""
+    root = Path(__file__).resolve().parents[1] / "sample_data" / "digits" / "test"
+    files = [f for folder in sorted(root.iterdir()) for f in sorted(folder.iterdir())[:6]]
+    digits = np.stack(
+        [np.asarray(Image.open(f).convert("L").resize((64, 64)), np.float32) / 255 for f in files]
+    )
+    rng = np.random.default_rng(seed)
+    first, second = rng.integers(0, len(files), (2, count))
+    weight = rng.uniform(0.3, 0.7, (count, 1, 1))
+    blends = weight * digits[first] + (1 - weight) * digits[second]
+    return blends[..., None].astype(np.float32), rng.integers(0, 2**32, count, dtype=np.uint32)
+
+
+@pytest.mark.numerics
+def test_pool_gives_each_image_its_unpooled_samples_in_order_and_stays_bounded() -> None:
+    # Blends of two digits: the digits CNN is unsure of many, so they stay for many rounds and
+    # hold the images after them back: the worst case for the pool's size.
+    method = MCDropout(keras.saving.load_model(DEFAULT_MODEL_PATH), passes=50)
+    count, batch, copies = 60, 6, 2
+    images, keys = _blended_digits(count * copies, seed=7)
+    adaptive, rule = AdaptivePasses(min_passes=10, max_passes=50), DecisionRule()
+    statuses = ["ok"] * count
+    statuses[4] = "error: unreadable"  # stops after its first round, whatever its samples
+    pool = AdaptivePool(method, copies, adaptive, rule, round_images=batch)
+    released = []
+    for start in range(0, count, batch):
+        rows = slice(start * copies, (start + batch) * copies)
+        pool.add(
+            method.prepare(images[rows], keys[rows]),
+            list(range(start, start + batch)),
+            statuses[start : start + batch],
+        )
+        while pool.full:
+            pool.run_round()
+            released.append(pool.release())
+    while pool.active:
+        pool.run_round()
+        released.append(pool.release())
+    out = [r for r in released if r is not None]
+    assert [p for r in out for p in r.positions] == list(range(count))  # in order
+    passes = np.concatenate([r.passes for r in out])
+    samples = [s for r in out for s in r.samples]
+    # Without a pool: all images in one call per round, each round only the unsettled ones.
+    prepared = method.prepare(images, keys)
+
+    def draw(which: np.ndarray, first_pass: int, passes: int) -> np.ndarray:
+        rows = (which[:, None] * copies + np.arange(copies)).reshape(-1)
+        drawn = method.sample_passes(prepared, rows, first_pass, passes)
+        return drawn.reshape(len(which), copies, passes, -1)
+
+    unreadable = np.array([s != "ok" for s in statuses])
+    reference = sample_adaptively(draw, count, adaptive, rule, stop_after_first=unreadable)
+    np.testing.assert_array_equal(passes, reference.passes)
+    assert passes[4] == 10 and passes.max() == 50 and (passes > 10).sum() > batch
+    for pooled, alone in zip(samples, reference.samples, strict=True):
+        np.testing.assert_allclose(pooled, alone, **ROUNDING)
+    # Bounded: the oldest image is in every round until it settles, so at most one batch
+    # comes in per round while it holds the others back.
+    assert pool.peak_images <= len(adaptive.rounds()) * batch
+    assert pool.peak_rows <= (2 * batch - 1) * copies
+    assert len(pool) == 0 and pool.prepared is not None
+
+
+@pytest.mark.numerics
+def test_pooling_across_batches_gives_the_rows_of_batches_of_one(
+    digits_subset: Path, tmp_path: Path
+) -> None:
+    common = {"passes": "auto", "max_passes": 40, "tta": 2, "seed": 3, "save_samples": True}
+    one, pooled = tmp_path / "one.parquet", tmp_path / "pooled.parquet"
+    score_directory(digits_subset, one, ScoreOptions(batch_size=1, **common))
+    score_directory(digits_subset, pooled, ScoreOptions(batch_size=8, **common))
+    one_rows, one_samples = _samples(one)
+    pooled_rows, pooled_samples = _samples(pooled)
+    assert pooled_rows.path.tolist() == one_rows.path.tolist() == sorted(one_rows.path)
+    assert one_rows.passes.nunique() > 1 and "max_logit" in one_rows  # extras too
+    # Every column (passes, decisions, statistics, OOD scores) the same, to float32 rounding.
+    assert_frames_equal_to_rounding(
+        pooled_rows.drop(columns="samples"), one_rows.drop(columns="samples")
+    )
+    for a, b in zip(pooled_samples, one_samples, strict=True):
+        np.testing.assert_allclose(a, b, **ROUNDING)
+
+
+def test_an_interrupted_adaptive_run_resumes_to_the_uninterrupted_rows(
+    digits_subset: Path, tmp_path: Path
+) -> None:
+    options = ScoreOptions(passes="auto", max_passes=40, seed=2, batch_size=4)
+    reference, out = tmp_path / "reference.parquet", tmp_path / "out.parquet"
+    score_directory(digits_subset, reference, options)
+    polls = iter(range(1000))
+    control = RunControl(resume=True, checkpoint_rows=4, should_stop=lambda: next(polls) >= 8)
+    with pytest.raises(StopRequested):
+        score_directory(digits_subset, out, options, control)
+    kept = pq.read_table(sorted((tmp_path / "out.parquet.checkpoint").glob("part-*"))[0])
+    assert 0 < kept.num_rows < 30
+    score_directory(digits_subset, out, options, RunControl(resume=True, checkpoint_rows=4))
+    assert_frames_equal_to_rounding(pd.read_parquet(out), pd.read_parquet(reference))

@@ -117,7 +117,7 @@ class UncertaintyMethod(ABC):
         )
 
     def sample_passes(
-        self, prepared: Any, index: np.ndarray, first_pass: int, passes: int
+        self, prepared: Any, index: np.ndarray, first_pass: int | np.ndarray, passes: int
     ) -> np.ndarray:
         """Draw passes ``first_pass .. first_pass + passes - 1`` of some prepared rows.
 
@@ -127,11 +127,25 @@ class UncertaintyMethod(ABC):
         Args:
             prepared: What ``prepare`` returned for the chunk.
             index: ``(n,)`` rows of the chunk to sample.
-            first_pass: Index of the first pass.
+            first_pass: Index of the first pass, or ``(n,)``: one per row.
             passes: Passes to draw.
 
         Returns:
             float32 probabilities, shape ``(n, pass_groups, passes, classes)``.
+        """
+        raise NotImplementedError
+
+    def join_prepared(self, parts: list[tuple[Any, np.ndarray]]) -> Any:
+        """Some rows of several ``prepare`` results, as one, for ``sample_passes`` to draw from.
+
+        ``--passes auto`` pools the unsettled rows of many batches this way, so that its
+        rounds run full calls.
+
+        Args:
+            parts: ``(prepared, index)`` pairs: rows ``index`` of each, concatenated in order.
+
+        Returns:
+            What ``prepare`` would have returned for those rows.
         """
         raise NotImplementedError
 

@@ -168,8 +168,15 @@ class DeepEnsemble(UncertaintyMethod):
             method.prepare(rows, mix(row_keys, index)) for index, method in enumerate(self.methods)
         ]
 
+    def join_prepared(self, parts: list[tuple[list[Any], np.ndarray]]) -> list[Any]:
+        """Every member's rows of several prepared chunks, each joined by the member."""
+        return [
+            method.join_prepared([(prepared[m], index) for prepared, index in parts])
+            for m, method in enumerate(self.methods)
+        ]
+
     def sample_passes(
-        self, prepared: list[Any], index: np.ndarray, first_pass: int, passes: int
+        self, prepared: list[Any], index: np.ndarray, first_pass: int | np.ndarray, passes: int
     ) -> np.ndarray:
         """``(n, members, passes, classes)``: the passes of member 0, then of member 1, ..."""
         parts = [

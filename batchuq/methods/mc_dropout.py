@@ -80,11 +80,15 @@ class MCDropout(UncertaintyMethod):
         return self.sampler.prepare(rows, row_keys)
 
     def sample_passes(
-        self, prepared: PreparedRows, index: np.ndarray, first_pass: int, passes: int
+        self, prepared: PreparedRows, index: np.ndarray, first_pass: int | np.ndarray, passes: int
     ) -> np.ndarray:
         """``(n, 1, passes, classes)``; see ``UncertaintyMethod.sample_passes``."""
         probs = self.sampler.sample_rows(prepared, index, first_pass, passes)  # (passes, n, C)
         return probs.transpose(1, 0, 2)[:, None]
+
+    def join_prepared(self, parts: list[tuple[PreparedRows, np.ndarray]]) -> PreparedRows:
+        """Rows of several prepared chunks as one; see ``MCSampler.join_prepared``."""
+        return self.sampler.join_prepared(parts)
 
     def prepared_extras(self, prepared: PreparedRows) -> dict[str, np.ndarray]:
         """Means over the passes drawn of each row; see ``MCSampler.prepared_extras``."""

@@ -139,6 +139,7 @@ class MCSampler:
         images = tf.TensorSpec((None, *input_shape[1:]), tf.float32)
         keys = tf.TensorSpec((None,), tf.uint32)
         scalar = tf.TensorSpec((), tf.int32)
+        per_row = tf.TensorSpec((None,), tf.int32)
         self._function = tf.function(self._sample, input_signature=[images, keys])
         self._prefix_function = tf.function(self._prefix, input_signature=[images])
         if self.split is None:
@@ -152,7 +153,7 @@ class MCSampler:
             ]
         self._rows_function = tf.function(
             self._sample_rows,
-            input_signature=[frontier, keys, tf.TensorSpec((None,), tf.int32), scalar, scalar],
+            input_signature=[frontier, keys, per_row, per_row, scalar],
         )
 
     @property
@@ -246,6 +247,7 @@ class MCSampler:
 
         Pass ``t`` of row ``i`` draws its masks from ``mix(keys[i], t)`` whatever else is in the
         call, so a call for passes 10..19 gives the draws of those passes in a call for 0..99.
+        ``first_pass`` is a scalar or one per row (rows at different rounds in one call).
 
         Returns:
             float32 ``(passes, rows, classes)``, and per name of ``extras`` the sum over the
@@ -265,10 +267,9 @@ class MCSampler:
                 tf.tile(t, tf.concat([[count], tf.ones([tf.rank(t) - 1], tf.int32)], 0))
                 for t in frontier
             ]
-            pass_index = tf.cast(
-                tf.range(first_pass + start, first_pass + start + count), tf.uint32
-            )
-            pass_keys = tf.reshape(mix(keys[None, :], pass_index[:, None]), [-1])
+            # (count, 1) for a scalar first pass, (count, rows) for one per row.
+            pass_index = tf.reshape(first_pass, [1, -1]) + start + tf.range(count)[:, None]
+            pass_keys = tf.reshape(mix(keys[None, :], tf.cast(pass_index, tf.uint32)), [-1])
             output, values = self._forward_tail(tiled, pass_keys)
             probs = tf.cast(output, tf.float32)
             if self.logits:
@@ -305,6 +306,30 @@ class MCSampler:
     ) -> tf.Tensor:
         picked = [tf.gather(t, index) for t in frontier]
         return self._tail_passes(picked, tf.gather(keys, index), first_pass, passes)
+
+    def join_prepared(self, parts: list[tuple[PreparedRows, np.ndarray]]) -> PreparedRows:
+        """Some rows of several ``prepare`` results, as one (e.g. to pool rows across batches).
+
+        Args:
+            parts: ``(prepared, index)`` pairs: the rows ``index`` of each, in order.
+
+        Returns:
+            The picked rows' frontier tensors, keys, and sums and passes drawn so far.
+        """
+        rows = [np.asarray(index, dtype=np.int32) for _, index in parts]
+        picks = [(p, tf.constant(index)) for (p, _), index in zip(parts, rows, strict=True)]
+        frontier = [
+            tf.concat([tf.gather(p.frontier[i], index) for p, index in picks], 0)
+            for i in range(len(parts[0][0].frontier))
+        ]
+        keys = tf.concat([tf.gather(p.keys, index) for p, index in picks], 0)
+        kept = [(p, index) for (p, _), index in zip(parts, rows, strict=True)]
+        sums = {
+            name: np.concatenate([p.sums[name][index] for p, index in kept])
+            for name in parts[0][0].sums
+        }
+        passes = np.concatenate([p.passes[index] for p, index in kept])
+        return PreparedRows(frontier, keys, sums, passes)
 
     def row_chunks(self, rows: int) -> list[tuple[int, int]]:
         """How ``sample`` cuts ``rows`` rows: ``(start, stop)`` ranges of balanced size.
@@ -399,7 +424,7 @@ class MCSampler:
         return PreparedRows(frontier, tf.convert_to_tensor(keys, tf.uint32), sums, np.zeros(rows))
 
     def sample_rows(
-        self, prepared: PreparedRows, index: np.ndarray, first_pass: int, passes: int
+        self, prepared: PreparedRows, index: np.ndarray, first_pass: int | np.ndarray, passes: int
     ) -> np.ndarray:
         """Draw passes ``first_pass .. first_pass + passes - 1`` of some prepared rows.
 
@@ -413,7 +438,7 @@ class MCSampler:
         Args:
             prepared: What ``prepare`` returned.
             index: ``(n,)`` indices of the rows to sample, into the prepared rows.
-            first_pass: Index of the first pass to draw.
+            first_pass: Index of the first pass to draw, or ``(n,)``: one per row.
             passes: Number of passes to draw (at least 1).
 
         Returns:
@@ -424,12 +449,15 @@ class MCSampler:
             raise UsageError("`index` must name at least one row. Received: index=[]")
         padded = np.full(bucket_rows(index.size), index[-1], dtype=np.int32)
         padded[: index.size] = index
+        first = np.empty_like(padded)
+        first[: index.size] = first_pass
+        first[index.size :] = first[index.size - 1]
         with self._sampling():
             probs, sums = self._rows_function(
                 prepared.frontier,
                 prepared.keys,
                 tf.constant(padded),
-                tf.constant(first_pass, tf.int32),
+                tf.constant(first),
                 tf.constant(passes, tf.int32),
             )
         for name, total in prepared.sums.items():

@@ -3,7 +3,9 @@
 ``iter_sampled_batches`` is shared by ``score`` (which summarises, decides and writes the
 samples) and ``calibrate`` (which fits on them). The test-time copies are made a chunk of rows
 at a time (``augment.CopyMaker``), each chunk sized by the method (``row_chunks``), so that
-memory stays within the method's budget however many copies an image has.
+memory stays within the method's budget however many copies an image has. With ``--passes
+auto`` the images go through an ``AdaptivePool`` (``pool``), whose rounds draw passes of the
+unsettled images of many batches at once.
 """
 
 from __future__ import annotations
@@ -21,14 +23,15 @@ from batchuq.decode import make_dataset
 from batchuq.defaults import STATUS_OK
 from batchuq.errors import ModelError, StopRequested
 from batchuq.jobs.score.plan import RunPlan
+from batchuq.jobs.score.pool import AdaptivePool
 from batchuq.sampling.memory import balanced_chunks
-from batchuq.sampling.stopping import AdaptiveResult, sample_adaptively
 from batchuq.seeds import image_keys, mix
 
 
 @dataclass(frozen=True)
 class SampledBatch:
-    """One decoded batch and its samples.
+    """One decoded batch and its samples (with ``--passes auto``: the images the adaptive pool
+    released at once, consecutive in the run's order).
 
     Attributes:
         positions: ``(batch,)`` indices of the images in ``plan.discovery.files``.
@@ -74,7 +77,8 @@ def iter_sampled_batches(
         desc: The progress bar's label.
 
     Yields:
-        ``SampledBatch`` per decoded batch.
+        ``SampledBatch`` per decoded batch; with ``--passes auto``, per set of images the
+        adaptive pool releases (``batchuq.jobs.score.pool``), still in order.
 
     Raises:
         ModelError: If the model's outputs are not probabilities.
@@ -104,40 +108,45 @@ def iter_sampled_batches(
         leave=False,
     )
     batches = iter(dataset)
+    if plan.adaptive is None:
+        sampled = _fixed_batches(plan, copies, batches, todo, should_stop)
+    else:
+        sampled = _pooled_batches(plan, copies, batches, todo, should_stop)
     try:
         with bar:
-            for batch in batches:
-                _stop_if_asked(should_stop)
-                statuses = [status.decode() for status in batch["status"].numpy()]
-                ok = np.array([status == STATUS_OK for status in statuses], dtype=bool)
-                samples, passes, extras = _sample(plan, copies, batch, ok)
-                _stop_if_asked(should_stop)
-                for image in np.flatnonzero(ok):
-                    check_probabilities(samples[image], plan.loaded.path)
-                positions = [todo[int(i)] for i in batch["index"].numpy()]
-                yield SampledBatch(positions, statuses, samples, passes, extras)
-                bar.update(len(statuses))
+            for out in sampled:
+                yield out
+                bar.update(len(out.statuses))
     finally:
         # Stop the input pipeline here, while Python is fully alive. Left to the traceback
         # of an interrupt, it would be torn down at interpreter exit, where its decode
         # threads calling back into Python can crash the process.
-        del batches
+        sampled.close()
+        del sampled, batches
 
 
-def _sample(
-    plan: RunPlan, copies: CopyMaker, batch: dict, ok: np.ndarray
-) -> tuple[np.ndarray | list[np.ndarray], np.ndarray, dict[str, np.ndarray]]:
-    """A decoded batch's samples, passes and extras per image, fixed or adaptive."""
-    stack, keys = batch["images"][:, 0], batch["keys"]
-    extras: dict[str, list[np.ndarray]] = {}
-    if plan.adaptive is None:
-        per_copy = plan.method.samples_per_row // plan.method.pass_groups
-        samples = sample_batch(plan, copies, stack, keys, extras)
+def _fixed_batches(
+    plan: RunPlan,
+    copies: CopyMaker,
+    batches: Iterator[dict],
+    todo: list[int],
+    should_stop: Callable[[], bool] | None,
+) -> Iterator[SampledBatch]:
+    """Every decoded batch with its fixed number of passes, as it comes."""
+    per_copy = plan.method.samples_per_row // plan.method.pass_groups
+    for batch in batches:
+        _stop_if_asked(should_stop)
+        statuses = [status.decode() for status in batch["status"].numpy()]
+        ok = np.array([status == STATUS_OK for status in statuses], dtype=bool)
+        extras: dict[str, list[np.ndarray]] = {}
+        samples = sample_batch(plan, copies, batch["images"][:, 0], batch["keys"], extras)
+        _stop_if_asked(should_stop)
+        for image in np.flatnonzero(ok):
+            check_probabilities(samples[image], plan.loaded.path)
+        positions = [todo[int(i)] for i in batch["index"].numpy()]
         passes = np.full(len(ok), per_copy, np.int64)
-    else:
-        result = sample_batch_adaptive(plan, copies, stack, keys, ok, extras)
-        samples, passes = result.samples, result.passes
-    return samples, passes, per_image_extras(extras, len(ok), plan.tta.copies)
+        means = per_image_extras(extras, len(ok), plan.tta.copies)
+        yield SampledBatch(positions, statuses, samples, passes, means)
 
 
 def per_image_extras(
@@ -161,65 +170,84 @@ def per_image_extras(
     return means
 
 
-def sample_batch_adaptive(
+def _pooled_batches(
     plan: RunPlan,
     copies: CopyMaker,
-    stack: tf.Tensor,
-    keys: tf.Tensor,
-    ok: np.ndarray,
-    extras: dict[str, list[np.ndarray]] | None = None,
-) -> AdaptiveResult:
-    """Sample a batch in rounds, each image until its decision is settled (``--passes auto``).
+    batches: Iterator[dict],
+    todo: list[int],
+    should_stop: Callable[[], bool] | None,
+) -> Iterator[SampledBatch]:
+    """``--passes auto``: the decoded batches' images through an ``AdaptivePool``, whose
+    rounds run on the unsettled images of many batches; images leave in path order."""
+    pool = AdaptivePool(
+        plan.method,
+        plan.tta.copies,
+        plan.adaptive,
+        plan.rule,
+        round_images(plan),
+        temperature=plan.decision_temperature,
+    )
+    for batch in batches:
+        _stop_if_asked(should_stop)
+        statuses = [status.decode() for status in batch["status"].numpy()]
+        positions = [todo[int(i)] for i in batch["index"].numpy()]
+        add_to_pool(plan, copies, pool, batch, positions, statuses)
+        while pool.full:
+            pool.run_round()
+            yield from _released(plan, pool)
+        _stop_if_asked(should_stop)
+    while pool.active:
+        pool.run_round()
+        yield from _released(plan, pool)
 
-    The mask-independent work (augmenting, the prefix) is done once per chunk of images,
-    whose K copies fit the method's memory budget; the rounds then draw passes of the
-    images still unsettled only.
+
+def round_images(plan: RunPlan) -> int:
+    """Images per adaptive round: as many as a decoded batch's copies fit one chunk of rows
+    within the method's memory budget (``row_chunks``)."""
+    k = plan.tta.copies
+    largest = max(stop - start for start, stop in plan.method.row_chunks(plan.batch_size * k))
+    return max(1, largest // k)
+
+
+def add_to_pool(
+    plan: RunPlan,
+    copies: CopyMaker,
+    pool: AdaptivePool,
+    batch: dict,
+    positions: list[int],
+    statuses: list[str],
+) -> None:
+    """Augment and prepare a decoded batch (a round's images at a time, so that its copies
+    fit the memory budget) and add it to the pool.
 
     Args:
         plan: The run (``plan.adaptive`` set).
         copies: Makes the test-time copies of a range of rows.
-        stack: ``(batch, H, W, C)`` pixel values 0..255.
-        keys: ``(batch,)`` uint32 image keys.
-        ok: ``(batch,)`` bool: readable images (the others stop after the first round).
-        extras: Where to append each chunk's rows' extras (``prepared_extras``: their means
-            over the passes each row got), per name; ``None``: not kept.
-
-    Returns:
-        Per image, ``(K * G * passes_i, classes)`` samples, copy-major, and the passes.
+        pool: The run's pool.
+        batch: The decoded batch (``images`` ``(batch, 1, H, W, C)``, ``keys``).
+        positions: The batch's images (indices in ``plan.discovery.files``).
+        statuses: ``ok`` or ``error: ...`` per image.
     """
-    b, k = int(tf.shape(stack)[0]), plan.tta.copies
+    stack, keys, k = batch["images"][:, 0], batch["keys"], plan.tta.copies
     row_keys = copy_keys(keys, k)
-    largest = max(stop - start for start, stop in plan.method.row_chunks(b * k))
-    results = []
-    for first, last in balanced_chunks(b, max(1, largest // k)):
+    for first, last in balanced_chunks(len(positions), pool.round_images):
         chunk = copies.rows(stack, keys, first * k, last * k)
         if not plan.spec.channel_axis:  # an (H, W) model: drop the one channel
             chunk = chunk[..., 0]
         prepared = plan.method.prepare(chunk, row_keys[first * k : last * k])
         del chunk
+        pool.add(prepared, positions[first:last], statuses[first:last])
 
-        def draw(images: np.ndarray, first_pass: int, passes: int, _prepared=prepared):
-            rows = (images[:, None] * k + np.arange(k)[None, :]).reshape(-1)
-            drawn = plan.method.sample_passes(_prepared, rows, first_pass, passes)
-            # (images * K, G, passes, C) -> (images, K * G, passes, C): copy, then member
-            return drawn.reshape(len(images), k * drawn.shape[1], passes, drawn.shape[3])
 
-        results.append(
-            sample_adaptively(
-                draw,
-                last - first,
-                plan.adaptive,
-                plan.rule,
-                temperature=plan.decision_temperature,
-                stop_after_first=~ok[first:last],
-            )
-        )
-        for name, values in plan.method.prepared_extras(prepared).items():
-            if extras is not None:
-                extras.setdefault(name, []).append(values)
-    return AdaptiveResult(
-        [s for r in results for s in r.samples], np.concatenate([r.passes for r in results])
-    )
+def _released(plan: RunPlan, pool: AdaptivePool) -> Iterator[SampledBatch]:
+    """The images the pool lets go, as a batch (checked to be probabilities)."""
+    out = pool.release()
+    if out is None:
+        return
+    for samples, status in zip(out.samples, out.statuses, strict=True):
+        if status == STATUS_OK:
+            check_probabilities(samples, plan.loaded.path)
+    yield SampledBatch(out.positions, out.statuses, out.samples, out.passes, out.extras)
 
 
 def sample_batch(
@@ -263,6 +291,12 @@ def copy_keys(keys: tf.Tensor, copies: int) -> tf.Tensor:
     """The key of every test-time copy: ``(batch * copies,)`` uint32, where row ``r`` is copy
     ``r % copies`` of image ``r // copies`` and gets ``mix(image key, copy)``."""
     copy_index = tf.cast(tf.range(copies), tf.uint32)
+    return _copy_keys(tf.convert_to_tensor(keys, tf.uint32), copy_index)
+
+
+@tf.function(reduce_retracing=True)
+def _copy_keys(keys: tf.Tensor, copy_index: tf.Tensor) -> tf.Tensor:
+    """``copy_keys`` as one compiled call (run eagerly, its ~20 integer ops cost ~5 ms a batch)."""
     return tf.reshape(mix(keys[:, None], copy_index[None, :]), [-1])
 
 
