@@ -101,7 +101,7 @@ def run_batchuq(*args: str) -> None:
         try:
             for line in child.stdout:
                 print(line, end="", flush=True)
-        finally:  # the task's timeout or a kill: batchuq stops at its next batch boundary
+        finally:  # the task's timeout (AirflowTaskTimeout): batchuq stops at its next batch
             if child.poll() is None:
                 child.terminate()
             child.wait()
