@@ -8,6 +8,7 @@ the rest of the test session.
 
 from __future__ import annotations
 
+import datetime as dt
 import importlib.metadata
 import importlib.util
 import json
@@ -189,6 +190,26 @@ def test_nightly_dag_scores_monitors_and_maps_exit_codes_to_task_states(tmp_path
     assert fatal["state"] == "failed" and fatal["tries"]["score"] == 3
     assert fatal["tasks"] == {**dict.fromkeys(ok, "upstream_failed"), "score": "failed"}
     assert "batchuq exited 3; the task will be retried" in child.stdout + child.stderr
+
+    # The same through the command line, as docs/unattended.md runs a night by hand: the
+    # clean night reruns quiet (exit 0), the shifted one fails on its monitor alert (exit 1).
+    airflow = Path(sys.executable).parent / "airflow"
+    for date, code in (("2026-11-22", 0), ("2026-11-23", 1)):
+        done = subprocess.run(
+            [str(airflow), "dags", "test", "batchuq_nightly", date],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert done.returncode == code, done.stdout[-5000:] + done.stderr[-5000:]
+        night = _night_before(date)
+        assert f"monitor {history / f'date={night}'} --reference {history}" in done.stdout
+    assert "ALERT: " in done.stdout and "batchuq exited 5 (monitor alert" in done.stdout
+
+
+def _night_before(date: str) -> str:
+    return (dt.date.fromisoformat(date) - dt.timedelta(days=1)).isoformat()
 
 
 def _run_dag(plan: list[dict]) -> None:
