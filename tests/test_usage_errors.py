@@ -71,6 +71,7 @@ NAMES = [
     "monitor: reference from another model",
     "monitor: history with no night before tonight",
     "monitor: TONIGHT not a score output",
+    "monitor: --last without a history folder",
     "monitor: --last 0",
     "monitor: empty night",
     "monitor: missing TONIGHT with --missing-ok",

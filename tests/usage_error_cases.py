@@ -165,6 +165,9 @@ def _monitor_and_queue_cases(runs: dict[str, Path]) -> dict[str, Case]:
         "monitor: TONIGHT not a score output": Case(
             ["monitor", "notes.txt", "-r", tonight], 2, "Cannot read it as a `batchuq score`"
         ),
+        "monitor: --last without a history folder": Case(
+            ["monitor", tonight, "-r", sngp, "--last", "3"], 2, "no --reference is one"
+        ),
         "monitor: --last 0": Case(["monitor", tonight, "-r", "nights", "--last", "0"], 2, "--last"),
         "monitor: empty night": Case(
             ["monitor", "nights/date=2026-12-02", "-r", "nights"], 4, "holds no rows"
