@@ -8,6 +8,7 @@ the rest of the test session.
 
 from __future__ import annotations
 
+import datetime as dt
 import importlib.metadata
 import importlib.util
 import json
@@ -29,33 +30,72 @@ def test_dag_file_compiles() -> None:
     compile(DAG_FILE.read_text(encoding="utf-8"), str(DAG_FILE), "exec")
 
 
-def test_nightly_dag_scores_the_day_before_and_skips_a_night_without_images(
-    tmp_path: Path,
-) -> None:
+def _batchuq_executable() -> str:
+    batchuq = Path(sys.executable).parent / "batchuq"
+    found = str(batchuq) if batchuq.exists() else shutil.which("batchuq")
+    assert found, "no batchuq executable beside this Python or on PATH"
+    return found
+
+
+def _nights(root: Path, batchuq: str) -> None:
+    """The images folder: two clean nights (the even and the odd test digits), a shifted one
+    (Gaussian noise at severity 5 on the odd ones), none on 2026-11-23, an empty folder on
+    2026-11-24, and two small nights for the failing runs."""
+    images = sorted(p.relative_to(SAMPLE_TEST) for p in SAMPLE_TEST.rglob("*.png"))
+    for night, chosen in (("2026-11-20", images[0::2]), ("2026-11-21", images[1::2])):
+        for image in chosen:
+            (root / night / image.parent).mkdir(parents=True, exist_ok=True)
+            shutil.copy(SAMPLE_TEST / image, root / night / image)
+    shifted = root.parent / "shifted"
+    subprocess.run(
+        [
+            batchuq,
+            "shift",
+            str(root / "2026-11-21"),
+            str(shifted),
+            "--corruptions",
+            "gaussian_noise",
+            "--severities",
+            "5",
+            "--no-contact-sheet",
+            "--no-progress",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    shutil.move(shifted / "gaussian_noise" / "5", root / "2026-11-22")
+    (root / "2026-11-24").mkdir()
+    for night in ("2026-11-25", "2026-11-26"):
+        for image in images[:5]:
+            (root / night / image.parent).mkdir(parents=True, exist_ok=True)
+            shutil.copy(SAMPLE_TEST / image, root / night / image)
+
+
+def test_nightly_dag_scores_monitors_and_maps_exit_codes_to_task_states(tmp_path: Path) -> None:
+    """One run per night: clean nights pass score and monitor, a shifted night fails monitor
+    (exit 5) without a retry, no images skip every task, a usage error (exit 2) fails score
+    without a retry, a fatal error (exit 3) is retried twice."""
     try:  # Airflow 3 ships its task SDK as a distribution; looked up without importing Airflow
         importlib.metadata.version("apache-airflow-task-sdk")
     except importlib.metadata.PackageNotFoundError:
         pytest.skip("needs Apache Airflow 3: pip install 'apache-airflow>=3.1,<4'")
-    batchuq = Path(sys.executable).parent / "batchuq"
-    batchuq = str(batchuq) if batchuq.exists() else shutil.which("batchuq")
-    assert batchuq, "no batchuq executable beside this Python or on PATH"
     import pandas as pd
     import pyarrow.parquet as pq
 
-    # One image per class in the folder of 2026-11-22; no folder for 2026-11-23; an empty one
-    # for 2026-11-24.
+    batchuq = _batchuq_executable()
     root = tmp_path / "images"
-    for class_dir in sorted(SAMPLE_TEST.iterdir()):
-        first = sorted(class_dir.iterdir())[0]
-        (root / "2026-11-22" / class_dir.name).mkdir(parents=True)
-        shutil.copy(first, root / "2026-11-22" / class_dir.name / first.name)
-    (root / "2026-11-24").mkdir()
+    _nights(root, batchuq)
     output_dir = tmp_path / "scores"  # does not exist yet: the DAG creates it
     # The bundled model under another name, to see that BATCHUQ_MODEL reaches batchuq.
     model = tmp_path / "models" / "nightly.keras"
     model.parent.mkdir()
     shutil.copy(BUNDLED_MODEL, model)
     shutil.copy(BUNDLED_MODEL.with_suffix(".classes.json"), model.with_suffix(".classes.json"))
+    config = tmp_path / "batchuq.toml"
+    config.write_text("[score]\npasses = 10\n")  # BATCHUQ_CONFIG reaches batchuq too
+    # 2026-11-26's partition cannot be written: its part-0.parquet is a folder, so the run
+    # fails at its very end (exit 3), every try.
+    (output_dir / "history" / "date=2026-11-26" / "part-0.parquet").mkdir(parents=True)
 
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "BATCHUQ"))},
@@ -65,45 +105,118 @@ def test_nightly_dag_scores_the_day_before_and_skips_a_night_without_images(
         "BATCHUQ_IMAGES_ROOT": str(root),
         "BATCHUQ_OUTPUT_DIR": str(output_dir),
         "BATCHUQ_MODEL": str(model),
+        "BATCHUQ_CONFIG": str(config),
         "BATCHUQ_BIN": batchuq,
+        "BATCHUQ_QUEUE_SIZE": "20",
     }
-    dates = ["2026-11-23", "2026-11-24", "2026-11-25"]
+    # Logical date D scores the night D - 1; 2026-11-26 scores with a model that is not there.
+    plan = [
+        {"date": date, "env": {}}
+        for date in ("2026-11-21", "2026-11-22", "2026-11-23", "2026-11-24", "2026-11-25")
+    ]
+    plan += [
+        {"date": "2026-11-26", "env": {"BATCHUQ_MODEL": str(tmp_path / "gone.keras")}},
+        {"date": "2026-11-27", "env": {}},
+    ]
     child = subprocess.run(
-        [sys.executable, __file__, *dates], env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, __file__, json.dumps(plan)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
     )
-    print(child.stdout[-20000:], child.stderr[-5000:])  # Airflow's task logs, shown on a failure
+    print(child.stdout[-30000:], child.stderr[-5000:])  # Airflow's task logs, shown on a failure
     assert child.returncode == 0
     runs = json.loads(child.stdout.strip().splitlines()[-1])
+    history = output_dir / "history"
+    ok = {"score": "success", "monitor": "success", "queue": "success"}
+    ok["count_decisions"] = "success"
+    one_try = dict.fromkeys(ok, 1)
 
-    # 2026-11-23 scores the folder of 2026-11-22, one row per image.
-    scored = runs["2026-11-23"]
-    assert scored["state"] == "success"
-    assert scored["tasks"] == {"score": "success", "count_decisions": "success"}
-    parquet = output_dir / "scores-2026-11-22.parquet"
-    assert scored["xcom"]["score"] == str(parquet)
-    frame = pd.read_parquet(parquet)
-    assert json.loads(pq.read_schema(parquet).metadata[b"batchuq"])["model_path"] == str(model)
-    assert len(frame) == 10
+    # The first night: scored into its partition; nothing before it to monitor against.
+    first = runs["2026-11-21"]
+    assert first["state"] == "success"
+    assert first["tasks"] == {**ok, "monitor": "skipped"} and first["tries"] == one_try
+    partition = history / "date=2026-11-20"
+    assert first["xcom"]["score"] == str(partition)
+    frame = pd.read_parquet(partition / "part-0.parquet")
+    meta = json.loads(pq.read_schema(partition / "part-0.parquet").metadata[b"batchuq"])
+    assert meta["model_path"] == str(model) and meta["passes"] == 10
     assert sorted(frame["path"]) == sorted(
-        str(p.relative_to(root / "2026-11-22")) for p in (root / "2026-11-22").rglob("*.png")
+        str(p.relative_to(root / "2026-11-20")) for p in (root / "2026-11-20").rglob("*.png")
     )
-    assert scored["xcom"]["count_decisions"] == {
-        "images": 10,
+    assert first["xcom"]["count_decisions"] == {
+        "images": 225,
         "unclassified": int((frame["decision"] == "unclassified").sum()),
         "errors": int((frame["status"] != "ok").sum()),
     }
+    tasks = json.loads((output_dir / "labelling" / "tasks-2026-11-20.json").read_text())
+    assert first["xcom"]["queue"] == str(output_dir / "labelling" / "tasks-2026-11-20.json")
+    assert len(tasks) == 20
 
-    # No folder for 2026-11-23, an empty one for 2026-11-24: exit 4, both tasks skipped, the
-    # run itself succeeds.
+    # The second clean night: monitor against the first is quiet (exit 0), its report written.
+    second = runs["2026-11-22"]
+    assert second["state"] == "success" and second["tasks"] == ok, second
+    assert second["tries"] == one_try
+    assert (output_dir / "monitor" / "date=2026-11-21" / "index.html").is_file()
+    assert "$ " + batchuq + " monitor " + str(history / "date=2026-11-21") in child.stdout
+
+    # The shifted night: monitor alerts (exit 5), the task fails at its first try (no retry)
+    # and so does the run; the queue is still written.
+    shifted = runs["2026-11-23"]
+    assert shifted["state"] == "failed"
+    assert shifted["tasks"] == {**ok, "monitor": "failed"} and shifted["tries"] == one_try
+    assert (output_dir / "monitor" / "date=2026-11-22" / "index.html").is_file()
+    assert "batchuq exited 5 (monitor alert" in child.stdout + child.stderr
+    assert (output_dir / "labelling" / "tasks-2026-11-22.json").is_file()
+
+    # No folder for 2026-11-23, an empty one for 2026-11-24: exit 4, every task skipped, the
+    # run itself succeeds, nothing written.
     for date in ("2026-11-24", "2026-11-25"):
         assert runs[date]["state"] == "success", date
-        assert runs[date]["tasks"] == {"score": "skipped", "count_decisions": "skipped"}, date
+        assert runs[date]["tasks"] == dict.fromkeys(ok, "skipped"), date
         assert runs[date]["xcom"] == {}, date
-    assert sorted(p.name for p in output_dir.iterdir()) == ["scores-2026-11-22.parquet"]
+    assert sorted(p.name for p in history.iterdir()) == [
+        f"date=2026-11-{day}" for day in (20, 21, 22, 26)
+    ]
+
+    # A usage error (the model is missing): score fails at its first try, not retried.
+    usage = runs["2026-11-26"]
+    assert usage["state"] == "failed" and usage["tries"]["score"] == 1
+    assert usage["tasks"] == {**dict.fromkeys(ok, "upstream_failed"), "score": "failed"}
+    assert "batchuq exited 2 (usage error)" in child.stdout + child.stderr
+    # A fatal error (exit 3): score is retried twice, three tries in all.
+    fatal = runs["2026-11-27"]
+    assert fatal["state"] == "failed" and fatal["tries"]["score"] == 3
+    assert fatal["tasks"] == {**dict.fromkeys(ok, "upstream_failed"), "score": "failed"}
+    assert "batchuq exited 3; the task will be retried" in child.stdout + child.stderr
+
+    # The same through the command line, as docs/unattended.md runs a night by hand: the
+    # clean night reruns quiet (exit 0), the shifted one fails on its monitor alert (exit 1).
+    airflow = Path(sys.executable).parent / "airflow"
+    for date, code in (("2026-11-22", 0), ("2026-11-23", 1)):
+        done = subprocess.run(
+            [str(airflow), "dags", "test", "batchuq_nightly", date],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert done.returncode == code, done.stdout[-5000:] + done.stderr[-5000:]
+        night = _night_before(date)
+        assert f"monitor {history / f'date={night}'} --reference {history}" in done.stdout
+    assert "ALERT: " in done.stdout and "batchuq exited 5 (monitor alert" in done.stdout
 
 
-def _run_dag(dates: list[str]) -> None:
-    """In the child: run the example DAG once per logical date and print states and XComs."""
+def _night_before(date: str) -> str:
+    return (dt.date.fromisoformat(date) - dt.timedelta(days=1)).isoformat()
+
+
+def _run_dag(plan: list[dict]) -> None:
+    """In the child: run the example DAG once per logical date of ``plan`` (each with its
+    environment changes, read by the tasks when they run) and print states, tries and XComs."""
+    from datetime import timedelta
+
     import pendulum
     from airflow.models.xcom import XComModel
     from airflow.utils.db import initdb
@@ -116,11 +229,15 @@ def _run_dag(dates: list[str]) -> None:
     spec.loader.exec_module(module)
     dag = module.batchuq_nightly()
     for task in dag.tasks:
-        task.retries = 0  # dag.test() would sleep through the 10-minute retry_delay on a failure
+        # The DAG's retries, without its 10-minute wait between tries (dag.test() waits too).
+        task.retry_delay = timedelta(0)
 
     runs = {}
-    for date in dates:
-        run = dag.test(logical_date=pendulum.parse(date, tz="UTC"))
+    base = dict(os.environ)
+    for step in plan:
+        os.environ.clear()
+        os.environ.update({**base, **step["env"]})
+        run = dag.test(logical_date=pendulum.parse(step["date"], tz="UTC"))
         with create_session() as session:
             tis = run.get_task_instances(session=session)
             xcoms = session.scalars(
@@ -130,13 +247,14 @@ def _run_dag(dates: list[str]) -> None:
                     XComModel.key == "return_value",
                 )
             )
-            runs[date] = {
+            runs[step["date"]] = {
                 "state": str(run.state),
                 "tasks": {ti.task_id: str(ti.state) for ti in tis},
-                "xcom": {x.task_id: x.value for x in xcoms},
+                "tries": {ti.task_id: ti.try_number for ti in tis},
+                "xcom": {x.task_id: x.value for x in xcoms if x.value is not None},
             }
     print(json.dumps(runs))
 
 
 if __name__ == "__main__":
-    _run_dag(sys.argv[1:])
+    _run_dag(json.loads(sys.argv[1]))

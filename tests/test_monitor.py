@@ -371,3 +371,12 @@ def test_cli_report_renders(nights: Path) -> None:
     images = [p.split('"')[0] for p in page.split('<img src="')[1:]]
     assert {"distributions.png", "class_mix.png", "series.png"} <= set(images)
     assert all((nights / "report" / image).stat().st_size > 1000 for image in images)
+
+
+def test_cli_report_of_a_quiet_night_renders(nights: Path) -> None:
+    """Found by the Airflow DAG's test: a quiet test's title colour once broke the report."""
+    refs = ("-r", "history/date=2026-12-01", "-r", "history/date=2026-12-02/part-0.parquet")
+    result = invoke("clean.parquet", *refs, "--report", "quiet", cwd=nights)
+    assert result.exit_code == 0, result.output
+    assert (nights / "quiet" / "index.html").is_file()
+    assert (nights / "quiet" / "distributions.png").stat().st_size > 1000

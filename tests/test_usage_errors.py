@@ -66,6 +66,20 @@ NAMES = [
     "--partition with --engine ray",
     "calibrate: --score-passes auto with an SNGP model",
     "calibrate: --score-passes auto, --score-rule threshold",
+    "monitor: missing TONIGHT",
+    "monitor: missing reference",
+    "monitor: reference from another model",
+    "monitor: history with no night before tonight",
+    "monitor: TONIGHT not a score output",
+    "monitor: --last without a history folder",
+    "monitor: --last 0",
+    "monitor: empty night",
+    "monitor: missing TONIGHT with --missing-ok",
+    "queue: output folder missing",
+    "queue: -o not .json",
+    "queue: --night not KEY=VALUE",
+    "queue: TONIGHT not a score output",
+    "queue: empty night",
 ]
 
 

@@ -129,6 +129,68 @@ def _calibration(work: Path, model: Path, **predictor) -> Path:
     return calibration.to_json(work / f"calibration-{len(predictor)}.json")
 
 
+def _scored_runs(work: Path) -> dict[str, Path]:
+    """Small runs written by ``score_directory`` for the monitor and queue cases (imports
+    TensorFlow: call from the test or benchmark): a history of one night and a run of the SNGP
+    model (another model, another method)."""
+    from batchuq import ScoreOptions, score_directory
+
+    images = work / "night" / "n0"
+    images.mkdir(parents=True)
+    for image in sorted(DIGITS.glob("n0/*"))[:2]:
+        shutil.copy(image, images / image.name)
+    options = ScoreOptions(model=BUNDLED, passes=2)
+    score_directory(work / "night", work / "nights", options, partition="date=2026-12-01")
+    score_directory(work / "night", work / "sngp.parquet", ScoreOptions(model=SNGP, passes=1))
+    (work / "nights" / "date=2026-12-02").mkdir()  # an empty night
+    return {"tonight": work / "nights" / "date=2026-12-01", "sngp": work / "sngp.parquet"}
+
+
+def _monitor_and_queue_cases(runs: dict[str, Path]) -> dict[str, Case]:
+    """The usage errors of ``monitor`` and ``queue`` (and their empty nights, exit 4)."""
+    tonight, sngp = str(runs["tonight"]), str(runs["sngp"])
+    return {
+        "monitor: missing TONIGHT": Case(
+            ["monitor", "nights/date=2026-11-30", "-r", "nights"], 2, "Tonight's run does not"
+        ),
+        "monitor: missing reference": Case(
+            ["monitor", tonight, "-r", "gone.parquet"], 2, "'gone.parquet' does not exist"
+        ),
+        "monitor: reference from another model": Case(
+            ["monitor", tonight, "-r", sngp], 2, "model_sha256: "
+        ),
+        "monitor: history with no night before tonight": Case(
+            ["monitor", tonight, "-r", "nights", "--last", "3"], 2, "no night before tonight's"
+        ),
+        "monitor: TONIGHT not a score output": Case(
+            ["monitor", "notes.txt", "-r", tonight], 2, "Cannot read it as a `batchuq score`"
+        ),
+        "monitor: --last without a history folder": Case(
+            ["monitor", tonight, "-r", sngp, "--last", "3"], 2, "no --reference is one"
+        ),
+        "monitor: --last 0": Case(["monitor", tonight, "-r", "nights", "--last", "0"], 2, "--last"),
+        "monitor: empty night": Case(
+            ["monitor", "nights/date=2026-12-02", "-r", "nights"], 4, "holds no rows"
+        ),
+        "monitor: missing TONIGHT with --missing-ok": Case(
+            ["monitor", "nights/date=2026-11-30", "-r", sngp, "--missing-ok"], 4, "does not exist"
+        ),
+        "queue: output folder missing": Case(
+            ["queue", tonight, "-o", "no/such/tasks.json"], 2, "no/such"
+        ),
+        "queue: -o not .json": Case(["queue", tonight, "-o", "tasks.txt"], 2, ".json"),
+        "queue: --night not KEY=VALUE": Case(
+            ["queue", tonight, "-o", "tasks.json", "--night", "monday"], 2, "KEY=VALUE"
+        ),
+        "queue: TONIGHT not a score output": Case(
+            ["queue", "notes.txt", "-o", "tasks.json"], 2, "Cannot read it as a Parquet file"
+        ),
+        "queue: empty night": Case(
+            ["queue", "nights/date=2026-12-02", "-o", "tasks.json"], 4, "no rows"
+        ),
+    }
+
+
 def make_cases(work: Path) -> dict[str, Case]:
     """Build the inputs in ``work`` and return every usage error case (run them in ``work``)."""
     models = _save_models(work)
@@ -313,6 +375,7 @@ def make_cases(work: Path) -> dict[str, Case]:
             "Received: score_passes='auto', score_rule='threshold'",
         ),
     }
+    cases.update(_monitor_and_queue_cases(_scored_runs(work)))
     if importlib.util.find_spec("ray") is None:  # else tests/test_cli_checks.py fakes it
         cases["--engine ray without Ray"] = Case(
             ["score", digits, out, "--engine", "ray"], 2, "needs Ray"

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from batchuq.cli.config import config_option
 from batchuq.cli.runtime import EXIT_DRIFT, exit_on_error, setup_logging
@@ -130,6 +131,8 @@ def monitor_command(
 
     setup_logging()
     with exit_on_error():
+        if click.get_current_context().get_parameter_source("last") is ParameterSource.COMMANDLINE:
+            _check_last_has_a_history(tonight, reference, last)
         settings = MonitorSettings(alpha=alpha, min_psi=min_psi, bins=bins, last=last)
         report = monitor_runs(tonight, list(reference), settings, missing_ok=missing_ok)
         output = report.as_json()
@@ -145,3 +148,20 @@ def monitor_command(
             click.echo(f"report: {output['report']}", err=True)
     if report.alert:
         sys.exit(EXIT_DRIFT)
+
+
+def _check_last_has_a_history(tonight: Path, reference: tuple[Path, ...], last: int) -> None:
+    """``--last`` given on the command line counts nights of a history folder: refuse it when no
+    reference is one, rather than ignore it (a value from batchuq.toml is not checked)."""
+    from batchuq.errors import UsageError
+    from batchuq.jobs.monitor import reference_nights
+
+    if not tonight.exists():
+        return  # monitor_runs names the missing TONIGHT (or, with --missing-ok, exits 4)
+    _, history = reference_nights(list(reference), tonight, last)
+    if not history:
+        raise UsageError(
+            "--last counts the nights of a history folder (date=YYYY-MM-DD subfolders), but no "
+            "--reference is one: drop --last, or give the history folder. "
+            f"Received: last={last}, reference={[str(r) for r in reference]!r}"
+        )

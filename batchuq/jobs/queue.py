@@ -137,6 +137,9 @@ def queue_images(
         raise UsageError(f"`by` must be one of {tuple(RANKINGS)}. Received: by={by!r}")
     if n < 1:
         raise UsageError(f"`n` must be at least 1. Received: n={n}")
+    if Path(tonight).is_dir() and not any(Path(tonight).glob("*.parquet")):
+        # An empty partition folder is an empty night, as for `batchuq monitor`.
+        raise NoImagesFoundError(f"{str(tonight)!r} holds no Parquet file: no rows.")
     frame, metadata = read_scored(tonight)
     if frame.empty:
         raise NoImagesFoundError(f"{str(tonight)!r} holds no rows.")

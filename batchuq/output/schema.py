@@ -287,14 +287,23 @@ def read_metadata(path: str | os.PathLike[str]) -> dict:
     folder dataset (``score --engine ray`` to ``OUT/``) holds it in each of its files.
 
     Raises:
-        UsageError: If the file holds no batchuq metadata.
+        UsageError: If the file is missing, not a Parquet file, or holds no batchuq metadata.
     """
     if Path(path).is_dir():
         parts = sorted(Path(path).glob(PART_GLOB))
         if not parts:
             raise UsageError(f"The folder holds no part-*.parquet. Received: path={str(path)!r}")
-        return metadata_of(pq.read_metadata(parts[0]).metadata, path)
-    return metadata_of(pq.read_metadata(path).metadata, path)
+        path, shown = parts[0], path
+    else:
+        shown = path
+    try:
+        footer = pq.read_metadata(path).metadata
+    except (OSError, pa.ArrowException) as exc:
+        raise UsageError(
+            f"Cannot read it as a Parquet file written by `batchuq score`: {exc}. "
+            f"Received: path={str(shown)!r}"
+        ) from exc
+    return metadata_of(footer, shown)
 
 
 def metadata_of(

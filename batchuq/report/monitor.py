@@ -69,7 +69,9 @@ def _draw_distributions(report: MonitorReport) -> Figure:
         ax.set_xlabel(_LABELS[name])
         ax.set_ylabel("density")
         test = _test_of(report, name)
-        ax.set_title(_caption(report, name), fontsize=9, color=WRONG_COLOR if test.alert else None)
+        # A quiet test keeps Matplotlib's title colour (color=None is refused by set_title).
+        alert = {"color": WRONG_COLOR} if test.alert else {}
+        ax.set_title(_caption(report, name), fontsize=9, **alert)
         ax.legend(fontsize=8)
     for ax in axes[len(names) :]:
         ax.set_visible(False)
