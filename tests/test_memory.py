@@ -80,7 +80,7 @@ def test_score_bounds_rows_per_chunk_under_large_tta(
 ) -> None:
     """With K = 40 and B = 16 a batch is 640 rows; a 16 MB budget lets ~27 through at once."""
     seen: list[tuple[int, int, int]] = []  # (rows made, rows sampled, the sampler's bound)
-    original_rows, original_sample = CopyMaker.rows, MCSampler.sample
+    original_rows, original_sample = CopyMaker.rows, MCSampler.sample_with_extras
     made: list[int] = []
 
     def rows(self, images, keys, start, stop):
@@ -88,12 +88,12 @@ def test_score_bounds_rows_per_chunk_under_large_tta(
         made.append(int(out.shape[0]))
         return out
 
-    def sample(self, images, keys):
+    def sample(self, images, keys):  # the score job's call: probabilities and OOD extras
         seen.append((made[-1], int(images.shape[0]), self.max_chunk_rows))
         return original_sample(self, images, keys)
 
     monkeypatch.setattr(CopyMaker, "rows", rows)
-    monkeypatch.setattr(MCSampler, "sample", sample)
+    monkeypatch.setattr(MCSampler, "sample_with_extras", sample)
     options = {"passes": 2, "tta": 40, "batch_size": 16, "seed": 5}
     score_directory(
         digits_subset, tmp_path / "small.parquet", ScoreOptions(memory_budget_mb=16, **options)
